@@ -1,0 +1,311 @@
+"""The build pipeline: read + clean (parallel) -> de-duplicate -> split (MMseqs2) -> shards (parallel) -> manifest.
+
+Each stage leaves its output and a small done-file carrying a fingerprint of the inputs and options that
+produced it. A rerun with the same inputs and options resumes after the last finished stage (and, inside
+the shard stage, after the last finished shard); different options in the same --out are refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from data_tools import readers, shards, split as splitting
+from data_tools.clean import CleanOptions, clean_chunk, drop_table
+from data_tools.records import DataError
+
+VERSION = 1
+
+
+@dataclasses.dataclass
+class BuildOptions:
+    inputs: List[str]
+    out: str
+    format: Optional[str] = None
+    annotations: Optional[str] = None
+    skip_bad: bool = False
+    clean: CleanOptions = dataclasses.field(default_factory=CleanOptions)
+    split: splitting.SplitOptions = dataclasses.field(default_factory=splitting.SplitOptions)
+    shard_size_mb: float = 32.0
+    samples_per_shard: Optional[int] = None    # overrides shard_size_mb
+    processes: int = max(1, os.cpu_count() or 1)
+    quiet: bool = False
+
+
+def log(opts: BuildOptions, msg: str) -> None:
+    if not opts.quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _stage_done(path: str, fp: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        done = json.load(f)
+    if done.get("fingerprint") != fp:
+        raise DataError(path, "this --out holds a build made from other inputs or options", kind="usage",
+                        fix="use a new --out directory, or pass --overwrite to start this one again")
+    return done
+
+
+def _source_info(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "bytes": st.st_size, "mtime": int(st.st_mtime)}
+
+
+def _parse_and_clean(args):
+    chunk, skip_bad, clean_opts = args
+    records, bad = readers.parse(chunk, skip_bad)
+    kept, dropped = clean_chunk(records, clean_opts)
+    return [dataclasses.asdict(r) for r in kept], bad, dropped, len(records)
+
+
+def _pool(n: int):
+    return mp.get_context("fork").Pool(n) if n > 1 else None
+
+
+def stage_records(opts: BuildOptions, work: str) -> dict:
+    sources = [dict(_source_info(p), format=opts.format or readers.detect_format(p)) for p in opts.inputs]
+    fp = _fingerprint(VERSION, sources, opts.annotations, opts.skip_bad, dataclasses.asdict(opts.clean))
+    done_path = os.path.join(work, "records.done.json")
+    if (done := _stage_done(done_path, fp)) is not None:
+        log(opts, f"[1/3] records: reusing {done['kept']:,} cleaned records from an earlier run")
+        return done
+    t0 = time.time()
+    read, bad, dropped, seen = 0, Counter(), Counter(), set()
+    offsets, kept, in_bytes = [], 0, 0
+    out_path = os.path.join(work, "records.jsonl")
+
+    def tasks():
+        for s in sources:
+            for c in readers.chunks(s["path"], s["format"], opts.annotations):
+                yield c, opts.skip_bad, opts.clean
+
+    pool = _pool(opts.processes)
+    try:
+        results = pool.imap(_parse_and_clean, tasks()) if pool else map(_parse_and_clean, tasks())
+        with open(out_path + ".tmp", "wb") as out:
+            for recs, b, d, n in results:
+                read += n
+                bad.update(b)
+                dropped.update(d)
+                for r in recs:
+                    key = f"{r['accession']}/{r['task']}" if r["task"] else r["accession"]
+                    if key in seen:
+                        dropped["duplicate_accession"] += 1
+                        continue
+                    seen.add(key)
+                    offsets.append(out.tell())
+                    out.write((json.dumps(r, ensure_ascii=False) + "\n").encode())
+                    kept += 1
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    os.replace(out_path + ".tmp", out_path)
+    np.save(os.path.join(work, "offsets.npy"), np.asarray(offsets, dtype=np.int64))
+    secs = time.time() - t0
+    in_bytes = sum(s["bytes"] for s in sources)
+    report = {"fingerprint": fp, "sources": sources, "records_read": read, "bad_input": dict(bad),
+              "dropped": dict(dropped), "kept": kept, "seconds": round(secs, 3)}
+    _atomic_json(done_path, report)
+    log(opts, f"[1/3] records: {read:,} read from {len(sources)} file(s), {in_bytes / 2**20:.1f} MiB on disk, "
+              f"{secs:.1f} s\n{drop_table(read, dropped, bad, kept)}")
+    return report
+
+
+def _load_records_field(work: str, fields) -> List[dict]:
+    out = []
+    with open(os.path.join(work, "records.jsonl"), "rb") as f:
+        for line in f:
+            r = json.loads(line)
+            out.append({k: r[k] for k in fields})
+    return out
+
+
+def stage_split(opts: BuildOptions, work: str, rec_report: dict) -> dict:
+    sopts = dataclasses.asdict(opts.split)
+    fp = _fingerprint(rec_report["fingerprint"], sopts)
+    done_path = os.path.join(work, "split.done.json")
+    if (done := _stage_done(done_path, fp)) is not None:
+        log(opts, "[2/3] split: reusing the split from an earlier run")
+        return done
+    t0 = time.time()
+    recs = _load_records_field(work, ("accession", "sequence", "source_split"))
+    ids = [f"r{i}" for i in range(len(recs))]
+    seqs = {i: r["sequence"] for i, r in zip(ids, recs)}
+    mode = opts.split.mode
+    dropped = Counter()
+    if mode == "mmseqs":
+        fasta = os.path.join(work, "all.fa")
+        splitting.write_fasta(fasta, seqs.items())
+        members = splitting.cluster(fasta, work, opts.split)
+        n_clusters = len(set(members.values()))
+        assignment = splitting.assign_clusters(members, opts.split)
+    elif mode == "lists":
+        if not opts.split.lists:
+            raise DataError("--split lists", "no lists given", kind="usage", fix="pass --split-list train=FILE ...")
+        by_acc = splitting.assign_from_lists([r["accession"] for r in recs], opts.split.lists)
+        assignment = {i: by_acc[r["accession"]] for i, r in zip(ids, recs) if r["accession"] in by_acc}
+        dropped["not_in_split_lists"] = len(recs) - len(assignment)
+        n_clusters = None
+    elif mode == "source":
+        alias = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "test": "test"}
+        missing = [r["accession"] for r in recs if r["source_split"] not in alias]
+        if missing:
+            raise DataError(opts.inputs[0], f"{len(missing)} records carry no train/valid/test split "
+                            f"(first: {missing[0]})", kind="usage", fix="use --split mmseqs or --split lists")
+        assignment = {i: alias[r["source_split"]] for i, r in zip(ids, recs)}
+        n_clusters = None
+    else:
+        raise DataError("--split", f"unknown split mode {mode!r}", kind="usage", fix="mmseqs, lists or source")
+    check = splitting.homology_check(seqs, assignment, work, opts.split, fix=(mode == "mmseqs"))
+    counts = Counter(assignment.values())
+    per_record = [assignment.get(i, "") for i in ids]
+    report = {"fingerprint": fp, "mode": mode, "clusters": n_clusters, "counts": {s: counts.get(s, 0)
+              for s in splitting.SPLITS}, "dropped": dict(dropped), "homology_check": check,
+              "seconds": round(time.time() - t0, 3)}
+    with open(os.path.join(work, "split.json"), "w") as f:
+        json.dump(per_record, f)
+    _atomic_json(done_path, report)
+    log(opts, "[2/3] split: " + format_split_report(report))
+    return report
+
+
+def format_split_report(rep: dict) -> str:
+    c = rep["counts"]
+    chk = rep["homology_check"]
+    lines = [f"mode={rep['mode']}" + (f", {rep['clusters']:,} MMseqs2 clusters" if rep["clusters"] else "")
+             + f": train {c['train']:,} / valid {c['valid']:,} / test {c['test']:,}"]
+    for k, v in rep["dropped"].items():
+        if v:
+            lines.append(f"  dropped: {k} {v:,}")
+    if chk.get("moved_to_train"):
+        lines.append(f"  moved to train after the homology search: {chk['moved_to_train']}")
+    viol = sum(chk["violations"].values())
+    lines.append(f"  homology check (mmseqs easy-search valid+test vs train, identity >= {chk['min_seq_id']:.2f}, "
+                 f"coverage >= {chk['coverage']:.2f}): {viol} of {chk['searched']:,} held-out sequences have a "
+                 f"train neighbour; closest train hit: " +
+                 ", ".join(f"{s} {v:.3f}" for s, v in chk["max_identity"].items()))
+    return "\n".join(lines)
+
+
+def _write_shard_task(args):
+    records_path, offsets, out_path = args
+    recs = []
+    with open(records_path, "rb") as f:
+        for off in offsets:
+            f.seek(off)
+            recs.append(json.loads(f.readline()))
+    return shards.write_shard(out_path, recs)
+
+
+def stage_shards(opts: BuildOptions, work: str, rec_report: dict, split_report: dict) -> List[dict]:
+    shard_dir = os.path.join(opts.out, "shards")
+    os.makedirs(shard_dir, exist_ok=True)
+    journal_path = os.path.join(shard_dir, ".journal.jsonl")
+    fp = _fingerprint(split_report["fingerprint"], opts.shard_size_mb, opts.samples_per_shard)
+    fp_path = os.path.join(shard_dir, ".fingerprint")
+    if os.path.exists(fp_path) and open(fp_path).read() != fp:
+        raise DataError(shard_dir, "shards from other options are here", kind="usage",
+                        fix="use a new --out directory, or --overwrite")
+    with open(fp_path, "w") as f:
+        f.write(fp)
+    with open(os.path.join(work, "split.json")) as f:
+        per_record = json.load(f)
+    offsets = np.load(os.path.join(work, "offsets.npy"))
+    ends = np.append(offsets[1:], os.path.getsize(os.path.join(work, "records.jsonl")))
+    sizes = ends - offsets
+    plan = []  # (split, shard path, record offsets)
+    rng = np.random.default_rng(opts.split.seed)
+    for s in splitting.SPLITS:
+        idx = np.array([i for i, x in enumerate(per_record) if x == s], dtype=np.int64)
+        if not len(idx):
+            continue
+        idx = idx[rng.permutation(len(idx))]
+        per = opts.samples_per_shard or max(1, int(opts.shard_size_mb * 2**20 / float(sizes[idx].mean())))
+        for j, start in enumerate(range(0, len(idx), per)):
+            name = shards.SHARD_NAME.format(split=s, index=j)
+            plan.append((s, os.path.join(shard_dir, name), offsets[idx[start:start + per]].tolist()))
+    done = shards.read_journal(journal_path)
+    todo = [p for p in plan if os.path.basename(p[1]) not in done or not os.path.exists(p[1])]
+    for leftover in os.listdir(shard_dir):
+        if leftover.endswith(".tmp"):
+            os.remove(os.path.join(shard_dir, leftover))  # a shard a crash left half-written
+    t0 = time.time()
+    log(opts, f"[3/3] shards: {len(plan)} planned, {len(plan) - len(todo)} already done, writing {len(todo)} "
+              f"with {min(opts.processes, max(1, len(todo)))} process(es)")
+    rp = os.path.join(work, "records.jsonl")
+    pool = _pool(min(opts.processes, len(todo)))
+    try:
+        tasks = [(rp, offs, path) for _, path, offs in todo]
+        results = pool.imap_unordered(_write_shard_task, tasks) if pool else map(_write_shard_task, tasks)
+        for entry in results:
+            shards.append_journal(journal_path, entry)
+            done[entry["name"]] = entry
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    out = []
+    for s, path, _ in plan:
+        e = dict(done[os.path.basename(path)])
+        out.append({"path": os.path.join("shards", e.pop("name")), "split": s, **e})
+    log(opts, f"[3/3] shards: {len(todo)} written in {time.time() - t0:.1f} s")
+    return out
+
+
+def build(opts: BuildOptions, overwrite: bool = False) -> dict:
+    if not opts.inputs:
+        raise DataError("build", "no input files", kind="usage", fix="name at least one input file")
+    if overwrite and os.path.exists(opts.out):
+        shutil.rmtree(opts.out)
+    work = os.path.join(opts.out, "work")
+    os.makedirs(work, exist_ok=True)
+    manifest_path = os.path.join(opts.out, "manifest.json")
+    rec = stage_records(opts, work)
+    if rec["kept"] == 0:
+        raise DataError(opts.inputs[0], "no record survived reading and cleaning", kind="usage",
+                        fix="see the drop counts above; check --format, length limits and --keep-unreviewed")
+    spl = stage_split(opts, work, rec)
+    shard_list = stage_shards(opts, work, rec, spl)
+    manifest = {
+        "format": "megatron_p2t.shards/1",
+        "sample": {"seq": "amino-acid sequence (ASCII)", "txt": "function text (UTF-8)", "json": "metadata"},
+        "sources": rec["sources"],
+        "options": json.loads(json.dumps(dataclasses.asdict(opts), default=str)),
+        "records": {k: rec[k] for k in ("records_read", "bad_input", "dropped", "kept")},
+        "split": {k: spl[k] for k in ("mode", "clusters", "counts", "dropped", "homology_check")},
+        "splits": {s: {"count": sum(x["count"] for x in shard_list if x["split"] == s),
+                       "shards": sum(1 for x in shard_list if x["split"] == s)} for s in splitting.SPLITS},
+        "shards": shard_list,
+    }
+    manifest["options"].pop("quiet", None)
+    _atomic_json(manifest_path, manifest)
+    log(opts, f"manifest: {manifest_path} ({len(shard_list)} shards: " +
+        ", ".join(f"{s} {v['count']:,} in {v['shards']}" for s, v in manifest["splits"].items()) + ")")
+    return manifest

@@ -1,0 +1,94 @@
+"""python -m data_tools {build,verify,fetch-uniprot}"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from data_tools.build import BuildOptions, build
+from data_tools.clean import CleanOptions
+from data_tools.readers import FORMATS
+from data_tools.records import DataError
+from data_tools.split import SplitOptions
+
+
+def _fractions(s: str):
+    parts = tuple(float(x) for x in s.split(","))
+    if len(parts) != 3 or abs(sum(parts) - 1) > 1e-6 or min(parts) < 0:
+        raise argparse.ArgumentTypeError("three non-negative numbers summing to 1, e.g. 0.9,0.05,0.05")
+    return parts
+
+
+def _split_list(s: str):
+    split, _, path = s.partition("=")
+    if not path:
+        raise argparse.ArgumentTypeError("SPLIT=FILE, e.g. test=test_accessions.txt")
+    return split, path
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="input files -> cleaned, split WebDataset shards + manifest.json")
+    b.add_argument("inputs", nargs="+", help="uniprot_sprot.dat[.gz], REST .json/.jsonl/.tsv, .csv, .fasta, "
+                                             "Mol-Instructions .json")
+    b.add_argument("--out", required=True, help="output directory (manifest.json, shards/, work/)")
+    b.add_argument("--format", choices=FORMATS, help="input format (default: from the name / first bytes)")
+    b.add_argument("--annotations", help="for FASTA input: a CSV/TSV with accession and function columns")
+    b.add_argument("--skip-bad", action="store_true", help="count and skip malformed records instead of failing")
+    b.add_argument("--min-length", type=int, default=30)
+    b.add_argument("--max-length", type=int, default=1024)
+    b.add_argument("--keep-unreviewed", action="store_true", help="keep TrEMBL (unreviewed) entries")
+    b.add_argument("--split", choices=("mmseqs", "lists", "source"), default="mmseqs",
+                   help="mmseqs: cluster and assign whole clusters; lists: --split-list files; "
+                        "source: the split stored in the data (Mol-Instructions)")
+    b.add_argument("--min-seq-id", type=float, default=0.3)
+    b.add_argument("--coverage", type=float, default=0.5)
+    b.add_argument("--fractions", type=_fractions, default=(0.9, 0.05, 0.05), help="train,valid,test")
+    b.add_argument("--split-list", type=_split_list, action="append", default=[], metavar="SPLIT=FILE")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--shard-size-mb", type=float, default=32.0)
+    b.add_argument("--samples-per-shard", type=int)
+    b.add_argument("--processes", type=int, default=None, help="worker processes (default: all cores)")
+    b.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
+    b.add_argument("--quiet", action="store_true")
+
+    v = sub.add_parser("verify", help="re-hash and count every shard against manifest.json")
+    v.add_argument("manifest")
+
+    f = sub.add_parser("fetch-uniprot", help="download a slice of reviewed UniProtKB (flat file) from the REST API")
+    f.add_argument("--out", required=True, help="e.g. data/uniprot_slice.dat.gz")
+    f.add_argument("--limit", type=int, default=2000)
+    f.add_argument("--query", default=None)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.cmd == "build":
+            opts = BuildOptions(
+                inputs=args.inputs, out=args.out, format=args.format, annotations=args.annotations,
+                skip_bad=args.skip_bad,
+                clean=CleanOptions(min_length=args.min_length, max_length=args.max_length,
+                                   require_reviewed=not args.keep_unreviewed),
+                split=SplitOptions(mode=args.split, min_seq_id=args.min_seq_id, coverage=args.coverage,
+                                   fractions=args.fractions, seed=args.seed, lists=dict(args.split_list) or None),
+                shard_size_mb=args.shard_size_mb, samples_per_shard=args.samples_per_shard, quiet=args.quiet)
+            if args.processes:
+                opts.processes = args.processes
+            build(opts, overwrite=args.overwrite)
+        elif args.cmd == "verify":
+            from data_tools.shards import verify
+            rep = verify(args.manifest)
+            print(json.dumps(rep, indent=1))
+            return 1 if rep["problems"] else 0
+        elif args.cmd == "fetch-uniprot":
+            from data_tools.fetch import DEFAULT_QUERY, fetch_uniprot
+            n = fetch_uniprot(args.out, args.limit, args.query or DEFAULT_QUERY)
+            print(f"{n:,} records -> {args.out}")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

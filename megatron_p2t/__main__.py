@@ -1,0 +1,3 @@
+from megatron_p2t.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""Run configuration: nested dataclasses, loaded from YAML, overridable as `section.key=value` on the CLI."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, List, Optional
+
+import yaml
+
+from megatron_p2t.data.loader import LoaderConfig
+
+
+@dataclasses.dataclass
+class Config:
+    data: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        t = hints[name]
+        kwargs[name] = _build(t, value, f"{where}{name}.") if dataclasses.is_dataclass(t) else value
+    return cls(**kwargs)
+
+
+def _set(obj, dotted: str, raw: str) -> None:
+    *path, last = dotted.split(".")
+    for p in path:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+            raise ConfigError(f"override {dotted}: no section {p!r}")
+        obj = getattr(obj, p)
+    if not hasattr(obj, last):
+        valid = [f.name for f in dataclasses.fields(obj)]
+        raise ConfigError(f"override {dotted}: no key {last!r} (valid: {valid})")
+    setattr(obj, last, yaml.safe_load(raw) if raw != "" else None)
+
+
+def load_config(path: Optional[str], overrides: List[str] = ()) -> Config:
+    values: Any = {}
+    if path:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    cfg = _build(Config, values, "")
+    for o in overrides:
+        key, eq, raw = o.partition("=")
+        if not eq:
+            raise ConfigError(f"override {o!r}: expected section.key=value")
+        _set(cfg, key.lstrip("-"), raw)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

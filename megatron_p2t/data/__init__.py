@@ -1,0 +1,1 @@
+"""Streaming the shards that data_tools builds to every data-parallel rank, tokenised and batched."""

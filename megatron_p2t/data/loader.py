@@ -1,0 +1,306 @@
+"""The training data loader: manifest + shards -> tokenised, batched samples for one data-parallel rank.
+
+Order is a pure function of (manifest, seed, dp_rank, dp_size, batching options), never of timing or of the
+number of DataLoader workers:
+- plan.py fixes which samples a rank reads, as an endless stream of epoch passes;
+- worker k of K reads and tokenises chunks g = k, k+K, ... of that stream; DataLoader's round-robin hands them
+  back in stream order;
+- the main process gathers the stream into blocks of `shuffle_block` samples, permutes each block (seeded by
+  block number), and cuts it into batches: fixed `batch_size`, or by `max_tokens` of padded protein + text
+  tokens after sorting the block by length (bucketing). Batches never span blocks.
+So the position after any batch is (block, batch within block): `state_dict()` returns it, and a loader made
+with it yields exactly the batches an uninterrupted run would have yielded next.
+
+Training uses the endless stream (equal step counts on every rank by construction). A finite pass
+(`epochs=1`, validation) uses fixed-size batches; every rank yields the same number of batches, the short
+ones padded with copies marked `valid=False`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import tarfile
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from megatron_p2t.data import esm_alphabet, plan
+
+
+@dataclasses.dataclass
+class LoaderConfig:
+    manifest: str = ""
+    split: str = "train"
+    text_tokenizer: Optional[str] = None    # directory loadable by AutoTokenizer; None: protein side only
+    batch_size: Optional[int] = 8           # fixed batch size (per rank) ...
+    max_tokens: Optional[int] = None        # ... or a budget of padded protein + text tokens per batch
+    max_protein_residues: int = 1021        # longer proteins: a random window (Prot2Text-V2's crop)
+    max_text_tokens: int = 512
+    shuffle_block: int = 1024
+    chunk: int = 128
+    num_workers: int = 2
+    prefetch_factor: int = 4
+    seed: int = 0
+    epochs: Optional[int] = None            # None: endless (training); n: a finite pass of n epochs
+
+
+class ShardError(RuntimeError):
+    pass
+
+
+def data_parallel_coords():
+    """(rank, size) of the data-parallel group: megatron-core's when initialised (TP/PP peers share data),
+    else the torch.distributed world, else a single process."""
+    ps = sys.modules.get("megatron.core.parallel_state")  # initialised implies imported; never import it here
+    if ps is not None and ps.model_parallel_is_initialized():
+        return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def read_manifest(path: str, split: str):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no manifest; build shards with `python -m data_tools build ... --out DIR`")
+    with open(path) as f:
+        man = json.load(f)
+    root = os.path.dirname(os.path.abspath(path))
+    shards = [s for s in man["shards"] if s["split"] == split]
+    if not shards:
+        raise ValueError(f"{path}: split {split!r} has no shards (have: {sorted({s['split'] for s in man['shards']})})")
+    urls = [s["path"] if ("://" in s["path"] or s["path"].startswith("pipe:")) else os.path.join(root, s["path"])
+            for s in shards]
+    return man, urls, [int(s["count"]) for s in shards], [s.get("sha256", "") for s in shards]
+
+
+class _ShardCursor:
+    """Sequential reader over one shard through webdataset's tar iterators; skips forward, never back."""
+
+    def __init__(self, url: str, expected: int):
+        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+        self.url, self.expected, self.pos = url, expected, 0
+        self._it = group_by_keys(tar_file_expander(url_opener([{"url": url}])))
+
+    def take(self, start: int, stop: int) -> List[dict]:
+        out = []
+        try:
+            while self.pos < stop:
+                s = next(self._it)
+                if self.pos >= start:
+                    out.append(s)
+                self.pos += 1
+        except StopIteration:
+            raise ShardError(f"{self.url}: ends after {self.pos} samples, the manifest says {self.expected} -- the "
+                             f"shard is truncated or was replaced; check with `python -m data_tools verify "
+                             f"MANIFEST` and rebuild it") from None
+        except (tarfile.TarError, OSError, ValueError) as e:
+            raise ShardError(f"{self.url}: unreadable after {self.pos} samples ({e}) -- the shard is corrupt; check "
+                             f"with `python -m data_tools verify MANIFEST` and rebuild it") from None
+        return out
+
+
+class _ChunkStream(IterableDataset):
+    """Runs in DataLoader workers: reads and tokenises this worker's share of the rank's chunks."""
+
+    def __init__(self, cfg: LoaderConfig, urls, counts, dp_rank, dp_size, start_pos: int):
+        self.cfg, self.urls, self.counts = cfg, urls, counts
+        self.dp_rank, self.dp_size, self.start_pos = dp_rank, dp_size, start_pos
+
+    def __iter__(self):
+        info = get_worker_info()
+        k, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        tok = None
+        if self.cfg.text_tokenizer:
+            from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+            tok = load_text_tokenizer(self.cfg.text_tokenizer)
+            eot = tok.convert_tokens_to_ids("<|eot_id|>")
+        cursor: Optional[_ShardCursor] = None
+        cursor_shard = cursor_epoch = None
+        stream = plan.chunks(self.counts, self.cfg.seed, self.dp_rank, self.dp_size, self.cfg.chunk,
+                             self.start_pos, self.cfg.epochs)
+        for g, ch in enumerate(stream):
+            if g % n_workers != k:
+                continue
+            if cursor is None or cursor_shard != ch.shard or cursor_epoch != ch.epoch or cursor.pos > ch.start:
+                cursor = _ShardCursor(self.urls[ch.shard], self.counts[ch.shard])
+                cursor_shard, cursor_epoch = ch.shard, ch.epoch
+            raw = cursor.take(ch.start, ch.stop)
+            texts = [s["txt"].decode() for s in raw]
+            text_ids = tok(texts, add_special_tokens=False)["input_ids"] if tok is not None else [[] for _ in raw]
+            out = []
+            for i, (s, t) in enumerate(zip(raw, text_ids)):
+                pos = ch.pos + i
+                seq = s["seq"]
+                if len(seq) > self.cfg.max_protein_residues:
+                    r = np.random.default_rng([self.cfg.seed, ch.epoch, pos, 0xC0])
+                    a = int(r.integers(0, len(seq) - self.cfg.max_protein_residues + 1))
+                    seq = seq[a:a + self.cfg.max_protein_residues]
+                if tok is not None:
+                    t = t[: self.cfg.max_text_tokens - 1] + [eot]
+                out.append({"key": s["__key__"], "protein": esm_alphabet.encode(seq),
+                            "text": np.asarray(t, dtype=np.int64), "raw_text": texts[i],
+                            "meta": json.loads(s["json"]), "epoch": ch.epoch, "pos": pos})
+            yield ch.pos, out
+
+
+def collate(samples: List[dict], text_pad: int, valid: Optional[List[bool]] = None) -> Dict:
+    n = len(samples)
+    lp = max(len(s["protein"]) for s in samples)
+    lt = max(len(s["text"]) for s in samples)
+    prot = torch.full((n, lp), esm_alphabet.PAD, dtype=torch.long)
+    text = torch.full((n, max(lt, 1)), text_pad, dtype=torch.long)
+    for i, s in enumerate(samples):
+        prot[i, : len(s["protein"])] = torch.from_numpy(s["protein"])
+        text[i, : len(s["text"])] = torch.from_numpy(s["text"])
+    return {"protein_ids": prot, "protein_mask": prot != esm_alphabet.PAD,
+            "text_ids": text, "text_mask": torch.arange(text.shape[1])[None, :] < torch.tensor(
+                [len(s["text"]) for s in samples])[:, None],
+            "valid": torch.tensor(valid if valid is not None else [True] * n),
+            "keys": [s["key"] for s in samples], "epochs": [s["epoch"] for s in samples],
+            "texts": [s["raw_text"] for s in samples], "meta": [s["meta"] for s in samples]}
+
+
+def token_budget_batches(samples: List[dict], max_tokens: int) -> List[List[dict]]:
+    """Sort by length, then cut greedily so that rows x (longest protein + longest text) <= max_tokens."""
+    order = sorted(range(len(samples)), key=lambda i: (len(samples[i]["protein"]) + len(samples[i]["text"]), i))
+    batches, cur, lp, lt = [], [], 0, 0
+    for i in order:
+        s = samples[i]
+        np_, nt = max(lp, len(s["protein"])), max(lt, len(s["text"]))
+        if cur and (len(cur) + 1) * (np_ + nt) > max_tokens:
+            batches.append(cur)
+            cur, np_, nt = [], len(s["protein"]), len(s["text"])
+        cur.append(s)
+        lp, lt = np_, nt
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _as_is(x):
+    return x  # keep numpy arrays: collation happens per batch in the main process
+
+
+class ProteinTextLoader:
+    def __init__(self, cfg: LoaderConfig, dp_rank: Optional[int] = None, dp_size: Optional[int] = None,
+                 state: Optional[dict] = None):
+        if (cfg.batch_size is None) == (cfg.max_tokens is None):
+            raise ValueError("set exactly one of batch_size (fixed batches) and max_tokens (token budget)")
+        if cfg.epochs is not None and cfg.batch_size is None:
+            raise ValueError("a finite pass (epochs set) needs fixed batch_size so every rank runs the same "
+                             "number of steps; use max_tokens with the endless training stream")
+        if cfg.max_tokens is not None and cfg.max_tokens < cfg.max_protein_residues + 2 + cfg.max_text_tokens:
+            raise ValueError(f"max_tokens={cfg.max_tokens} cannot hold one sample of max_protein_residues+2 + "
+                             f"max_text_tokens = {cfg.max_protein_residues + 2 + cfg.max_text_tokens} tokens")
+        if dp_rank is None or dp_size is None:
+            dp_rank, dp_size = data_parallel_coords()
+        self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
+        self.manifest, self.urls, self.counts, shas = read_manifest(cfg.manifest, cfg.split)
+        if sum(self.counts) < dp_size:
+            raise ValueError(f"{cfg.manifest}: split {cfg.split!r} has {sum(self.counts)} samples for {dp_size} "
+                             f"data-parallel ranks")
+        # Blocks hold whole fixed-size batches so no batch is ever cut short in the endless stream.
+        self.block = cfg.shuffle_block if cfg.batch_size is None else \
+            math.ceil(cfg.shuffle_block / cfg.batch_size) * cfg.batch_size
+        self.per_epoch = plan.rank_samples_per_epoch(self.counts, dp_rank, dp_size)
+        self.fingerprint = hashlib.sha256(json.dumps(
+            [shas, self.counts, cfg.split, cfg.seed, dp_rank, dp_size, self.block, cfg.batch_size, cfg.max_tokens,
+             cfg.max_protein_residues, cfg.max_text_tokens, cfg.chunk, cfg.epochs, cfg.text_tokenizer]).encode()
+        ).hexdigest()[:16]
+        self.text_pad = 0
+        if cfg.text_tokenizer:
+            from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+            tok = load_text_tokenizer(cfg.text_tokenizer)
+            self.text_pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self._block, self._batch = 0, 0
+        self.stats = {"real_tokens": 0, "padded_tokens": 0, "samples": 0, "batches": 0}
+        if state is not None:
+            self.load_state_dict(state)
+
+    # -- resumable position --
+    def state_dict(self) -> dict:
+        return {"block": self._block, "batch": self._batch, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError("the saved data-loader position belongs to other data, seed, batching or "
+                             "data-parallel layout, so it cannot be resumed exactly; restore those settings "
+                             "or restart the data stream")
+        self._block, self._batch = int(state["block"]), int(state["batch"])
+
+    def steps_per_epoch(self) -> Optional[int]:
+        """Finite pass: the number of batches every rank yields (the largest rank's count)."""
+        if self.cfg.epochs is None:
+            return None
+        most = max(plan.rank_samples_per_epoch(self.counts, r, self.dp_size) for r in range(self.dp_size))
+        return math.ceil(most * self.cfg.epochs / self.cfg.batch_size)
+
+    def padding_fraction(self) -> float:
+        return 1.0 - self.stats["real_tokens"] / max(1, self.stats["padded_tokens"])
+
+    def _batches_of(self, block_no: int, samples: List[dict]) -> List[List[dict]]:
+        rng = np.random.default_rng([self.cfg.seed, self.dp_rank, block_no, 0xB10C])
+        samples = [samples[i] for i in rng.permutation(len(samples))]
+        if self.cfg.batch_size is not None:
+            b = self.cfg.batch_size
+            return [samples[i:i + b] for i in range(0, len(samples), b)]
+        batches = token_budget_batches(samples, self.cfg.max_tokens)
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def _chunk_stream(self, start_pos: int) -> Iterator:
+        ds = _ChunkStream(self.cfg, self.urls, self.counts, self.dp_rank, self.dp_size, start_pos)
+        if self.cfg.num_workers == 0:
+            return iter(ds)
+        return iter(DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=self.cfg.num_workers,
+                               prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context="fork"))
+
+    def __iter__(self) -> Iterator[Dict]:
+        total = None if self.cfg.epochs is None else self.per_epoch * self.cfg.epochs
+        steps = self.steps_per_epoch()
+        emitted = self._block * (self.block // (self.cfg.batch_size or 1)) + self._batch if steps else 0
+        block_no, skip = self._block, self._batch
+        start = block_no * self.block
+        stream = self._chunk_stream(start) if total is None or start < total else iter(())
+        pending: List[dict] = []
+        last = None
+        for first_pos, samples in stream:
+            pending.extend(s for s in samples if s["pos"] >= start)
+            while len(pending) >= self.block or (total is not None and pending and
+                                                 block_no * self.block + len(pending) >= total):
+                blk, pending = pending[: self.block], pending[self.block:]
+                batches = self._batches_of(block_no, blk)
+                for j in range(skip, len(batches)):
+                    self._block, self._batch = block_no, j + 1
+                    last = batches[j]
+                    yield self._emit(batches[j], None)
+                    emitted += 1
+                skip = 0
+                block_no += 1
+                self._block, self._batch = block_no, 0
+        while steps is not None and emitted < steps:
+            # A finite pass: this rank has fewer samples than the largest one; keep step counts equal.
+            filler = last[:1] if last else None
+            if filler is None:
+                raise RuntimeError("finite pass with no sample on this rank")
+            emitted += 1
+            yield self._emit(filler * self.cfg.batch_size, [False] * self.cfg.batch_size)
+
+    def _emit(self, batch: List[dict], valid: Optional[List[bool]]) -> Dict:
+        b = self.cfg.batch_size
+        if valid is None and b is not None and len(batch) < b:
+            valid = [True] * len(batch) + [False] * (b - len(batch))
+            batch = batch + [batch[-1]] * (b - len(batch))
+        out = collate(batch, self.text_pad, valid)
+        v = out["valid"]
+        real = int(out["protein_mask"][v].sum() + out["text_mask"][v].sum())
+        self.stats["real_tokens"] += real
+        self.stats["padded_tokens"] += int(v.sum()) * (out["protein_ids"].shape[1] + out["text_ids"].shape[1])
+        self.stats["samples"] += int(v.sum())
+        self.stats["batches"] += 1
+        return out
