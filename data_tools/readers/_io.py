@@ -126,7 +126,8 @@ def iter_json_array(path, key: str | None = None) -> Iterator[Tuple[int, dict]]:
                 if eof:
                     raise DataError(path, f"invalid JSON in object #{index}: {e.msg}", record=f"#{index}",
                                     fix="the file is truncated or corrupt: export it again",
-                                    kind="truncated_file" if e.pos >= len(buf) - 1 else "malformed") from None
+                                    kind="malformed" if buf.rstrip().endswith(("]", "}")) else "truncated_file"
+                                    ) from None
                 more()
         if not isinstance(obj, dict):
             raise DataError(path, f"element #{index} is {type(obj).__name__}, expected an object",

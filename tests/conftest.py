@@ -1,0 +1,58 @@
+import os
+import shutil
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared", "data")
+SAMPLE = os.path.join(SHARED, "swissprot_sample.dat.gz")
+MOL = os.path.join(SHARED, "mol_instructions_sample")
+
+
+def _need(path):
+    if not os.path.exists(path):
+        pytest.fail(f"{path} is missing: the tests read the shared sample beside the checkout (../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_path():
+    return _need(SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def mol_dir():
+    return _need(MOL)
+
+
+@pytest.fixture(scope="session")
+def sample_records(sample_path):
+    from data_tools.readers import read_records
+    return list(read_records(sample_path, skip_bad=True))
+
+
+@pytest.fixture(scope="session")
+def built_sample(tmp_path_factory, sample_path):
+    """The shared sample built once: small shards so loaders have many shards to plan over."""
+    from data_tools.build import BuildOptions, build
+    out = str(tmp_path_factory.mktemp("built") / "sample")
+    manifest = build(BuildOptions(inputs=[sample_path], out=out, skip_bad=True, samples_per_shard=37, quiet=True,
+                                  processes=2))
+    return out, manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory, sample_records):
+    from megatron_p2t.data.text_tokenizer import build_llama3_style_tokenizer
+    out = str(tmp_path_factory.mktemp("tok"))
+    build_llama3_style_tokenizer((r.function for r in sample_records if r.function), out, vocab_size=1024)
+    return out
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    def make(src, name=None):
+        dst = tmp_path / (name or os.path.basename(src))
+        shutil.copy(src, dst)
+        return str(dst)
+    return make
