@@ -23,14 +23,13 @@ import json
 import math
 import os
 import sys
-import tarfile
 from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megatron_p2t.data import esm_alphabet, plan
+from megatron_p2t.data import esm_alphabet, plan, tar_samples
 
 
 @dataclasses.dataclass
@@ -80,12 +79,14 @@ def read_manifest(path: str, split: str):
 
 
 class _ShardCursor:
-    """Sequential reader over one shard through webdataset's tar iterators; skips forward, never back."""
+    """Sequential reader over one shard; skips forward, never back."""
 
     def __init__(self, url: str, expected: int):
-        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
         self.url, self.expected, self.pos = url, expected, 0
-        self._it = group_by_keys(tar_file_expander(url_opener([{"url": url}])))
+        try:
+            self._it = tar_samples.iter_samples(tar_samples.read_shard(url), url)
+        except OSError as e:
+            raise ShardError(f"{url}: cannot be read ({e}) -- check the path/URL in the manifest") from None
 
     def take(self, start: int, stop: int) -> List[dict]:
         out = []
@@ -99,10 +100,17 @@ class _ShardCursor:
             raise ShardError(f"{self.url}: ends after {self.pos} samples, the manifest says {self.expected} -- the "
                              f"shard is truncated or was replaced; check with `python -m data_tools verify "
                              f"MANIFEST` and rebuild it") from None
-        except (tarfile.TarError, OSError, ValueError) as e:
-            raise ShardError(f"{self.url}: unreadable after {self.pos} samples ({e}) -- the shard is corrupt; check "
-                             f"with `python -m data_tools verify MANIFEST` and rebuild it") from None
+        except (tar_samples.TarFormatError, UnicodeDecodeError) as e:
+            raise ShardError(f"{e} -- the shard is corrupt after {self.pos} samples; check with "
+                             f"`python -m data_tools verify MANIFEST` and rebuild it") from None
         return out
+
+
+def _encode_texts(tok, texts: List[str]) -> List[List[int]]:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:  # one Rust call per chunk, without the Python wrapper's per-call bookkeeping
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return tok(texts, add_special_tokens=False)["input_ids"]
 
 
 class _ChunkStream(IterableDataset):
@@ -132,7 +140,7 @@ class _ChunkStream(IterableDataset):
                 cursor_shard, cursor_epoch = ch.shard, ch.epoch
             raw = cursor.take(ch.start, ch.stop)
             texts = [s["txt"].decode() for s in raw]
-            text_ids = tok(texts, add_special_tokens=False)["input_ids"] if tok is not None else [[] for _ in raw]
+            text_ids = _encode_texts(tok, texts) if tok is not None else [[] for _ in raw]
             out = []
             for i, (s, t) in enumerate(zip(raw, text_ids)):
                 pos = ch.pos + i
@@ -150,17 +158,20 @@ class _ChunkStream(IterableDataset):
 
 
 def collate(samples: List[dict], text_pad: int, valid: Optional[List[bool]] = None) -> Dict:
+    """Right-padded id tensors and masks. Padding happens in numpy (one row copy per sample) and becomes a
+    tensor once: torch indexing per row costs more than the rest of the batch on a busy CPU."""
     n = len(samples)
-    lp = max(len(s["protein"]) for s in samples)
-    lt = max(len(s["text"]) for s in samples)
-    prot = torch.full((n, lp), esm_alphabet.PAD, dtype=torch.long)
-    text = torch.full((n, max(lt, 1)), text_pad, dtype=torch.long)
+    plen = np.array([len(s["protein"]) for s in samples])
+    tlen = np.array([len(s["text"]) for s in samples])
+    prot = np.full((n, int(plen.max())), esm_alphabet.PAD, dtype=np.int64)
+    text = np.full((n, max(int(tlen.max()), 1)), text_pad, dtype=np.int64)
     for i, s in enumerate(samples):
-        prot[i, : len(s["protein"])] = torch.from_numpy(s["protein"])
-        text[i, : len(s["text"])] = torch.from_numpy(s["text"])
-    return {"protein_ids": prot, "protein_mask": prot != esm_alphabet.PAD,
-            "text_ids": text, "text_mask": torch.arange(text.shape[1])[None, :] < torch.tensor(
-                [len(s["text"]) for s in samples])[:, None],
+        prot[i, : plen[i]] = s["protein"]
+        text[i, : tlen[i]] = s["text"]
+    return {"protein_ids": torch.from_numpy(prot),
+            "protein_mask": torch.from_numpy(np.arange(prot.shape[1])[None, :] < plen[:, None]),
+            "text_ids": torch.from_numpy(text),
+            "text_mask": torch.from_numpy(np.arange(text.shape[1])[None, :] < tlen[:, None]),
             "valid": torch.tensor(valid if valid is not None else [True] * n),
             "keys": [s["key"] for s in samples], "epochs": [s["epoch"] for s in samples],
             "texts": [s["raw_text"] for s in samples], "meta": [s["meta"] for s in samples]}
@@ -297,10 +308,9 @@ class ProteinTextLoader:
             valid = [True] * len(batch) + [False] * (b - len(batch))
             batch = batch + [batch[-1]] * (b - len(batch))
         out = collate(batch, self.text_pad, valid)
-        v = out["valid"]
-        real = int(out["protein_mask"][v].sum() + out["text_mask"][v].sum())
-        self.stats["real_tokens"] += real
-        self.stats["padded_tokens"] += int(v.sum()) * (out["protein_ids"].shape[1] + out["text_ids"].shape[1])
-        self.stats["samples"] += int(v.sum())
+        real = [len(x["protein"]) + len(x["text"]) for x, ok in zip(batch, valid or [True] * len(batch)) if ok]
+        self.stats["real_tokens"] += sum(real)
+        self.stats["padded_tokens"] += len(real) * (out["protein_ids"].shape[1] + out["text_ids"].shape[1])
+        self.stats["samples"] += len(real)
         self.stats["batches"] += 1
         return out
