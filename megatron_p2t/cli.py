@@ -48,7 +48,8 @@ def cmd_data_check(args) -> int:
     if cfg.data.epochs is None and not args.max_batches:
         cfg.data.epochs = 1  # a check makes one pass unless told to stop earlier
         if cfg.data.batch_size is None:
-            print("data-check: endless token-budget stream; pass --max-batches N", file=sys.stderr)
+            print("error: the token-budget stream is endless; pass --max-batches N (or set data.batch_size "
+                  "for one finite pass)", file=sys.stderr)
             return 2
     print(json.dumps(data_check(cfg, args.max_batches)))
     return 0

@@ -1,0 +1,27 @@
+import pytest
+
+from megatron_p2t.config import ConfigError, load_config
+from tests.conftest import ROOT
+
+
+def test_yaml_and_overrides(tmp_path):
+    cfg = load_config(f"{ROOT}/configs/sample_cpu.yaml", ["data.max_tokens=4096", "data.num_workers=0",
+                                                           "data.split=valid", "data.text_tokenizer="])
+    assert cfg.data.max_tokens == 4096 and cfg.data.num_workers == 0 and cfg.data.split == "valid"
+    assert cfg.data.text_tokenizer is None and cfg.data.batch_size is None and cfg.data.max_protein_residues == 1021
+
+
+def test_production_config_loads():
+    cfg = load_config(f"{ROOT}/configs/prot2text_v2.yaml")
+    assert cfg.data.batch_size == 8 and cfg.data.max_text_tokens == 512
+
+
+def test_unknown_keys_are_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  batchsize: 3\n")
+    with pytest.raises(ConfigError, match="batchsize"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="no key 'nope'"):
+        load_config(None, ["data.nope=1"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["data.batch_size"])
