@@ -95,7 +95,7 @@ def stage_records(opts: BuildOptions, work: str) -> dict:
         return done
     t0 = time.time()
     read, bad, dropped, seen = 0, Counter(), Counter(), set()
-    offsets, kept, in_bytes = [], 0, 0
+    offsets, kept = [], 0
     out_path = os.path.join(work, "records.jsonl")
 
     def tasks():
@@ -214,6 +214,11 @@ def format_split_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def _write_shard_task(args):
     records_path, offsets, out_path = args
     recs = []
@@ -230,7 +235,7 @@ def stage_shards(opts: BuildOptions, work: str, rec_report: dict, split_report: 
     journal_path = os.path.join(shard_dir, ".journal.jsonl")
     fp = _fingerprint(split_report["fingerprint"], opts.shard_size_mb, opts.samples_per_shard)
     fp_path = os.path.join(shard_dir, ".fingerprint")
-    if os.path.exists(fp_path) and open(fp_path).read() != fp:
+    if os.path.exists(fp_path) and _read_text(fp_path) != fp:
         raise DataError(shard_dir, "shards from other options are here", kind="usage",
                         fix="use a new --out directory, or --overwrite")
     with open(fp_path, "w") as f:

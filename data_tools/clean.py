@@ -63,10 +63,8 @@ def clean_chunk(records: List[ProteinRecord], opts: CleanOptions) -> Tuple[List[
 
 
 def drop_table(read: int, dropped: Dict[str, int], bad: Dict[str, int], kept: int) -> str:
-    rows = [f"  records read            {read:>9,}"]
-    for k, v in sorted(bad.items()):
-        rows.append(f"  bad input: {k:<12} {v:>9,}   (--skip-bad)")
-    for k, v in sorted(dropped.items(), key=lambda kv: -kv[1]):
-        rows.append(f"  dropped: {k:<14} {v:>9,}")
-    rows.append(f"  kept                    {kept:>9,}")
+    rows = [f"  {'records read':<40}{read:>9,}"]
+    rows += [f"  {'bad input: ' + k:<40}{v:>9,}   (--skip-bad)" for k, v in sorted(bad.items())]
+    rows += [f"  {'dropped: ' + k:<40}{v:>9,}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1])]
+    rows.append(f"  {'kept':<40}{kept:>9,}")
     return "\n".join(rows)
