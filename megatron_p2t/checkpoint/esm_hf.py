@@ -1,0 +1,76 @@
+"""ESM-2 weights between HF EsmModel / EsmForMaskedLM names and the megatron ESMEncoder.
+
+Megatron's fused QKV for multi-head attention is laid out per head: [q_h; k_h; v_h] for each head h, weights
+and biases alike; tensor-parallel ranks own whole heads. Attention output and fc2 are row-parallel (split
+by input columns; their biases are whole on every rank), fc1 is column-parallel.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
+from megatron_p2t.checkpoint.llama_hf import _span
+
+PREFIXES = ("esm.", "", "esm_encoder.")  # EsmForMaskedLM, EsmModel, Prot2Text-V2's composite
+
+
+def detect_prefix(ck: HFDir, candidates=PREFIXES) -> str:
+    for p in candidates:
+        if ck.has(f"{p}embeddings.word_embeddings.weight"):
+            return p
+    raise CheckpointError(f"{ck.path}: no ESM embedding tensor under any of the prefixes {candidates}; "
+                          f"expected e.g. 'esm.embeddings.word_embeddings.weight'")
+
+
+def _qkv(ck, p, hd, h0, h1, what):
+    q = ck.get(p + "query." + what, 0, h0 * hd, h1 * hd)
+    k = ck.get(p + "key." + what, 0, h0 * hd, h1 * hd)
+    v = ck.get(p + "value." + what, 0, h0 * hd, h1 * hd)
+    parts = []
+    for h in range(h1 - h0):
+        parts += [q[h * hd:(h + 1) * hd], k[h * hd:(h + 1) * hd], v[h * hd:(h + 1) * hd]]
+    return torch.cat(parts, 0)
+
+
+def layer_tensors(ck: HFDir, cfg, layer: int, tp_rank: int, tp: int, prefix: str) -> Dict[str, torch.Tensor]:
+    p = f"{prefix}encoder.layer.{layer}."
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    h0, h1 = _span(cfg.num_attention_heads, tp_rank, tp, "ESM attention heads")
+    f0, f1 = _span(cfg.ffn_hidden_size, tp_rank, tp, "ESM intermediate_size")
+    a = p + "attention."
+    return {
+        "input_layernorm.weight": ck.get(a + "LayerNorm.weight"),
+        "input_layernorm.bias": ck.get(a + "LayerNorm.bias"),
+        "self_attention.linear_qkv.weight": _qkv(ck, a + "self.", hd, h0, h1, "weight"),
+        "self_attention.linear_qkv.bias": _qkv(ck, a + "self.", hd, h0, h1, "bias"),
+        "self_attention.linear_proj.weight": ck.get(a + "output.dense.weight", 1, h0 * hd, h1 * hd),
+        "self_attention.linear_proj.bias": ck.get(a + "output.dense.bias"),
+        "pre_mlp_layernorm.weight": ck.get(p + "LayerNorm.weight"),
+        "pre_mlp_layernorm.bias": ck.get(p + "LayerNorm.bias"),
+        "mlp.linear_fc1.weight": ck.get(p + "intermediate.dense.weight", 0, f0, f1),
+        "mlp.linear_fc1.bias": ck.get(p + "intermediate.dense.bias", 0, f0, f1),
+        "mlp.linear_fc2.weight": ck.get(p + "output.dense.weight", 1, f0, f1),
+        "mlp.linear_fc2.bias": ck.get(p + "output.dense.bias"),
+    }
+
+
+def load_into(enc, ck: HFDir, tp_rank: int, tp: int, prefix: str | None = None) -> None:
+    prefix = detect_prefix(ck) if prefix is None else prefix
+    sd = {"word_embeddings.weight": ck.get(f"{prefix}embeddings.word_embeddings.weight")}
+    for i, layer in enumerate(enc.block.layers):
+        for k, t in layer_tensors(ck, enc.cfg, layer.layer_number - 1, tp_rank, tp, prefix).items():
+            sd[f"block.layers.{i}.{k}"] = t
+    if enc.final_norm:
+        sd["block.final_layernorm.weight"] = ck.get(f"{prefix}encoder.emb_layer_norm_after.weight")
+        sd["block.final_layernorm.bias"] = ck.get(f"{prefix}encoder.emb_layer_norm_after.bias")
+    own = {k: v for k, v in enc.state_dict().items() if not k.endswith("_extra_state") and "rotary" not in k}
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise CheckpointError(f"no HF source for ESM tensors {missing[:4]}")
+    for k, t in sd.items():
+        if tuple(own[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"{ck.path}: {k} has shape {tuple(t.shape)} in the checkpoint, the encoder "
+                                  f"expects {tuple(own[k].shape)}")
+        own[k].copy_(t)

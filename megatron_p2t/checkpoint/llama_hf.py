@@ -1,0 +1,80 @@
+"""LLaMA weights between HF LlamaForCausalLM names and megatron-core GPTModel (local spec) names.
+
+Megatron fuses Q, K and V into one column-parallel weight laid out by query group: for each KV group g, its
+query heads, then k_g, then v_g; tensor-parallel ranks own whole groups. fc1 stacks [gate; up], each half
+split across ranks. Embedding and output layer are split by vocabulary rows, attention output and fc2 by
+input columns. Import reads only this rank's slice; export writes the full HF tensors from all slices.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, Tuple
+
+import torch
+
+from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
+
+
+def _span(n: int, rank: int, size: int, what: str) -> Tuple[int, int]:
+    if n % size:
+        raise CheckpointError(f"{what} = {n} is not divisible by tensor-parallel size {size}")
+    k = n // size
+    return rank * k, (rank + 1) * k
+
+
+def layer_tensors(ck: HFDir, hf_cfg, layer: int, tp_rank: int, tp: int, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """One decoder layer's megatron tensors (names relative to `decoder.layers.<local>.`) for this TP rank."""
+    p = f"{prefix}model.layers.{layer}."
+    hd = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+    nq, nkv = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
+    qpg = nq // nkv
+    g0, g1 = _span(nkv, tp_rank, tp, "num_key_value_heads")
+    q = ck.get(p + "self_attn.q_proj.weight", 0, g0 * qpg * hd, g1 * qpg * hd)
+    k = ck.get(p + "self_attn.k_proj.weight", 0, g0 * hd, g1 * hd)
+    v = ck.get(p + "self_attn.v_proj.weight", 0, g0 * hd, g1 * hd)
+    parts = []
+    for g in range(g1 - g0):
+        parts += [q[g * qpg * hd:(g + 1) * qpg * hd], k[g * hd:(g + 1) * hd], v[g * hd:(g + 1) * hd]]
+    f0, f1 = _span(hf_cfg.intermediate_size, tp_rank, tp, "intermediate_size")
+    a0, a1 = _span(nq * hd, tp_rank, tp, "attention width")
+    return {
+        "input_layernorm.weight": ck.get(p + "input_layernorm.weight"),
+        "self_attention.linear_qkv.weight": torch.cat(parts, 0),
+        "self_attention.linear_proj.weight": ck.get(p + "self_attn.o_proj.weight", 1, a0, a1),
+        "pre_mlp_layernorm.weight": ck.get(p + "post_attention_layernorm.weight"),
+        "mlp.linear_fc1.weight": torch.cat([ck.get(p + "mlp.gate_proj.weight", 0, f0, f1),
+                                            ck.get(p + "mlp.up_proj.weight", 0, f0, f1)], 0),
+        "mlp.linear_fc2.weight": ck.get(p + "mlp.down_proj.weight", 1, f0, f1),
+    }
+
+
+def load_into(model, ck: HFDir, hf_cfg, tp_rank: int, tp: int, prefix: str = "") -> None:
+    """Fill a GPTModel stage from the HF checkpoint: this rank's TP slice of this stage's layers only."""
+    sd = {}
+    v0, v1 = _span(hf_cfg.vocab_size, tp_rank, tp, "vocab_size")
+    if model.pre_process:
+        sd["embedding.word_embeddings.weight"] = ck.get(f"{prefix}model.embed_tokens.weight", 0, v0, v1)
+    for i, layer in enumerate(model.decoder.layers):
+        for k, t in layer_tensors(ck, hf_cfg, layer.layer_number - 1, tp_rank, tp, prefix).items():
+            sd[f"decoder.layers.{i}.{k}"] = t
+    if model.post_process:
+        sd["decoder.final_layernorm.weight"] = ck.get(f"{prefix}model.norm.weight")
+        sd["output_layer.weight"] = ck.get(f"{prefix}lm_head.weight", 0, v0, v1)
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise CheckpointError(f"no HF source for megatron tensors {missing[:4]}")
+    for k, t in sd.items():
+        if tuple(own[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"{ck.path}: {k} has shape {tuple(t.shape)} from the checkpoint, the model "
+                                  f"expects {tuple(own[k].shape)}: a checkpoint of another model size?")
+        own[k].copy_(t)
+
+
+def hf_names_of_layer(layer: int, prefix: str = "") -> Iterator[str]:
+    p = f"{prefix}model.layers.{layer}."
+    for n in ("input_layernorm", "post_attention_layernorm"):
+        yield p + n + ".weight"
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        yield p + "self_attn." + n + ".weight"
+    for n in ("gate_proj", "up_proj", "down_proj"):
+        yield p + "mlp." + n + ".weight"

@@ -1,0 +1,109 @@
+"""ESM-2 as a megatron-core TransformerBlock.
+
+Pre-LayerNorm layers with biases everywhere and an exact-GELU MLP, rotary position embeddings (base 10000,
+rotate-half), bidirectional attention over a key padding mask, the final `emb_layer_norm_after`, and ESM's
+token-dropout rescaling of the embeddings. HF's ESM scales queries before applying rotary; rotary is a
+rotation, so scaling after it (megatron's order) gives the same scores.
+
+The 33-token embedding is replicated on tensor-parallel ranks rather than vocab-split (33 rows do not divide,
+and it is 0.003% of the 3B model). The whole encoder lives on the first pipeline stage, as the vision encoder
+does in megatron-core's LLaVA, so its config carries pipeline size 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_p2t.models.specs import cpu_friendly, encoder_layer_spec, parallel_sizes
+
+MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM-2's masking ratio x mask-token share, fixed for every ESM-2 checkpoint
+
+
+@dataclasses.dataclass
+class ESMConfig:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    vocab_size: int = 33
+    pad_token_id: int = 1
+    mask_token_id: int = 32
+    layer_norm_eps: float = 1e-5
+    token_dropout: bool = True
+    rotary_base: int = 10000
+    max_position_embeddings: int = 1026
+
+    @classmethod
+    def from_hf(cls, hf) -> "ESMConfig":
+        if getattr(hf, "position_embedding_type", "rotary") != "rotary" or getattr(hf, "emb_layer_norm_before", False):
+            raise ValueError("only ESM-2 (rotary positions, no embedding LayerNorm before the layers) is supported")
+        return cls(num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size,
+                   num_attention_heads=hf.num_attention_heads, ffn_hidden_size=hf.intermediate_size,
+                   vocab_size=hf.vocab_size, pad_token_id=hf.pad_token_id, mask_token_id=hf.mask_token_id,
+                   layer_norm_eps=hf.layer_norm_eps, token_dropout=hf.token_dropout,
+                   max_position_embeddings=hf.max_position_embeddings)
+
+
+# The public ESM-2 checkpoints (facebook/esm2_*), by parameter count.
+ESM2_SIZES = {
+    "8M": ESMConfig(6, 320, 20, 1280), "35M": ESMConfig(12, 480, 20, 1920),
+    "150M": ESMConfig(30, 640, 20, 2560), "650M": ESMConfig(33, 1280, 20, 5120),
+    "3B": ESMConfig(36, 2560, 40, 10240), "15B": ESMConfig(48, 5120, 40, 20480),
+}
+
+
+def transformer_config(cfg: ESMConfig, num_layers: int, params_dtype=torch.float32, **overrides):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    kw = dict(num_layers=num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+              ffn_hidden_size=cfg.ffn_hidden_size, normalization="LayerNorm", layernorm_epsilon=cfg.layer_norm_eps,
+              add_bias_linear=True, add_qkv_bias=True, activation_func=F.gelu, gated_linear_unit=False,
+              attention_dropout=0.0, hidden_dropout=0.0, params_dtype=params_dtype,
+              bf16=params_dtype == torch.bfloat16, pipeline_dtype=params_dtype, **cpu_friendly())
+    kw.update(parallel_sizes())
+    kw["pipeline_model_parallel_size"] = 1
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+class ESMEncoder(nn.Module):
+    """ids [b, s] + mask [b, s] (True = residue/special, False = padding) -> hidden states [b, s, h].
+
+    `output_layer`: which of HF's `hidden_states` to return: -1 (default, Prot2Text-V2) is the last layer after
+    the final LayerNorm; k in 0..num_layers-1 (or -2, ... as in Protein2Text) is the input to layer k, before
+    any final LayerNorm. Only the layers needed are built.
+    """
+
+    def __init__(self, cfg: ESMConfig, output_layer: int = -1, params_dtype=torch.float32, **config_overrides):
+        super().__init__()
+        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+        from megatron.core.transformer.transformer_block import TransformerBlock
+        n = cfg.num_layers
+        k = output_layer % (n + 1)
+        self.cfg, self.final_norm = cfg, k == n
+        self.config = transformer_config(cfg, k, params_dtype, **config_overrides)
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id,
+                                            dtype=params_dtype)
+        self.rotary = RotaryEmbedding(kv_channels=self.config.kv_channels, rotary_percent=1.0,
+                                      rotary_base=cfg.rotary_base, use_cpu_initialization=True)
+        self.block = TransformerBlock(self.config, encoder_layer_spec(), post_layer_norm=self.final_norm)
+
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(ids)
+        if self.cfg.token_dropout:
+            masked = ids == self.cfg.mask_token_id
+            x = x.masked_fill(masked.unsqueeze(-1), 0.0)
+            observed = masked.sum(-1).float() / mask.sum(-1)
+            x = (x * (1 - MASK_RATIO_TRAIN) / (1 - observed)[:, None, None]).to(x.dtype)
+        return x * mask.unsqueeze(-1).to(x.dtype)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids, mask).transpose(0, 1).contiguous()           # [s, b, h]
+        rope = self.rotary(ids.shape[1]).to(x.device)
+        # megatron's padding mask: True where attention is NOT allowed, shaped [b, 1, 1, s]
+        attn_mask = (~mask.bool())[:, None, None, :]
+        y = self.block(hidden_states=x, attention_mask=attn_mask, rotary_pos_emb=rope)
+        return y.transpose(0, 1)

@@ -1,0 +1,48 @@
+"""Initialise torch.distributed (through DeepSpeed, as the launchers expect) and megatron-core's TP/PP/DP groups."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class LayoutError(ValueError):
+    pass
+
+
+def check_layout(world_size: int, tp: int, pp: int) -> int:
+    """The data-parallel size, or a clear error when tp x pp does not divide the world."""
+    if tp < 1 or pp < 1:
+        raise LayoutError(f"tensor_parallel={tp} and pipeline_parallel={pp} must be >= 1")
+    if world_size % (tp * pp):
+        raise LayoutError(f"tensor_parallel x pipeline_parallel = {tp} x {pp} = {tp * pp} does not divide the "
+                          f"world size {world_size}; launch a multiple of {tp * pp} processes or change the layout")
+    return world_size // (tp * pp)
+
+
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None) -> int:
+    """Set up process groups; returns the data-parallel size. Safe to call once per process."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_p2t.parallel import cpu_shim
+
+    cpu_shim.enable()
+    if not torch.distributed.is_initialized():
+        import deepspeed
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    dp = check_layout(torch.distributed.get_world_size(), tp, pp)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model_parallel_cuda_manual_seed(seed)
+    return dp
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state as ps
+    ps.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
