@@ -11,7 +11,7 @@ from typing import Dict
 import torch
 
 from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
-from megatron_p2t.checkpoint.llama_hf import _span
+from megatron_p2t.checkpoint.llama_hf import _span, copy_into
 
 PREFIXES = ("esm.", "", "esm_encoder.")  # EsmForMaskedLM, EsmModel, Prot2Text-V2's composite
 
@@ -56,7 +56,7 @@ def layer_tensors(ck: HFDir, cfg, layer: int, tp_rank: int, tp: int, prefix: str
     }
 
 
-def load_into(enc, ck: HFDir, tp_rank: int, tp: int, prefix: str | None = None) -> None:
+def megatron_tensors(enc, ck, tp_rank: int, tp: int, prefix: str | None = None) -> Dict[str, torch.Tensor]:
     prefix = detect_prefix(ck) if prefix is None else prefix
     sd = {"word_embeddings.weight": ck.get(f"{prefix}embeddings.word_embeddings.weight")}
     for i, layer in enumerate(enc.block.layers):
@@ -65,12 +65,8 @@ def load_into(enc, ck: HFDir, tp_rank: int, tp: int, prefix: str | None = None) 
     if enc.final_norm:
         sd["block.final_layernorm.weight"] = ck.get(f"{prefix}encoder.emb_layer_norm_after.weight")
         sd["block.final_layernorm.bias"] = ck.get(f"{prefix}encoder.emb_layer_norm_after.bias")
-    own = {k: v for k, v in enc.state_dict().items() if not k.endswith("_extra_state") and "rotary" not in k}
-    missing = sorted(set(own) - set(sd))
-    if missing:
-        raise CheckpointError(f"no HF source for ESM tensors {missing[:4]}")
-    for k, t in sd.items():
-        if tuple(own[k].shape) != tuple(t.shape):
-            raise CheckpointError(f"{ck.path}: {k} has shape {tuple(t.shape)} in the checkpoint, the encoder "
-                                  f"expects {tuple(own[k].shape)}")
-        own[k].copy_(t)
+    return sd
+
+
+def load_into(enc, ck: HFDir, tp_rank: int, tp: int, prefix: str | None = None) -> None:
+    copy_into(enc, megatron_tensors(enc, ck, tp_rank, tp, prefix), ck.path)

@@ -76,3 +76,30 @@ class HFDir:
         if dim == 1:
             return sl[:, start:stop]
         raise ValueError(dim)
+
+
+class TensorSource:
+    """The HFDir reading interface over tensors already in memory (a state dict, a model's gradients)."""
+
+    def __init__(self, tensors: Dict[str, torch.Tensor], path: str = "<memory>"):
+        self.tensors, self.path = tensors, path
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def shape(self, name: str):
+        return tuple(self._t(name).shape)
+
+    def _t(self, name):
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        return self.tensors[name]
+
+    def get(self, name: str, dim: Optional[int] = None, start: int = 0, stop: Optional[int] = None):
+        t = self._t(name)
+        if dim is None:
+            return t
+        return t[start:stop] if dim == 0 else t[:, start:stop]

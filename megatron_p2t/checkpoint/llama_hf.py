@@ -47,8 +47,8 @@ def layer_tensors(ck: HFDir, hf_cfg, layer: int, tp_rank: int, tp: int, prefix: 
     }
 
 
-def load_into(model, ck: HFDir, hf_cfg, tp_rank: int, tp: int, prefix: str = "") -> None:
-    """Fill a GPTModel stage from the HF checkpoint: this rank's TP slice of this stage's layers only."""
+def megatron_tensors(model, ck, hf_cfg, tp_rank: int, tp: int, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """What this GPTModel stage's state dict must hold: this rank's TP slice of this stage's layers."""
     sd = {}
     v0, v1 = _span(hf_cfg.vocab_size, tp_rank, tp, "vocab_size")
     if model.pre_process:
@@ -59,15 +59,25 @@ def load_into(model, ck: HFDir, hf_cfg, tp_rank: int, tp: int, prefix: str = "")
     if model.post_process:
         sd["decoder.final_layernorm.weight"] = ck.get(f"{prefix}model.norm.weight")
         sd["output_layer.weight"] = ck.get(f"{prefix}lm_head.weight", 0, v0, v1)
-    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    missing = sorted(set(own) - set(sd))
+    return sd
+
+
+def copy_into(module, tensors: Dict[str, torch.Tensor], source: str) -> None:
+    """Copy into `module`'s parameters, checking that every one is covered and every shape agrees."""
+    own = {k: v for k, v in module.state_dict().items()
+           if not k.endswith("_extra_state") and "rotary" not in k}
+    missing = sorted(set(own) - set(tensors))
     if missing:
-        raise CheckpointError(f"no HF source for megatron tensors {missing[:4]}")
-    for k, t in sd.items():
+        raise CheckpointError(f"{source}: nothing to load into {missing[:4]}")
+    for k, t in tensors.items():
         if tuple(own[k].shape) != tuple(t.shape):
-            raise CheckpointError(f"{ck.path}: {k} has shape {tuple(t.shape)} from the checkpoint, the model "
-                                  f"expects {tuple(own[k].shape)}: a checkpoint of another model size?")
+            raise CheckpointError(f"{source}: {k} has shape {tuple(t.shape)} there, the model expects "
+                                  f"{tuple(own[k].shape)} -- a checkpoint of another model size?")
         own[k].copy_(t)
+
+
+def load_into(model, ck: HFDir, hf_cfg, tp_rank: int, tp: int, prefix: str = "") -> None:
+    copy_into(model, megatron_tensors(model, ck, hf_cfg, tp_rank, tp, prefix), ck.path)
 
 
 def hf_names_of_layer(layer: int, prefix: str = "") -> Iterator[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_p2t.models.specs import parallel_sizes
+
 # megatron-core's RotaryEmbedding applies LLaMA-3.1's frequency scaling with these constants built in.
 _MCORE_LLAMA31_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                           "original_max_position_embeddings": 8192}
@@ -39,6 +41,7 @@ def transformer_config(hf, num_layers: int | None = None, params_dtype=torch.flo
         use_cpu_initialization=not torch.cuda.is_available(), persist_layer_norm=False,
         bias_activation_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, pipeline_dtype=params_dtype)
+    kw.update(parallel_sizes())
     kw.update(overrides)
     return TransformerConfig(**kw)
 

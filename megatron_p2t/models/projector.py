@@ -1,0 +1,48 @@
+"""The modality projector as megatron-core tensor-parallel layers.
+
+Prot2Text-V2's adapter: Linear(esm -> 2048) -> GELU -> dropout -> Linear(2048 -> llm) -> GELU -> dropout, then
+each token's vector L2-normalised. The first linear is column-parallel (its output stays split across
+tensor-parallel ranks), the second row-parallel (it consumes the split and all-reduces), so the pair costs one
+all-reduce, like a transformer MLP. Depth and activation come from the config (`mlp2x_gelu` in LLaVA's terms
+is depth 2 with GELU).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+
+
+@dataclasses.dataclass
+class ProjectorConfig:
+    input_dim: int = 2560
+    intermediate_dim: int = 2048
+    output_dim: int = 4096
+    activation: str = "gelu"
+    dropout: float = 0.1
+    l2_normalize: bool = True
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: ProjectorConfig, transformer_config):
+        super().__init__()
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+        self.cfg = cfg
+        init = transformer_config.init_method
+        self.fc1 = ColumnParallelLinear(cfg.input_dim, cfg.intermediate_dim, config=transformer_config,
+                                        init_method=init, bias=True, gather_output=False)
+        self.fc2 = RowParallelLinear(cfg.intermediate_dim, cfg.output_dim, config=transformer_config,
+                                     init_method=init, bias=True, input_is_parallel=True, skip_bias_add=False)
+        self.act = _ACTS[cfg.activation]
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.fc1(x)
+        h = self.dropout(self.act(h))
+        y, _ = self.fc2(h)
+        y = self.dropout(self.act(y))
+        return F.normalize(y, p=2, dim=-1) if self.cfg.l2_normalize else y

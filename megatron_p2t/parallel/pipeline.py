@@ -1,0 +1,39 @@
+"""One training/eval step over microbatches with megatron-core's schedules (1F1B when pipeline size > 1)."""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+
+
+def masked_mean_loss(per_token: torch.Tensor, loss_mask: torch.Tensor):
+    """GPTModel returns a loss per token [b, s]; average over the positions that count."""
+    mask = loss_mask.float()
+    loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+    return loss, {"loss": loss.detach().clone()}
+
+
+def run(model, microbatches: List[Dict[str, torch.Tensor]], forward_only: bool = False,
+        loss_fn: Callable = masked_mean_loss, collect_outputs: bool = False) -> list:
+    """Forward (+ backward) over `microbatches`; returns the per-microbatch loss dicts on the last stage
+    (or, with collect_outputs, the model outputs, e.g. logits), and [] elsewhere. All microbatches must share
+    one shape: the schedule sends [seq, micro_batch, hidden] tensors between stages."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    first = microbatches[0]["input_ids"]
+
+    def step(data_iterator, m):
+        b = next(data_iterator)
+        kw = {"input_ids": b["input_ids"], "position_ids": b["position_ids"], "attention_mask": None,
+              "labels": None if collect_outputs else b["labels"]}
+        if hasattr(m, "splice"):  # the joined model also takes the protein
+            kw.update(protein_ids=b["protein_ids"], protein_mask=b["protein_mask"])
+        out = m(**kw)
+        if collect_outputs:
+            return out, lambda o, non_loss_data=True: o.detach()
+        return out, lambda o: loss_fn(o, b["loss_mask"])
+
+    return get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter(microbatches), model=[model],
+        num_microbatches=len(microbatches), seq_length=first.shape[1], micro_batch_size=first.shape[0],
+        forward_only=forward_only or collect_outputs, collect_non_loss_data=collect_outputs)

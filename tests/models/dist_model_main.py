@@ -1,0 +1,170 @@
+"""Run under torchrun by test_model_parallel.py: build the model at a TP x PP layout, load the tiny HF
+checkpoints, and compare losses, logits and gradients with the HF reference computed on every rank."""
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def reference_inputs(seed=3, micro=2, mb=2, seq=24, vocab=256, placeholder=250):
+    from megatron_p2t.data import esm_alphabet
+    g = torch.Generator().manual_seed(seed)
+    seqs = ["MKTAYIAKQRQISF", "MSSILPFTPPIVKRL", "MAADIFAK", "MHHHKLLQPW"]
+    out = []
+    for m in range(micro):
+        ids = torch.randint(0, 200, (mb, seq), generator=g)
+        lp = max(len(s) for s in seqs) + 2
+        pids = torch.full((mb, lp), esm_alphabet.PAD)
+        pmask = torch.zeros(mb, lp, dtype=torch.bool)
+        for b in range(mb):
+            e = torch.from_numpy(esm_alphabet.encode(seqs[(m * mb + b) % len(seqs)]))
+            pids[b, :len(e)] = e
+            pmask[b, :len(e)] = True
+            ids[b, 2:2 + len(e)] = placeholder
+        labels = torch.roll(ids, -1, 1)
+        loss_mask = torch.zeros(mb, seq)
+        loss_mask[:, 19:seq - 1] = 1
+        out.append({"input_ids": ids, "position_ids": torch.arange(seq)[None].expand(mb, -1).contiguous(),
+                    "protein_ids": pids, "protein_mask": pmask, "labels": labels, "loss_mask": loss_mask})
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--what", choices=["llama", "p2t", "esm"])
+    ap.add_argument("--sequences", help="file of real protein sequences, one per line (esm)")
+    ap.add_argument("--ckpt")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    from megatron_p2t.parallel import state
+    state.initialize(tp=a.tp, pp=a.pp)
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+    from transformers import EsmModel, LlamaForCausalLM
+
+    from megatron_p2t.checkpoint import llama_hf
+    from megatron_p2t.checkpoint.hf_dir import HFDir, TensorSource
+    from megatron_p2t.models import llama, p2t
+    from megatron_p2t.models.esm import ESMConfig
+    from megatron_p2t.models.projector import ProjectorConfig
+    from megatron_p2t.parallel import pipeline
+
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+    llama_dir, esm_dir, proj_dir = (os.path.join(a.ckpt, n) for n in ("llama", "esm", "projector"))
+    if a.what == "esm":
+        return esm_check(a, esm_dir, tp_rank, state)
+    hf_llama = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation="eager")
+    batches = reference_inputs()
+
+    # -- the reference, in plain HF + torch, on every rank --
+    ref_loss, ref_logits = [], []
+    if a.what == "llama":
+        ref_params = dict(hf_llama.named_parameters())
+        for b in batches:
+            logits = hf_llama(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
+            ref_logits.append(logits.detach())
+            tok = F.cross_entropy(logits.transpose(1, 2), b["labels"], reduction="none")
+            ref_loss.append((tok * b["loss_mask"]).sum() / b["loss_mask"].sum())
+    else:
+        from safetensors.torch import load_file
+        hf_esm = EsmModel.from_pretrained(esm_dir, add_pooling_layer=False, attn_implementation="eager")
+        proj = {k: v.clone().requires_grad_(True) for k, v in
+                load_file(os.path.join(proj_dir, "projector.safetensors")).items()}
+        ref_params = {**{f"llama.{k}": v for k, v in hf_llama.named_parameters()},
+                      **{f"esm.{k}": v for k, v in hf_esm.named_parameters()},
+                      **{f"proj.{k}": v for k, v in proj.items()}}
+        for b in batches:
+            h = hf_esm(input_ids=b["protein_ids"], attention_mask=b["protein_mask"].long()).last_hidden_state
+            h = F.gelu(F.linear(h, proj["fc1.weight"], proj["fc1.bias"]))
+            h = F.normalize(F.gelu(F.linear(h, proj["fc2.weight"], proj["fc2.bias"])), dim=-1)
+            emb = hf_llama.get_input_embeddings()(b["input_ids"])
+            slots = (b["input_ids"] == 250).unsqueeze(-1).expand_as(emb)
+            emb = emb.masked_scatter(slots, h[b["protein_mask"]])
+            logits = hf_llama(inputs_embeds=emb, position_ids=b["position_ids"]).logits
+            ref_logits.append(logits.detach())
+            tok = F.cross_entropy(logits.transpose(1, 2), b["labels"], reduction="none")
+            ref_loss.append((tok * b["loss_mask"]).sum() / b["loss_mask"].sum())
+    (sum(ref_loss) / len(ref_loss)).backward()
+
+    # -- ours at this layout --
+    tp = a.tp
+    if a.what == "llama":
+        model = llama.build(hf_llama.config, pre_process=first, post_process=last)
+        llama_hf.load_into(model, HFDir(llama_dir), hf_llama.config, tp_rank, tp)
+
+        def expected_grads():
+            g = TensorSource({k: v.grad for k, v in ref_params.items()}, "reference grads")
+            return llama_hf.megatron_tensors(model, g, hf_llama.config, tp_rank, tp)
+    else:
+        pcfg = ProjectorConfig(input_dim=48, intermediate_dim=32, output_dim=64, dropout=0.0)
+        ecfg = ESMConfig.from_hf(hf_esm.config)
+        model = p2t.Prot2TextModel(ecfg, hf_llama.config, pcfg, placeholder_id=250, pre_process=first,
+                                   post_process=last, freeze=p2t.FreezeConfig(esm=False, projector=False, llm=False))
+        proj_src = HFDir.__new__(HFDir)
+        proj_src = TensorSource(load_file(os.path.join(proj_dir, "projector.safetensors")), proj_dir)
+        llama_hf.copy_into(model, p2t.megatron_tensors(model, HFDir(esm_dir), HFDir(llama_dir), proj_src,
+                                                       hf_llama.config, pcfg, tp_rank, tp), "tiny checkpoints")
+
+        def expected_grads():
+            grads = {k: v.grad for k, v in ref_params.items()}
+            pick = lambda pre: TensorSource({k[len(pre):]: v for k, v in grads.items() if k.startswith(pre)}, pre)
+            return p2t.megatron_tensors(model, pick("esm."), pick("llama."), pick("proj."), hf_llama.config, pcfg,
+                                        tp_rank, tp)
+
+    outputs = pipeline.run(model, batches, collect_outputs=True)
+    logit_diff = None
+    if last:
+        logit_diff = max(float((gather_from_tensor_model_parallel_region(o) - r).abs().max())
+                         for o, r in zip(outputs, ref_logits))
+    losses = pipeline.run(model, batches)
+    loss_diff = [abs(float(l["loss"]) - float(r)) for l, r in zip(losses, ref_loss)] if last else None
+    expected = expected_grads()
+    grad_diff, checked = 0.0, 0
+    for name, p in model.named_parameters():
+        if name in expected:
+            assert p.grad is not None, name
+            grad_diff = max(grad_diff, float((p.grad - expected[name]).abs().max()))
+            checked += 1
+    rank = torch.distributed.get_rank()
+    with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
+        json.dump({"tp_rank": tp_rank, "pp_rank": pp_rank, "logit_diff": logit_diff, "loss_diff": loss_diff,
+                   "grad_diff": grad_diff, "grads_checked": checked,
+                   "params": sum(1 for _ in model.named_parameters())}, f)
+    state.destroy()
+
+
+def esm_check(a, esm_dir, tp_rank, state):
+    """ESM hidden states vs HF EsmModel on real sequences, padded, with one <mask> token."""
+    from transformers import EsmModel
+
+    from megatron_p2t.checkpoint import esm_hf
+    from megatron_p2t.checkpoint.hf_dir import HFDir
+    from megatron_p2t.data import esm_alphabet
+    from megatron_p2t.models.esm import ESMConfig, ESMEncoder
+    seqs = open(a.sequences).read().split()
+    enc = [torch.from_numpy(esm_alphabet.encode(s)) for s in seqs]
+    ids = torch.full((len(enc), max(map(len, enc))), esm_alphabet.PAD)
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, e in enumerate(enc):
+        ids[i, :len(e)] = e
+        mask[i, :len(e)] = True
+    ids[0, 4] = esm_alphabet.MASK
+    hf = EsmModel.from_pretrained(esm_dir, add_pooling_layer=False, attn_implementation="eager").eval()
+    ref = hf(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
+    diffs = {}
+    for layer in (-1, -2):
+        m = ESMEncoder(ESMConfig.from_hf(hf.config), output_layer=layer)
+        esm_hf.load_into(m, HFDir(esm_dir), tp_rank, a.tp)
+        diffs[str(layer)] = float((m(ids, mask) - ref[layer])[mask].abs().max())
+    with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
+        json.dump({"tp_rank": tp_rank, "diffs": diffs, "tokens": int(mask.sum()), "padded": int((~mask).sum())}, f)
+    state.destroy()
+
+
+if __name__ == "__main__":
+    main()
