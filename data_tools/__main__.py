@@ -1,3 +1,4 @@
 from data_tools.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # spawned helper processes (e.g. checkpoint writers) re-import __main__
+    raise SystemExit(main())

@@ -70,3 +70,38 @@ def megatron_tensors(enc, ck, tp_rank: int, tp: int, prefix: str | None = None) 
 
 def load_into(enc, ck: HFDir, tp_rank: int, tp: int, prefix: str | None = None) -> None:
     copy_into(enc, megatron_tensors(enc, ck, tp_rank, tp, prefix), ck.path)
+
+
+def hf_slices(enc, tp_rank: int, tp: int, prefix: str = ""):
+    """The inverse of megatron_tensors, as (hf name, dim, start, stop, tensor) slices of this rank."""
+    sd = enc.state_dict()
+    cfg = enc.cfg
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    h0, h1 = _span(cfg.num_attention_heads, tp_rank, tp, "ESM attention heads")
+    f0, f1 = _span(cfg.ffn_hidden_size, tp_rank, tp, "ESM intermediate_size")
+    whole = tp_rank == 0
+    out = [(f"{prefix}embeddings.word_embeddings.weight", None, 0, 0, sd["word_embeddings.weight"])] if whole else []
+    for i, layer in enumerate(enc.block.layers):
+        m, p = f"block.layers.{i}.", f"{prefix}encoder.layer.{layer.layer_number - 1}."
+        a = p + "attention."
+        for what in ("weight", "bias"):
+            qkv = sd[m + "self_attention.linear_qkv." + what]
+            heads = [qkv[h * 3 * hd:(h + 1) * 3 * hd] for h in range(h1 - h0)]
+            for j, name in enumerate(("query", "key", "value")):
+                out.append((f"{a}self.{name}.{what}", 0, h0 * hd, h1 * hd,
+                            torch.cat([x[j * hd:(j + 1) * hd] for x in heads])))
+        out += [(a + "output.dense.weight", 1, h0 * hd, h1 * hd, sd[m + "self_attention.linear_proj.weight"]),
+                (p + "intermediate.dense.weight", 0, f0, f1, sd[m + "mlp.linear_fc1.weight"]),
+                (p + "intermediate.dense.bias", 0, f0, f1, sd[m + "mlp.linear_fc1.bias"]),
+                (p + "output.dense.weight", 1, f0, f1, sd[m + "mlp.linear_fc2.weight"])]
+        if whole:
+            out += [(a + "output.dense.bias", None, 0, 0, sd[m + "self_attention.linear_proj.bias"]),
+                    (p + "output.dense.bias", None, 0, 0, sd[m + "mlp.linear_fc2.bias"]),
+                    (a + "LayerNorm.weight", None, 0, 0, sd[m + "input_layernorm.weight"]),
+                    (a + "LayerNorm.bias", None, 0, 0, sd[m + "input_layernorm.bias"]),
+                    (p + "LayerNorm.weight", None, 0, 0, sd[m + "pre_mlp_layernorm.weight"]),
+                    (p + "LayerNorm.bias", None, 0, 0, sd[m + "pre_mlp_layernorm.bias"])]
+    if enc.final_norm and whole:
+        out += [(f"{prefix}encoder.emb_layer_norm_after.weight", None, 0, 0, sd["block.final_layernorm.weight"]),
+                (f"{prefix}encoder.emb_layer_norm_after.bias", None, 0, 0, sd["block.final_layernorm.bias"])]
+    return out

@@ -88,3 +88,40 @@ def hf_names_of_layer(layer: int, prefix: str = "") -> Iterator[str]:
         yield p + "self_attn." + n + ".weight"
     for n in ("gate_proj", "up_proj", "down_proj"):
         yield p + "mlp." + n + ".weight"
+
+
+# (hf name, dim or None for a whole tensor, start, stop, tensor): a rank's share of an HF tensor.
+def hf_slices(model, hf_cfg, tp_rank: int, tp: int, prefix: str = ""):
+    """The inverse of megatron_tensors: this stage's local tensors as slices of the HF tensors."""
+    sd = model.state_dict()
+    hd = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+    nq, nkv = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
+    qpg = nq // nkv
+    g0, g1 = _span(nkv, tp_rank, tp, "num_key_value_heads")
+    f0, f1 = _span(hf_cfg.intermediate_size, tp_rank, tp, "intermediate_size")
+    a0, a1 = _span(nq * hd, tp_rank, tp, "attention width")
+    v0, v1 = _span(hf_cfg.vocab_size, tp_rank, tp, "vocab_size")
+    whole = tp_rank == 0  # replicated tensors are written once
+    out = []
+    if model.pre_process:
+        out.append((f"{prefix}model.embed_tokens.weight", 0, v0, v1, sd["embedding.word_embeddings.weight"]))
+    for i, layer in enumerate(model.decoder.layers):
+        m, p = f"decoder.layers.{i}.", f"{prefix}model.layers.{layer.layer_number - 1}."
+        qkv = sd[m + "self_attention.linear_qkv.weight"]
+        per = (qpg + 2) * hd
+        groups = [qkv[g * per:(g + 1) * per] for g in range(g1 - g0)]
+        out += [(p + "self_attn.q_proj.weight", 0, g0 * qpg * hd, g1 * qpg * hd, torch.cat([x[:qpg * hd] for x in groups])),
+                (p + "self_attn.k_proj.weight", 0, g0 * hd, g1 * hd, torch.cat([x[qpg * hd:(qpg + 1) * hd] for x in groups])),
+                (p + "self_attn.v_proj.weight", 0, g0 * hd, g1 * hd, torch.cat([x[(qpg + 1) * hd:] for x in groups])),
+                (p + "self_attn.o_proj.weight", 1, a0, a1, sd[m + "self_attention.linear_proj.weight"])]
+        fc1 = sd[m + "mlp.linear_fc1.weight"]
+        out += [(p + "mlp.gate_proj.weight", 0, f0, f1, fc1[: f1 - f0]), (p + "mlp.up_proj.weight", 0, f0, f1, fc1[f1 - f0:]),
+                (p + "mlp.down_proj.weight", 1, f0, f1, sd[m + "mlp.linear_fc2.weight"])]
+        if whole:
+            out += [(p + "input_layernorm.weight", None, 0, 0, sd[m + "input_layernorm.weight"]),
+                    (p + "post_attention_layernorm.weight", None, 0, 0, sd[m + "pre_mlp_layernorm.weight"])]
+    if model.post_process:
+        out.append((f"{prefix}lm_head.weight", 0, v0, v1, sd["output_layer.weight"]))
+        if whole:
+            out.append((f"{prefix}model.norm.weight", None, 0, 0, sd["decoder.final_layernorm.weight"]))
+    return out

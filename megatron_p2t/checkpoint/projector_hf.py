@@ -16,3 +16,13 @@ def tensors(src, cfg, tp_rank: int, tp: int, prefix: str = "") -> Dict[str, torc
             "fc1.bias": src.get(f"{prefix}fc1.bias", 0, i0, i1),
             "fc2.weight": src.get(f"{prefix}fc2.weight", 1, i0, i1),
             "fc2.bias": src.get(f"{prefix}fc2.bias")}
+
+
+def hf_slices(proj, cfg, tp_rank: int, tp: int, prefix: str = ""):
+    sd = proj.state_dict()
+    i0, i1 = _span(cfg.intermediate_dim, tp_rank, tp, "projector intermediate_dim")
+    out = [(f"{prefix}fc1.weight", 0, i0, i1, sd["fc1.weight"]), (f"{prefix}fc1.bias", 0, i0, i1, sd["fc1.bias"]),
+           (f"{prefix}fc2.weight", 1, i0, i1, sd["fc2.weight"])]
+    if tp_rank == 0:
+        out.append((f"{prefix}fc2.bias", None, 0, 0, sd["fc2.bias"]))
+    return out

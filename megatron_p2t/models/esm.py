@@ -69,7 +69,12 @@ def transformer_config(cfg: ESMConfig, num_layers: int, params_dtype=torch.float
     return TransformerConfig(**kw)
 
 
-class ESMEncoder(nn.Module):
+def _megatron_module():
+    from megatron.core.transformer.module import MegatronModule
+    return MegatronModule
+
+
+class ESMEncoder(_megatron_module()):
     """ids [b, s] + mask [b, s] (True = residue/special, False = padding) -> hidden states [b, s, h].
 
     `output_layer`: which of HF's `hidden_states` to return: -1 (default, Prot2Text-V2) is the last layer after
@@ -78,13 +83,12 @@ class ESMEncoder(nn.Module):
     """
 
     def __init__(self, cfg: ESMConfig, output_layer: int = -1, params_dtype=torch.float32, **config_overrides):
-        super().__init__()
         from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
         from megatron.core.transformer.transformer_block import TransformerBlock
         n = cfg.num_layers
         k = output_layer % (n + 1)
+        super().__init__(transformer_config(cfg, k, params_dtype, **config_overrides))
         self.cfg, self.final_norm = cfg, k == n
-        self.config = transformer_config(cfg, k, params_dtype, **config_overrides)
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id,
                                             dtype=params_dtype)
         self.rotary = RotaryEmbedding(kv_channels=self.config.kv_channels, rotary_percent=1.0,

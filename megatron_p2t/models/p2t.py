@@ -30,14 +30,19 @@ class FreezeConfig:
     llm: bool = True
 
 
-class Prot2TextModel(nn.Module):
+def _megatron_module():
+    from megatron.core.transformer.module import MegatronModule
+    return MegatronModule
+
+
+class Prot2TextModel(_megatron_module()):
     def __init__(self, esm_cfg: esm_mod.ESMConfig, llama_hf_cfg, projector_cfg: ProjectorConfig,
                  placeholder_id: int, pre_process: bool = True, post_process: bool = True,
                  esm_output_layer: int = -1, freeze: FreezeConfig = FreezeConfig(), llm_config=None):
-        super().__init__()
+        llm_config = llm_config or llama_mod.transformer_config(llama_hf_cfg)
+        super().__init__(llm_config)  # self.config: what megatron's schedules read, with model_type below
         self.pre_process, self.post_process, self.placeholder_id = pre_process, post_process, placeholder_id
-        self.llm_config = llm_config or llama_mod.transformer_config(llama_hf_cfg)
-        self.config = self.llm_config  # what megatron's schedules read, with model_type below
+        self.llm_config = llm_config
         self.llm = llama_mod.build(llama_hf_cfg, pre_process=pre_process, post_process=post_process,
                                    config=self.llm_config)
         self.model_type = self.llm.model_type
@@ -94,3 +99,26 @@ def megatron_tensors(model: Prot2TextModel, esm_src, llama_src, projector_src, l
         sd.update({f"projector.{k}": v for k, v in
                    projector_hf.tensors(projector_src, projector_cfg, tp_rank, tp, projector_prefix).items()})
     return sd
+
+
+def hf_export(model: Prot2TextModel, out_dir: str, llama_hf_cfg, esm_hf_cfg, projector_cfg, tp_rank: int,
+              tp: int, pp_rank: int) -> None:
+    """Collective: write out_dir/{llama,esm,projector} in HF layout from any TP x PP layout."""
+    import json
+    import os
+
+    from megatron_p2t.checkpoint import esm_hf, export_hf, llama_hf, projector_hf
+    dirs = {k: os.path.join(out_dir, k) for k in ("llama", "esm", "projector")}
+    slices = {dirs["llama"]: llama_hf.hf_slices(model.llm, llama_hf_cfg, tp_rank, tp)}
+    if model.pre_process:
+        slices[dirs["esm"]] = esm_hf.hf_slices(model.esm, tp_rank, tp)
+        slices[dirs["projector"]] = projector_hf.hf_slices(model.projector, projector_cfg, tp_rank, tp)
+    configs = None
+    if torch.distributed.get_rank() == 0:
+        esm_cfg = esm_hf_cfg.__class__.from_dict(esm_hf_cfg.to_dict())
+        esm_cfg.architectures = ["EsmModel"]
+        configs = {dirs["llama"]: llama_hf_cfg, dirs["esm"]: esm_cfg}
+    export_hf.export(slices, out_dir, hf_configs=configs)
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(dirs["projector"], "config.json"), "w") as f:
+            json.dump({"model_type": "megatron_p2t_projector", **dataclasses.asdict(projector_cfg)}, f, indent=1)

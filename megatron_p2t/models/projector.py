@@ -27,9 +27,14 @@ class ProjectorConfig:
     l2_normalize: bool = True
 
 
-class Projector(nn.Module):
+def _megatron_module():
+    from megatron.core.transformer.module import MegatronModule
+    return MegatronModule
+
+
+class Projector(_megatron_module()):
     def __init__(self, cfg: ProjectorConfig, transformer_config):
-        super().__init__()
+        super().__init__(transformer_config)
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
         self.cfg = cfg
         init = transformer_config.init_method

@@ -74,7 +74,7 @@ def main():
         from safetensors.torch import load_file
         hf_esm = EsmModel.from_pretrained(esm_dir, add_pooling_layer=False, attn_implementation="eager")
         proj = {k: v.clone().requires_grad_(True) for k, v in
-                load_file(os.path.join(proj_dir, "projector.safetensors")).items()}
+                load_file(os.path.join(proj_dir, "model.safetensors")).items()}
         ref_params = {**{f"llama.{k}": v for k, v in hf_llama.named_parameters()},
                       **{f"esm.{k}": v for k, v in hf_esm.named_parameters()},
                       **{f"proj.{k}": v for k, v in proj.items()}}
@@ -105,9 +105,7 @@ def main():
         ecfg = ESMConfig.from_hf(hf_esm.config)
         model = p2t.Prot2TextModel(ecfg, hf_llama.config, pcfg, placeholder_id=250, pre_process=first,
                                    post_process=last, freeze=p2t.FreezeConfig(esm=False, projector=False, llm=False))
-        proj_src = HFDir.__new__(HFDir)
-        proj_src = TensorSource(load_file(os.path.join(proj_dir, "projector.safetensors")), proj_dir)
-        llama_hf.copy_into(model, p2t.megatron_tensors(model, HFDir(esm_dir), HFDir(llama_dir), proj_src,
+        llama_hf.copy_into(model, p2t.megatron_tensors(model, HFDir(esm_dir), HFDir(llama_dir), HFDir(proj_dir),
                                                        hf_llama.config, pcfg, tp_rank, tp), "tiny checkpoints")
 
         def expected_grads():

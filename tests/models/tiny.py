@@ -35,7 +35,7 @@ def make_projector(path, esm_hidden=48, inter=32, out=64):
     t = {"fc1.weight": torch.randn(inter, esm_hidden, generator=g) * 0.2, "fc1.bias": torch.randn(inter, generator=g) * 0.1,
          "fc2.weight": torch.randn(out, inter, generator=g) * 0.2, "fc2.bias": torch.randn(out, generator=g) * 0.1}
     os.makedirs(path, exist_ok=True)
-    save_file(t, os.path.join(path, "projector.safetensors"))
+    save_file(t, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     return path
 
 

@@ -1,0 +1,105 @@
+"""Run under torchrun by test_checkpoints.py: HF import -> export round trip, and megatron sharded checkpoints
+saved at one TP x PP layout and reloaded at another."""
+import argparse
+import json
+import os
+
+import torch
+
+
+def build(a):
+    from megatron.core import parallel_state as ps
+    from transformers import EsmConfig, LlamaConfig
+
+    from megatron_p2t.models import p2t
+    from megatron_p2t.models.esm import ESMConfig
+    from megatron_p2t.models.projector import ProjectorConfig
+    llama_cfg = LlamaConfig.from_pretrained(os.path.join(a.ckpt, "llama"))
+    if a.mode == "load-wrong":
+        llama_cfg.intermediate_size = 96
+    esm_cfg = EsmConfig.from_pretrained(os.path.join(a.ckpt, "esm"))
+    pcfg = ProjectorConfig(input_dim=48, intermediate_dim=32, output_dim=64, dropout=0.0)
+    model = p2t.Prot2TextModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, placeholder_id=250,
+                               pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    return model, llama_cfg, esm_cfg, pcfg
+
+
+def logits(model, tp):
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    from megatron_p2t.parallel import pipeline
+    from tests.models.dist_model_main import reference_inputs
+    outs = pipeline.run(model, reference_inputs(), collect_outputs=True)
+    if not ps.is_pipeline_last_stage():
+        return None
+    return [gather_from_tensor_model_parallel_region(o) if tp > 1 else o for o in outs]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--mode", choices=["roundtrip", "save", "load", "load-wrong"])
+    ap.add_argument("--ckpt")
+    ap.add_argument("--work")
+    a = ap.parse_args()
+    from megatron_p2t.parallel import state
+    state.initialize(tp=a.tp, pp=a.pp)
+    from megatron.core import parallel_state as ps
+
+    from megatron_p2t.checkpoint import sharded
+    from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
+    from megatron_p2t.checkpoint.llama_hf import copy_into
+    from megatron_p2t.models import p2t
+    tp_rank, rank = ps.get_tensor_model_parallel_rank(), torch.distributed.get_rank()
+    model, llama_cfg, esm_cfg, pcfg = build(a)
+    result = {}
+    if a.mode in ("roundtrip", "save"):
+        src = {k: HFDir(os.path.join(a.ckpt, k)) for k in ("llama", "esm", "projector")}
+        copy_into(model, p2t.megatron_tensors(model, src["esm"], src["llama"], src["projector"], llama_cfg, pcfg,
+                                              tp_rank, a.tp), "tiny checkpoints")
+    if a.mode == "roundtrip":
+        out = os.path.join(a.work, "exported")
+        p2t.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tp_rank, a.tp, ps.get_pipeline_model_parallel_rank())
+        if rank == 0:
+            from transformers import EsmModel, LlamaForCausalLM
+            LlamaForCausalLM.from_pretrained(os.path.join(out, "llama"))   # plain transformers loads them
+            EsmModel.from_pretrained(os.path.join(out, "esm"), add_pooling_layer=False)
+            compared, unequal = 0, []
+            for k in ("llama", "esm", "projector"):
+                got = HFDir(os.path.join(out, k))
+                for name in got.keys():
+                    src_name = ("esm." + name) if k == "esm" else name
+                    if not torch.equal(got.get(name), src[k].get(src_name)):
+                        unequal.append(name)
+                    compared += 1
+            result = {"compared": compared, "unequal": unequal,
+                      "llama_files": sorted(os.listdir(os.path.join(out, "llama")))}
+    elif a.mode == "save":
+        with torch.no_grad():  # move away from the HF weights so a reload cannot match by accident
+            for p in model.parameters():
+                p.add_(0.01 * torch.sin(torch.arange(p.numel(), dtype=p.dtype)).view_as(p))
+        sharded.save(model, os.path.join(a.work, "sharded"))
+        out = logits(model, a.tp)
+        if out is not None and tp_rank == 0:
+            torch.save(out, os.path.join(a.work, "saved_logits.pt"))
+    elif a.mode == "load":
+        sharded.load(model, os.path.join(a.work, "sharded"))
+        out = logits(model, a.tp)
+        if out is not None:
+            ref = torch.load(os.path.join(a.work, "saved_logits.pt"))
+            result = {"logit_diff": max(float((x - y).abs().max()) for x, y in zip(out, ref))}
+    else:
+        try:
+            sharded.load(model, os.path.join(a.work, "sharded"))
+            result = {"error": None}
+        except CheckpointError as e:
+            result = {"error": str(e)}
+    with open(os.path.join(a.work, f"{a.mode}_rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    state.destroy()
+
+
+if __name__ == "__main__":
+    main()
