@@ -128,10 +128,14 @@ def main():
             assert p.grad is not None, name
             grad_diff = max(grad_diff, float((p.grad - expected[name]).abs().max()))
             checked += 1
+    trainable = None
+    if a.what == "p2t":  # the stage-1 default: only the projector learns
+        model.set_freeze(p2t.FreezeConfig())
+        trainable = sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})
     rank = torch.distributed.get_rank()
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
         json.dump({"tp_rank": tp_rank, "pp_rank": pp_rank, "logit_diff": logit_diff, "loss_diff": loss_diff,
-                   "grad_diff": grad_diff, "grads_checked": checked,
+                   "grad_diff": grad_diff, "grads_checked": checked, "trainable": trainable,
                    "params": sum(1 for _ in model.named_parameters())}, f)
     state.destroy()
 

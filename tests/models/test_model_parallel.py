@@ -48,6 +48,9 @@ def test_matches_hf_reference(tmp_path, ckpt, what, tp, pp):
         assert r["grads_checked"] == r["params"] > 0, "every parameter's gradient is compared"
         assert r["grad_diff"] <= 1e-5, r
     assert sum(r["params"] for r in ranks if r["tp_rank"] == 0) >= (27 if what == "llama" else 70)
+    if what == "p2t":
+        assert [r["trainable"] for r in ranks if r["pp_rank"] == 0][0] == ["projector"]
+        assert all(r["trainable"] == [] for r in ranks if r["pp_rank"] > 0)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
