@@ -86,6 +86,50 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def _model_setup(args):
+    from megatron_p2t.config import load_config
+    from megatron_p2t.models import build as model_build
+    from megatron_p2t.parallel import state
+    cfg = load_config(args.config, args.overrides)
+    state.initialize(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline, seed=cfg.parallel.seed)
+    return cfg, model_build
+
+
+def cmd_import_hf(args) -> int:
+    """HF ESM + LLaMA (+ projector) directories -> a megatron checkpoint at the configured TP x PP layout."""
+    from megatron_p2t.checkpoint import sharded
+    cfg, mb = _model_setup(args)
+    model, llama_cfg, _, pcfg = mb.build(cfg)
+    mb.load_hf(model, cfg, llama_cfg, pcfg)
+    sharded.save(model, args.out)
+    mb.write_run_info(args.out, cfg)
+    if torch_rank() == 0:
+        print(f"megatron checkpoint ({cfg.parallel.tensor} x {cfg.parallel.pipeline}, reloadable at any layout) "
+              f"-> {args.out}")
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    """A megatron checkpoint (any layout) -> HF directories llama/, esm/, projector/ under --out."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_p2t.checkpoint import sharded
+    from megatron_p2t.models import p2t
+    cfg, mb = _model_setup(args)
+    model, llama_cfg, esm_cfg, pcfg = mb.build(cfg)
+    sharded.load(model, args.checkpoint)
+    p2t.hf_export(model, args.out, llama_cfg, esm_cfg, pcfg, ps.get_tensor_model_parallel_rank(),
+                  cfg.parallel.tensor, ps.get_pipeline_model_parallel_rank())
+    if torch_rank() == 0:
+        print(f"HF directories llama/, esm/, projector/ -> {args.out}")
+    return 0
+
+
+def torch_rank() -> int:
+    import torch
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="megatron-p2t", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -103,12 +147,23 @@ def main(argv=None) -> int:
     t.add_argument("--manifest", required=True)
     t.add_argument("--out", required=True)
     t.add_argument("--vocab-size", type=int, default=2048)
+    for name, helptext in (("import-hf", "HF ESM + LLaMA directories -> a megatron checkpoint (run under "
+                                         "torchrun/deepspeed with tensor x pipeline x data processes)"),
+                           ("export-hf", "a megatron checkpoint from any layout -> HF directories")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("--config", required=True)
+        c.add_argument("--out", required=True)
+        if name == "export-hf":
+            c.add_argument("--checkpoint", required=True)
+        c.add_argument("overrides", nargs="*", help="section.key=value")
     args = p.parse_args(argv)
     from data_tools.records import DataError
     from megatron_p2t.config import ConfigError
+    from megatron_p2t.checkpoint.hf_dir import CheckpointError
+    from megatron_p2t.parallel.state import LayoutError
     try:
-        return {"quickstart": cmd_quickstart, "data-check": cmd_data_check,
-                "make-tokenizer": cmd_make_tokenizer}[args.cmd](args)
-    except (DataError, ConfigError, FileNotFoundError) as e:
+        return {"quickstart": cmd_quickstart, "data-check": cmd_data_check, "make-tokenizer": cmd_make_tokenizer,
+                "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}[args.cmd](args)
+    except (DataError, ConfigError, FileNotFoundError, CheckpointError, LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

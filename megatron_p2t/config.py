@@ -8,11 +8,33 @@ from typing import Any, List, Optional
 import yaml
 
 from megatron_p2t.data.loader import LoaderConfig
+from megatron_p2t.models.parts_config import FreezeConfig, ProjectorConfig
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    esm: str = "facebook/esm2_t36_3B_UR50D"          # local HF directories (EsmModel / EsmForMaskedLM ...)
+    llama: str = "meta-llama/Llama-3.1-8B-Instruct"  # ... and LlamaForCausalLM)
+    projector: ProjectorConfig = dataclasses.field(default_factory=lambda: ProjectorConfig(input_dim=0, output_dim=0))
+    projector_weights: Optional[str] = None          # a directory with fc1/fc2 tensors; None: fresh
+    esm_output_layer: int = -1                       # Prot2Text-V2: last; Protein2Text: -2
+    placeholder_token: str = "<|reserved_special_token_1|>"
+    freeze: FreezeConfig = dataclasses.field(default_factory=FreezeConfig)
+    dtype: str = "float32"                           # bfloat16 on GPUs
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    seed: int = 1234
 
 
 @dataclasses.dataclass
 class Config:
     data: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
 
 class ConfigError(ValueError):

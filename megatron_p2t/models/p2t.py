@@ -20,14 +20,8 @@ from torch import nn
 
 from megatron_p2t.models import esm as esm_mod
 from megatron_p2t.models import llama as llama_mod
-from megatron_p2t.models.projector import Projector, ProjectorConfig
-
-
-@dataclasses.dataclass
-class FreezeConfig:
-    esm: bool = True
-    projector: bool = False
-    llm: bool = True
+from megatron_p2t.models.parts_config import FreezeConfig, ProjectorConfig
+from megatron_p2t.models.projector import Projector
 
 
 def _megatron_module():

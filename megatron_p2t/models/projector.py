@@ -8,23 +8,13 @@ is depth 2 with GELU).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_p2t.models.parts_config import ProjectorConfig  # noqa: F401 (re-exported)
+
 _ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
-
-
-@dataclasses.dataclass
-class ProjectorConfig:
-    input_dim: int = 2560
-    intermediate_dim: int = 2048
-    output_dim: int = 4096
-    activation: str = "gelu"
-    dropout: float = 0.1
-    l2_normalize: bool = True
 
 
 def _megatron_module():

@@ -1,0 +1,53 @@
+"""`megatron-p2t import-hf` at TP=2, then `export-hf` from PP=2: HF in, HF out, bit-identical."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_p2t.checkpoint.hf_dir import HFDir
+from tests.conftest import ROOT
+from tests.models.tiny import make_all
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(nproc, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        "-m", "megatron_p2t", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return r
+
+
+def test_import_then_export_through_the_cli(tmp_path):
+    src = make_all(str(tmp_path / "tiny"))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+model:
+  esm: {src['esm']}
+  llama: {src['llama']}
+  projector: {{input_dim: 0, intermediate_dim: 32, output_dim: 0, dropout: 0.0}}
+  projector_weights: {src['projector']}
+""")
+    r = _cli(2, "import-hf", "--config", str(cfg), "--out", str(tmp_path / "mck"), "parallel.tensor=2")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert os.path.exists(tmp_path / "mck" / "megatron_p2t.json")
+    r = _cli(2, "export-hf", "--config", str(cfg), "--checkpoint", str(tmp_path / "mck"), "--out",
+             str(tmp_path / "hf"), "parallel.pipeline=2")
+    assert r.returncode == 0, r.stderr[-4000:]
+    n = 0
+    for part, prefix in (("llama", ""), ("esm", "esm."), ("projector", "")):
+        got, want = HFDir(str(tmp_path / "hf" / part)), HFDir(src[part])
+        for name in got.keys():
+            assert torch.equal(got.get(name), want.get(prefix + name)), name
+            n += 1
+    assert n == 94
+
+
+def test_layout_that_does_not_divide_the_world_is_refused(tmp_path):
+    src = make_all(str(tmp_path / "tiny"))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {{esm: {src['esm']}, llama: {src['llama']}}}\n")
+    r = _cli(2, "import-hf", "--config", str(cfg), "--out", str(tmp_path / "x"), "parallel.tensor=3")
+    assert r.returncode != 0 and "does not divide the world size 2" in r.stderr
