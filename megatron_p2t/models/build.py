@@ -47,6 +47,8 @@ def build(cfg):
                                pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                                esm_output_layer=m.esm_output_layer, freeze=m.freeze,
                                llm_config=llama_mod.transformer_config(llama_cfg, params_dtype=dtype))
+    if torch.cuda.is_available():  # plain torch parts (the ESM embedding) are built on the CPU, as in Megatron-LM
+        model.cuda(torch.cuda.current_device())
     return model, llama_cfg, esm_cfg, pcfg
 
 
