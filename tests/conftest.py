@@ -56,3 +56,11 @@ def copy_of(tmp_path):
         shutil.copy(src, dst)
         return str(dst)
     return make
+
+
+def split_keys(built, split="train"):
+    """Every sample key of a split of a built sample, sorted: what an exactly-once pass must yield."""
+    from data_tools.shards import iter_shard_samples
+    out, m = built
+    return sorted(k for s in m["shards"] if s["split"] == split
+                  for k, _ in iter_shard_samples(os.path.join(out, s["path"])))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_p2t.models.specs import cpu_friendly, encoder_layer_spec, parallel_sizes
+from megatron_p2t.models.specs import cpu_friendly, encoder_layer_spec, megatron_module, parallel_sizes
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM-2's masking ratio x mask-token share, fixed for every ESM-2 checkpoint
 
@@ -69,12 +69,7 @@ def transformer_config(cfg: ESMConfig, num_layers: int, params_dtype=torch.float
     return TransformerConfig(**kw)
 
 
-def _megatron_module():
-    from megatron.core.transformer.module import MegatronModule
-    return MegatronModule
-
-
-class ESMEncoder(_megatron_module()):
+class ESMEncoder(megatron_module()):
     """ids [b, s] + mask [b, s] (True = residue/special, False = padding) -> hidden states [b, s, h].
 
     `output_layer`: which of HF's `hidden_states` to return: -1 (default, Prot2Text-V2) is the last layer after

@@ -22,14 +22,10 @@ from megatron_p2t.models import esm as esm_mod
 from megatron_p2t.models import llama as llama_mod
 from megatron_p2t.models.parts_config import FreezeConfig, ProjectorConfig
 from megatron_p2t.models.projector import Projector
+from megatron_p2t.models.specs import megatron_module
 
 
-def _megatron_module():
-    from megatron.core.transformer.module import MegatronModule
-    return MegatronModule
-
-
-class Prot2TextModel(_megatron_module()):
+class Prot2TextModel(megatron_module()):
     def __init__(self, esm_cfg: esm_mod.ESMConfig, llama_hf_cfg, projector_cfg: ProjectorConfig,
                  placeholder_id: int, pre_process: bool = True, post_process: bool = True,
                  esm_output_layer: int = -1, freeze: FreezeConfig = FreezeConfig(), llm_config=None):

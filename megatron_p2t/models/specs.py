@@ -29,3 +29,9 @@ def encoder_layer_spec(normalization: str = "LayerNorm"):
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization))
     spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.padding}
     return spec
+
+
+def megatron_module():
+    """megatron-core's MegatronModule, imported when a model class is defined (keeps configs import-light)."""
+    from megatron.core.transformer.module import MegatronModule
+    return MegatronModule

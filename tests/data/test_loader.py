@@ -10,6 +10,7 @@ import pytest
 from megatron_p2t.data import esm_alphabet
 from megatron_p2t.data.loader import LoaderConfig, ProteinTextLoader, ShardError
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+from tests.conftest import split_keys
 
 
 @pytest.fixture
@@ -19,11 +20,6 @@ def cfg(built_sample, tiny_tokenizer):
                         num_workers=0, chunk=10, shuffle_block=100, seed=1)
 
 
-def _train_keys(built_sample):
-    out, m = built_sample
-    from data_tools.shards import iter_shard_samples
-    return sorted(k for s in m["shards"] if s["split"] == "train"
-                  for k, _ in iter_shard_samples(os.path.join(out, s["path"])))
 
 
 def _valid_keys(batch):
@@ -39,7 +35,7 @@ def test_finite_pass_exactly_once_and_independent_of_workers(cfg, built_sample):
         assert len(batches) == loader.steps_per_epoch()
         assert all(b["protein_ids"].shape[0] == 16 for b in batches)
         runs[workers] = [k for b in batches for k in _valid_keys(b)]
-    assert sorted(runs[0]) == _train_keys(built_sample)
+    assert sorted(runs[0]) == split_keys(built_sample)
     assert runs[0] == runs[2] == runs[3]
 
 
@@ -49,11 +45,11 @@ def test_data_parallel_ranks_partition_the_data_with_equal_steps(cfg, built_samp
                     for r in range(dp)]
         assert len({len(b) for b in per_rank}) == 1, "every rank runs the same number of steps"
         keys = [k for batches in per_rank for b in batches for k in _valid_keys(b)]
-        assert sorted(keys) == _train_keys(built_sample)
+        assert sorted(keys) == split_keys(built_sample)
 
 
 def test_endless_stream_covers_each_epoch_exactly_once(cfg, built_sample):
-    total = len(_train_keys(built_sample))
+    total = len(split_keys(built_sample))
     by_epoch = {0: [], 1: []}
     for r in range(2):
         it = iter(ProteinTextLoader(dataclasses.replace(cfg, num_workers=2), r, 2))
@@ -61,7 +57,7 @@ def test_endless_stream_covers_each_epoch_exactly_once(cfg, built_sample):
             for k, e in zip(b["keys"], b["epochs"]):
                 if e in by_epoch:
                     by_epoch[e].append(k)
-    assert sorted(by_epoch[0]) == sorted(by_epoch[1]) == _train_keys(built_sample)
+    assert sorted(by_epoch[0]) == sorted(by_epoch[1]) == split_keys(built_sample)
 
 
 @pytest.mark.parametrize("mode", ["fixed", "tokens"])
@@ -86,7 +82,7 @@ def test_resume_in_finite_pass_gives_the_rest(cfg, built_sample):
     it = iter(a)
     first = [_valid_keys(next(it)) for _ in range(9)]
     rest = [_valid_keys(b) for b in ProteinTextLoader(c, 0, 1, state=a.state_dict())]
-    assert sorted(k for b in first + rest for k in b) == _train_keys(built_sample)
+    assert sorted(k for b in first + rest for k in b) == split_keys(built_sample)
 
 
 def test_token_budget_and_bucketing(cfg):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, split_keys
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +22,6 @@ def _torchrun(tmp_path, built_sample, tokenizer, nproc, *extra):
     return [json.load(open(tmp_path / f"rank{i}.json")) for i in range(nproc)]
 
 
-def _train_keys(built_sample):
-    from data_tools.shards import iter_shard_samples
-    out, m = built_sample
-    return sorted(k for s in m["shards"] if s["split"] == "train"
-                  for k, _ in iter_shard_samples(os.path.join(out, s["path"])))
 
 
 def _valid(batches):
@@ -38,14 +33,14 @@ def test_dp2_two_workers_exactly_once(tmp_path, built_sample, tiny_tokenizer):
     assert [r["dp"] for r in ranks] == [[0, 2], [1, 2]]
     assert len(ranks[0]["batches"]) == len(ranks[1]["batches"])
     keys = _valid(ranks[0]["batches"]) + _valid(ranks[1]["batches"])
-    assert sorted(keys) == _train_keys(built_sample)
+    assert sorted(keys) == split_keys(built_sample)
 
 
 def test_tp2_peers_get_identical_batches(tmp_path, built_sample, tiny_tokenizer):
     ranks = _torchrun(tmp_path, built_sample, tiny_tokenizer, 2, "--tp", "2")
     assert [r["dp"] for r in ranks] == [[0, 1], [0, 1]]
     assert ranks[0]["batches"] == ranks[1]["batches"]
-    assert sorted(_valid(ranks[0]["batches"])) == _train_keys(built_sample)
+    assert sorted(_valid(ranks[0]["batches"])) == split_keys(built_sample)
 
 
 def test_dp2_resume_mid_epoch_yields_the_remaining_samples(tmp_path, built_sample, tiny_tokenizer):
@@ -54,5 +49,5 @@ def test_dp2_resume_mid_epoch_yields_the_remaining_samples(tmp_path, built_sampl
     for r in ranks:
         assert len(r["batches"]) == 18
         seen += _valid(r["batches"]) + _valid(r["resumed"])
-    assert sorted(seen) == _train_keys(built_sample)
+    assert sorted(seen) == split_keys(built_sample)
     assert len(ranks[0]["resumed"]) == len(ranks[1]["resumed"])
