@@ -1,0 +1,1 @@
+"""What both training stages share: losses, (later) the DeepSpeed engine over megatron-core's groups."""

@@ -1,0 +1,102 @@
+"""H-SCALE contrastive alignment losses, with the data-parallel gather beside them (open_clip's loss.py shape).
+
+Negatives come from every data-parallel rank: each rank scores its own B proteins against all W*B texts, so the
+logits are [B, W*B] per rank (memory O(B*W*B), never (W*B)^2), and the gather passes gradients back to the rank
+that produced each vector. Gather over the data-parallel group only: tensor/pipeline peers hold the same samples.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0; backward sums every rank's gradient for this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        world = dist.get_world_size(group)
+        ctx.rank, ctx.n = dist.get_rank(group), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+
+
+def gather_with_grad(x: torch.Tensor, group=None) -> Tuple[torch.Tensor, int]:
+    """(all ranks' rows, offset of this rank's rows). Equal row counts per rank are required (the loader's
+    fixed batch size guarantees them). Without torch.distributed, or with one rank, x itself."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return x, 0
+    n = x.shape[0]
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([n]), group=group)
+    if any(int(s) != n for s in sizes):
+        raise ValueError(f"contrastive gather needs equal batch sizes on every data-parallel rank, got "
+                         f"{[int(s) for s in sizes]}; use fixed batch_size batches")
+    return _GatherWithGrad.apply(x, group), dist.get_rank(group) * n
+
+
+def masked_mean_std(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6):
+    """Mean and standard deviation over the tokens where mask is True: x [b, s, d], mask [b, s]."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    n = m.sum(1).clamp(min=1.0)
+    mean = (x * m).sum(1) / n
+    var = (((x - mean.unsqueeze(1)) ** 2) * m).sum(1) / n
+    return mean, torch.sqrt(var + eps)
+
+
+def info_nce(query: torch.Tensor, keys_local: torch.Tensor, temperature, group=None, symmetric: bool = False,
+             normalize: bool = True) -> torch.Tensor:
+    """InfoNCE of query i against key i, negatives = every key on every data-parallel rank.
+    Returns this rank's mean over its rows; averaging over ranks gives the loss of the whole global batch."""
+    if normalize:
+        query, keys_local = F.normalize(query, dim=-1), F.normalize(keys_local, dim=-1)
+    keys, offset = gather_with_grad(keys_local, group)
+    target = torch.arange(query.shape[0], device=query.device) + offset
+    loss = F.cross_entropy(query @ keys.t() / temperature, target)
+    if symmetric:
+        queries, _ = gather_with_grad(query, group)
+        loss = 0.5 * (loss + F.cross_entropy(keys_local @ queries.t() / temperature, target))
+    return loss
+
+
+def hscale_loss(prot_mean, prot_std, text_mean, text_std, temperature, weights=(0.7, 0.3), group=None,
+                symmetric: bool = False, variant: str = "paper") -> torch.Tensor:
+    """Prot2Text-V2's H-SCALE. "paper": w_mean * InfoNCE(mean_p, mean_t) + w_std * InfoNCE(std_p, std_t).
+    "concat" (the released code): one InfoNCE on L2-normalised [mean; std]."""
+    if variant == "paper":
+        return (weights[0] * info_nce(prot_mean, text_mean, temperature, group, symmetric)
+                + weights[1] * info_nce(prot_std, text_std, temperature, group, symmetric))
+    if variant == "concat":
+        p = torch.cat([prot_mean, prot_std], -1)
+        t = torch.cat([text_mean, text_std], -1)
+        return info_nce(p, t, temperature, group, symmetric)
+    raise ValueError(f"unknown H-SCALE variant {variant!r}: 'paper' or 'concat'")
+
+
+def retrieval_accuracy(query: torch.Tensor, keys_local: torch.Tensor, group=None, k: int = 1) -> torch.Tensor:
+    """Fraction of this rank's queries whose own key is among the k most similar of all ranks' keys."""
+    keys, offset = gather_with_grad(F.normalize(keys_local.detach(), dim=-1), group)
+    scores = F.normalize(query.detach(), dim=-1) @ keys.t()
+    target = torch.arange(query.shape[0], device=query.device) + offset
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    return (top == target[:, None]).any(1).float().mean()
+
+
+def learnable_temperature(init: float = 0.05) -> torch.nn.Parameter:
+    """log(1/temperature) as a parameter (CLIP's parameterisation): temperature = exp(-p)."""
+    return torch.nn.Parameter(torch.tensor(-float(torch.log(torch.tensor(init)))))
+
+
+def temperature_of(p: Optional[torch.nn.Parameter], fixed: float) -> torch.Tensor:
+    return torch.exp(-p) if p is not None else torch.tensor(fixed)
