@@ -9,7 +9,7 @@ import torch.distributed as dist
 from megatron_p2t.training.loss import hscale_loss, learnable_temperature, masked_mean_std, temperature_of
 
 
-def make(seed=0, n=8, length=12, d_in=16, d=12):
+def make(seed=0, n=8, length=12, d_in=16, d=64):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randn(n, length, d_in, generator=g)
     mask = torch.zeros(n, length, dtype=torch.bool)
