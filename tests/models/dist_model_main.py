@@ -35,7 +35,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--what", choices=["llama", "p2t", "esm"])
+    ap.add_argument("--what", choices=["llama", "p2t", "esm", "text"])
     ap.add_argument("--sequences", help="file of real protein sequences, one per line (esm)")
     ap.add_argument("--ckpt")
     ap.add_argument("--out")
@@ -58,6 +58,8 @@ def main():
     llama_dir, esm_dir, proj_dir = (os.path.join(a.ckpt, n) for n in ("llama", "esm", "projector"))
     if a.what == "esm":
         return esm_check(a, esm_dir, tp_rank, state)
+    if a.what == "text":
+        return text_check(a, llama_dir, tp_rank, state)
     hf_llama = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation="eager")
     batches = reference_inputs()
 
@@ -165,6 +167,40 @@ def esm_check(a, esm_dir, tp_rank, state):
         diffs[str(layer)] = float((m(ids, mask) - ref[layer])[mask].abs().max())
     with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump({"tp_rank": tp_rank, "diffs": diffs, "tokens": int(mask.sum()), "padded": int((~mask).sum())}, f)
+    state.destroy()
+
+
+def text_check(a, llama_dir, tp_rank, state):
+    """Pooled layer-k text states vs HF LlamaForCausalLM's hidden_states[k], padded batch."""
+    from transformers import LlamaForCausalLM
+
+    from megatron_p2t.checkpoint import llama_hf
+    from megatron_p2t.checkpoint.hf_dir import HFDir
+    from megatron_p2t.models.text_side import TextPooler
+    from megatron_p2t.training.loss import masked_mean_std
+    hf = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation="eager").eval()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 250, (3, 20), generator=g)
+    mask = torch.zeros(3, 20, dtype=torch.bool)
+    for i, n in enumerate((20, 13, 7)):
+        mask[i, :n] = True
+    diffs = {}
+    for k in (1, 2, 3):
+        m = TextPooler(hf.config, layer=k)
+        llama_hf.copy_into(m.llm, llama_hf.megatron_tensors(m.llm, HFDir(llama_dir), hf.config, tp_rank, a.tp), "")
+        mean, std = m(ids, mask)
+        # right padding with a causal mask: real tokens never attend to the padding after them
+        ref = hf(input_ids=ids, output_hidden_states=True).hidden_states[k]
+        rm, rs = masked_mean_std(ref, mask)
+        diffs[str(k)] = max(float((mean - rm).abs().max()), float((std - rs).abs().max()))
+        assert len(m.llm.decoder.layers) == k and not any(p.requires_grad for p in m.parameters())
+    with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
+        try:
+            TextPooler(hf.config, layer=4)
+            refused = False
+        except ValueError:
+            refused = True
+        json.dump({"tp_rank": tp_rank, "diffs": diffs, "last_layer_refused": refused}, f)
     state.destroy()
 
 

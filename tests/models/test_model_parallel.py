@@ -61,3 +61,11 @@ def test_esm_matches_hf_on_real_sequences(tmp_path, ckpt, sample_records, tp):
                     "--sequences", str(tmp_path / "seqs.txt"))
     for r in ranks:
         assert r["padded"] > 0 and max(r["diffs"].values()) <= 1e-5, r
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_text_side_pools_layer_k_like_hf(tmp_path, ckpt, tp):
+    ranks = _launch(tmp_path, tp, "--what", "text", "--tp", str(tp), "--ckpt", ckpt)
+    for r in ranks:
+        assert set(r["diffs"]) == {"1", "2", "3"} and max(r["diffs"].values()) <= 1e-5, r
+        assert r["last_layer_refused"]
