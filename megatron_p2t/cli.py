@@ -125,6 +125,36 @@ def cmd_export_hf(args) -> int:
     return 0
 
 
+def cmd_align(args) -> int:
+    """Stage 1: H-SCALE alignment (ESM frozen, projector trained)."""
+    from megatron_p2t.config import load_config
+    from megatron_p2t.training.run_align import run
+    from megatron_p2t.training.trainer import Stop
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = run(cfg, resume=args.resume)
+    except Stop as e:
+        print(str(e), file=sys.stderr)
+        return 0
+    if torch_rank() == 0:
+        summary = {k: v for k, v in result.items() if k != "losses"}
+        summary["final_loss"] = result["losses"][-1] if result["losses"] else None
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_make_tiny_models(args) -> int:
+    """Tiny random ESM-2 / LLaMA-3 HF checkpoints for CPU demos (the LLaMA sized to the given tokenizer)."""
+    from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+    from megatron_p2t.models import tiny
+    vocab = len(load_text_tokenizer(args.tokenizer))
+    vocab += (-vocab) % 8  # divisible by any tensor-parallel size up to 8
+    tiny.make_llama(os.path.join(args.out, "llama"), vocab=vocab, layers=4, hidden=64)
+    tiny.make_esm(os.path.join(args.out, "esm"))
+    print(f"tiny llama (vocab {vocab}) and esm -> {args.out}")
+    return 0
+
+
 def torch_rank() -> int:
     import torch
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -156,6 +186,16 @@ def main(argv=None) -> int:
         if name == "export-hf":
             c.add_argument("--checkpoint", required=True)
         c.add_argument("overrides", nargs="*", help="section.key=value")
+    al = sub.add_parser("align", help="stage 1: H-SCALE contrastive alignment (run under deepspeed/torchrun, or "
+                                      "`deepspeed launch/align.sh` / `bash launch/align.sh`)")
+    al.add_argument("--config", required=True)
+    al.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in train.save_dir) or a "
+                                                   "checkpoint directory")
+    al.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the DeepSpeed launcher's
+    al.add_argument("overrides", nargs="*", help="section.key=value")
+    tm = sub.add_parser("make-tiny-models", help="tiny random ESM-2 and LLaMA-3 HF checkpoints for CPU demos")
+    tm.add_argument("--tokenizer", required=True)
+    tm.add_argument("--out", required=True)
     args = p.parse_args(argv)
     from data_tools.records import DataError
     from megatron_p2t.config import ConfigError
@@ -163,7 +203,8 @@ def main(argv=None) -> int:
     from megatron_p2t.parallel.state import LayoutError
     try:
         return {"quickstart": cmd_quickstart, "data-check": cmd_data_check, "make-tokenizer": cmd_make_tokenizer,
-                "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}[args.cmd](args)
+                "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "align": cmd_align,
+                "make-tiny-models": cmd_make_tiny_models}[args.cmd](args)
     except (DataError, ConfigError, FileNotFoundError, CheckpointError, LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,10 +31,47 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass
+class AlignConfig:
+    """Stage 1 (H-SCALE)."""
+    text_layer: int = 16               # LLaMA layer whose states are pooled (16 of 32 in Prot2Text-V2)
+    variant: str = "paper"             # paper: 0.7 mean + 0.3 std InfoNCE; concat: released code
+    weights: List[float] = dataclasses.field(default_factory=lambda: [0.7, 0.3])
+    temperature: float = 0.05
+    learnable_temperature: bool = False
+    symmetric: bool = False            # protein->text only, as the paper; True adds text->protein
+    gather_negatives: bool = True      # negatives from every data-parallel rank
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 1000
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.0
+    warmup_fraction: float = 0.06
+    weight_decay: float = 0.01
+    adam_betas: List[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-6
+    clip_grad: float = 1.0
+    zero_stage: int = 1
+    deepspeed_config: Optional[str] = None   # a DeepSpeed JSON whose keys override the ones built from here
+    save_dir: str = "runs/align"
+    save_every: int = 100
+    keep_last: int = 3
+    eval_every: int = 0                      # 0: only at the end
+    log_every: int = 10
+    max_nonfinite_in_a_row: int = 10
+    seed: int = 1234
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass
 class Config:
     data: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
 class ConfigError(ValueError):

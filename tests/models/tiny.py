@@ -1,44 +1,4 @@
-"""Tiny random HF checkpoints, saved with save_pretrained, for exercising the real loading code."""
-import os
+"""The package's tiny checkpoints, re-exported for the tests (placeholder id 250 < the tiny vocab of 256)."""
+from megatron_p2t.models.tiny import LLAMA31_ROPE, make_all, make_esm, make_llama, make_projector  # noqa: F401
 
-import torch
-
-LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
-PLACEHOLDER = 250  # stands in for <|reserved_special_token_1|>
-
-
-def make_llama(path, layers=4, vocab=256):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=131072,
-                      rope_theta=500000.0, rope_scaling=dict(LLAMA31_ROPE), tie_word_embeddings=False,
-                      rms_norm_eps=1e-5)
-    LlamaForCausalLM(cfg).save_pretrained(path, max_shard_size="100KB")  # several shards + an index
-    return path
-
-
-def make_esm(path, layers=3, hidden=48):
-    from transformers import EsmConfig, EsmForMaskedLM
-    torch.manual_seed(1)
-    cfg = EsmConfig(vocab_size=33, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                    intermediate_size=96, position_embedding_type="rotary", token_dropout=True,
-                    emb_layer_norm_before=False, pad_token_id=1, mask_token_id=32, max_position_embeddings=1026)
-    EsmForMaskedLM(cfg).save_pretrained(path)
-    return path
-
-
-def make_projector(path, esm_hidden=48, inter=32, out=64):
-    from safetensors.torch import save_file
-    g = torch.Generator().manual_seed(2)
-    t = {"fc1.weight": torch.randn(inter, esm_hidden, generator=g) * 0.2, "fc1.bias": torch.randn(inter, generator=g) * 0.1,
-         "fc2.weight": torch.randn(out, inter, generator=g) * 0.2, "fc2.bias": torch.randn(out, generator=g) * 0.1}
-    os.makedirs(path, exist_ok=True)
-    save_file(t, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    return path
-
-
-def make_all(root):
-    return {"llama": make_llama(os.path.join(root, "llama")), "esm": make_esm(os.path.join(root, "esm")),
-            "projector": make_projector(os.path.join(root, "projector"))}
+PLACEHOLDER = 250

@@ -1,0 +1,108 @@
+"""`megatron-p2t align`: stage 1 (H-SCALE) on the configured data, model and layout."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def _to_device(batch):
+    if not torch.cuda.is_available():
+        return batch
+    return {k: (v.cuda(non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def build(cfg):
+    from megatron.core import parallel_state as ps
+
+    from megatron_p2t.checkpoint import esm_hf, llama_hf
+    from megatron_p2t.checkpoint.hf_dir import HFDir
+    from megatron_p2t.models.build import _hf_config
+    from megatron_p2t.models.esm import ESMConfig
+    from megatron_p2t.training.align import AlignModel
+    llama_cfg, esm_cfg = _hf_config(cfg.model.llama, "llama"), _hf_config(cfg.model.esm, "esm")
+    pcfg = cfg.model.projector
+    pcfg.input_dim = pcfg.input_dim or esm_cfg.hidden_size
+    pcfg.output_dim = pcfg.output_dim or llama_cfg.hidden_size
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    torch.manual_seed(cfg.train.seed)  # the fresh projector's initial weights
+    model = AlignModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, cfg.align, cfg.model.esm_output_layer, dtype)
+    tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    llama_hf.copy_into(model.esm, esm_hf.megatron_tensors(model.esm, HFDir(cfg.model.esm), tpr, tp), cfg.model.esm)
+    llama_hf.copy_into(model.text.llm, llama_hf.megatron_tensors(model.text.llm, HFDir(cfg.model.llama), llama_cfg,
+                                                                 tpr, tp), cfg.model.llama)
+    if cfg.model.projector_weights:
+        from megatron_p2t.checkpoint import projector_hf
+        llama_hf.copy_into(model.projector, projector_hf.tensors(HFDir(cfg.model.projector_weights), pcfg, tpr, tp),
+                           cfg.model.projector_weights)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def retrieval_eval(model_module, cfg, dp_group) -> dict:
+    """Protein -> text retrieval over the whole validation split: top-1 / top-5 and the chance level."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from megatron_p2t.data.loader import ProteinTextLoader
+    vcfg = dataclasses.replace(cfg.data, split="valid", epochs=1, num_workers=0)
+    prots, texts, valid = [], [], []
+    for batch in ProteinTextLoader(vcfg):
+        batch = _to_device(batch)
+        pm, ps = model_module.protein_vectors(batch)
+        tm, ts = model_module.text_vectors(batch)
+        prots.append(torch.cat([pm, ps], -1).float().cpu())
+        texts.append(torch.cat([tm, ts], -1).float().cpu())
+        valid.append(batch["valid"].cpu())
+    p, t, v = torch.cat(prots), torch.cat(texts), torch.cat(valid)
+    world = dist.get_world_size(dp_group)
+    if world > 1:  # every rank ran the same number of equal-size batches, so shapes agree
+        gathered = []
+        for x in (p, t, v.float()):
+            parts = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(parts, x, group=dp_group)
+            gathered.append(torch.cat(parts))
+        p, t, v = gathered[0], gathered[1], gathered[2].bool()
+    p, t = F.normalize(p[v], dim=-1), F.normalize(t[v], dim=-1)
+    n = p.shape[0]
+    rank_of_own = (p @ t.t() > (p * t).sum(-1, keepdim=True)).sum(1)  # texts scoring above the right one
+    return {"top1": float((rank_of_own < 1).float().mean()), "top5": float((rank_of_own < 5).float().mean()),
+            "n": n, "chance_top1": 1.0 / n, "chance_top5": min(5, n) / n}
+
+
+def run(cfg, resume=None) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from megatron_p2t.data.loader import ProteinTextLoader
+    from megatron_p2t.parallel import state
+    from megatron_p2t.training.trainer import Trainer
+    if cfg.parallel.pipeline != 1:
+        raise ValueError("stage 1 runs tensor x data parallel (parallel.pipeline=1): its towers are the frozen ESM "
+                         "and the first text_layer decoder layers, which TP already splits")
+    if cfg.data.batch_size is None:
+        raise ValueError("stage 1 needs fixed per-rank batches (data.batch_size): negatives are all-gathered "
+                         "across data-parallel ranks, which needs equal batch sizes")
+    state.initialize(tp=cfg.parallel.tensor, pp=1, seed=cfg.parallel.seed)
+    model = build(cfg)
+    loader = ProteinTextLoader(cfg.data)
+    dp_group = ps.get_data_parallel_group()
+
+    def step_fn(engine, batch):
+        return engine(_to_device(batch), dp_group=dp_group)
+
+    def eval_fn(engine):
+        return retrieval_eval(engine.module, cfg, dp_group)
+
+    os.makedirs(cfg.train.save_dir, exist_ok=True)
+    trainer = Trainer(model, cfg, loader, step_fn, eval_fn, micro_batch=cfg.data.batch_size)
+    resumed = trainer.resume(resume)
+    result = trainer.train()
+    result["resumed"] = resumed
+    if dist.get_rank() == 0:
+        with open(os.path.join(cfg.train.save_dir, "summary.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return result

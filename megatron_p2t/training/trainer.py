@@ -1,0 +1,280 @@
+"""The training loop both stages share: DeepSpeed's engine over megatron-core's process groups.
+
+- DeepSpeed gets megatron-core's groups through `MegatronMPU`, so ZeRO partitions optimizer state over the
+  data-parallel group only and gradient clipping sums norms over the model-parallel group.
+- AdamW (eps 1e-6, betas 0.9/0.999 by default), linear warmup over `warmup_fraction` of the steps then cosine
+  to `min_lr_ratio`, gradient accumulation and clipping, all from the run config (a DeepSpeed JSON may
+  override the generated DeepSpeed keys).
+- Checkpoints every `save_every` steps and at the end: written as `stepN.tmp/`, completed with a marker,
+  renamed to `stepN/`, then `latest` is replaced atomically; the last `keep_last` are kept. Each holds the
+  DeepSpeed engine (model, optimizer, scheduler) plus, per rank, the data-loader position and every RNG state.
+  `--resume auto` continues from the newest complete one, bit-exactly on CPU.
+- SIGTERM / SIGUSR1 (pre-emption) -> checkpoint at the next step boundary and exit 0. A non-finite loss skips
+  the step on every rank (decided together) and is counted; too many in a row stop the run with an error.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class MegatronMPU:
+    """The `mpu` interface DeepSpeed expects, answered from megatron-core's parallel_state."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+        self.ps = ps
+
+    def get_model_parallel_group(self):
+        return self.ps.get_model_parallel_group()
+
+    def get_model_parallel_rank(self):
+        return dist.get_rank(self.ps.get_model_parallel_group())
+
+    def get_model_parallel_world_size(self):
+        return dist.get_world_size(self.ps.get_model_parallel_group())
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_rank(self):
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self.ps.get_data_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self):
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self):
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+
+def lr_lambda(steps: int, warmup_fraction: float, min_ratio: float) -> Callable[[int], float]:
+    warm = max(1, int(round(steps * warmup_fraction)))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, steps - warm))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def deepspeed_config(tc, micro_batch: int) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": tc.grad_accum,
+        "gradient_clipping": tc.clip_grad,
+        "zero_optimization": {"stage": tc.zero_stage},
+        "bf16": {"enabled": torch.cuda.is_available()},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if tc.deepspeed_config:
+        with open(tc.deepspeed_config) as f:
+            cfg.update(json.load(f))
+    return cfg
+
+
+def rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "tracker": get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(s: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None:
+        torch.cuda.set_rng_state_all(s["cuda"])
+    get_cuda_rng_tracker().set_states(s["tracker"])
+
+
+class Stop(Exception):
+    pass
+
+
+class Trainer:
+    def __init__(self, model, cfg, loader, step_fn: Callable, eval_fn: Optional[Callable] = None,
+                 micro_batch: int = 1):
+        import deepspeed
+        self.cfg, self.tc, self.loader, self.step_fn, self.eval_fn = cfg, cfg.train, loader, step_fn, eval_fn
+        self.rank = dist.get_rank()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: every parameter is frozen (see model.freeze)")
+        opt = torch.optim.AdamW(params, lr=self.tc.lr, betas=tuple(self.tc.adam_betas), eps=self.tc.adam_eps,
+                                weight_decay=self.tc.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.tc.steps, self.tc.warmup_fraction,
+                                                                 self.tc.min_lr_ratio))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                    config=deepspeed_config(self.tc, micro_batch), mpu=MegatronMPU())
+        self.step, self.nonfinite, self.nonfinite_total = 0, 0, 0
+        self._signal = 0
+        self.writer = None
+        if self.rank == 0 and self.tc.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(self.tc.save_dir, "tensorboard"))
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self._signal = signum
+
+    # -- checkpoints --
+    def save(self) -> str:
+        tag = f"step{self.step:08d}"
+        d = self.tc.save_dir
+        tmp_tag = tag + ".tmp"
+        if self.rank == 0 and os.path.exists(os.path.join(d, tmp_tag)):
+            shutil.rmtree(os.path.join(d, tmp_tag))
+        dist.barrier()
+        self.engine.save_checkpoint(d, tag=tmp_tag, save_latest=False,
+                                    client_state={"step": self.step, "nonfinite_total": self.nonfinite_total})
+        torch.save({"loader": self.loader.state_dict(), "rng": rng_state(), "nonfinite": self.nonfinite},
+                   os.path.join(d, tmp_tag, f"extra_rank{self.rank:05d}.pt"))
+        dist.barrier()
+        if self.rank == 0:
+            open(os.path.join(d, tmp_tag, "COMPLETE"), "w").close()
+            final = os.path.join(d, tag)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(d, tmp_tag), final)
+            with open(os.path.join(d, "latest.tmp"), "w") as f:
+                f.write(tag)
+            os.replace(os.path.join(d, "latest.tmp"), os.path.join(d, "latest"))
+            done = sorted(x for x in os.listdir(d) if x.startswith("step") and not x.endswith(".tmp"))
+            for old in done[: -self.tc.keep_last]:
+                shutil.rmtree(os.path.join(d, old))
+        dist.barrier()
+        return tag
+
+    def resume(self, spec: Optional[str]) -> bool:
+        """spec: None (fresh), "auto" (newest complete checkpoint if any), or a tag/directory."""
+        if not spec:
+            return False
+        d = self.tc.save_dir
+        if spec == "auto":
+            latest = os.path.join(d, "latest")
+            if not os.path.exists(latest):
+                return False
+            tag = open(latest).read().strip()
+        else:
+            tag = os.path.basename(spec.rstrip("/"))
+            d = os.path.dirname(spec.rstrip("/")) or d
+        if not os.path.exists(os.path.join(d, tag, "COMPLETE")):
+            raise FileNotFoundError(f"{os.path.join(d, tag)}: no complete checkpoint there (interrupted while "
+                                    f"saving?); pass another tag or --resume auto")
+        _, client = self.engine.load_checkpoint(d, tag=tag)
+        extra = torch.load(os.path.join(d, tag, f"extra_rank{self.rank:05d}.pt"), weights_only=False)
+        self.loader.load_state_dict(extra["loader"])
+        set_rng_state(extra["rng"])
+        self.step, self.nonfinite = client["step"], extra["nonfinite"]
+        self.nonfinite_total = client["nonfinite_total"]
+        if self.rank == 0:  # the log continues from the checkpoint: drop what came after it
+            log = os.path.join(self.tc.save_dir, "train_log.jsonl")
+            if os.path.exists(log):
+                keep = [l for l in open(log) if json.loads(l)["step"] <= self.step]
+                with open(log + ".tmp", "w") as f:
+                    f.writelines(keep)
+                os.replace(log + ".tmp", log)
+        return True
+
+    # -- the loop --
+    def _agree(self, flag: float, op=dist.ReduceOp.MAX) -> float:
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=op)
+        return float(t)
+
+    def train(self, on_step: Optional[Callable] = None) -> Dict:
+        from tqdm import tqdm
+        tc = self.tc
+        bar = tqdm(total=tc.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, file=sys.stderr)
+        it = iter(self.loader)
+        t0, samples, history = time.perf_counter(), 0, []
+        micro_losses = []
+        while self.step < tc.steps:
+            if self._agree(self._signal):
+                tag = self.save()
+                bar.close()
+                raise Stop(f"signal received: checkpoint {tag} written at step {self.step}")
+            batch = next(it)
+            loss, metrics = self.step_fn(self.engine, batch)
+            if self._agree(0.0 if bool(torch.isfinite(loss).all()) else 1.0):
+                # Skipped as a micro-step (no backward, no engine.step), so DeepSpeed's accumulation boundary
+                # simply waits for one more finite micro-batch.
+                self.nonfinite += 1
+                self.nonfinite_total += 1
+                if self.nonfinite > tc.max_nonfinite_in_a_row:
+                    raise RuntimeError(f"{self.nonfinite} non-finite losses in a row at step {self.step}: lower the "
+                                       f"learning rate, check the data, or resume from an earlier checkpoint")
+                continue
+            self.nonfinite = 0
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            self.engine.backward(loss)
+            self.engine.step()
+            micro_losses.append(float(loss.detach()))
+            samples += int(batch["valid"].sum()) if "valid" in batch else len(batch["keys"])
+            if not boundary:
+                continue
+            self.step += 1
+            lv = sum(micro_losses) / len(micro_losses)
+            micro_losses = []
+            history.append(lv)
+            if on_step:
+                on_step(self.step, lv)
+            if self.rank == 0:
+                with open(os.path.join(tc.save_dir, "train_log.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": self.step, "loss": lv, "lr": self.engine.get_lr()[0]}) + "\n")
+                rate = samples / max(1e-9, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{lv:.4f}", samples_s=f"{rate:.0f}")
+                bar.update(1)
+                if self.writer and (self.step % tc.log_every == 0 or self.step == tc.steps):
+                    self.writer.add_scalar("train/loss", lv, self.step)
+                    self.writer.add_scalar("train/lr", self.engine.get_lr()[0], self.step)
+                    gn = self.engine.get_global_grad_norm()
+                    if gn is not None:
+                        self.writer.add_scalar("train/grad_norm", float(gn), self.step)
+                    for k, v in metrics.items():
+                        self.writer.add_scalar(f"train/{k}", float(v), self.step)
+                    self.writer.add_scalar("train/nonfinite_skipped", self.nonfinite_total, self.step)
+            if self.eval_fn and tc.eval_every and self.step % tc.eval_every == 0:
+                self._eval()
+            if self.step % tc.save_every == 0 or self.step == tc.steps:
+                self.save()
+        bar.close()
+        result = {"step": self.step, "losses": history, "nonfinite_skipped": self.nonfinite_total}
+        if self.eval_fn:
+            result["eval"] = self._eval()
+        return result
+
+    def _eval(self) -> Dict:
+        self.engine.eval()
+        with torch.no_grad():
+            res = self.eval_fn(self.engine)
+        self.engine.train()
+        if self.writer:
+            for k, v in res.items():
+                self.writer.add_scalar(f"valid/{k}", v, self.step)
+        return res

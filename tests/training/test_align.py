@@ -1,0 +1,87 @@
+"""Stage 1 end to end on the shared sample's shards with tiny random models (CPU, gloo)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, built_sample, tiny_tokenizer):
+    from megatron_p2t.cli import main
+    root = tmp_path_factory.mktemp("align")
+    assert main(["make-tiny-models", "--tokenizer", tiny_tokenizer, "--out", str(root / "tiny")]) == 0
+    out, _ = built_sample
+    overrides = [f"data.manifest={out}/manifest.json", f"data.text_tokenizer={tiny_tokenizer}",
+                 f"model.esm={root}/tiny/esm", f"model.llama={root}/tiny/llama", "data.batch_size=8",
+                 "train.steps=14", "train.save_every=4", "train.keep_last=5"]
+    return root, overrides
+
+
+def _align(nproc, overrides, *extra, background=False):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "megatron_p2t", "align", "--config", os.path.join(ROOT, "configs", "align_tiny_cpu.yaml"), *overrides,
+           *extra]
+    if background:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def _losses(d):
+    return [json.loads(l)["loss"] for l in open(os.path.join(d, "train_log.jsonl"))]
+
+
+def test_kill_9_then_resume_auto_continues_bit_exactly(setup):
+    root, ov = setup
+    _align(2, ov + [f"train.save_dir={root}/a"])
+    ref = _losses(root / "a")
+    assert len(ref) == 14
+    proc = _align(2, ov + [f"train.save_dir={root}/b"], background=True)
+    log = root / "b" / "train_log.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(_losses(root / "b")) < 14, "the kill came too late"
+    latest = (root / "b" / "latest").read_text()
+    assert latest.startswith("step") and not any(n.endswith(".tmp") and (root / "b" / n / "COMPLETE").exists()
+                                                 for n in os.listdir(root / "b"))
+    _align(2, ov + [f"train.save_dir={root}/b"], "--resume", "auto")
+    assert _losses(root / "b") == ref
+    summary = json.load(open(root / "b" / "summary.json"))
+    assert summary["resumed"] and summary["step"] == 14 and summary["eval"]["n"] == 44
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_preemption_signal_checkpoints_and_exits_cleanly(setup, sig):
+    root, ov = setup
+    # the training process itself (a world of one): launchers' own agents exit non-zero when signalled
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_p2t", "align", "--config",
+                             os.path.join(ROOT, "configs", "align_tiny_cpu.yaml"), *ov,
+                             f"train.save_dir={root}/s{int(sig)}", "train.steps=400", "train.save_every=1000"],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root = root / f"s{int(sig)}"
+    log = root / "train_log.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    tag = (root / "latest").read_text()
+    assert (root / tag / "COMPLETE").exists() and int(tag[4:]) >= 3 and "signal received" in err
