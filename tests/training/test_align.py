@@ -85,3 +85,22 @@ def test_preemption_signal_checkpoints_and_exits_cleanly(setup, sig):
     assert proc.returncode == 0, err[-3000:]
     tag = (root / "latest").read_text()
     assert (root / tag / "COMPLETE").exists() and int(tag[4:]) >= 3 and "signal received" in err
+
+
+def test_deepspeed_launcher_runs_launch_align_sh_like_torchrun(setup):
+    """`deepspeed launch/align.sh` (the file is bash and Python at once) gives torchrun's losses exactly."""
+    root, ov = setup
+    ov = ov + ["train.steps=6", "train.save_every=3"]
+    _align(2, ov + [f"train.save_dir={root}/t"])
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    r = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", "29561", "launch/align.sh", "--config",
+                        "configs/align_tiny_cpu.yaml", *ov, f"train.save_dir={root}/d"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(root / "d") == _losses(root / "t") and len(_losses(root / "t")) == 6
+    r = subprocess.run(["bash", "launch/align.sh", "--config", "configs/align_tiny_cpu.yaml", *ov,
+                        "train.steps=2", f"train.save_dir={root}/one"], env=dict(env, PYTHON=sys.executable),
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(_losses(root / "one")) == 2
