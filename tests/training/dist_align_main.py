@@ -1,0 +1,74 @@
+"""Run by test_align_parallel.py: the stage-1 model at DP=2 (gathered negatives) and TP=2 against one process
+on the concatenated batch."""
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--work")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args()
+    from megatron_p2t.config import load_config
+    from megatron_p2t.data.loader import ProteinTextLoader
+    from megatron_p2t.parallel import state
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "align_tiny_cpu.yaml"),
+                      a.overrides + [f"parallel.tensor={a.tp}"])
+    state.initialize(tp=a.tp, pp=1)
+    from megatron.core import parallel_state as ps
+
+    from megatron_p2t.checkpoint.llama_hf import _span
+    from megatron_p2t.training.run_align import build
+    model = build(cfg)
+    full = next(iter(ProteinTextLoader(cfg.data, dp_rank=0, dp_size=1)))   # the same 8 samples on every rank
+    dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    n = full["protein_ids"].shape[0] // dp
+    mine = {k: (v[dpr * n:(dpr + 1) * n] if torch.is_tensor(v) else v[dpr * n:(dpr + 1) * n]) for k, v in full.items()}
+    tpr, tp = ps.get_tensor_model_parallel_rank(), a.tp
+    i0, i1 = _span(cfg.model.projector.intermediate_dim, tpr, tp, "")
+    out = {}
+    for variant in ("paper", "concat"):
+        model.align_cfg.variant = variant
+        grads = lambda: {k: p.grad.clone() for k, p in model.projector.named_parameters()}
+        # one process, the whole batch, negatives from that batch only
+        model.align_cfg.gather_negatives = False
+        model.zero_grad(set_to_none=True)
+        ref_loss, _ = model(full)
+        ref_loss.backward()
+        ref = grads()
+        # this layout: this rank's rows, negatives gathered over the data-parallel group
+        model.align_cfg.gather_negatives = True
+        model.zero_grad(set_to_none=True)
+        loss, _ = model(mine, dp_group=ps.get_data_parallel_group())
+        loss.backward()
+        got = grads()
+        total = loss.detach().clone()
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        for g in got.values():   # DeepSpeed's gradient averaging over data-parallel ranks
+            dist.all_reduce(g, group=ps.get_data_parallel_group())
+            g /= dp
+        res = {"loss_diff": abs(float(total) / dp - float(ref_loss)),
+               "grad_diff": max(float((got[k] - ref[k]).abs().max()) for k in got), "loss": float(ref_loss)}
+        saved = os.path.join(a.work, f"tp1_{variant}.pt")
+        if tp == 1 and dist.get_rank() == 0:
+            torch.save({"loss": float(ref_loss), "grads": ref}, saved)
+        dist.barrier()
+        if tp > 1:  # and against the TP=1 run's full gradients, sliced like this rank's shards
+            t1 = torch.load(saved)
+            want = {"fc1.weight": t1["grads"]["fc1.weight"][i0:i1], "fc1.bias": t1["grads"]["fc1.bias"][i0:i1],
+                    "fc2.weight": t1["grads"]["fc2.weight"][:, i0:i1], "fc2.bias": t1["grads"]["fc2.bias"]}
+            res["vs_tp1_loss"] = abs(float(total) / dp - t1["loss"])
+            res["vs_tp1_grad"] = max(float((got[k] - want[k]).abs().max()) for k in want)
+        out[variant] = res
+    with open(os.path.join(a.work, f"tp{tp}_rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(out, f)
+    state.destroy()
+
+
+if __name__ == "__main__":
+    main()
