@@ -143,6 +143,19 @@ def cmd_align(args) -> int:
     return 0
 
 
+def cmd_cache_text(args) -> int:
+    """Stage 1's frozen text side, computed once for every shard (run under the same launcher as align)."""
+    from megatron_p2t.config import load_config
+    from megatron_p2t.parallel import state
+    from megatron_p2t.training.text_cache import build_cache
+    cfg = load_config(args.config, args.overrides)
+    state.initialize(tp=cfg.parallel.tensor, pp=1, seed=cfg.parallel.seed)
+    res = build_cache(cfg)
+    if torch_rank() == 0:
+        print(json.dumps(res))
+    return 0
+
+
 def cmd_make_tiny_models(args) -> int:
     """Tiny random ESM-2 / LLaMA-3 HF checkpoints for CPU demos (the LLaMA sized to the given tokenizer)."""
     from megatron_p2t.data.text_tokenizer import load_text_tokenizer
@@ -193,6 +206,11 @@ def main(argv=None) -> int:
                                                    "checkpoint directory")
     al.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the DeepSpeed launcher's
     al.add_argument("overrides", nargs="*", help="section.key=value")
+    ct = sub.add_parser("cache-text", help="stage 1: precompute the frozen text side's pooled vectors beside the "
+                                           "shards (then align with align.use_text_cache=true)")
+    ct.add_argument("--config", required=True)
+    ct.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    ct.add_argument("overrides", nargs="*", help="section.key=value")
     tm = sub.add_parser("make-tiny-models", help="tiny random ESM-2 and LLaMA-3 HF checkpoints for CPU demos")
     tm.add_argument("--tokenizer", required=True)
     tm.add_argument("--out", required=True)
@@ -204,7 +222,7 @@ def main(argv=None) -> int:
     try:
         return {"quickstart": cmd_quickstart, "data-check": cmd_data_check, "make-tokenizer": cmd_make_tokenizer,
                 "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "align": cmd_align,
-                "make-tiny-models": cmd_make_tiny_models}[args.cmd](args)
+                "cache-text": cmd_cache_text, "make-tiny-models": cmd_make_tiny_models}[args.cmd](args)
     except (DataError, ConfigError, FileNotFoundError, CheckpointError, LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,6 +40,7 @@ class AlignConfig:
     learnable_temperature: bool = False
     symmetric: bool = False            # protein->text only, as the paper; True adds text->protein
     gather_negatives: bool = True      # negatives from every data-parallel rank
+    use_text_cache: bool = False       # read `megatron-p2t cache-text` vectors; the decoder is not built
 
 
 @dataclasses.dataclass

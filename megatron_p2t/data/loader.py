@@ -47,6 +47,7 @@ class LoaderConfig:
     prefetch_factor: int = 4
     seed: int = 0
     epochs: Optional[int] = None            # None: endless (training); n: a finite pass of n epochs
+    text_cache: Optional[str] = None        # a cache-text directory: attach precomputed text vectors
 
 
 class ShardError(RuntimeError):
@@ -130,6 +131,7 @@ class _ChunkStream(IterableDataset):
             eot = tok.convert_tokens_to_ids("<|eot_id|>")
         cursor: Optional[_ShardCursor] = None
         cursor_shard = cursor_epoch = None
+        cache = None
         stream = plan.chunks(self.counts, self.cfg.seed, self.dp_rank, self.dp_size, self.cfg.chunk,
                              self.start_pos, self.cfg.epochs)
         for g, ch in enumerate(stream):
@@ -138,9 +140,12 @@ class _ChunkStream(IterableDataset):
             if cursor is None or cursor_shard != ch.shard or cursor_epoch != ch.epoch or cursor.pos > ch.start:
                 cursor = _ShardCursor(self.urls[ch.shard], self.counts[ch.shard])
                 cursor_shard, cursor_epoch = ch.shard, ch.epoch
+                if self.cfg.text_cache:
+                    cache = _load_cache(self.cfg.text_cache, self.urls[ch.shard])
             raw = cursor.take(ch.start, ch.stop)
             texts = [s["txt"].decode() for s in raw]
-            text_ids = _encode_texts(tok, texts) if tok is not None else [[] for _ in raw]
+            # with cached text vectors the text need not be tokenised here
+            text_ids = _encode_texts(tok, texts) if tok is not None and cache is None else [[] for _ in raw]
             out = []
             for i, (s, t) in enumerate(zip(raw, text_ids)):
                 pos = ch.pos + i
@@ -149,12 +154,29 @@ class _ChunkStream(IterableDataset):
                     r = np.random.default_rng([self.cfg.seed, ch.epoch, pos, 0xC0])
                     a = int(r.integers(0, len(seq) - self.cfg.max_protein_residues + 1))
                     seq = seq[a:a + self.cfg.max_protein_residues]
-                if tok is not None:
+                if tok is not None and cache is None:
                     t = t[: self.cfg.max_text_tokens - 1] + [eot]
-                out.append({"key": s["__key__"], "protein": esm_alphabet.encode(seq),
-                            "text": np.asarray(t, dtype=np.int64), "raw_text": texts[i],
-                            "meta": json.loads(s["json"]), "epoch": ch.epoch, "pos": pos})
+                sample = {"key": s["__key__"], "protein": esm_alphabet.encode(seq),
+                          "text": np.asarray(t, dtype=np.int64), "raw_text": texts[i],
+                          "meta": json.loads(s["json"]), "epoch": ch.epoch, "pos": pos}
+                if cache is not None:
+                    row = ch.start + i
+                    if cache["keys"][row] != s["__key__"]:
+                        raise ShardError(f"{self.cfg.text_cache}: cached row {row} of {self.urls[ch.shard]} is "
+                                         f"{cache['keys'][row]!r}, the shard has {s['__key__']!r} -- the cache is "
+                                         f"stale; run `megatron-p2t cache-text` again")
+                    sample["text_mean"], sample["text_std"] = cache["mean"][row], cache["std"][row]
+                out.append(sample)
             yield ch.pos, out
+
+
+def _load_cache(directory: str, shard_url: str) -> dict:
+    path = os.path.join(directory, os.path.basename(shard_url).replace(".tar", ".npz"))
+    if not os.path.exists(path):
+        raise ShardError(f"{path}: no cached text vectors for this shard; run `megatron-p2t cache-text` with the "
+                         f"same config first")
+    with np.load(path) as z:
+        return {"keys": [str(k) for k in z["keys"]], "mean": z["mean"], "std": z["std"]}
 
 
 def collate(samples: List[dict], text_pad: int, valid: Optional[List[bool]] = None) -> Dict:
@@ -168,7 +190,11 @@ def collate(samples: List[dict], text_pad: int, valid: Optional[List[bool]] = No
     for i, s in enumerate(samples):
         prot[i, : plen[i]] = s["protein"]
         text[i, : tlen[i]] = s["text"]
-    return {"protein_ids": torch.from_numpy(prot),
+    extra = {}
+    if "text_mean" in samples[0]:
+        extra = {"text_mean": torch.from_numpy(np.stack([s["text_mean"] for s in samples])),
+                 "text_std": torch.from_numpy(np.stack([s["text_std"] for s in samples]))}
+    return {**extra, "protein_ids": torch.from_numpy(prot),
             "protein_mask": torch.from_numpy(np.arange(prot.shape[1])[None, :] < plen[:, None]),
             "text_ids": torch.from_numpy(text),
             "text_mask": torch.from_numpy(np.arange(text.shape[1])[None, :] < tlen[:, None]),

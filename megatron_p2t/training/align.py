@@ -11,7 +11,7 @@ from megatron_p2t.training.loss import (hscale_loss, learnable_temperature, mask
 
 class AlignModel(megatron_module()):
     def __init__(self, esm_cfg, llama_hf_cfg, projector_cfg, align_cfg, esm_output_layer: int = -1,
-                 params_dtype=torch.float32):
+                 params_dtype=torch.float32, text_side: bool = True):
         from megatron_p2t.models import llama as llama_mod
         from megatron_p2t.models.esm import ESMEncoder
         from megatron_p2t.models.projector import Projector
@@ -21,7 +21,8 @@ class AlignModel(megatron_module()):
         self.align_cfg = align_cfg
         self.esm = ESMEncoder(esm_cfg, output_layer=esm_output_layer, params_dtype=params_dtype)
         self.projector = Projector(projector_cfg, config)
-        self.text = TextPooler(llama_hf_cfg, layer=align_cfg.text_layer, params_dtype=params_dtype)
+        self.text = TextPooler(llama_hf_cfg, layer=align_cfg.text_layer, params_dtype=params_dtype) \
+            if text_side else None
         for p in self.esm.parameters():
             p.requires_grad_(False)
         self.log_inv_temp = learnable_temperature(align_cfg.temperature) if align_cfg.learnable_temperature else None
@@ -31,6 +32,11 @@ class AlignModel(megatron_module()):
         return masked_mean_std(h.float(), batch["protein_mask"])
 
     def text_vectors(self, batch):
+        if "text_mean" in batch:  # from the text cache
+            return batch["text_mean"].float(), batch["text_std"].float()
+        if self.text is None:
+            raise ValueError("no text side was built and the batch carries no cached text vectors; set "
+                             "data.text_cache (megatron-p2t cache-text) or align.use_text_cache=false")
         return self.text(batch["text_ids"], batch["text_mask"])
 
     def forward(self, batch, dp_group=None):

@@ -28,11 +28,12 @@ def build(cfg):
     pcfg.output_dim = pcfg.output_dim or llama_cfg.hidden_size
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
     torch.manual_seed(cfg.train.seed)  # the fresh projector's initial weights
-    model = AlignModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, cfg.align, cfg.model.esm_output_layer, dtype)
+    model = AlignModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, cfg.align, cfg.model.esm_output_layer, dtype,
+                       text_side=not cfg.align.use_text_cache)
     tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     llama_hf.copy_into(model.esm, esm_hf.megatron_tensors(model.esm, HFDir(cfg.model.esm), tpr, tp), cfg.model.esm)
-    llama_hf.copy_into(model.text.llm, llama_hf.megatron_tensors(model.text.llm, HFDir(cfg.model.llama), llama_cfg,
-                                                                 tpr, tp), cfg.model.llama)
+    if model.text is not None:
+        _load_text_side(model.text, cfg, llama_cfg)
     if cfg.model.projector_weights:
         from megatron_p2t.checkpoint import projector_hf
         llama_hf.copy_into(model.projector, projector_hf.tensors(HFDir(cfg.model.projector_weights), pcfg, tpr, tp),
@@ -40,6 +41,37 @@ def build(cfg):
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def _load_text_side(text, cfg, llama_cfg) -> None:
+    from megatron.core import parallel_state as ps
+
+    from megatron_p2t.checkpoint import llama_hf
+    from megatron_p2t.checkpoint.hf_dir import HFDir
+    llama_hf.copy_into(text.llm, llama_hf.megatron_tensors(text.llm, HFDir(cfg.model.llama), llama_cfg,
+                                                           ps.get_tensor_model_parallel_rank(),
+                                                           ps.get_tensor_model_parallel_world_size()),
+                       cfg.model.llama)
+
+
+def build_text_side(cfg):
+    """The frozen LLaMA truncated to align.text_layer, loaded, on this rank's device (for cache-text)."""
+    from megatron_p2t.models.build import _hf_config
+    from megatron_p2t.models.text_side import TextPooler
+    llama_cfg = _hf_config(cfg.model.llama, "llama")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    text = TextPooler(llama_cfg, layer=cfg.align.text_layer, params_dtype=dtype)
+    _load_text_side(text, cfg, llama_cfg)
+    return text.cuda(torch.cuda.current_device()) if torch.cuda.is_available() else text
+
+
+def use_cache_if_asked(cfg) -> None:
+    if cfg.align.use_text_cache and not cfg.data.text_cache:
+        from megatron_p2t.training.text_cache import cache_dir
+        cfg.data.text_cache = cache_dir(cfg)
+        if not os.path.exists(os.path.join(cfg.data.text_cache, "cache.json")):
+            raise FileNotFoundError(f"{cfg.data.text_cache}: no text cache for this config; run "
+                                    f"`megatron-p2t cache-text --config ...` with the same settings first")
 
 
 def retrieval_eval(model_module, cfg, dp_group) -> dict:
@@ -86,6 +118,7 @@ def run(cfg, resume=None) -> dict:
     if cfg.data.batch_size is None:
         raise ValueError("stage 1 needs fixed per-rank batches (data.batch_size): negatives are all-gathered "
                          "across data-parallel ranks, which needs equal batch sizes")
+    use_cache_if_asked(cfg)
     state.initialize(tp=cfg.parallel.tensor, pp=1, seed=cfg.parallel.seed)
     model = build(cfg)
     loader = ProteinTextLoader(cfg.data)

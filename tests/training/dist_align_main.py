@@ -12,13 +12,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--work")
+    ap.add_argument("--cache", action="store_true", help="read the text side from `cache-text` vectors")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     from megatron_p2t.config import load_config
     from megatron_p2t.data.loader import ProteinTextLoader
     from megatron_p2t.parallel import state
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "align_tiny_cpu.yaml"),
-                      a.overrides + [f"parallel.tensor={a.tp}"])
+                      a.overrides + [f"parallel.tensor={a.tp}", f"align.use_text_cache={str(a.cache).lower()}"])
+    from megatron_p2t.training.run_align import use_cache_if_asked
+    use_cache_if_asked(cfg)
     state.initialize(tp=a.tp, pp=1)
     from megatron.core import parallel_state as ps
 
@@ -55,17 +58,19 @@ def main():
         res = {"loss_diff": abs(float(total) / dp - float(ref_loss)),
                "grad_diff": max(float((got[k] - ref[k]).abs().max()) for k in got), "loss": float(ref_loss)}
         saved = os.path.join(a.work, f"tp1_{variant}.pt")
-        if tp == 1 and dist.get_rank() == 0:
+        if tp == 1 and not a.cache and dist.get_rank() == 0:
             torch.save({"loss": float(ref_loss), "grads": ref}, saved)
         dist.barrier()
-        if tp > 1:  # and against the TP=1 run's full gradients, sliced like this rank's shards
+        if tp > 1 or a.cache:  # against the TP=1 run without cache, sliced like this rank's shards
             t1 = torch.load(saved)
             want = {"fc1.weight": t1["grads"]["fc1.weight"][i0:i1], "fc1.bias": t1["grads"]["fc1.bias"][i0:i1],
                     "fc2.weight": t1["grads"]["fc2.weight"][:, i0:i1], "fc2.bias": t1["grads"]["fc2.bias"]}
             res["vs_tp1_loss"] = abs(float(total) / dp - t1["loss"])
             res["vs_tp1_grad"] = max(float((got[k] - want[k]).abs().max()) for k in want)
         out[variant] = res
-    with open(os.path.join(a.work, f"tp{tp}_rank{dist.get_rank()}.json"), "w") as f:
+    if a.cache:
+        assert model.text is None, "with the cache, no decoder layer is built"
+    with open(os.path.join(a.work, f"tp{tp}{'_cache' if a.cache else ''}_rank{dist.get_rank()}.json"), "w") as f:
         json.dump(out, f)
     state.destroy()
 
