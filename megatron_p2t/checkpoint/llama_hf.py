@@ -62,11 +62,12 @@ def megatron_tensors(model, ck, hf_cfg, tp_rank: int, tp: int, prefix: str = "")
     return sd
 
 
-def copy_into(module, tensors: Dict[str, torch.Tensor], source: str) -> None:
-    """Copy into `module`'s parameters, checking that every one is covered and every shape agrees."""
+def copy_into(module, tensors: Dict[str, torch.Tensor], source: str, keep: Tuple[str, ...] = ()) -> None:
+    """Copy into `module`'s parameters, checking that every one is covered (except those under a `keep`
+    prefix, which stay as they are) and every shape agrees."""
     own = {k: v for k, v in module.state_dict().items()
            if not k.endswith("_extra_state") and "rotary" not in k}
-    missing = sorted(set(own) - set(tensors))
+    missing = sorted(k for k in set(own) - set(tensors) if not k.startswith(keep))
     if missing:
         raise CheckpointError(f"{source}: nothing to load into {missing[:4]}")
     for k, t in tensors.items():

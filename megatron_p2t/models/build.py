@@ -30,23 +30,31 @@ def placeholder_id(cfg) -> int:
     return 128003
 
 
+def dtype_of(cfg) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+
+
+def hf_configs(cfg):
+    """(llama HF config, esm HF config, projector config with its dims filled from them)."""
+    llama_cfg, esm_cfg = _hf_config(cfg.model.llama, "llama"), _hf_config(cfg.model.esm, "esm")
+    pcfg = cfg.model.projector
+    pcfg.input_dim = pcfg.input_dim or esm_cfg.hidden_size
+    pcfg.output_dim = pcfg.output_dim or llama_cfg.hidden_size
+    return llama_cfg, esm_cfg, pcfg
+
+
 def build(cfg):
     """(model for this rank, llama HF config, esm HF config, projector config)."""
     from megatron.core import parallel_state as ps
 
+    from megatron_p2t.models import llama as llama_mod
     from megatron_p2t.models import p2t
     from megatron_p2t.models.esm import ESMConfig
-    m = cfg.model
-    llama_cfg, esm_cfg = _hf_config(m.llama, "llama"), _hf_config(m.esm, "esm")
-    pcfg = m.projector
-    pcfg.input_dim = pcfg.input_dim or esm_cfg.hidden_size
-    pcfg.output_dim = pcfg.output_dim or llama_cfg.hidden_size
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[m.dtype]
-    from megatron_p2t.models import llama as llama_mod
+    llama_cfg, esm_cfg, pcfg = hf_configs(cfg)
     model = p2t.Prot2TextModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, placeholder_id(cfg),
                                pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                               esm_output_layer=m.esm_output_layer, freeze=m.freeze,
-                               llm_config=llama_mod.transformer_config(llama_cfg, params_dtype=dtype))
+                               esm_output_layer=cfg.model.esm_output_layer, freeze=cfg.model.freeze,
+                               llm_config=llama_mod.transformer_config(llama_cfg, params_dtype=dtype_of(cfg)))
     if torch.cuda.is_available():  # plain torch parts (the ESM embedding) are built on the CPU, as in Megatron-LM
         model.cuda(torch.cuda.current_device())
     return model, llama_cfg, esm_cfg, pcfg
@@ -57,27 +65,13 @@ def load_hf(model, cfg, llama_cfg, pcfg) -> None:
     directory with fc1/fc2 tensors), else it keeps its fresh initialisation (stage 1 starts that way)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_p2t.checkpoint.hf_dir import TensorSource
     from megatron_p2t.checkpoint.llama_hf import copy_into
     from megatron_p2t.models import p2t
     tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     proj = HFDir(cfg.model.projector_weights) if cfg.model.projector_weights else None
-    if proj is None and model.pre_process:
-        proj = TensorSource(_full_projector(model.projector, pcfg, tpr, tp), "fresh projector")
     copy_into(model, p2t.megatron_tensors(model, HFDir(cfg.model.esm), HFDir(cfg.model.llama), proj, llama_cfg,
-                                          pcfg, tpr, tp), f"{cfg.model.esm} + {cfg.model.llama}")
-
-
-def _full_projector(proj, pcfg, tp_rank, tp):
-    """This rank's freshly initialised projector shards, addressed as if whole (only its slices are read)."""
-    from megatron_p2t.checkpoint.llama_hf import _span
-    i0, i1 = _span(pcfg.intermediate_dim, tp_rank, tp, "projector intermediate_dim")
-    sd = proj.state_dict()
-    fc1w = torch.zeros(pcfg.intermediate_dim, pcfg.input_dim, dtype=sd["fc1.weight"].dtype)
-    fc1b = torch.zeros(pcfg.intermediate_dim, dtype=sd["fc1.bias"].dtype)
-    fc2w = torch.zeros(pcfg.output_dim, pcfg.intermediate_dim, dtype=sd["fc2.weight"].dtype)
-    fc1w[i0:i1], fc1b[i0:i1], fc2w[:, i0:i1] = sd["fc1.weight"], sd["fc1.bias"], sd["fc2.weight"]
-    return {"fc1.weight": fc1w, "fc1.bias": fc1b, "fc2.weight": fc2w, "fc2.bias": sd["fc2.bias"]}
+                                          pcfg, tpr, tp), f"{cfg.model.esm} + {cfg.model.llama}",
+              keep=() if proj else ("projector.",))
 
 
 def write_run_info(directory: str, cfg) -> None:

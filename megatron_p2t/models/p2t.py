@@ -86,8 +86,9 @@ def megatron_tensors(model: Prot2TextModel, esm_src, llama_src, projector_src, l
     if model.pre_process:
         sd.update({f"esm.{k}": v for k, v in esm_hf.megatron_tensors(model.esm, esm_src, tp_rank, tp,
                                                                       esm_prefix).items()})
-        sd.update({f"projector.{k}": v for k, v in
-                   projector_hf.tensors(projector_src, projector_cfg, tp_rank, tp, projector_prefix).items()})
+        if projector_src is not None:  # None: the projector keeps its fresh initialisation
+            sd.update({f"projector.{k}": v for k, v in
+                       projector_hf.tensors(projector_src, projector_cfg, tp_rank, tp, projector_prefix).items()})
     return sd
 
 

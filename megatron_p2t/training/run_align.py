@@ -19,17 +19,13 @@ def build(cfg):
 
     from megatron_p2t.checkpoint import esm_hf, llama_hf
     from megatron_p2t.checkpoint.hf_dir import HFDir
-    from megatron_p2t.models.build import _hf_config
+    from megatron_p2t.models.build import dtype_of, hf_configs
     from megatron_p2t.models.esm import ESMConfig
     from megatron_p2t.training.align import AlignModel
-    llama_cfg, esm_cfg = _hf_config(cfg.model.llama, "llama"), _hf_config(cfg.model.esm, "esm")
-    pcfg = cfg.model.projector
-    pcfg.input_dim = pcfg.input_dim or esm_cfg.hidden_size
-    pcfg.output_dim = pcfg.output_dim or llama_cfg.hidden_size
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    llama_cfg, esm_cfg, pcfg = hf_configs(cfg)
     torch.manual_seed(cfg.train.seed)  # the fresh projector's initial weights
-    model = AlignModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, cfg.align, cfg.model.esm_output_layer, dtype,
-                       text_side=not cfg.align.use_text_cache)
+    model = AlignModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, cfg.align, cfg.model.esm_output_layer,
+                       dtype_of(cfg), text_side=not cfg.align.use_text_cache)
     tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     llama_hf.copy_into(model.esm, esm_hf.megatron_tensors(model.esm, HFDir(cfg.model.esm), tpr, tp), cfg.model.esm)
     if model.text is not None:
@@ -56,11 +52,10 @@ def _load_text_side(text, cfg, llama_cfg) -> None:
 
 def build_text_side(cfg):
     """The frozen LLaMA truncated to align.text_layer, loaded, on this rank's device (for cache-text)."""
-    from megatron_p2t.models.build import _hf_config
+    from megatron_p2t.models.build import _hf_config, dtype_of
     from megatron_p2t.models.text_side import TextPooler
     llama_cfg = _hf_config(cfg.model.llama, "llama")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-    text = TextPooler(llama_cfg, layer=cfg.align.text_layer, params_dtype=dtype)
+    text = TextPooler(llama_cfg, layer=cfg.align.text_layer, params_dtype=dtype_of(cfg))
     _load_text_side(text, cfg, llama_cfg)
     return text.cuda(torch.cuda.current_device()) if torch.cuda.is_available() else text
 

@@ -43,6 +43,11 @@ model:
             assert torch.equal(got.get(name), want.get(prefix + name)), name
             n += 1
     assert n == 94
+    # without projector weights the projector keeps a fresh initialisation; everything else is still imported
+    fresh = tmp_path / "fresh.yaml"
+    fresh.write_text(cfg.read_text().replace(f"  projector_weights: {src['projector']}\n", ""))
+    r = _cli(1, "import-hf", "--config", str(fresh), "--out", str(tmp_path / "mck2"))
+    assert r.returncode == 0, r.stderr[-4000:]
 
 
 def test_layout_that_does_not_divide_the_world_is_refused(tmp_path):
