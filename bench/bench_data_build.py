@@ -4,8 +4,6 @@ Biopython's SwissProt parser doing the same reading and cleaning (the naive alte
     python bench/bench_data_build.py [--copies 8]
 """
 import argparse
-import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -14,7 +12,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import machine, replicated_flatfile  # noqa: E402
-from data_tools import shards  # noqa: E402
 from data_tools.build import BuildOptions, _pool, _write_shard_task, stage_records  # noqa: E402
 from data_tools.clean import CleanOptions, clean  # noqa: E402
 from data_tools.records import ProteinRecord  # noqa: E402

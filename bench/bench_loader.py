@@ -5,7 +5,6 @@ Also the padding fraction of fixed-size batches vs token-budget batches with len
     python bench/bench_loader.py [--samples 30000]
 """
 import argparse
-import itertools
 import json
 import os
 import sys

@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 

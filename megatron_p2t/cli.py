@@ -119,7 +119,7 @@ def cmd_export_hf(args) -> int:
     model, llama_cfg, esm_cfg, pcfg = mb.build(cfg)
     sharded.load(model, args.checkpoint)
     p2t.hf_export(model, args.out, llama_cfg, esm_cfg, pcfg, ps.get_tensor_model_parallel_rank(),
-                  cfg.parallel.tensor, ps.get_pipeline_model_parallel_rank())
+                  cfg.parallel.tensor)
     if torch_rank() == 0:
         print(f"HF directories llama/, esm/, projector/ -> {args.out}")
     return 0

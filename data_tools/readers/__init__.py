@@ -1,7 +1,6 @@
 """Input formats. `chunks(path, fmt)` runs in the reading process; `parse(chunk, skip_bad)` in workers."""
 from __future__ import annotations
 
-import functools
 import os
 from typing import Iterator, Optional
 

@@ -7,7 +7,7 @@ input columns. Import reads only this rank's slice; export writes the full HF te
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -80,15 +80,6 @@ def copy_into(module, tensors: Dict[str, torch.Tensor], source: str, keep: Tuple
 def load_into(model, ck: HFDir, hf_cfg, tp_rank: int, tp: int, prefix: str = "") -> None:
     copy_into(model, megatron_tensors(model, ck, hf_cfg, tp_rank, tp, prefix), ck.path)
 
-
-def hf_names_of_layer(layer: int, prefix: str = "") -> Iterator[str]:
-    p = f"{prefix}model.layers.{layer}."
-    for n in ("input_layernorm", "post_attention_layernorm"):
-        yield p + n + ".weight"
-    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        yield p + "self_attn." + n + ".weight"
-    for n in ("gate_proj", "up_proj", "down_proj"):
-        yield p + "mlp." + n + ".weight"
 
 
 # (hf name, dim or None for a whole tensor, start, stop, tensor): a rank's share of an HF tensor.

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from megatron_p2t.checkpoint.hf_dir import CheckpointError
 
 

@@ -12,8 +12,6 @@ does in megatron-core's LLaVA, so its config carries pipeline size 1.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn

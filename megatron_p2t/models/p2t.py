@@ -16,7 +16,6 @@ import dataclasses
 from typing import Optional
 
 import torch
-from torch import nn
 
 from megatron_p2t.models import esm as esm_mod
 from megatron_p2t.models import llama as llama_mod
@@ -93,7 +92,7 @@ def megatron_tensors(model: Prot2TextModel, esm_src, llama_src, projector_src, l
 
 
 def hf_export(model: Prot2TextModel, out_dir: str, llama_hf_cfg, esm_hf_cfg, projector_cfg, tp_rank: int,
-              tp: int, pp_rank: int) -> None:
+              tp: int) -> None:
     """Collective: write out_dir/{llama,esm,projector} in HF layout from any TP x PP layout."""
     import json
     import os

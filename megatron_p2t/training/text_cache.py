@@ -9,7 +9,6 @@ shard together and the first of them writes it (atomically).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -33,7 +32,7 @@ def build_cache(cfg, batch_size: int = 16) -> dict:
     """Collective over the world: compute and write every split's text vectors. Returns counts."""
     from megatron.core import parallel_state as ps
 
-    from megatron_p2t.data.loader import LoaderConfig, _ShardCursor, _encode_texts, read_manifest
+    from megatron_p2t.data.loader import _ShardCursor, _encode_texts
     from megatron_p2t.data.text_tokenizer import load_text_tokenizer
     from megatron_p2t.training.run_align import build_text_side
     text = build_text_side(cfg)

@@ -1,5 +1,4 @@
 """Every kind of bad input: a clear error naming the file and the record/line, or a count under --skip-bad."""
-import gzip
 import json
 
 import pytest

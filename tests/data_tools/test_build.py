@@ -10,7 +10,7 @@ import pytest
 from data_tools.build import BuildOptions, build
 from data_tools.records import DataError
 from data_tools.shards import iter_shard_samples, verify
-from data_tools.split import SplitOptions, mmseqs_binary, search, write_fasta
+from data_tools.split import SplitOptions, search, write_fasta
 from tests.conftest import ROOT
 
 

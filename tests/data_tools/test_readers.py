@@ -2,8 +2,6 @@ import csv
 import gzip
 import json
 
-import pytest
-
 from data_tools.readers import FORMATS, chunks, detect_format, parse, read_records
 from data_tools.records import AMINO_ACIDS
 

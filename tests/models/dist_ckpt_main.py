@@ -61,7 +61,7 @@ def main():
                                               tp_rank, a.tp), "tiny checkpoints")
     if a.mode == "roundtrip":
         out = os.path.join(a.work, "exported")
-        p2t.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tp_rank, a.tp, ps.get_pipeline_model_parallel_rank())
+        p2t.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tp_rank, a.tp)
         if rank == 0:
             from transformers import EsmModel, LlamaForCausalLM
             LlamaForCausalLM.from_pretrained(os.path.join(out, "llama"))   # plain transformers loads them

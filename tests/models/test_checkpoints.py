@@ -10,7 +10,7 @@ import pytest
 from megatron_p2t.checkpoint import sharded
 from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
 from tests.conftest import ROOT
-from tests.models.tiny import make_all
+from megatron_p2t.models.tiny import make_all
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_hf_dir_reads_slices_of_sharded_checkpoints(tmp_path):
     from transformers import LlamaForCausalLM
-    from tests.models.tiny import make_llama
+    from megatron_p2t.models.tiny import make_llama
     d = make_llama(str(tmp_path / "l"))
     ck = HFDir(d)
     assert os.path.exists(os.path.join(d, "model.safetensors.index.json"))

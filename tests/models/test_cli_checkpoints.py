@@ -8,7 +8,7 @@ import torch
 
 from megatron_p2t.checkpoint.hf_dir import HFDir
 from tests.conftest import ROOT
-from tests.models.tiny import make_all
+from megatron_p2t.models.tiny import make_all
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tests.models.tiny import make_all
+from megatron_p2t.models.tiny import make_all
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,5 @@
 """Configs derived from HF configs, and the public model sizes."""
 import pytest
-import torch
 from transformers import LlamaConfig
 
 from megatron_p2t.models import llama
