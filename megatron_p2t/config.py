@@ -8,7 +8,7 @@ from typing import Any, List, Optional
 import yaml
 
 from megatron_p2t.data.loader import LoaderConfig
-from megatron_p2t.models.parts_config import FreezeConfig, ProjectorConfig
+from megatron_p2t.models.parts_config import FreezeConfig, LoRAConfig, ProjectorConfig
 
 
 @dataclasses.dataclass
@@ -20,6 +20,8 @@ class ModelConfig:
     esm_output_layer: int = -1                       # Prot2Text-V2: last; Protein2Text: -2
     placeholder_token: str = "<|reserved_special_token_1|>"
     freeze: FreezeConfig = dataclasses.field(default_factory=FreezeConfig)
+    # LoRA on ESM's attention (the paper trains it in stage 1, the released code does not): r=0 is off
+    esm_lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     dtype: str = "float32"                           # bfloat16 on GPUs
 
 

@@ -64,3 +64,19 @@ def split_keys(built, split="train"):
     out, m = built
     return sorted(k for s in m["shards"] if s["split"] == split
                   for k, _ in iter_shard_samples(os.path.join(out, s["path"])))
+
+
+@pytest.fixture(scope="session")
+def family_data(tmp_path_factory, sample_records):
+    """tests/synthetic.py's families built into shards by data_tools (FASTA + annotations, split by lists)."""
+    from data_tools.build import BuildOptions, build
+    from data_tools.split import SplitOptions
+    from tests.synthetic import write_families
+    root = tmp_path_factory.mktemp("families")
+    paths = write_families(str(root / "src"), [r.function for r in sample_records if r.function])
+    out = str(root / "data")
+    manifest = build(BuildOptions(inputs=[paths["fasta"]], annotations=paths["annotations"], out=out, quiet=True,
+                                  samples_per_shard=64, processes=2,
+                                  split=SplitOptions(mode="lists", lists={k: paths[k] for k in
+                                                                          ("train", "valid", "test")})))
+    return out, manifest

@@ -105,3 +105,28 @@ def hf_slices(enc, tp_rank: int, tp: int, prefix: str = ""):
         out += [(f"{prefix}encoder.emb_layer_norm_after.weight", None, 0, 0, sd["block.final_layernorm.weight"]),
                 (f"{prefix}encoder.emb_layer_norm_after.bias", None, 0, 0, sd["block.final_layernorm.bias"])]
     return out
+
+
+def lora_tensors(enc, src, tp_rank: int, tp: int, prefix: str = "base_model.model.",
+                 require_shared_a: bool = True) -> Dict[str, torch.Tensor]:
+    """A PEFT adapter on HF EsmModel's query/key/value + attention.output.dense -> this rank's LoRA tensors of
+    an ESMEncoder wrapped with targets linear_qkv + linear_proj. The fused QKV adapter shares one A, so the
+    adapter's query/key/value A matrices must be equal (what our exports write); B rows follow the weight's
+    per-head layout. (require_shared_a=False maps gradients, whose three A parts legitimately differ.)"""
+    cfg = enc.cfg
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    h0, h1 = _span(cfg.num_attention_heads, tp_rank, tp, "ESM attention heads")
+    out = {}
+    for i, layer in enumerate(enc.block.layers):
+        a = f"{prefix}encoder.layer.{layer.layer_number - 1}.attention."
+        m = f"block.layers.{i}.self_attention."
+        qa = src.get(a + "self.query.lora_A.weight")
+        for other in ("key", "value") if require_shared_a else ():
+            if not torch.equal(src.get(f"{a}self.{other}.lora_A.weight"), qa):
+                raise CheckpointError(f"{src.path}: {a}self.{other}.lora_A.weight differs from the query's; a fused "
+                                      f"QKV adapter needs one shared A (merge the adapter into the weights instead)")
+        out[m + "linear_qkv.lora_A"] = qa
+        out[m + "linear_qkv.lora_B"] = _qkv(src, a + "self.", hd, h0, h1, "lora_B.weight")
+        out[m + "linear_proj.lora_A"] = src.get(a + "output.dense.lora_A.weight", 1, h0 * hd, h1 * hd)
+        out[m + "linear_proj.lora_B"] = src.get(a + "output.dense.lora_B.weight")
+    return out

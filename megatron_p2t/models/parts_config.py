@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import List
 
 
 @dataclasses.dataclass
@@ -19,3 +20,18 @@ class FreezeConfig:
     esm: bool = True
     projector: bool = False
     llm: bool = True
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    """Low-rank adapters on megatron-core linears, named by their attribute in the layer (linear_qkv,
+    linear_proj, linear_fc1, linear_fc2). r = 0 turns LoRA off."""
+    r: int = 0
+    alpha: float = 0.0             # 0: 2 * r (Prot2Text-V2)
+    dropout: float = 0.1
+    targets: List[str] = dataclasses.field(default_factory=lambda: ["linear_qkv", "linear_proj"])
+    seed: int = 0                  # A's initial values, independent of the parallel layout
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha or 2.0 * self.r) / self.r

@@ -13,6 +13,8 @@ On a machine with CUDA, `enable()` does nothing. Nothing else in the code base k
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -44,6 +46,10 @@ def enable() -> bool:
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
     mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # the tracker warns when the CPU generator changes inside a forked region; here the forked "CUDA" generator
+    # is the CPU one, so any dropout in such a region (LoRA on a row-parallel layer) would log it every step
+    logging.getLogger(mp_random.__name__).addFilter(
+        lambda r: "CPU RNG state changed within GPU RNG context" not in r.getMessage())
     _CudaToCpu().__enter__()  # for the life of the process, on this thread
     _enabled = True
     return True

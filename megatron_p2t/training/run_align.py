@@ -21,6 +21,7 @@ def build(cfg):
     from megatron_p2t.checkpoint.hf_dir import HFDir
     from megatron_p2t.models.build import dtype_of, hf_configs
     from megatron_p2t.models.esm import ESMConfig
+    from megatron_p2t.models.lora import apply_lora
     from megatron_p2t.training.align import AlignModel
     llama_cfg, esm_cfg, pcfg = hf_configs(cfg)
     torch.manual_seed(cfg.train.seed)  # the fresh projector's initial weights
@@ -28,6 +29,7 @@ def build(cfg):
                        dtype_of(cfg), text_side=not cfg.align.use_text_cache)
     tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     llama_hf.copy_into(model.esm, esm_hf.megatron_tensors(model.esm, HFDir(cfg.model.esm), tpr, tp), cfg.model.esm)
+    apply_lora(model.esm, cfg.model.esm_lora, "esm")  # after loading: the adapters wrap the loaded layers
     if model.text is not None:
         _load_text_side(model.text, cfg, llama_cfg)
     if cfg.model.projector_weights:

@@ -89,9 +89,20 @@ def deepspeed_config(tc, micro_batch: int) -> dict:
         "wall_clock_breakdown": False,
     }
     if tc.deepspeed_config:
+        if not os.path.exists(tc.deepspeed_config):
+            raise FileNotFoundError(f"train.deepspeed_config: {tc.deepspeed_config} does not exist")
         with open(tc.deepspeed_config) as f:
-            cfg.update(json.load(f))
+            _merge(cfg, json.load(f))
     return cfg
+
+
+def _merge(into: dict, extra: dict) -> None:
+    """Nested update: a JSON giving zero_optimization.overlap_comm keeps the stage chosen in the YAML."""
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def rng_state() -> dict:

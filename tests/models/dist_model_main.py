@@ -35,7 +35,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--what", choices=["llama", "p2t", "esm", "text"])
+    ap.add_argument("--what", choices=["llama", "p2t", "esm", "esm_lora", "text"])
     ap.add_argument("--sequences", help="file of real protein sequences, one per line (esm)")
     ap.add_argument("--ckpt")
     ap.add_argument("--out")
@@ -58,6 +58,8 @@ def main():
     llama_dir, esm_dir, proj_dir = (os.path.join(a.ckpt, n) for n in ("llama", "esm", "projector"))
     if a.what == "esm":
         return esm_check(a, esm_dir, tp_rank, state)
+    if a.what == "esm_lora":
+        return esm_lora_check(a, esm_dir, tp_rank, state)
     if a.what == "text":
         return text_check(a, llama_dir, tp_rank, state)
     hf_llama = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation="eager")
@@ -150,13 +152,7 @@ def esm_check(a, esm_dir, tp_rank, state):
     from megatron_p2t.checkpoint.hf_dir import HFDir
     from megatron_p2t.data import esm_alphabet
     from megatron_p2t.models.esm import ESMConfig, ESMEncoder
-    seqs = open(a.sequences).read().split()
-    enc = [torch.from_numpy(esm_alphabet.encode(s)) for s in seqs]
-    ids = torch.full((len(enc), max(map(len, enc))), esm_alphabet.PAD)
-    mask = torch.zeros(ids.shape, dtype=torch.bool)
-    for i, e in enumerate(enc):
-        ids[i, :len(e)] = e
-        mask[i, :len(e)] = True
+    ids, mask = _esm_batch(open(a.sequences).read().split())
     ids[0, 4] = esm_alphabet.MASK
     hf = EsmModel.from_pretrained(esm_dir, add_pooling_layer=False, attn_implementation="eager").eval()
     ref = hf(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
@@ -168,6 +164,75 @@ def esm_check(a, esm_dir, tp_rank, state):
     with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump({"tp_rank": tp_rank, "diffs": diffs, "tokens": int(mask.sum()), "padded": int((~mask).sum())}, f)
     state.destroy()
+
+
+def esm_lora_check(a, esm_dir, tp_rank, state):
+    """LoRA on ESM attention vs PEFT on HF EsmModel (same adapter values): output, every LoRA gradient, and the
+    output after merging the adapter into the weights."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import EsmModel
+
+    from megatron_p2t.checkpoint import esm_hf
+    from megatron_p2t.checkpoint.hf_dir import HFDir, TensorSource
+    from megatron_p2t.models.esm import ESMConfig, ESMEncoder
+    from megatron_p2t.models.lora import LoRAConfig, apply_lora, load_lora, lora_layers, merge_lora
+    seqs = open(a.sequences).read().split()
+    ids, mask = _esm_batch(seqs)
+    hf = EsmModel.from_pretrained(esm_dir, add_pooling_layer=False, attn_implementation="eager")
+    peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                         target_modules=["query", "key", "value", "attention.output.dense"]))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        for n, mod in peft.named_modules():  # the fused QKV adapter shares A: give key/value the query's
+            if n.endswith("attention.self"):
+                for other in (mod.key, mod.value):
+                    other.lora_A["default"].weight.copy_(mod.query.lora_A["default"].weight)
+    w = torch.randn(*ids.shape, hf.config.hidden_size, generator=g)
+    ref = peft(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    with torch.no_grad(), peft.disable_adapter():
+        effect = float((peft(input_ids=ids, attention_mask=mask.long()).last_hidden_state - ref)[mask].abs().max())
+    (ref * w)[mask].sum().backward()
+    adapter = TensorSource({k: v.detach() for k, v in get_peft_model_state_dict(peft).items()}, "peft")
+    grads = TensorSource({k.replace(".default", ""): p.grad for k, p in peft.named_parameters() if "lora_" in k})
+
+    enc = ESMEncoder(ESMConfig.from_hf(hf.config), output_layer=-1)
+    esm_hf.load_into(enc, HFDir(esm_dir), tp_rank, a.tp)
+    apply_lora(enc, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=["linear_qkv", "linear_proj"]))
+    load_lora(enc, esm_hf.lora_tensors(enc, adapter, tp_rank, a.tp), "peft")
+    trainable = sorted({n.rsplit(".", 1)[-1] for n, p in enc.named_parameters() if p.requires_grad})
+    out = enc(ids, mask)
+    (out * w)[mask].sum().backward()
+    want = esm_hf.lora_tensors(enc, grads, tp_rank, a.tp, require_shared_a=False)  # the same mapping applied to PEFT's gradients
+    # our shared QKV A receives the sum of what PEFT's three separate (equal) A matrices receive
+    for i, layer in enumerate(enc.block.layers):
+        pre = f"base_model.model.encoder.layer.{layer.layer_number - 1}.attention.self."
+        want[f"block.layers.{i}.self_attention.linear_qkv.lora_A"] = sum(
+            grads.get(f"{pre}{x}.lora_A.weight") for x in ("query", "key", "value"))
+    got = {f"{n}.{x}": getattr(m, x).grad for n, m in lora_layers(enc).items() for x in ("lora_A", "lora_B")}
+    grad_diff = max(float((got[k] - want[k]).abs().max() / want[k].abs().max()) for k in want)
+    with torch.no_grad():
+        before = enc(ids, mask)
+        merged = merge_lora(enc)
+        after = enc(ids, mask)
+    with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
+        json.dump({"tp_rank": tp_rank, "out_diff": float((out - ref)[mask].abs().max()), "grad_diff": grad_diff,
+                   "grads": len(want), "trainable": trainable, "merged": merged,
+                   "merge_diff": float((after - before)[mask].abs().max()), "lora_effect": effect}, f)
+    state.destroy()
+
+
+def _esm_batch(seqs):
+    from megatron_p2t.data import esm_alphabet
+    enc = [torch.from_numpy(esm_alphabet.encode(s)) for s in seqs]
+    ids = torch.full((len(enc), max(map(len, enc))), esm_alphabet.PAD)
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, e in enumerate(enc):
+        ids[i, :len(e)] = e
+        mask[i, :len(e)] = True
+    return ids, mask
 
 
 def text_check(a, llama_dir, tp_rank, state):

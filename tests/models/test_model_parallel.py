@@ -69,3 +69,16 @@ def test_text_side_pools_layer_k_like_hf(tmp_path, ckpt, tp):
     for r in ranks:
         assert set(r["diffs"]) == {"1", "2", "3"} and max(r["diffs"].values()) <= 1e-5, r
         assert r["last_layer_refused"]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_esm_lora_matches_peft_and_merges(tmp_path, ckpt, sample_records, tp):
+    seqs = [r.sequence for r in sample_records if 40 <= len(r.sequence) <= 160][:4]
+    (tmp_path / "seqs.txt").write_text("\n".join(seqs))
+    ranks = _launch(tmp_path, tp, "--what", "esm_lora", "--tp", str(tp), "--ckpt", ckpt,
+                    "--sequences", str(tmp_path / "seqs.txt"))
+    for r in ranks:
+        assert r["lora_effect"] > 1e-2, "the adapter must change the output for the comparison to mean anything"
+        assert r["out_diff"] <= 1e-5 and r["grad_diff"] <= 1e-5, r
+        assert r["grads"] == 4 * 3 and r["trainable"] == ["lora_A", "lora_B"] and r["merged"] == 2 * 3
+        assert r["merge_diff"] <= 1e-5, r

@@ -13,13 +13,15 @@ def main():
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--work")
     ap.add_argument("--cache", action="store_true", help="read the text side from `cache-text` vectors")
+    ap.add_argument("--lora", action="store_true", help="LoRA on ESM's attention too (its gradients compared)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     from megatron_p2t.config import load_config
     from megatron_p2t.data.loader import ProteinTextLoader
     from megatron_p2t.parallel import state
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "align_tiny_cpu.yaml"),
-                      a.overrides + [f"parallel.tensor={a.tp}", f"align.use_text_cache={str(a.cache).lower()}"])
+                      a.overrides + [f"parallel.tensor={a.tp}", f"align.use_text_cache={str(a.cache).lower()}"]
+                      + (["model.esm_lora.r=4", "model.esm_lora.dropout=0.0"] if a.lora else []))
     from megatron_p2t.training.run_align import use_cache_if_asked
     use_cache_if_asked(cfg)
     state.initialize(tp=a.tp, pp=1)
@@ -28,6 +30,12 @@ def main():
     from megatron_p2t.checkpoint.llama_hf import _span
     from megatron_p2t.training.run_align import build
     model = build(cfg)
+    if a.lora:  # B starts at zero, which would leave A without gradient: move it off zero, equally on every rank
+        from megatron_p2t.models.lora import lora_layers
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for m in lora_layers(model.esm).values():
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
     full = next(iter(ProteinTextLoader(cfg.data, dp_rank=0, dp_size=1)))   # the same 8 samples on every rank
     dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     n = full["protein_ids"].shape[0] // dp
@@ -37,7 +45,7 @@ def main():
     out = {}
     for variant in ("paper", "concat"):
         model.align_cfg.variant = variant
-        grads = lambda: {k: p.grad.clone() for k, p in model.projector.named_parameters()}
+        grads = lambda: {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
         # one process, the whole batch, negatives from that batch only
         model.align_cfg.gather_negatives = False
         model.zero_grad(set_to_none=True)
@@ -56,21 +64,28 @@ def main():
             dist.all_reduce(g, group=ps.get_data_parallel_group())
             g /= dp
         res = {"loss_diff": abs(float(total) / dp - float(ref_loss)),
-               "grad_diff": max(float((got[k] - ref[k]).abs().max()) for k in got), "loss": float(ref_loss)}
+               "grad_diff": max(float((got[k] - ref[k]).abs().max()) for k in got if k.startswith("projector.")),
+               "loss": float(ref_loss)}
         saved = os.path.join(a.work, f"tp1_{variant}.pt")
-        if tp == 1 and not a.cache and dist.get_rank() == 0:
+        if tp == 1 and not a.cache and not a.lora and dist.get_rank() == 0:
             torch.save({"loss": float(ref_loss), "grads": ref}, saved)
         dist.barrier()
-        if tp > 1 or a.cache:  # against the TP=1 run without cache, sliced like this rank's shards
+        if a.lora:
+            lora = [k for k in got if ".lora_" in k]
+            res["lora_grads"] = len(lora)
+            res["lora_grad_rel_diff"] = max(float((got[k] - ref[k]).abs().max() / ref[k].abs().max()) for k in lora)
+        elif tp > 1 or a.cache:  # against the TP=1 run without cache, sliced like this rank's shards
             t1 = torch.load(saved)
-            want = {"fc1.weight": t1["grads"]["fc1.weight"][i0:i1], "fc1.bias": t1["grads"]["fc1.bias"][i0:i1],
-                    "fc2.weight": t1["grads"]["fc2.weight"][:, i0:i1], "fc2.bias": t1["grads"]["fc2.bias"]}
-            res["vs_tp1_loss"] = abs(float(total) / dp - t1["loss"])
+            t1 = {k.replace("projector.", ""): v for k, v in t1["grads"].items()}
+            want = {"fc1.weight": t1["fc1.weight"][i0:i1], "fc1.bias": t1["fc1.bias"][i0:i1],
+                    "fc2.weight": t1["fc2.weight"][:, i0:i1], "fc2.bias": t1["fc2.bias"]}
+            want = {"projector." + k: v for k, v in want.items()}
+            res["vs_tp1_loss"] = abs(float(total) / dp - torch.load(saved)["loss"])
             res["vs_tp1_grad"] = max(float((got[k] - want[k]).abs().max()) for k in want)
         out[variant] = res
     if a.cache:
         assert model.text is None, "with the cache, no decoder layer is built"
-    with open(os.path.join(a.work, f"tp{tp}{'_cache' if a.cache else ''}_rank{dist.get_rank()}.json"), "w") as f:
+    with open(os.path.join(a.work, f"tp{tp}{'_cache' if a.cache else ''}{'_lora' if a.lora else ''}_rank{dist.get_rank()}.json"), "w") as f:
         json.dump(out, f)
     state.destroy()
 

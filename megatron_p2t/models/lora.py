@@ -1,0 +1,143 @@
+"""LoRA on megatron-core's tensor-parallel linears, sharded the way the base layer is.
+
+Column-parallel base (weight [out/tp, in], input replicated): A [r, in] is replicated, B [out/tp, r] is split
+like the base's output. A's output passes through `copy_to_tensor_model_parallel_region` (identity forward,
+all-reduce backward), so A gets the gradient from every rank's slice of B, the same on every rank.
+Row-parallel base (weight [out, in/tp], input split): A [r, in/tp] is split like the input, B [out, r] is
+replicated; A's partial products are summed by `reduce_from_tensor_model_parallel_region` before B.
+A's initial values come from a generator seeded by (seed, layer name) and are sliced per rank, and B starts
+at zero, so every layout starts from the same adapter and TP=2 trains like TP=1.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Dict, Iterable, List
+
+import torch
+from torch import nn
+
+from megatron_p2t.models.parts_config import LoRAConfig
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, cfg: LoRAConfig, name: str):
+        super().__init__()
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+        if getattr(base.config, "sequence_parallel", False):
+            raise NotImplementedError(f"{name}: LoRA with sequence_parallel=True is not supported; turn one off")
+        if isinstance(base, ColumnParallelLinear):
+            self.kind = "column"
+        elif isinstance(base, RowParallelLinear):
+            self.kind = "row"
+        else:
+            raise TypeError(f"{name}: LoRA needs a megatron-core Column/RowParallelLinear, got {type(base).__name__}")
+        self.base, self.scale, self.r = base, cfg.scale, cfg.r
+        for p in base.parameters():
+            p.requires_grad_(False)
+        tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        out_local, in_local = base.weight.shape
+        dtype = base.weight.dtype
+        in_full = in_local * tp if self.kind == "row" else in_local
+        g = torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}:{name}".encode()))
+        bound = 1.0 / math.sqrt(in_full)  # nn.Linear's default (kaiming_uniform with a=sqrt(5)), as PEFT
+        a = (torch.rand(cfg.r, in_full, generator=g) * 2 - 1) * bound
+        if self.kind == "row":
+            a = a[:, rank * in_local:(rank + 1) * in_local]
+        self.lora_A = nn.Parameter(a.to(dtype=dtype, device=base.weight.device).contiguous())
+        self.lora_B = nn.Parameter(torch.zeros(out_local, cfg.r, dtype=dtype, device=base.weight.device))
+        # replicated parameters: megatron's grad-norm and DDP code must not treat them as split
+        for p, split in ((self.lora_A, self.kind == "row"), (self.lora_B, self.kind == "column")):
+            p.tensor_model_parallel = split
+            p.partition_dim = (1 if self.kind == "row" else 0) if split else -1
+            p.partition_stride = 1
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, *args, **kwargs):
+        from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                            reduce_from_tensor_model_parallel_region)
+        out, bias = self.base(x, *args, **kwargs)
+        if self.kind == "column":  # replicated input: the default generator draws the same mask on TP peers
+            h = copy_to_tensor_model_parallel_region(nn.functional.linear(self.dropout(x), self.lora_A))
+        else:
+            xd = x
+            if self.training and self.dropout.p > 0:
+                from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+                with get_cuda_rng_tracker().fork():  # each rank drops its own slice of the split input
+                    xd = self.dropout(x)
+            h = reduce_from_tensor_model_parallel_region(nn.functional.linear(xd, self.lora_A))
+        return out + nn.functional.linear(h, self.lora_B) * self.scale, bias
+
+    @property
+    def weight(self):  # megatron code that inspects the layer (dtype, device, shape) sees the base weight
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def delta(self) -> torch.Tensor:
+        """This rank's shard of scale * B @ A, shaped like the base weight's shard."""
+        return (self.lora_B.float() @ self.lora_A.float() * self.scale).to(self.base.weight.dtype)
+
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig, prefix: str = "") -> List[str]:
+    """Wrap every submodule whose attribute name is in cfg.targets; returns the wrapped names. As PEFT does, every
+    existing parameter of `model` is frozen: its only trainable parameters are the new lora_A / lora_B."""
+    if cfg.r <= 0:
+        return []
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in cfg.targets and not isinstance(child, LoRALinear):
+                full = ".".join(p for p in (prefix, name, child_name) if p)
+                setattr(module, child_name, LoRALinear(child, cfg, full))
+                wrapped.append(full)
+    if not wrapped:
+        raise ValueError(f"LoRA targets {cfg.targets} match no layer of {type(model).__name__}")
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> Dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
+    for m in lora_layers(model).values():
+        yield m.lora_A
+        yield m.lora_B
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> int:
+    """Fold every adapter into its base weight and put the base layer back (for exports and inference):
+    afterwards the model has the unwrapped names and shapes. Returns the number of layers merged."""
+    n = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                child.base.weight.add_(child.delta())
+                setattr(module, child_name, child.base)
+                n += 1
+    return n
+
+
+@torch.no_grad()
+def load_lora(model: nn.Module, tensors: Dict[str, torch.Tensor], source: str) -> None:
+    """Copy adapter tensors (named `<layer>.lora_A` / `.lora_B`) into a wrapped model; every adapter of the model
+    must be covered and every shape must agree."""
+    from megatron_p2t.checkpoint.hf_dir import CheckpointError
+    own = {f"{n}.{w}": getattr(m, w) for n, m in lora_layers(model).items() for w in ("lora_A", "lora_B")}
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or extra:
+        raise CheckpointError(f"{source}: adapter does not fit the model: missing {missing[:4]}, unexpected "
+                              f"{extra[:4]} (same LoRA targets and layers?)")
+    for k, t in tensors.items():
+        if tuple(own[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"{source}: {k} has shape {tuple(t.shape)}, the model expects "
+                                  f"{tuple(own[k].shape)} (same rank r?)")
+        own[k].copy_(t)

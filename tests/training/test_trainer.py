@@ -1,0 +1,34 @@
+import json
+
+import pytest
+
+from megatron_p2t.config import load_config
+from megatron_p2t.training.trainer import deepspeed_config, lr_lambda
+from tests.conftest import ROOT
+
+
+def test_deepspeed_json_is_merged_into_the_generated_keys(tmp_path):
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"overlap_comm": True},
+                                                  "gradient_clipping": 0.5}))
+    cfg = load_config(None, ["train.zero_stage=2", f"train.deepspeed_config={tmp_path}/ds.json", "train.grad_accum=4"])
+    ds = deepspeed_config(cfg.train, micro_batch=8)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["gradient_clipping"] == 0.5 and ds["gradient_accumulation_steps"] == 4
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+
+
+def test_production_config_names_its_deepspeed_json_and_a_missing_one_is_an_error(tmp_path, monkeypatch):
+    import os
+    cfg = load_config(os.path.join(ROOT, "configs", "prot2text_v2.yaml"))
+    monkeypatch.chdir(ROOT)
+    ds = deepspeed_config(cfg.train, micro_batch=cfg.data.batch_size)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"]
+    cfg.train.deepspeed_config = str(tmp_path / "nope.json")
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        deepspeed_config(cfg.train, 1)
+
+
+def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
+    f = lr_lambda(100, 0.06, 0.1)
+    assert [round(f(s), 4) for s in (0, 5)] == [round(1 / 6, 4), 1.0]
+    assert f(6) == pytest.approx(1.0) and f(53) == pytest.approx(0.55) and f(100) == pytest.approx(0.1)
