@@ -31,14 +31,11 @@ def layer_tensors(ck: HFDir, hf_cfg, layer: int, tp_rank: int, tp: int, prefix: 
     q = ck.get(p + "self_attn.q_proj.weight", 0, g0 * qpg * hd, g1 * qpg * hd)
     k = ck.get(p + "self_attn.k_proj.weight", 0, g0 * hd, g1 * hd)
     v = ck.get(p + "self_attn.v_proj.weight", 0, g0 * hd, g1 * hd)
-    parts = []
-    for g in range(g1 - g0):
-        parts += [q[g * qpg * hd:(g + 1) * qpg * hd], k[g * hd:(g + 1) * hd], v[g * hd:(g + 1) * hd]]
     f0, f1 = _span(hf_cfg.intermediate_size, tp_rank, tp, "intermediate_size")
     a0, a1 = _span(nq * hd, tp_rank, tp, "attention width")
     return {
         "input_layernorm.weight": ck.get(p + "input_layernorm.weight"),
-        "self_attention.linear_qkv.weight": torch.cat(parts, 0),
+        "self_attention.linear_qkv.weight": fuse_qkv(q, k, v, qpg, hd),
         "self_attention.linear_proj.weight": ck.get(p + "self_attn.o_proj.weight", 1, a0, a1),
         "pre_mlp_layernorm.weight": ck.get(p + "post_attention_layernorm.weight"),
         "mlp.linear_fc1.weight": torch.cat([ck.get(p + "mlp.gate_proj.weight", 0, f0, f1),
@@ -99,12 +96,10 @@ def hf_slices(model, hf_cfg, tp_rank: int, tp: int, prefix: str = ""):
         out.append((f"{prefix}model.embed_tokens.weight", 0, v0, v1, sd["embedding.word_embeddings.weight"]))
     for i, layer in enumerate(model.decoder.layers):
         m, p = f"decoder.layers.{i}.", f"{prefix}model.layers.{layer.layer_number - 1}."
-        qkv = sd[m + "self_attention.linear_qkv.weight"]
-        per = (qpg + 2) * hd
-        groups = [qkv[g * per:(g + 1) * per] for g in range(g1 - g0)]
-        out += [(p + "self_attn.q_proj.weight", 0, g0 * qpg * hd, g1 * qpg * hd, torch.cat([x[:qpg * hd] for x in groups])),
-                (p + "self_attn.k_proj.weight", 0, g0 * hd, g1 * hd, torch.cat([x[qpg * hd:(qpg + 1) * hd] for x in groups])),
-                (p + "self_attn.v_proj.weight", 0, g0 * hd, g1 * hd, torch.cat([x[(qpg + 1) * hd:] for x in groups])),
+        q, k, v = split_qkv(sd[m + "self_attention.linear_qkv.weight"], qpg, hd)
+        out += [(p + "self_attn.q_proj.weight", 0, g0 * qpg * hd, g1 * qpg * hd, q),
+                (p + "self_attn.k_proj.weight", 0, g0 * hd, g1 * hd, k),
+                (p + "self_attn.v_proj.weight", 0, g0 * hd, g1 * hd, v),
                 (p + "self_attn.o_proj.weight", 1, a0, a1, sd[m + "self_attention.linear_proj.weight"])]
         fc1 = sd[m + "mlp.linear_fc1.weight"]
         out += [(p + "mlp.gate_proj.weight", 0, f0, f1, fc1[: f1 - f0]), (p + "mlp.up_proj.weight", 0, f0, f1, fc1[f1 - f0:]),
@@ -117,3 +112,96 @@ def hf_slices(model, hf_cfg, tp_rank: int, tp: int, prefix: str = ""):
         if whole:
             out.append((f"{prefix}model.norm.weight", None, 0, 0, sd["decoder.final_layernorm.weight"]))
     return out
+
+
+# --- LoRA adapters in PEFT's layout ----------------------------------------------------------------------------
+# PEFT keeps one adapter per HF projection; megatron fuses q/k/v and gate/up, so the fused adapter shares one A
+# (PEFT's q/k/v A's must be equal, and gate/up's) and stacks B's rows like the weight's. Column-parallel layers
+# (qkv, fc1): A whole, B split by rows. Row-parallel (proj, fc2): A split by input columns, B whole.
+PEFT_PREFIX = "base_model.model."
+LORA_TARGETS = {"linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                "linear_proj": ("self_attn.o_proj",),
+                "linear_fc1": ("mlp.gate_proj", "mlp.up_proj"),
+                "linear_fc2": ("mlp.down_proj",)}
+_PARENT = {"linear_qkv": "self_attention", "linear_proj": "self_attention", "linear_fc1": "mlp", "linear_fc2": "mlp"}
+
+
+def lora_tensors(model, src, hf_cfg, tp_rank: int, tp: int, targets, prefix: str = PEFT_PREFIX,
+                 require_shared_a: bool = True) -> Dict[str, torch.Tensor]:
+    """A PEFT adapter on LlamaForCausalLM -> this rank's lora_A / lora_B of a GPTModel stage wrapped with
+    `targets`. require_shared_a=False maps gradients, whose per-projection A parts legitimately differ."""
+    hd = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+    qpg = hf_cfg.num_attention_heads // hf_cfg.num_key_value_heads
+    g0, g1 = _span(hf_cfg.num_key_value_heads, tp_rank, tp, "num_key_value_heads")
+    f0, f1 = _span(hf_cfg.intermediate_size, tp_rank, tp, "intermediate_size")
+    a0, a1 = _span(hf_cfg.num_attention_heads * hd, tp_rank, tp, "attention width")
+    out = {}
+    for i, layer in enumerate(model.decoder.layers):
+        p = f"{prefix}model.layers.{layer.layer_number - 1}."
+        for t in targets:
+            m = f"decoder.layers.{i}.{_PARENT[t]}.{t}."
+            names = [f"{p}{h}.lora_{{}}.weight" for h in LORA_TARGETS[t]]
+            if t in ("linear_qkv", "linear_fc1"):
+                a = src.get(names[0].format("A"))
+                for other in names[1:] if require_shared_a else ():
+                    if not torch.equal(src.get(other.format("A")), a):
+                        raise CheckpointError(f"{src.path}: {other.format('A')} differs from {names[0].format('A')}; "
+                                              f"a fused adapter needs one shared A (merge the adapter instead)")
+                if t == "linear_qkv":
+                    q, k, v = (src.get(n.format("B"), 0, s0, s1) for n, (s0, s1) in
+                               zip(names, ((g0 * qpg * hd, g1 * qpg * hd), (g0 * hd, g1 * hd), (g0 * hd, g1 * hd))))
+                    b = fuse_qkv(q, k, v, qpg, hd)
+                else:
+                    b = torch.cat([src.get(n.format("B"), 0, f0, f1) for n in names], 0)
+            else:
+                c0, c1 = (a0, a1) if t == "linear_proj" else (f0, f1)
+                a, b = src.get(names[0].format("A"), 1, c0, c1), src.get(names[0].format("B"))
+            out[m + "lora_A"], out[m + "lora_B"] = a, b
+    return out
+
+
+def lora_hf_slices(model, hf_cfg, tp_rank: int, tp: int, prefix: str = PEFT_PREFIX):
+    """The inverse of lora_tensors, as export slices (hf name, dim, start, stop, tensor) of this rank."""
+    from megatron_p2t.models.lora import lora_layers
+    hd = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+    qpg = hf_cfg.num_attention_heads // hf_cfg.num_key_value_heads
+    g0, g1 = _span(hf_cfg.num_key_value_heads, tp_rank, tp, "num_key_value_heads")
+    f0, f1 = _span(hf_cfg.intermediate_size, tp_rank, tp, "intermediate_size")
+    a0, a1 = _span(hf_cfg.num_attention_heads * hd, tp_rank, tp, "attention width")
+    whole = tp_rank == 0
+    out = []
+    for name, mod in lora_layers(model).items():
+        i, t = int(name.split(".")[2]), name.rsplit(".", 1)[-1]
+        p = f"{prefix}model.layers.{model.decoder.layers[i].layer_number - 1}."
+        a, b = mod.lora_A.detach(), mod.lora_B.detach()
+        hf = LORA_TARGETS[t]
+        if t == "linear_qkv":
+            q, k, v = split_qkv(b, qpg, hd)
+            spans = ((g0 * qpg * hd, g1 * qpg * hd), (g0 * hd, g1 * hd), (g0 * hd, g1 * hd))
+            out += [(f"{p}{h}.lora_B.weight", 0, s0, s1, x) for h, x, (s0, s1) in zip(hf, (q, k, v), spans)]
+        elif t == "linear_fc1":
+            n = f1 - f0
+            out += [(f"{p}{h}.lora_B.weight", 0, f0, f1, x) for h, x in zip(hf, (b[:n], b[n:]))]
+        else:
+            c0, c1 = (a0, a1) if t == "linear_proj" else (f0, f1)
+            out.append((f"{p}{hf[0]}.lora_A.weight", 1, c0, c1, a))
+            if whole:
+                out.append((f"{p}{hf[0]}.lora_B.weight", None, 0, 0, b))
+        if whole and t in ("linear_qkv", "linear_fc1"):
+            out += [(f"{p}{h}.lora_A.weight", None, 0, 0, a) for h in hf]
+    return out
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpg: int, hd: int) -> torch.Tensor:
+    """Rows of q/k/v (this rank's groups) -> megatron's per-group [q heads; k; v] layout."""
+    parts = []
+    for g in range(k.shape[0] // hd):
+        parts += [q[g * qpg * hd:(g + 1) * qpg * hd], k[g * hd:(g + 1) * hd], v[g * hd:(g + 1) * hd]]
+    return torch.cat(parts, 0)
+
+
+def split_qkv(qkv: torch.Tensor, qpg: int, hd: int):
+    per = (qpg + 2) * hd
+    groups = [qkv[g * per:(g + 1) * per] for g in range(qkv.shape[0] // per)]
+    return (torch.cat([x[:qpg * hd] for x in groups]), torch.cat([x[qpg * hd:(qpg + 1) * hd] for x in groups]),
+            torch.cat([x[(qpg + 1) * hd:] for x in groups]))

@@ -49,11 +49,12 @@ def transformer_config(hf, num_layers: int | None = None, params_dtype=torch.flo
 def build(hf, pre_process: bool = True, post_process: bool = True, config=None, **config_overrides):
     """A GPTModel stage (this rank's share of layers) shaped like the HF LlamaForCausalLM `hf` config."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_p2t.models.specs import decoder_layer_spec
     if getattr(hf, "tie_word_embeddings", False):
         raise ValueError("tied input/output embeddings: LLaMA-3.1-8B unties them; this builder expects that")
     cfg = config or transformer_config(hf, **config_overrides)
-    return GPTModel(cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=hf.vocab_size,
+    return GPTModel(cfg, decoder_layer_spec(), vocab_size=hf.vocab_size,
                     max_sequence_length=hf.max_position_embeddings, pre_process=pre_process,
                     post_process=post_process, parallel_output=True, share_embeddings_and_output_weights=False,
                     position_embedding_type="rope", **rope_settings(hf))

@@ -55,7 +55,15 @@ class Prot2TextModel(megatron_module()):
         """Token embeddings [s, b, h] with the placeholders replaced by projected protein vectors."""
         emb = self.llm.embedding(input_ids=input_ids, position_ids=position_ids)   # [s, b, h]
         slots = input_ids == self.placeholder_id                                    # [b, s]
-        have, need = slots.sum(1), protein_mask.sum(1)
+        if protein_ids.shape[0] != input_ids.shape[0]:  # packed rows: proteins in placeholder order
+            have, need = slots.sum(), protein_mask.sum()
+            if have != need:
+                raise ValueError(f"the packed batch has {int(have)} placeholder tokens but its proteins have "
+                                 f"{int(need)} ESM tokens; proteins must be listed in the order their "
+                                 f"placeholders appear (data/instruct.py's collate does this)")
+            have = need = slots.new_zeros(1)
+        else:
+            have, need = slots.sum(1), protein_mask.sum(1)
         if not torch.equal(have, need):
             bad = int((have != need).nonzero()[0, 0])
             raise ValueError(f"sample {bad} of the batch has {int(have[bad])} placeholder tokens but its protein "

@@ -31,6 +31,17 @@ def encoder_layer_spec(normalization: str = "LayerNorm"):
     return spec
 
 
+def decoder_layer_spec(normalization: str = "RMSNorm"):
+    """megatron-core's local GPT layer with SegmentAttention as core attention: causal, or causal within each
+    packed sample when the attention mask carries segment ids (transformer/attention.py)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_p2t.transformer.attention import SegmentAttention
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization))
+    spec.submodules.self_attention.submodules.core_attention = SegmentAttention
+    return spec
+
+
 def megatron_module():
     """megatron-core's MegatronModule, imported when a model class is defined (keeps configs import-light)."""
     from megatron.core.transformer.module import MegatronModule

@@ -35,7 +35,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--what", choices=["llama", "p2t", "esm", "esm_lora", "text"])
+    ap.add_argument("--what", choices=["llama", "p2t", "esm", "esm_lora", "llama_lora", "text"])
     ap.add_argument("--sequences", help="file of real protein sequences, one per line (esm)")
     ap.add_argument("--ckpt")
     ap.add_argument("--out")
@@ -58,6 +58,8 @@ def main():
     llama_dir, esm_dir, proj_dir = (os.path.join(a.ckpt, n) for n in ("llama", "esm", "projector"))
     if a.what == "esm":
         return esm_check(a, esm_dir, tp_rank, state)
+    if a.what == "llama_lora":
+        return llama_lora_check(a, llama_dir, tp_rank, state)
     if a.what == "esm_lora":
         return esm_lora_check(a, esm_dir, tp_rank, state)
     if a.what == "text":
@@ -221,6 +223,71 @@ def esm_lora_check(a, esm_dir, tp_rank, state):
         json.dump({"tp_rank": tp_rank, "out_diff": float((out - ref)[mask].abs().max()), "grad_diff": grad_diff,
                    "grads": len(want), "trainable": trainable, "merged": merged,
                    "merge_diff": float((after - before)[mask].abs().max()), "lora_effect": effect}, f)
+    state.destroy()
+
+
+def llama_lora_check(a, llama_dir, tp_rank, state):
+    """LoRA on every LLaMA linear vs PEFT on HF LlamaForCausalLM with the same adapter: masked loss, every LoRA
+    gradient, the PEFT-layout export slices, and the output after merging."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import LlamaForCausalLM
+
+    from megatron_p2t.checkpoint import llama_hf
+    from megatron_p2t.checkpoint.hf_dir import HFDir, TensorSource
+    from megatron_p2t.models import llama
+    from megatron_p2t.models.lora import LoRAConfig, apply_lora, load_lora, lora_layers, merge_lora
+    hf = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation="eager")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    g = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        for n, mod in peft.named_modules():  # fused adapters share A: q/k/v take q's, gate/up take gate's
+            if n.endswith("self_attn"):
+                for other in (mod.k_proj, mod.v_proj):
+                    other.lora_A["default"].weight.copy_(mod.q_proj.lora_A["default"].weight)
+            if n.endswith("mlp"):
+                mod.up_proj.lora_A["default"].weight.copy_(mod.gate_proj.lora_A["default"].weight)
+    b = reference_inputs(micro=1)[0]
+    logits = peft(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
+    tok = F.cross_entropy(logits.transpose(1, 2), b["labels"], reduction="none")
+    ref_loss = (tok * b["loss_mask"]).sum() / b["loss_mask"].sum()
+    ref_loss.backward()
+    adapter = TensorSource({k: v.detach() for k, v in get_peft_model_state_dict(peft).items()}, "peft")
+    grads = TensorSource({k.replace(".default", ""): p.grad for k, p in peft.named_parameters() if "lora_" in k})
+
+    names = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    model = llama.build(hf.config)
+    llama_hf.load_into(model, HFDir(llama_dir), hf.config, tp_rank, a.tp)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=names))
+    load_lora(model, llama_hf.lora_tensors(model, adapter, hf.config, tp_rank, a.tp, names), "peft")
+    trainable = sorted({n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad})
+    per_tok = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=None,
+                    labels=b["labels"])
+    loss = (per_tok * b["loss_mask"]).sum() / b["loss_mask"].sum()
+    loss.backward()
+    want = llama_hf.lora_tensors(model, grads, hf.config, tp_rank, a.tp, names, require_shared_a=False)
+    for i in range(len(model.decoder.layers)):  # a shared A receives the sum of PEFT's separate A gradients
+        pre = f"base_model.model.model.layers.{i}."
+        want[f"decoder.layers.{i}.self_attention.linear_qkv.lora_A"] = sum(
+            grads.get(f"{pre}self_attn.{x}.lora_A.weight") for x in ("q_proj", "k_proj", "v_proj"))
+        want[f"decoder.layers.{i}.mlp.linear_fc1.lora_A"] = sum(
+            grads.get(f"{pre}mlp.{x}.lora_A.weight") for x in ("gate_proj", "up_proj"))
+    got = {f"{n}.{x}": getattr(m, x).grad for n, m in lora_layers(model).items() for x in ("lora_A", "lora_B")}
+    grad_diff = max(float((got[k] - want[k]).abs().max() / want[k].abs().max()) for k in want)
+    slices = llama_hf.lora_hf_slices(model, hf.config, tp_rank, a.tp)
+    export_diff = max(float((t - (adapter.get(n) if d is None else adapter.get(n, d, s0, s1))).abs().max())
+                      for n, d, s0, s1, t in slices)
+    with torch.no_grad():
+        before = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=None)
+        merge_lora(model)
+        after = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=None)
+    with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
+        json.dump({"tp_rank": tp_rank, "loss_diff": abs(float(loss) - float(ref_loss)), "grad_diff": grad_diff,
+                   "grads": len(want), "trainable": trainable, "export_diff": export_diff,
+                   "exported": sorted({n for n, *_ in slices}), "merge_diff": float((after - before).abs().max())}, f)
     state.destroy()
 
 

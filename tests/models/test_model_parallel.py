@@ -82,3 +82,15 @@ def test_esm_lora_matches_peft_and_merges(tmp_path, ckpt, sample_records, tp):
         assert r["out_diff"] <= 1e-5 and r["grad_diff"] <= 1e-5, r
         assert r["grads"] == 4 * 3 and r["trainable"] == ["lora_A", "lora_B"] and r["merged"] == 2 * 3
         assert r["merge_diff"] <= 1e-5, r
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_llama_lora_matches_peft_exports_its_layout_and_merges(tmp_path, ckpt, tp):
+    ranks = _launch(tmp_path, tp, "--what", "llama_lora", "--tp", str(tp), "--ckpt", ckpt)
+    layers, projections = 4, 7
+    for r in ranks:
+        assert r["loss_diff"] <= 1e-6 and r["grad_diff"] <= 1e-5, r
+        assert r["grads"] == layers * 4 * 2 and r["trainable"] == ["lora_A", "lora_B"]
+        assert r["export_diff"] == 0 and r["merge_diff"] <= 1e-5, r
+    exported = set().union(*(r["exported"] for r in ranks))
+    assert len(exported) == layers * projections * 2

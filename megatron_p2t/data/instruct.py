@@ -1,0 +1,181 @@
+"""Stage 2 batches: chat prompts with one placeholder per ESM token, labels on the answers only, packed rows.
+
+Prompts go through the tokenizer's own chat template (LLaMA-3.1's). Three sample shapes share the path:
+- SwissProt-style entries: user turn `Protein name: ...; Taxon: ...; Sequence embeddings: <ph>*(L+2)`, the name
+  and the taxon each dropped with probability `drop_name` / `drop_taxon` in training (Prot2Text-V2: 0.8);
+- Mol-Instructions: the instruction, then `Sequence embeddings: <ph>*(L+2)`;
+- Protein2Text-style QA: a `conversations` list (human/gpt turns); the protein goes where the first human turn
+  says `<protein>` (or before it); every assistant turn is learned.
+The answer of single-turn samples is the loader's text tokens (function text + <|eot_id|>, already capped at
+max_text_tokens). Targets are shifted here: position t predicts token t+1, and the last token of a sample
+predicts nothing, so a sample's loss does not depend on what is packed after it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+SYSTEM_PROMPT = ("You are a scientific assistant specialized in protein function predictions. Given the sequence "
+                 "embeddings and other information of a protein, describe its function clearly and concisely in "
+                 "professional language.")
+PROTEIN_MARK = "<protein>"
+
+
+@dataclasses.dataclass
+class InstructConfig:
+    """Stage 2 (instruction tuning)."""
+    system_prompt: str = SYSTEM_PROMPT
+    drop_name: float = 0.8             # training only; generation always shows what the record has
+    drop_taxon: float = 0.8
+    pack: bool = True                  # several samples per row, attention confined to each
+    pack_length: Optional[int] = None  # row length; None: the batch's longest sample
+    mix: List[Dict] = dataclasses.field(default_factory=list)   # [{manifest: ..., weight: ...}, ...] extra sources
+
+
+@dataclasses.dataclass
+class Encoded:
+    ids: np.ndarray          # prompt + answer token ids, placeholders expanded
+    targets: np.ndarray      # next-token targets, -100 where nothing is learned
+    n_protein: int
+
+
+class PromptBuilder:
+    def __init__(self, tok, cfg: InstructConfig, placeholder_token: str, seed: int = 0):
+        self.tok, self.cfg, self.seed = tok, cfg, seed
+        self.placeholder = tok.convert_tokens_to_ids(placeholder_token)
+        if self.placeholder is None or self.placeholder == tok.unk_token_id:
+            raise ValueError(f"placeholder token {placeholder_token!r} is not in the tokenizer")
+        self.placeholder_text = placeholder_token
+        self.eot = tok.convert_tokens_to_ids("<|eot_id|>")
+
+    def _encode(self, text: str) -> List[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _render(self, messages, generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def user_turn(self, meta: dict, key: str, epoch: int, train: bool) -> str:
+        """The first user message, with a single placeholder standing for the protein."""
+        prot = f"Sequence embeddings: {self.placeholder_text}"
+        if meta.get("instruction"):
+            return f"{meta['instruction']}\n{prot}"
+        r = np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode())]) if train else None
+        parts = []
+        if meta.get("name") and not (train and r.random() < self.cfg.drop_name):
+            parts.append(f"Protein name: {meta['name']}")
+        taxon = meta.get("organism") or meta.get("taxon")
+        if taxon and not (train and r.random() < self.cfg.drop_taxon):
+            parts.append(f"Taxon: {taxon}")
+        return "; ".join(parts + [prot])
+
+    def _expand(self, ids: List[int], n_protein: int) -> List[int]:
+        at = [i for i, t in enumerate(ids) if t == self.placeholder]
+        if len(at) != 1:
+            raise ValueError(f"the prompt must hold the protein placeholder once, found {len(at)}")
+        return ids[:at[0]] + [self.placeholder] * n_protein + ids[at[0] + 1:]
+
+    def prompt_ids(self, meta: dict, key: str, n_protein: int, epoch: int = 0, train: bool = False) -> List[int]:
+        """System + user turn + the assistant header: what generation starts from."""
+        msgs = [{"role": "system", "content": self.cfg.system_prompt},
+                {"role": "user", "content": self.user_turn(meta, key, epoch, train)}]
+        return self._expand(self._encode(self._render(msgs, True)), n_protein)
+
+    def encode(self, meta: dict, key: str, answer_ids: Sequence[int], n_protein: int, epoch: int,
+               train: bool = True) -> Encoded:
+        if meta.get("conversations"):
+            ids, learn = self._conversation(meta["conversations"], n_protein)
+        else:
+            prompt = self.prompt_ids(meta, key, n_protein, epoch, train)
+            answer = list(answer_ids)
+            if not answer or answer[-1] != self.eot:
+                answer.append(self.eot)
+            ids, learn = prompt + answer, [False] * len(prompt) + [True] * len(answer)
+        ids_a = np.asarray(ids, dtype=np.int64)
+        targets = np.full(len(ids), -100, dtype=np.int64)
+        learn_next = np.asarray(learn[1:], dtype=bool)
+        targets[:-1][learn_next] = ids_a[1:][learn_next]
+        return Encoded(ids_a, targets, n_protein)
+
+    def _conversation(self, turns: List[dict], n_protein: int) -> Tuple[List[int], List[bool]]:
+        roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+        msgs = [{"role": "system", "content": self.cfg.system_prompt}]
+        for i, t in enumerate(turns):
+            role = roles.get(t.get("from") or t.get("role"))
+            if role is None:
+                raise ValueError(f"conversation turn {i}: unknown speaker {t.get('from') or t.get('role')!r} "
+                                 f"(human/gpt or user/assistant)")
+            text = t.get("value") if "value" in t else t.get("content", "")
+            if role == "user" and len(msgs) == 1:
+                prot = f"Sequence embeddings: {self.placeholder_text}"
+                text = text.replace(PROTEIN_MARK, prot) if PROTEIN_MARK in text else f"{prot}\n{text}"
+            msgs.append({"role": role, "content": text})
+        ids: List[int] = []
+        learn: List[bool] = []
+        done = ""
+        for j, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            head = self._render(msgs[:j], True)
+            piece = self._encode(head[len(done):])
+            answer = self._encode(m["content"]) + [self.eot]
+            ids += piece + answer
+            learn += [False] * len(piece) + [True] * len(answer)
+            done = self._render(msgs[:j + 1], False)
+        if not any(learn):
+            raise ValueError("a conversation without an assistant turn has nothing to learn")
+        expanded = self._expand(ids, n_protein)
+        at = ids.index(self.placeholder)
+        learn = learn[:at] + [False] * n_protein + learn[at + 1:]
+        return expanded, learn
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> List[List[int]]:
+    """First-fit decreasing: sample indices per row, each row's total <= capacity (a longer sample gets a
+    row of its own)."""
+    rows: List[List[int]] = []
+    free: List[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, f in enumerate(free):
+            if lengths[i] <= f:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - lengths[i])
+    return rows
+
+
+def collate_instruct(encoded: List[Encoded], protein_ids: torch.Tensor, protein_mask: torch.Tensor, pad_id: int,
+                     pack: bool, pack_length: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Rows of prompts+answers. Packed: several samples per row, `attention_mask` = segment ids (1.. per
+    sample, 0 padding), positions restart per sample. Padded: one sample per row, `attention_mask` None.
+    Proteins are reordered to the order their placeholders appear in (row-major), as the splice reads them."""
+    lengths = [len(e.ids) for e in encoded]
+    rows = pack_rows(lengths, max(pack_length or 0, max(lengths))) if pack else [[i] for i in range(len(encoded))]
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    n = len(rows)
+    ids = np.full((n, width), pad_id, dtype=np.int64)
+    targets = np.full((n, width), -100, dtype=np.int64)
+    pos = np.zeros((n, width), dtype=np.int64)
+    seg = np.zeros((n, width), dtype=np.int64)
+    order = []
+    for r, row in enumerate(rows):
+        at = 0
+        for j, i in enumerate(row):
+            e, k = encoded[i], lengths[i]
+            ids[r, at:at + k], targets[r, at:at + k] = e.ids, e.targets
+            pos[r, at:at + k], seg[r, at:at + k] = np.arange(k), j + 1
+            at += k
+            order.append(i)
+    loss_mask = targets != -100
+    order_t = torch.tensor(order)
+    out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(np.where(loss_mask, targets, 0)),
+           "loss_mask": torch.from_numpy(loss_mask.astype(np.float32)), "position_ids": torch.from_numpy(pos),
+           "protein_ids": protein_ids[order_t], "protein_mask": protein_mask[order_t], "order": order_t,
+           "attention_mask": torch.from_numpy(seg) if pack else None}
+    return out
