@@ -143,6 +143,24 @@ def cmd_align(args) -> int:
     return 0
 
 
+def cmd_instruct(args) -> int:
+    """Stage 2: LoRA instruction tuning (ESM frozen, projector + decoder LoRA trained)."""
+    from megatron_p2t.config import load_config
+    from megatron_p2t.training.run_instruct import run
+    from megatron_p2t.training.trainer import Stop
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = run(cfg, resume=args.resume)
+    except Stop as e:
+        print(str(e), file=sys.stderr)
+        return 0
+    if torch_rank() == 0:
+        summary = {k: v for k, v in result.items() if k != "losses"}
+        summary["final_loss"] = result["losses"][-1] if result["losses"] else None
+        print(json.dumps(summary))
+    return 0
+
+
 def cmd_cache_text(args) -> int:
     """Stage 1's frozen text side, computed once for every shard (run under the same launcher as align)."""
     from megatron_p2t.config import load_config
@@ -211,6 +229,12 @@ def main(argv=None) -> int:
     ct.add_argument("--config", required=True)
     ct.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     ct.add_argument("overrides", nargs="*", help="section.key=value")
+    ins = sub.add_parser("instruct", help="stage 2: LoRA instruction tuning (`deepspeed launch/instruct.sh` / "
+                                          "`bash launch/instruct.sh`); instruct.init_from names the stage-1 run")
+    ins.add_argument("--config", required=True)
+    ins.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in train.save_dir) or a "
+                                                    "checkpoint directory")
+    ins.add_argument("overrides", nargs="*", help="section.key=value")
     tm = sub.add_parser("make-tiny-models", help="tiny random ESM-2 and LLaMA-3 HF checkpoints for CPU demos")
     tm.add_argument("--tokenizer", required=True)
     tm.add_argument("--out", required=True)
@@ -221,7 +245,7 @@ def main(argv=None) -> int:
     from megatron_p2t.parallel.state import LayoutError
     try:
         return {"quickstart": cmd_quickstart, "data-check": cmd_data_check, "make-tokenizer": cmd_make_tokenizer,
-                "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "align": cmd_align,
+                "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "align": cmd_align, "instruct": cmd_instruct,
                 "cache-text": cmd_cache_text, "make-tiny-models": cmd_make_tiny_models}[args.cmd](args)
     except (DataError, ConfigError, FileNotFoundError, CheckpointError, LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ from typing import Any, List, Optional
 
 import yaml
 
+from megatron_p2t.data.instruct import InstructConfig
 from megatron_p2t.data.loader import LoaderConfig
 from megatron_p2t.models.parts_config import FreezeConfig, LoRAConfig, ProjectorConfig
 
@@ -22,6 +23,9 @@ class ModelConfig:
     freeze: FreezeConfig = dataclasses.field(default_factory=FreezeConfig)
     # LoRA on ESM's attention (the paper trains it in stage 1, the released code does not): r=0 is off
     esm_lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    # stage 2's adapters on every decoder linear; alpha 2r and dropout 0.1 as Prot2Text-V2
+    llm_lora: LoRAConfig = dataclasses.field(default_factory=lambda: LoRAConfig(
+        r=16, targets=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]))
     dtype: str = "float32"                           # bfloat16 on GPUs
 
 
@@ -74,6 +78,7 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
+    instruct: InstructConfig = dataclasses.field(default_factory=InstructConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 

@@ -32,8 +32,11 @@ class InstructConfig:
     drop_name: float = 0.8             # training only; generation always shows what the record has
     drop_taxon: float = 0.8
     pack: bool = True                  # several samples per row, attention confined to each
-    pack_length: Optional[int] = None  # row length; None: the batch's longest sample
+    pack_length: Optional[int] = 2048  # row capacity in tokens (at least the longest sample of the batch)
     mix: List[Dict] = dataclasses.field(default_factory=list)   # [{manifest: ..., weight: ...}, ...] extra sources
+    main_weight: float = 1.0           # data.manifest's weight when mixing
+    init_from: Optional[str] = None    # a stage-1 run directory (or step directory): its trained projector
+    projector_lr: Optional[float] = None   # None: train.lr (which the LoRA adapters use)
 
 
 @dataclasses.dataclass
@@ -179,3 +182,66 @@ def collate_instruct(encoded: List[Encoded], protein_ids: torch.Tensor, protein_
            "protein_ids": protein_ids[order_t], "protein_mask": protein_mask[order_t], "order": order_t,
            "attention_mask": torch.from_numpy(seg) if pack else None}
     return out
+
+
+class InstructLoader:
+    """A ProteinTextLoader's batches as stage-2 batches; its resumable position is the wrapped loader's.
+    Padding samples of a finite pass (valid=False) are dropped here, and counted by the loader."""
+
+    def __init__(self, loader, builder: PromptBuilder, cfg: InstructConfig, train: bool = True):
+        self.loader, self.builder, self.cfg, self.train = loader, builder, cfg, train
+        self.pad_id = loader.text_pad
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+    def __iter__(self):
+        for b in self.loader:
+            yield self.convert(b)
+
+    def convert(self, b: dict) -> Optional[dict]:
+        keep = [i for i, v in enumerate(b["valid"].tolist()) if v]
+        if not keep:
+            return None
+        enc = []
+        for i in keep:
+            answer = b["text_ids"][i][b["text_mask"][i]].tolist()
+            enc.append(self.builder.encode(b["meta"][i], b["keys"][i], answer, int(b["protein_mask"][i].sum()),
+                                           b["epochs"][i], self.train))
+        idx = torch.tensor(keep)
+        out = collate_instruct(enc, b["protein_ids"][idx], b["protein_mask"][idx], self.pad_id, self.cfg.pack,
+                               self.cfg.pack_length)
+        out["keys"] = [b["keys"][i] for i in keep]
+        return out
+
+
+class MixedLoader:
+    """Several InstructLoaders drawn by weight, one batch at a time (Mol-Instructions beside SwissProt, ...).
+    The draw of step n depends only on (seed, n), so a resumed run draws what the uninterrupted one would."""
+
+    def __init__(self, loaders: Sequence[InstructLoader], weights: Sequence[float], seed: int = 0):
+        if len(loaders) != len(weights) or min(weights) <= 0:
+            raise ValueError(f"mix weights must be positive, one per source: {list(weights)}")
+        self.loaders, self.seed, self.n = list(loaders), seed, 0
+        self.p = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self.pad_id = loaders[0].pad_id
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "sources": [ld.state_dict() for ld in self.loaders]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["sources"]) != len(self.loaders):
+            raise ValueError("the saved position is of a different data mix; restore instruct.mix")
+        self.n = int(state["n"])
+        for ld, s in zip(self.loaders, state["sources"]):
+            ld.load_state_dict(s)
+
+    def __iter__(self):
+        its = [iter(ld.loader) for ld in self.loaders]
+        while True:
+            k = int(np.random.default_rng([self.seed, self.n, 0x313]).choice(len(its), p=self.p))
+            self.n += 1
+            yield self.loaders[k].convert(next(its[k]))

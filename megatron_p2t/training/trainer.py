@@ -128,12 +128,12 @@ class Stop(Exception):
 
 class Trainer:
     def __init__(self, model, cfg, loader, step_fn: Callable, eval_fn: Optional[Callable] = None,
-                 micro_batch: int = 1):
+                 micro_batch: int = 1, param_groups: Optional[list] = None):
         import deepspeed
         self.cfg, self.tc, self.loader, self.step_fn, self.eval_fn = cfg, cfg.train, loader, step_fn, eval_fn
         self.rank = dist.get_rank()
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        params = param_groups or [p for p in model.parameters() if p.requires_grad]
+        if not params or (param_groups and not any(g["params"] for g in param_groups)):
             raise ValueError("nothing to train: every parameter is frozen (see model.freeze)")
         opt = torch.optim.AdamW(params, lr=self.tc.lr, betas=tuple(self.tc.adam_betas), eps=self.tc.adam_eps,
                                 weight_decay=self.tc.weight_decay)
