@@ -56,7 +56,8 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    """The default end-to-end job on the embedded sample: build shards, a tokenizer, stream them."""
+    """The default end-to-end job on the embedded sample: shards, tokenizer, both stages on tiny random
+    models, export, generation on the test split and its evaluation beside the MMseqs2 baseline."""
     from data_tools.build import BuildOptions, build
     from data_tools.split import SplitOptions
     from megatron_p2t.config import load_config
@@ -83,7 +84,48 @@ def cmd_quickstart(args) -> int:
     print("stream (one pass of train, fixed batches):", json.dumps(data_check(cfg)))
     cfg = load_config(args.config, [f"data.manifest={data_dir}/manifest.json", f"data.text_tokenizer={tok_dir}"])
     print("stream (token-budget batches, 50 steps):", json.dumps(data_check(cfg, 50)))
+    if args.data_only:
+        return 0
+    return _quickstart_model_stages(args, data_dir, tok_dir)
+
+
+def _quickstart_model_stages(args, data_dir: str, tok_dir: str) -> int:
+    """Tiny random models through both stages, export, generation and evaluation, each stage its own process
+    (as users run them): the machinery end to end, not a model worth using."""
+    import subprocess
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
+    data = [f"data.manifest={data_dir}/manifest.json", f"data.text_tokenizer={tok_dir}"]
+    tiny = os.path.join(args.out, "tiny")
+    models = [f"model.esm={tiny}/esm", f"model.llama={tiny}/llama"]
+    align, instruct = os.path.join(args.out, "align"), os.path.join(args.out, "instruct")
+    hf, report = os.path.join(args.out, "export"), os.path.join(args.out, "report")
+    preds = os.path.join(args.out, "predictions.jsonl")
+    steps = [
+        ["make-tiny-models", "--tokenizer", tok_dir, "--out", tiny],
+        ["align", "--config", os.path.join(REPO, "configs", "align_tiny_cpu.yaml"), *data, *models,
+         f"train.save_dir={align}", f"train.steps={args.align_steps}", "--resume", "auto"],
+        ["instruct", "--config", os.path.join(REPO, "configs", "instruct_tiny_cpu.yaml"), *data, *models,
+         f"instruct.init_from={align}", f"train.save_dir={instruct}", f"train.steps={args.instruct_steps}",
+         "--resume", "auto"],
+        ["export", "--checkpoint", instruct, "--out", hf, "--verify"],
+        ["generate", "--model", hf, "--input", f"{data_dir}/manifest.json", "--split", "test", "--out", preds,
+         "--max-new-tokens", "48"],
+        ["evaluate", preds, "--baseline-manifest", f"{data_dir}/manifest.json", "--split", "test", "--out", report],
+    ]
+    for cmd in steps:
+        print(f"== megatron-p2t {' '.join(cmd[:1])}", flush=True)
+        rc = subprocess.call([sys.executable, "-m", "megatron_p2t", *cmd], env=env)
+        if rc:
+            print(f"error: `megatron-p2t {' '.join(cmd)}` failed with exit code {rc}", file=sys.stderr)
+            return rc
+    print(f"report: {report}/scores.md (tiny random models lose to the MMseqs2 baseline; the numbers are honest)")
     return 0
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def _model_setup(args):
@@ -161,6 +203,65 @@ def cmd_instruct(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """A stage-2 checkpoint -> one HF-format directory (merged LLaMA, PEFT adapter, ESM, projector, tokenizer)."""
+    from megatron_p2t.checkpoint.export_p2t import checkpoint_tp, export, resolve
+    from megatron_p2t.config import config_from_dict
+    from megatron_p2t.parallel import state
+    step, run_dir = resolve(args.checkpoint)
+    tp = checkpoint_tp(step)
+    if "WORLD_SIZE" not in os.environ and tp > 1:  # one process per tensor-parallel shard of the checkpoint
+        import subprocess
+        return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc_per_node={tp}", "-m", "megatron_p2t", *sys.argv[1:]])
+    if int(os.environ.get("WORLD_SIZE", "1")) != tp:
+        raise ValueError(f"{step} has {tp} tensor-parallel shards; export with {tp} processes (or run it "
+                         f"without a launcher and it starts them)")
+    with open(os.path.join(run_dir, "megatron_p2t.json")) as f:
+        cfg = config_from_dict(json.load(f)["config"], args.overrides + [f"parallel.tensor={tp}",
+                                                                         "parallel.pipeline=1"])
+    state.initialize(tp=tp, pp=1, seed=cfg.parallel.seed)
+    res = export(cfg, step, args.out)
+    report = {"out": args.out, "tensor_parallel": tp, "merged_lora_layers": res["merged_lora_layers"]}
+    if args.verify:
+        from megatron_p2t.checkpoint.export_p2t import verify
+        report["max_abs_logit_diff"] = verify(res["model"], cfg, args.out)
+    if torch_rank() == 0:
+        print(json.dumps(report))
+    state.destroy()
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Descriptions for the proteins of a FASTA file or a shards split, with an exported model."""
+    from megatron_p2t.generate import run
+    print(json.dumps(run(args.model, args.input, args.out, split=args.split, batch_size=args.batch_size,
+                         num_beams=args.beams, max_new_tokens=args.max_new_tokens, device=args.device,
+                         with_name=not args.no_name, with_taxon=not args.no_taxon)))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Score predictions (and the MMseqs2 nearest-neighbour baseline) against the references."""
+    from megatron_p2t import evaluation
+    systems = {os.path.splitext(os.path.basename(p))[0]: p for p in args.predictions}
+    if args.baseline_manifest:
+        train = [(k, s, t) for k, s, t, _ in evaluation.split_records(args.baseline_manifest, "train")]
+        first = evaluation.read_predictions(args.predictions[0])
+        queries = [(k, s, t) for k, s, t, _ in evaluation.split_records(args.baseline_manifest, args.split)
+                   if k in first]
+        if not queries:
+            raise ValueError(f"none of {args.predictions[0]}'s proteins is in split {args.split!r} of "
+                             f"{args.baseline_manifest}")
+        path = os.path.join(args.out, "mmseqs_nearest_neighbour.jsonl")
+        os.makedirs(args.out, exist_ok=True)
+        evaluation.mmseqs_baseline(train, queries, path)
+        systems["mmseqs_nearest_neighbour"] = path
+    report = evaluation.evaluate(systems, args.out, bertscore_model=args.bertscore_model)
+    print(evaluation.markdown(report))
+    return 0
+
+
 def cmd_cache_text(args) -> int:
     """Stage 1's frozen text side, computed once for every shard (run under the same launcher as align)."""
     from megatron_p2t.config import load_config
@@ -194,11 +295,15 @@ def torch_rank() -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="megatron-p2t", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("quickstart", help="end to end on the embedded sample (today: shards -> stream)")
+    q = sub.add_parser("quickstart", help="end to end on the embedded sample: shards -> stage 1 -> stage 2 -> "
+                                          "export -> generate -> evaluate (tiny random models)")
     q.add_argument("--out", default=os.path.join(REPO, "runs", "quickstart"))
     q.add_argument("--input", help="a UniProt flat file (default: ../shared sample, else a REST download)")
     q.add_argument("--config", default=os.path.join(REPO, "configs", "sample_cpu.yaml"))
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--data-only", action="store_true", help="stop after the shards, tokenizer and streaming")
+    q.add_argument("--align-steps", type=int, default=60)
+    q.add_argument("--instruct-steps", type=int, default=60)
     d = sub.add_parser("data-check", help="stream the configured data once and report throughput and padding")
     d.add_argument("--config", required=True)
     d.add_argument("--max-batches", type=int)
@@ -235,6 +340,32 @@ def main(argv=None) -> int:
     ins.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in train.save_dir) or a "
                                                     "checkpoint directory")
     ins.add_argument("overrides", nargs="*", help="section.key=value")
+    ex = sub.add_parser("export", help="a stage-2 checkpoint (any TP) -> one HF directory: merged LLaMA, PEFT "
+                                       "adapter, ESM, projector, tokenizer, model card")
+    ex.add_argument("--checkpoint", required=True, help="an `instruct` run directory (its latest) or a step directory")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--verify", action="store_true", help="load the export with transformers and compare its logits "
+                                                          "with the megatron model's on validation prompts")
+    ex.add_argument("overrides", nargs="*", help="section.key=value over the run's saved config")
+    ge = sub.add_parser("generate", help="descriptions for proteins (FASTA or a shards manifest) with an exported "
+                                         "model; resumable")
+    ge.add_argument("--model", required=True, help="a `megatron-p2t export` directory")
+    ge.add_argument("--input", required=True, help="proteins.fasta, or a shards manifest.json (with --split)")
+    ge.add_argument("--split", default="test")
+    ge.add_argument("--out", required=True, help="predictions JSONL (appended to; done proteins are skipped)")
+    ge.add_argument("--batch-size", type=int, default=8)
+    ge.add_argument("--beams", type=int, default=1, help="1: greedy; Prot2Text-V2 reports beam 4")
+    ge.add_argument("--max-new-tokens", type=int, default=256)
+    ge.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ge.add_argument("--no-name", action="store_true", help="leave the protein name out of the prompt")
+    ge.add_argument("--no-taxon", action="store_true", help="leave the taxon out of the prompt")
+    ev = sub.add_parser("evaluate", help="BLEU-2/4, ROUGE-1/2/L, exact match (+ BERTScore) of predictions, "
+                                         "next to the MMseqs2 nearest-neighbour baseline")
+    ev.add_argument("predictions", nargs="+", help="JSONL files from generate (one system each)")
+    ev.add_argument("--out", required=True, help="directory for scores.md, scores.json, by_length.png")
+    ev.add_argument("--baseline-manifest", help="shards manifest: run the MMseqs2 baseline (train -> --split)")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--bertscore-model", help="a local HF encoder directory for BERTScore")
     tm = sub.add_parser("make-tiny-models", help="tiny random ESM-2 and LLaMA-3 HF checkpoints for CPU demos")
     tm.add_argument("--tokenizer", required=True)
     tm.add_argument("--out", required=True)
@@ -245,7 +376,8 @@ def main(argv=None) -> int:
     from megatron_p2t.parallel.state import LayoutError
     try:
         return {"quickstart": cmd_quickstart, "data-check": cmd_data_check, "make-tokenizer": cmd_make_tokenizer,
-                "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "align": cmd_align, "instruct": cmd_instruct,
+                "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "align": cmd_align, "instruct": cmd_instruct, "export": cmd_export,
+                "generate": cmd_generate, "evaluate": cmd_evaluate,
                 "cache-text": cmd_cache_text, "make-tiny-models": cmd_make_tiny_models}[args.cmd](args)
     except (DataError, ConfigError, FileNotFoundError, CheckpointError, LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)

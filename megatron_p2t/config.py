@@ -118,6 +118,11 @@ def load_config(path: Optional[str], overrides: List[str] = ()) -> Config:
     if path:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
+    return config_from_dict(values, overrides)
+
+
+def config_from_dict(values: dict, overrides: List[str] = ()) -> Config:
+    """A Config from nested values (a YAML's, or the `config` a run saved in megatron_p2t.json) + overrides."""
     cfg = _build(Config, values, "")
     for o in overrides:
         key, eq, raw = o.partition("=")

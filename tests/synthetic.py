@@ -14,7 +14,7 @@ AMINO = "ACDEFGHIKLMNPQRSTVWY"
 
 
 def write_families(out: str, texts: Sequence[str], families: int = 40, members: int = 12,
-                   substitution: float = 0.15, seed: int = 0) -> Dict[str, str]:
+                   substitution: float = 0.15, seed: int = 0, lengths=(80, 200)) -> Dict[str, str]:
     """FASTA + annotation TSV + split lists under out; returns their paths (data_tools build's inputs)."""
     if len(set(texts)) < families:
         raise ValueError(f"need {families} distinct texts, got {len(set(texts))}")
@@ -28,7 +28,7 @@ def write_families(out: str, texts: Sequence[str], families: int = 40, members: 
         ann.write("accession\tfunction\n")
         for f, text in enumerate(texts):
             weights = [rng.gammavariate(0.5, 1.0) for _ in AMINO]
-            ancestor = rng.choices(AMINO, weights=weights, k=rng.randint(80, 200))
+            ancestor = rng.choices(AMINO, weights=weights, k=rng.randint(*lengths))
             for m in range(members):
                 seq = "".join(rng.choices(AMINO, weights=weights)[0] if rng.random() < substitution else a
                               for a in ancestor)

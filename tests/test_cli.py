@@ -11,9 +11,15 @@ from tests.conftest import ROOT
 @pytest.mark.slow
 def test_quickstart_is_the_readme_main_job(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, "-m", "megatron_p2t", "quickstart", "--out", str(tmp_path / "qs")],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "megatron_p2t", "quickstart", "--out", str(tmp_path / "qs"),
+                        "--align-steps", "6", "--instruct-steps", "6"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
+    # stage 1 -> stage 2 -> export (verified) -> generate -> evaluate, with the baseline in the same table
+    rep = json.load(open(tmp_path / "qs" / "report" / "scores.json"))
+    assert rep["n"] == 44 and set(rep["systems"]) == {"predictions", "mmseqs_nearest_neighbour"}
+    exported = [json.loads(l) for l in r.stdout.splitlines() if l.startswith('{"out"')][0]
+    assert exported["max_abs_logit_diff"] <= 1e-4
     assert "0 of 88 held-out sequences have a train neighbour" in r.stderr
     passes = [json.loads(l.split(":", 1)[1]) for l in r.stdout.splitlines() if l.startswith("stream")]
     assert passes[0]["samples"] == 789 and passes[1]["batches"] == 50

@@ -188,7 +188,7 @@ def lora_hf_slices(model, hf_cfg, tp_rank: int, tp: int, prefix: str = PEFT_PREF
             if whole:
                 out.append((f"{p}{hf[0]}.lora_B.weight", None, 0, 0, b))
         if whole and t in ("linear_qkv", "linear_fc1"):
-            out += [(f"{p}{h}.lora_A.weight", None, 0, 0, a) for h in hf]
+            out += [(f"{p}{h}.lora_A.weight", None, 0, 0, a.clone()) for h in hf]  # one tensor per file entry
     return out
 
 

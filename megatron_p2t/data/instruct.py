@@ -180,7 +180,8 @@ def collate_instruct(encoded: List[Encoded], protein_ids: torch.Tensor, protein_
     out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(np.where(loss_mask, targets, 0)),
            "loss_mask": torch.from_numpy(loss_mask.astype(np.float32)), "position_ids": torch.from_numpy(pos),
            "protein_ids": protein_ids[order_t], "protein_mask": protein_mask[order_t], "order": order_t,
-           "attention_mask": torch.from_numpy(seg) if pack else None}
+           "attention_mask": torch.from_numpy(seg) if pack else None,
+           "lengths": torch.tensor([sum(lengths[i] for i in row) for row in rows])}
     return out
 
 

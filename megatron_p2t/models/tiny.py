@@ -11,14 +11,22 @@ LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "h
 
 
 def make_llama(path: str, vocab: int = 256, layers: int = 4, hidden: int = 64, seed: int = 0,
-               max_shard_size: str = "100KB") -> str:
+               max_shard_size: str = "100KB", init_std: float = 0.02) -> str:
+    """init_std: HF's initializer_range. A random 64-wide model with the default 0.02 cannot make a confident
+    prediction (its logits are bounded by |h| * |w| ~ 8 * 0.16), so learnability checks use a larger one."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=131072,
                       rope_theta=500000.0, rope_scaling=dict(LLAMA31_ROPE), tie_word_embeddings=False,
                       rms_norm_eps=1e-5)
-    LlamaForCausalLM(cfg).save_pretrained(path, max_shard_size=max_shard_size)
+    model = LlamaForCausalLM(cfg)
+    if init_std != 0.02:  # transformers' own init keeps 0.02 whatever initializer_range says
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, init_std)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
     return path
 
 

@@ -1,0 +1,204 @@
+"""`megatron-p2t evaluate`: score generated descriptions against the references, next to the MMseqs2
+nearest-neighbour baseline.
+
+Metrics: corpus BLEU-2 / BLEU-4 (sacrebleu, 13a tokenisation), ROUGE-1/2/L F1 (rouge-score, stemmed), exact
+match (lowercased, punctuation and extra spaces removed), and BERTScore F1 when a local scoring model directory
+is given (greedy cosine matching of contextual token embeddings, as Zhang et al.). Per-length-bin scores go to a
+plot. Every system is scored by the same code on the same accessions; an empty prediction (no MMseqs2 hit) counts
+as a miss, never as a skipped sample.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import Dict, Iterable, List, Optional, Sequence
+
+_PUNCT = re.compile(r"[^\w\s]")
+LENGTH_BINS = (0, 100, 200, 300, 500, 800, 10 ** 9)
+
+
+def read_predictions(path: str) -> Dict[str, dict]:
+    """accession -> {prediction, reference, length, ...} from a generate/baseline JSONL."""
+    out = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e}); was the file cut short? re-run generate to resume")
+            if "accession" not in row or "prediction" not in row:
+                raise ValueError(f"{path}:{n}: rows need 'accession' and 'prediction' (generate's output)")
+            out[row["accession"]] = row
+    return out
+
+
+def normalize(text: str) -> str:
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def scores(predictions: Sequence[str], references: Sequence[str]) -> Dict[str, float]:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    out = {}
+    for n in (2, 4):
+        bleu = sacrebleu.metrics.BLEU(max_ngram_order=n, effective_order=False)
+        out[f"bleu{n}"] = bleu.corpus_score(list(predictions), [list(references)]).score
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for p, r in zip(predictions, references):
+        for k, v in scorer.score(r, p).items():
+            totals[k] += v.fmeasure
+    out.update({k: 100.0 * v / len(predictions) for k, v in totals.items()})
+    out["exact_match"] = 100.0 * sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) \
+        / len(predictions)
+    return out
+
+
+def bertscore_f1(predictions: Sequence[str], references: Sequence[str], model_dir: str, batch: int = 16) -> float:
+    """Mean BERTScore F1 (no idf weighting, no baseline rescaling) with a local encoder directory."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModel, AutoTokenizer
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+
+    def embed(texts):
+        enc = tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=512)
+        with torch.no_grad():
+            h = F.normalize(model(**enc).last_hidden_state, dim=-1)
+        special = torch.tensor([[t in tok.all_special_ids for t in row] for row in enc["input_ids"].tolist()])
+        return h, enc["attention_mask"].bool() & ~special
+
+    f1s = []
+    for i in range(0, len(predictions), batch):
+        hp, mp = embed(predictions[i:i + batch])
+        hr, mr = embed(references[i:i + batch])
+        sim = hp @ hr.transpose(1, 2)                                           # [b, lp, lr]
+        sim = sim.masked_fill(~mr[:, None, :], -2).masked_fill(~mp[:, :, None], -2)
+        prec = (sim.max(2).values * mp).sum(1) / mp.sum(1).clamp(min=1)
+        rec = (sim.max(1).values * mr).sum(1) / mr.sum(1).clamp(min=1)
+        f = 2 * prec * rec / (prec + rec).clamp(min=1e-9)
+        f1s += [float(x) if bool(mp[j].any()) else 0.0 for j, x in enumerate(f)]
+    return 100.0 * sum(f1s) / len(f1s)
+
+
+def mmseqs_baseline(train: Iterable[tuple], queries: Iterable[tuple], out_path: str, threads: int = 2,
+                    sensitivity: float = 7.5) -> dict:
+    """The nearest-neighbour baseline: each query gets the description of its best MMseqs2 hit in the training
+    set (highest bit score), or "" when nothing is found. train: (accession, sequence, text); queries:
+    (accession, sequence, reference). Writes JSONL like `generate`, with the hit and its identity."""
+    from data_tools.split import mmseqs_binary, write_fasta
+    exe = mmseqs_binary()
+    train, queries = list(train), list(queries)
+    text_of = {a: t for a, _, t in train}
+    tmp = tempfile.mkdtemp(prefix="p2t_nn_")
+    try:
+        write_fasta(os.path.join(tmp, "train.fasta"), [(a, s) for a, s, _ in train])
+        write_fasta(os.path.join(tmp, "query.fasta"), [(a, s) for a, s, _ in queries])
+        proc = subprocess.run([exe, "easy-search", "query.fasta", "train.fasta", "hits.m8", "work", "--threads",
+                               str(threads), "-s", str(sensitivity), "--format-output",
+                               "query,target,fident,bits,evalue"], cwd=tmp, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"mmseqs easy-search failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+        best: Dict[str, tuple] = {}
+        with open(os.path.join(tmp, "hits.m8")) as f:
+            for line in f:
+                q, t, ident, bits, _ = line.rstrip("\n").split("\t")
+                if q not in best or float(bits) > best[q][2]:
+                    best[q] = (t, float(ident), float(bits))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    with open(out_path, "w") as f:
+        for a, s, ref in queries:
+            hit = best.get(a)
+            f.write(json.dumps({"accession": a, "prediction": text_of[hit[0]] if hit else "", "reference": ref,
+                                "length": len(s), "hit": hit[0] if hit else None,
+                                "identity": hit[1] if hit else None}) + "\n")
+    return {"queries": len(queries), "with_hit": len(best)}
+
+
+def evaluate(systems: Dict[str, str], out_dir: str, bertscore_model: Optional[str] = None) -> dict:
+    """systems: name -> predictions JSONL. Scores every system on the accessions all of them cover."""
+    os.makedirs(out_dir, exist_ok=True)
+    preds = {name: read_predictions(p) for name, p in systems.items()}
+    common = sorted(set.intersection(*(set(p) for p in preds.values())))
+    if not common:
+        raise ValueError(f"no accession is present in every file: {list(systems.values())}")
+    first = preds[next(iter(preds))]
+    if any("reference" not in first[a] for a in common):
+        raise ValueError("predictions carry no 'reference' text; generate from shards (which hold the answer)")
+    refs = [first[a]["reference"] for a in common]
+    lengths = [int(first[a].get("length", 0)) for a in common]
+    table, by_bin = {}, {}
+    for name, p in preds.items():
+        hyp = [p[a]["prediction"] for a in common]
+        table[name] = scores(hyp, refs)
+        if bertscore_model:
+            table[name]["bertscore_f1"] = bertscore_f1(hyp, refs, bertscore_model)
+        table[name]["empty"] = sum(not h for h in hyp)
+        by_bin[name] = {}
+        for lo, hi in zip(LENGTH_BINS[:-1], LENGTH_BINS[1:]):
+            idx = [i for i, n in enumerate(lengths) if lo <= n < hi]
+            if idx:
+                s = scores([hyp[i] for i in idx], [refs[i] for i in idx])
+                by_bin[name][f"{lo}-{hi if hi < 10 ** 9 else ''}"] = {"n": len(idx), "rougeL": s["rougeL"],
+                                                                      "bleu4": s["bleu4"]}
+    report = {"n": len(common), "systems": table, "by_length": by_bin,
+              "files": {k: os.path.abspath(v) for k, v in systems.items()}}
+    with open(os.path.join(out_dir, "scores.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, "scores.md"), "w") as f:
+        f.write(markdown(report))
+    _plot(by_bin, os.path.join(out_dir, "by_length.png"))
+    return report
+
+
+def markdown(report: dict) -> str:
+    cols = ["bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "exact_match"]
+    if any("bertscore_f1" in s for s in report["systems"].values()):
+        cols.append("bertscore_f1")
+    lines = [f"{report['n']} proteins scored by every system.", "",
+             "| system | " + " | ".join(cols) + " | empty |", "|---" * (len(cols) + 2) + "|"]
+    for name, s in report["systems"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{s[c]:.2f}" for c in cols) + f" | {s['empty']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(by_bin: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, bins in by_bin.items():
+        ax.plot(list(bins), [b["rougeL"] for b in bins.values()], marker="o", label=name)
+    ax.set_xlabel("protein length (residues)")
+    ax.set_ylabel("ROUGE-L F1")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def split_records(manifest: str, split: str) -> List[tuple]:
+    """(sample key, sequence, text, meta) of every sample of a split of a shards manifest, in shard order. The key
+    is the accession, plus the task for instruction data (one protein may carry several questions)."""
+    from data_tools.shards import iter_shard_samples
+    with open(manifest) as f:
+        man = json.load(f)
+    root = os.path.dirname(os.path.abspath(manifest))
+    out = []
+    for sh in man["shards"]:
+        if sh["split"] != split:
+            continue
+        for key, s in iter_shard_samples(os.path.join(root, sh["path"])):
+            meta = json.loads(s["json"])
+            out.append((key, s["seq"].decode(), s["txt"].decode(), meta))
+    return out

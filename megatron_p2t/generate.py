@@ -1,0 +1,77 @@
+"""`megatron-p2t generate`: descriptions for proteins from a FASTA file or a split of shards, with the exported
+model (transformers + torch). Output is JSONL, one row per protein, flushed per batch; a restart skips the
+proteins already written (a row cut short by a crash is dropped and redone)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Tuple
+
+
+def inputs(path: str, split: str = "test") -> List[Tuple[str, str, str, dict]]:
+    """(id, sequence, reference or None, meta) from a FASTA file or a shards manifest.json."""
+    if path.endswith(".json"):
+        from megatron_p2t.evaluation import split_records
+        rows = split_records(path, split)
+        if not rows:
+            raise ValueError(f"{path}: split {split!r} is empty")
+        return rows
+    from data_tools.records import check_sequence
+    from data_tools.readers.rows import iter_fasta, parse_fasta_header
+    out = []
+    for line, header, seq in iter_fasta(path):
+        h = parse_fasta_header(header)
+        meta = {k: h[k] for k in ("name", "organism") if h.get(k)}
+        out.append((h["accession"], check_sequence(seq, path, h["accession"], line), None, meta))
+    return out
+
+
+def done_ids(out_path: str) -> set:
+    if not os.path.exists(out_path):
+        return set()
+    good, ids = [], set()
+    with open(out_path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a row cut short by an interruption: everything before it stands
+            good.append(line if line.endswith("\n") else line + "\n")
+            ids.add(row["accession"])
+    with open(out_path + ".tmp", "w") as f:
+        f.writelines(good)
+    os.replace(out_path + ".tmp", out_path)
+    return ids
+
+
+def run(model_dir: str, input_path: str, out_path: str, split: str = "test", batch_size: int = 8,
+        num_beams: int = 1, max_new_tokens: int = 256, device=None, with_name: bool = True,
+        with_taxon: bool = True) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from megatron_p2t.hf_model import Prot2TextForGeneration
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    items = inputs(input_path, split)
+    done = done_ids(out_path)
+    todo = [x for x in items if x[0] not in done]
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = Prot2TextForGeneration.from_pretrained(model_dir, dtype=dtype, device=device)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    todo.sort(key=lambda x: len(x[1]))  # similar lengths per batch: less padding
+    with open(out_path, "a") as f, tqdm(total=len(items), initial=len(items) - len(todo), unit="protein") as bar:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            metas = [{k: v for k, v in m.items() if (k == "name" and with_name) or
+                      (k in ("organism", "taxon") and with_taxon) or k == "instruction"} for _, _, _, m in batch]
+            preds = model.generate([s for _, s, _, _ in batch], metas, num_beams=num_beams,
+                                   max_new_tokens=max_new_tokens)
+            for (acc, seq, ref, _), p in zip(batch, preds):
+                row = {"accession": acc, "prediction": p, "length": len(seq)}
+                if ref is not None:
+                    row["reference"] = ref
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch))
+    return {"proteins": len(items), "generated": len(todo), "skipped_already_done": len(items) - len(todo)}

@@ -1,0 +1,107 @@
+"""The exported model, rebuilt with transformers + torch alone (no megatron-core, no DeepSpeed).
+
+`Prot2TextForGeneration.from_pretrained(dir)` reads what `megatron-p2t export` writes: esm/ (EsmModel),
+projector/ (fc1/fc2 + config), llama/ (LlamaForCausalLM with LoRA merged), tokenizer/ (with the chat template)
+and megatron_p2t.json (placeholder token, system prompt, ESM layer). The protein's projected ESM states replace
+the placeholder tokens' embeddings; generation runs LLaMA's own KV-cached greedy or beam search on those
+embeddings.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+
+
+class Projector(nn.Module):
+    def __init__(self, input_dim: int, intermediate_dim: int, output_dim: int, activation: str = "gelu",
+                 dropout: float = 0.0, l2_normalize: bool = True, **_):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(input_dim, intermediate_dim), nn.Linear(intermediate_dim, output_dim)
+        self.act, self.dropout, self.l2 = _ACTS[activation], nn.Dropout(dropout), l2_normalize
+
+    def forward(self, x):
+        y = self.dropout(self.act(self.fc2(self.dropout(self.act(self.fc1(x))))))
+        return F.normalize(y, p=2, dim=-1) if self.l2 else y
+
+
+class Prot2TextForGeneration(nn.Module):
+    def __init__(self, esm, projector: Projector, llama, tokenizer, info: dict):
+        super().__init__()
+        self.esm, self.projector, self.llama, self.tokenizer, self.info = esm, projector, llama, tokenizer, info
+        self.placeholder_id = tokenizer.convert_tokens_to_ids(info["placeholder_token"])
+        self.eot_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer, EsmModel, LlamaForCausalLM
+        for part in ("esm", "projector", "llama", "tokenizer", "megatron_p2t.json"):
+            if not os.path.exists(os.path.join(path, part)):
+                raise FileNotFoundError(f"{path}: no {part} -- not a `megatron-p2t export` directory")
+        info = json.load(open(os.path.join(path, "megatron_p2t.json")))
+        esm = EsmModel.from_pretrained(os.path.join(path, "esm"), add_pooling_layer=False, dtype=dtype)
+        pcfg = json.load(open(os.path.join(path, "projector", "config.json")))
+        projector = Projector(**{k: v for k, v in pcfg.items() if k != "model_type"})
+        projector.load_state_dict(load_file(os.path.join(path, "projector", "model.safetensors")))
+        llama = LlamaForCausalLM.from_pretrained(os.path.join(path, "llama"), dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+        return cls(esm, projector.to(dtype), llama, tok, info).to(device).eval()
+
+    def protein_states(self, protein_ids: torch.Tensor, protein_mask: torch.Tensor) -> torch.Tensor:
+        layer = int(self.info.get("esm_output_layer", -1))
+        out = self.esm(input_ids=protein_ids, attention_mask=protein_mask.long(), output_hidden_states=layer != -1)
+        h = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+        return self.projector(h)
+
+    def embed(self, input_ids, protein_ids, protein_mask) -> torch.Tensor:
+        """Token embeddings with the placeholders replaced by the projected protein, proteins in the order their
+        placeholders appear (row-major)."""
+        emb = self.llama.get_input_embeddings()(input_ids)
+        slots = input_ids == self.placeholder_id
+        prot = self.protein_states(protein_ids, protein_mask)[protein_mask.bool()].to(emb.dtype)
+        if int(slots.sum()) != prot.shape[0]:
+            raise ValueError(f"{int(slots.sum())} placeholder tokens for {prot.shape[0]} protein tokens")
+        return emb.masked_scatter(slots.unsqueeze(-1).expand_as(emb), prot)
+
+    def forward(self, input_ids, protein_ids, protein_mask, attention_mask=None, position_ids=None):
+        return self.llama(inputs_embeds=self.embed(input_ids, protein_ids, protein_mask),
+                          attention_mask=attention_mask, position_ids=position_ids).logits
+
+    def prompts(self, sequences: Sequence[str], metas: Optional[Sequence[dict]] = None):
+        """Left-padded prompt ids + attention mask, and the ESM batch, for these sequences."""
+        from megatron_p2t.data import esm_alphabet
+        from megatron_p2t.data.instruct import InstructConfig, PromptBuilder
+        builder = PromptBuilder(self.tokenizer, InstructConfig(system_prompt=self.info["system_prompt"]),
+                                self.info["placeholder_token"])
+        metas = metas or [{} for _ in sequences]
+        max_res = int(self.info.get("max_protein_residues", 1021))
+        prots = [esm_alphabet.encode(s[:max_res]) for s in sequences]
+        ids = [builder.prompt_ids(m, "", len(p), train=False) for m, p in zip(metas, prots)]
+        width, plen = max(map(len, ids)), max(map(len, prots))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_id
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        attn = torch.zeros(len(ids), width, dtype=torch.long)
+        protein_ids = torch.full((len(prots), plen), esm_alphabet.PAD, dtype=torch.long)
+        for i, (t, p) in enumerate(zip(ids, prots)):
+            input_ids[i, width - len(t):], attn[i, width - len(t):] = torch.tensor(t), 1
+            protein_ids[i, :len(p)] = torch.from_numpy(np.asarray(p))
+        return input_ids, attn, protein_ids, protein_ids != esm_alphabet.PAD
+
+    @torch.no_grad()
+    def generate(self, sequences: Sequence[str], metas: Optional[Sequence[dict]] = None, num_beams: int = 1,
+                 max_new_tokens: int = 256) -> List[str]:
+        dev = next(self.parameters()).device
+        input_ids, attn, pids, pmask = (x.to(dev) for x in self.prompts(sequences, metas))
+        embeds = self.embed(input_ids, pids, pmask)
+        out = self.llama.generate(inputs_embeds=embeds, attention_mask=attn, num_beams=num_beams,
+                                  do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.eot_id,
+                                  pad_token_id=self.tokenizer.pad_token_id or self.eot_id)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
