@@ -36,6 +36,7 @@ class ProteinRecord:
     task: str = ""                      # instruction data: the task name (e.g. general_function)
     instruction: str = ""               # instruction data: the question asked about the protein
     source_split: str = ""              # a split that came with the data (Mol-Instructions' metadata.split)
+    conversations: Optional[list] = None  # multi-turn QA (Protein2Text style): [{"from": human|gpt, "value"}]
 
     @property
     def key(self) -> str:

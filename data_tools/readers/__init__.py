@@ -8,7 +8,8 @@ from data_tools.readers import flatfile, rows
 from data_tools.readers._io import open_binary
 from data_tools.records import DataError
 
-FORMATS = ("uniprot-flat", "uniprot-json", "uniprot-jsonl", "tsv", "csv", "fasta", "mol-instructions")
+FORMATS = ("uniprot-flat", "uniprot-json", "uniprot-jsonl", "tsv", "csv", "fasta", "mol-instructions",
+           "conversations")
 
 
 def detect_format(path) -> str:
@@ -33,6 +34,8 @@ def detect_format(path) -> str:
         return "uniprot-json"
     if head.startswith(b"[") and b'"instruction"' in head:
         return "mol-instructions"
+    if head.startswith(b"[") and b'"conversations"' in head:
+        return "conversations"
     raise DataError(path, "cannot tell the format from the name or first bytes", kind="usage",
                     fix=f"pass --format, one of {', '.join(FORMATS)}")
 
@@ -47,8 +50,8 @@ def chunks(path, fmt: Optional[str] = None, annotations: Optional[str] = None) -
         it = rows.table_chunks(path, fmt)
     elif fmt == "fasta":
         it = rows.fasta_chunks(path, fmt, annotations)
-    elif fmt == "mol-instructions":
-        it = rows.mol_instructions_chunks(path, fmt)
+    elif fmt in ("mol-instructions", "conversations"):
+        it = rows.json_array_chunks(path, fmt)
     else:
         raise DataError(path, f"unknown format {fmt!r}", kind="usage", fix=f"use one of {', '.join(FORMATS)}")
     return (("rows", c) for c in it)

@@ -134,7 +134,8 @@ def _uniprot_json_record(path, index: int, entry: dict) -> ProteinRecord:
 _FENCE = re.compile(r"```\s*([A-Za-z\s]*?)\s*```", re.S)
 
 
-def mol_instructions_chunks(path, fmt: str) -> Iterator[Chunk]:
+def json_array_chunks(path, fmt: str) -> Iterator[Chunk]:
+    """A JSON array of row objects (Mol-Instructions, Protein2Text-style conversations), streamed."""
     return _chunked(path, fmt, iter_json_array(path))
 
 
@@ -151,6 +152,27 @@ def _mol_instructions_record(path, index: int, row: dict) -> ProteinRecord:
     return ProteinRecord(accession=acc, sequence=check_sequence(seq, path, f"#{index} ({acc})"),
                          function=row["output"], instruction=row["instruction"].strip(), task=task,
                          reviewed=True, source_split=meta.get("split", ""), source=f"{path}#{index}")
+
+
+# --- Protein2Text-style multi-turn QA JSON ----------------------------------------------------------------------
+
+def _conversations_record(path, index: int, row: dict) -> ProteinRecord:
+    acc = str(row.get("accession") or row.get("id") or f"row{index}")
+    seq = row.get("sequence") or row.get("protein") or row.get("seq")
+    turns = row.get("conversations")
+    if not seq or not isinstance(turns, list) or not turns:
+        raise DataError(path, "object needs a sequence ('sequence'/'protein') and a non-empty 'conversations' list",
+                        record=f"#{index} ({acc})", kind="malformed",
+                        fix='rows look like {"id": ..., "protein": "MKT...", "conversations": [{"from": "human", '
+                            '"value": "..."}, {"from": "gpt", "value": "..."}]}')
+    answers = [t.get("value", "") for t in turns if isinstance(t, dict) and t.get("from") in ("gpt", "assistant")]
+    if not answers:
+        raise DataError(path, "conversation without an answer turn ('from': 'gpt')", record=f"#{index} ({acc})",
+                        kind="malformed", fix="each conversation needs at least one gpt/assistant turn")
+    return ProteinRecord(accession=acc, sequence=check_sequence(seq, path, f"#{index} ({acc})"),
+                         function=answers[0], task=str(row.get("task") or "qa"), reviewed=True,
+                         conversations=[{"from": t.get("from"), "value": t.get("value", "")} for t in turns],
+                         source=f"{path}#{index}")
 
 
 # --- FASTA (+ a table with the function texts) ----------------------------------------------------------------
@@ -230,6 +252,7 @@ _BUILDERS: Dict[str, Callable[[str, int, dict], ProteinRecord]] = {
     "uniprot-json": _uniprot_json_record, "uniprot-jsonl": _uniprot_json_record,
     "tsv": _table_record, "csv": _table_record,
     "mol-instructions": _mol_instructions_record, "fasta": _fasta_record,
+    "conversations": _conversations_record,
 }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Dict, Iterable, List
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -82,7 +82,6 @@ class LoRALinear(nn.Module):
         return (self.lora_B.float() @ self.lora_A.float() * self.scale).to(self.base.weight.dtype)
 
 
-
 def apply_lora(model: nn.Module, cfg: LoRAConfig, prefix: str = "") -> List[str]:
     """Wrap every submodule whose attribute name is in cfg.targets; returns the wrapped names. As PEFT does, every
     existing parameter of `model` is frozen: its only trainable parameters are the new lora_A / lora_B."""
@@ -104,12 +103,6 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, prefix: str = "") -> List[str]
 
 def lora_layers(model: nn.Module) -> Dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def lora_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
-    for m in lora_layers(model).values():
-        yield m.lora_A
-        yield m.lora_B
 
 
 @torch.no_grad()

@@ -82,3 +82,36 @@ def test_collate_packs_with_segments_positions_and_proteins_in_placeholder_order
     assert per_seg == packed["protein_mask"].sum(1).tolist()
     assert packed["protein_ids"][:, 0].tolist() == packed["order"].tolist()
     assert padded["attention_mask"] is None and np.array_equal(padded["order"], [0, 1, 2])
+
+
+def test_protein2text_conversations_go_from_json_through_shards_to_targets(tmp_path, sample_records, tiny_tokenizer):
+    import json
+
+    from data_tools.build import BuildOptions, build
+    from data_tools.split import SplitOptions
+    from megatron_p2t.data.instruct import InstructLoader
+    from megatron_p2t.data.loader import LoaderConfig, ProteinTextLoader
+    from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+    seqs = [r.sequence for r in sample_records if 50 <= len(r.sequence) <= 120][:3]
+    rows = [{"id": f"QA{i}", "protein": s, "conversations": [
+        {"from": "human", "value": "<protein>\nWhat is its function?"}, {"from": "gpt", "value": f"Function {i}."},
+        {"from": "human", "value": "Where is it found?"}, {"from": "gpt", "value": f"Place {i}."}]}
+        for i, s in enumerate(seqs)]
+    rows.append({"id": "BAD", "protein": seqs[0], "conversations": [{"from": "human", "value": "hi"}]})
+    (tmp_path / "qa.json").write_text(json.dumps(rows))
+    lists = {}
+    for split, ids in (("train", ["QA0", "QA1", "QA2"]), ("valid", []), ("test", [])):
+        (tmp_path / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        lists[split] = str(tmp_path / f"{split}.txt")
+    man = build(BuildOptions(inputs=[str(tmp_path / "qa.json")], out=str(tmp_path / "data"), skip_bad=True,
+                             quiet=True, processes=1, split=SplitOptions(mode="lists", lists=lists)))
+    assert man["records"]["bad_input"] == {"malformed": 1} and man["records"]["kept"] == 3, man["records"]
+    loader = ProteinTextLoader(LoaderConfig(manifest=str(tmp_path / "data" / "manifest.json"),
+                                            text_tokenizer=tiny_tokenizer, batch_size=3, epochs=1, num_workers=0))
+    tok = load_text_tokenizer(tiny_tokenizer)
+    builder = PromptBuilder(tok, InstructConfig(), PH)
+    batch = next(iter(InstructLoader(loader, builder, InstructConfig(pack=False), train=False)))
+    for r in range(3):
+        learned = tok.decode(batch["labels"][r][batch["loss_mask"][r].bool()].tolist())
+        i = learned.split("Function ")[1][0]
+        assert learned == f"Function {i}.<|eot_id|>Place {i}.<|eot_id|>"
