@@ -30,7 +30,7 @@ def packed_vs_padded(cfg, batches: int):
     out = {}
     for pack in (False, True, False, True):  # twice each, interleaved; the second pair is reported
         ld.cfg.pack = pack
-        real = slots = 0
+        real = slots = rows = 0
         t0 = time.perf_counter()
         for raw in raws:
             b = ld.convert(raw)
@@ -38,9 +38,11 @@ def packed_vs_padded(cfg, batches: int):
             loss.backward()
             real += int(b["lengths"].sum())
             slots += b["input_ids"].numel()
+            rows += b["input_ids"].shape[0]
         dt = time.perf_counter() - t0
         out["packed" if pack else "padded"] = {"tokens_per_s": real / dt, "padding_fraction": 1 - real / slots,
-                                               "seconds": dt, "rows_per_batch": slots / len(raws)}
+                                               "seconds": dt, "rows_per_batch": rows / len(raws),
+                                               "token_slots_per_batch": slots / len(raws)}
     state.destroy()
     return out
 
@@ -50,18 +52,24 @@ def main():
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--tiny", required=True)
-    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4, help="training steps before export")
+    ap.add_argument("--pack-length", type=int, default=2048)
     a = ap.parse_args()
     from bench.common import machine
     from megatron_p2t.config import load_config
     ov = [f"data.manifest={a.manifest}", f"data.text_tokenizer={a.tokenizer}", f"model.esm={a.tiny}/esm",
-          f"model.llama={a.tiny}/llama", "instruct.init_from=", "model.llm_lora.dropout=0.0", "data.batch_size=16"]
+          f"model.llama={a.tiny}/llama", "instruct.init_from=", "model.llm_lora.dropout=0.0", "data.batch_size=16",
+          f"instruct.pack_length={a.pack_length}"]
     cfg = load_config(os.path.join(ROOT, "configs", "instruct_tiny_cpu.yaml"), ov)
     res = {"machine": machine(), "packing": packed_vs_padded(cfg, a.batches)}
     res["packing"]["speedup"] = res["packing"]["packed"]["tokens_per_s"] / res["packing"]["padded"]["tokens_per_s"]
+    print(json.dumps(res["packing"]), flush=True)
 
-    env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
+    # this process joined a one-rank world above: its rendezvous variables must not leak into the children
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                            "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
     work = tempfile.mkdtemp(prefix="bench_instruct_")
     cli = [sys.executable, "-m", "megatron_p2t"]
     subprocess.run(cli + ["instruct", "--config", os.path.join(ROOT, "configs", "instruct_tiny_cpu.yaml"), *ov,

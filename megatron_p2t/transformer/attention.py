@@ -4,7 +4,9 @@ A packed row holds several samples back to back; `attention_mask` is then an int
 ids (1, 2, ... per sample, 0 for padding) and each token attends causally within its own segment only. With
 no mask, attention is plainly causal. Kernels, best first:
 - flash-attn's varlen kernel (cu_seqlens from the segments): CUDA, fp16/bf16, flash-attn installed;
-- torch SDPA: `is_causal` without segments (its flash backend on GPU), else a block-diagonal causal mask.
+- torch SDPA with `is_causal`, once per row without segments, else once per sample: causal SDPA runs its
+  flash backend on a GPU and a fused kernel on the CPU, which an explicit [s, s] mask would rule out, and the
+  cost is the sum of squared sample lengths instead of the squared row length.
 Segment ids instead of an [s, s] mask keep the batch small, and are what the varlen kernel needs.
 
 RoPE is applied by megatron-core from positions 0..s-1 of the row; rotary scores depend only on the distance
@@ -20,17 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from megatron_p2t.models.specs import megatron_module
-
-
-def segment_mask(segments: torch.Tensor) -> torch.Tensor:
-    """[b, s] segment ids -> [b, 1, s, s] bool, True where attention is allowed. Padding (0) attends to
-    itself only, so no row is empty (an empty softmax row would be NaN)."""
-    s = segments.shape[1]
-    same = segments[:, :, None] == segments[:, None, :]
-    causal = torch.ones(s, s, dtype=torch.bool, device=segments.device).tril()
-    eye = torch.eye(s, dtype=torch.bool, device=segments.device)
-    pad = (segments == 0)[:, :, None]
-    return ((same & causal & ~pad) | (eye & pad))[:, None]
 
 
 def _flash_varlen(query: torch.Tensor):
@@ -75,9 +66,22 @@ class SegmentAttention(megatron_module()):
         if seg is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=segment_mask(seg), dropout_p=p,
-                                                 scale=self.scale)
+            out = torch.cat([self._row(q[r:r + 1], k[r:r + 1], v[r:r + 1], seg[r], p) for r in range(b)])
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _row(self, q, k, v, seg, p):
+        """One packed row [1, heads, s, d]: causal attention inside each sample; padding (segment 0) gives 0."""
+        ids, counts = torch.unique_consecutive(seg, return_counts=True)
+        parts, at = [], 0
+        for sid, n in zip(ids.tolist(), counts.tolist()):
+            if sid == 0:
+                parts.append(q.new_zeros(1, q.shape[1], n, v.shape[-1]))
+            else:
+                parts.append(F.scaled_dot_product_attention(q[:, :, at:at + n], k[:, :, at:at + n],
+                                                            v[:, :, at:at + n], dropout_p=p, is_causal=True,
+                                                            scale=self.scale))
+            at += n
+        return torch.cat(parts, 2)
 
     def _varlen(self, varlen, query, key, value, seg, p):
         sq, b = query.shape[:2]

@@ -88,6 +88,12 @@ def test_tp2_run_exports_verified_with_a_peft_adapter_and_generates_resumably(se
     assert first["generated"] == 44 and again == {"proteins": 44, "generated": 34, "skipped_already_done": 10}
     assert sorted(r["accession"] for r in rows) == sorted(json.loads(l)["accession"] for l in lines)
     assert all("reference" in r for r in rows)
+    fasta = tmp_path / "new.fasta"
+    fasta.write_text(">sp|P12345|KIN_HUMAN Kinase X OS=Homo sapiens OX=9606\nMKTAYIAKQRQISFVKSHFSRQ\n>Q1\nMSSILPFTPPIVKRL\n")
+    g = generate.run(str(tmp_path / "hf"), str(fasta), str(tmp_path / "new.jsonl"), max_new_tokens=4)
+    rows = [json.loads(l) for l in (tmp_path / "new.jsonl").read_text().splitlines()]
+    assert g["generated"] == 2 and {r["accession"] for r in rows} == {"P12345", "Q1"}
+    assert all("reference" not in r for r in rows)
 
 
 def test_stage2_learns_when_the_text_is_in_the_sequence(tiny_tokenizer, sample_records, tmp_path):
