@@ -376,7 +376,8 @@ def main(argv=None) -> int:
     from megatron_p2t.parallel.state import LayoutError
     try:
         return {"quickstart": cmd_quickstart, "data-check": cmd_data_check, "make-tokenizer": cmd_make_tokenizer,
-                "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "align": cmd_align, "instruct": cmd_instruct, "export": cmd_export,
+                "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "align": cmd_align,
+                "instruct": cmd_instruct, "export": cmd_export,
                 "generate": cmd_generate, "evaluate": cmd_evaluate,
                 "cache-text": cmd_cache_text, "make-tiny-models": cmd_make_tiny_models}[args.cmd](args)
     except (DataError, ConfigError, FileNotFoundError, CheckpointError, LayoutError) as e:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 
 import torch
 import torch.distributed as dist
@@ -68,7 +67,8 @@ def export(cfg, step: str, out: str) -> dict:
     merged = merge_lora(model.llm) + merge_lora(model.esm)
     p2t.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tpr, tp)
     if dist.get_rank() == 0:
-        os.replace(os.path.join(adapter_dir, "model.safetensors"), os.path.join(adapter_dir, "adapter_model.safetensors"))
+        os.replace(os.path.join(adapter_dir, "model.safetensors"),  # PEFT's file name
+                   os.path.join(adapter_dir, "adapter_model.safetensors"))
         lc = cfg.model.llm_lora
         targets = sorted({h.split(".")[-1] for t in lc.targets for h in llama_hf.LORA_TARGETS[t]})
         with open(os.path.join(adapter_dir, "adapter_config.json"), "w") as f:
@@ -86,7 +86,6 @@ def export(cfg, step: str, out: str) -> dict:
             json.dump(info, f, indent=1)
         with open(os.path.join(out, "README.md"), "w") as f:
             f.write(_model_card(cfg, step, lc))
-        shutil.rmtree(os.path.join(out, ".export_parts"), ignore_errors=True)
     dist.barrier()
     return {"out": out, "merged_lora_layers": merged, "model": model}
 

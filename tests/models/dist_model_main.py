@@ -207,7 +207,8 @@ def esm_lora_check(a, esm_dir, tp_rank, state):
     trainable = sorted({n.rsplit(".", 1)[-1] for n, p in enc.named_parameters() if p.requires_grad})
     out = enc(ids, mask)
     (out * w)[mask].sum().backward()
-    want = esm_hf.lora_tensors(enc, grads, tp_rank, a.tp, require_shared_a=False)  # the same mapping applied to PEFT's gradients
+    # the same mapping applied to PEFT's gradients
+    want = esm_hf.lora_tensors(enc, grads, tp_rank, a.tp, require_shared_a=False)
     # our shared QKV A receives the sum of what PEFT's three separate (equal) A matrices receive
     for i, layer in enumerate(enc.block.layers):
         pre = f"base_model.model.encoder.layer.{layer.layer_number - 1}.attention.self."

@@ -67,7 +67,8 @@ def test_tp2_run_exports_verified_with_a_peft_adapter_and_generates_resumably(se
     from transformers import LlamaForCausalLM
     ids = torch.randint(0, 500, (2, 17), generator=torch.Generator().manual_seed(0))
     merged = LlamaForCausalLM.from_pretrained(tmp_path / "hf" / "llama")
-    peft = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(root / "tiny" / "llama"), tmp_path / "hf" / "adapter")
+    peft = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(root / "tiny" / "llama"),
+                                     tmp_path / "hf" / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(peft(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
 
@@ -89,7 +90,8 @@ def test_tp2_run_exports_verified_with_a_peft_adapter_and_generates_resumably(se
     assert sorted(r["accession"] for r in rows) == sorted(json.loads(l)["accession"] for l in lines)
     assert all("reference" in r for r in rows)
     fasta = tmp_path / "new.fasta"
-    fasta.write_text(">sp|P12345|KIN_HUMAN Kinase X OS=Homo sapiens OX=9606\nMKTAYIAKQRQISFVKSHFSRQ\n>Q1\nMSSILPFTPPIVKRL\n")
+    fasta.write_text(">sp|P12345|KIN_HUMAN Kinase X OS=Homo sapiens OX=9606\nMKTAYIAKQRQISFVKSHFSRQ\n"
+                     ">Q1\nMSSILPFTPPIVKRL\n")
     g = generate.run(str(tmp_path / "hf"), str(fasta), str(tmp_path / "new.jsonl"), max_new_tokens=4)
     rows = [json.loads(l) for l in (tmp_path / "new.jsonl").read_text().splitlines()]
     assert g["generated"] == 2 and {r["accession"] for r in rows} == {"P12345", "Q1"}
