@@ -169,26 +169,19 @@ def cmd_export_hf(args) -> int:
 
 def cmd_align(args) -> int:
     """Stage 1: H-SCALE alignment (ESM frozen, projector trained)."""
-    from megatron_p2t.config import load_config
     from megatron_p2t.training.run_align import run
-    from megatron_p2t.training.trainer import Stop
-    cfg = load_config(args.config, args.overrides)
-    try:
-        result = run(cfg, resume=args.resume)
-    except Stop as e:
-        print(str(e), file=sys.stderr)
-        return 0
-    if torch_rank() == 0:
-        summary = {k: v for k, v in result.items() if k != "losses"}
-        summary["final_loss"] = result["losses"][-1] if result["losses"] else None
-        print(json.dumps(summary))
-    return 0
+    return _train_stage(args, run)
 
 
 def cmd_instruct(args) -> int:
     """Stage 2: LoRA instruction tuning (ESM frozen, projector + decoder LoRA trained)."""
-    from megatron_p2t.config import load_config
     from megatron_p2t.training.run_instruct import run
+    return _train_stage(args, run)
+
+
+def _train_stage(args, run) -> int:
+    """A training stage from its config; pre-emption (checkpoint written) exits 0 so schedulers requeue."""
+    from megatron_p2t.config import load_config
     from megatron_p2t.training.trainer import Stop
     cfg = load_config(args.config, args.overrides)
     try:

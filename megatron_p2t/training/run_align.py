@@ -1,7 +1,6 @@
 """`megatron-p2t align`: stage 1 (H-SCALE) on the configured data, model and layout."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -128,11 +127,4 @@ def run(cfg, resume=None) -> dict:
         return retrieval_eval(engine.module, cfg, dp_group)
 
     os.makedirs(cfg.train.save_dir, exist_ok=True)
-    trainer = Trainer(model, cfg, loader, step_fn, eval_fn, micro_batch=cfg.data.batch_size)
-    resumed = trainer.resume(resume)
-    result = trainer.train()
-    result["resumed"] = resumed
-    if dist.get_rank() == 0:
-        with open(os.path.join(cfg.train.save_dir, "summary.json"), "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return Trainer(model, cfg, loader, step_fn, eval_fn, micro_batch=cfg.data.batch_size).run(resume)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 
 import torch
@@ -158,10 +157,4 @@ def run(cfg, resume=None) -> dict:
     write_run_info(cfg.train.save_dir, cfg)
     trainer = Trainer(model, cfg, loader, step_fn, lambda engine: valid_loss(engine.module, cfg, dp_group),
                       micro_batch=1, param_groups=param_groups(model, cfg))
-    resumed = trainer.resume(resume)
-    result = trainer.train()
-    result["resumed"] = resumed
-    if dist.get_rank() == 0:
-        with open(os.path.join(cfg.train.save_dir, "summary.json"), "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return trainer.run(resume)

@@ -212,6 +212,16 @@ class Trainer:
                 os.replace(log + ".tmp", log)
         return True
 
+    def run(self, resume: Optional[str] = None) -> Dict:
+        """Resume (None / "auto" / a checkpoint), train to the end, and write summary.json beside the run."""
+        resumed = self.resume(resume)
+        result = self.train()
+        result["resumed"] = resumed
+        if self.rank == 0:
+            with open(os.path.join(self.tc.save_dir, "summary.json"), "w") as f:
+                json.dump(result, f, indent=1)
+        return result
+
     # -- the loop --
     def _agree(self, flag: float, op=dist.ReduceOp.MAX) -> float:
         t = torch.tensor([float(flag)])
