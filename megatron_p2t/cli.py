@@ -203,11 +203,13 @@ def cmd_export(args) -> int:
     from megatron_p2t.parallel import state
     step, run_dir = resolve(args.checkpoint)
     tp = checkpoint_tp(step)
-    if "WORLD_SIZE" not in os.environ and tp > 1:  # one process per tensor-parallel shard of the checkpoint
+    from megatron_p2t.parallel import launch_env
+    if not launch_env.under_launcher() and tp > 1:  # one process per tensor-parallel shard of the checkpoint
         import subprocess
         return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                 f"--nproc_per_node={tp}", "-m", "megatron_p2t", *sys.argv[1:]])
-    if int(os.environ.get("WORLD_SIZE", "1")) != tp:
+    launch_env.discover()
+    if int(os.environ["WORLD_SIZE"]) != tp:
         raise ValueError(f"{step} has {tp} tensor-parallel shards; export with {tp} processes (or run it "
                          f"without a launcher and it starts them)")
     with open(os.path.join(run_dir, "megatron_p2t.json")) as f:

@@ -28,12 +28,8 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None =
     from megatron_p2t.parallel import cpu_shim
 
     cpu_shim.enable()
-    if "RANK" not in os.environ:  # started without a launcher: a world of one
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from megatron_p2t.parallel import launch_env
+    launch_env.discover()  # torchrun / deepspeed / mpirun / srun / nothing
     if not torch.distributed.is_initialized():
         import deepspeed
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
