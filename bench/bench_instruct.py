@@ -67,8 +67,8 @@ def main():
     print(json.dumps(res["packing"]), flush=True)
 
     # this process joined a one-rank world above: its rendezvous variables must not leak into the children
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                                            "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    from megatron_p2t.parallel.launch_env import RENDEZVOUS
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
     env.update(PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
     work = tempfile.mkdtemp(prefix="bench_instruct_")
     cli = [sys.executable, "-m", "megatron_p2t"]

@@ -93,7 +93,8 @@ def _quickstart_model_stages(args, data_dir: str, tok_dir: str) -> int:
     """Tiny random models through both stages, export, generation and evaluation, each stage its own process
     (as users run them): the machinery end to end, not a model worth using."""
     import subprocess
-    env = dict(os.environ)
+    from megatron_p2t.parallel.launch_env import RENDEZVOUS
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}  # each stage is a job of its own
     env.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     data = [f"data.manifest={data_dir}/manifest.json", f"data.text_tokenizer={tok_dir}"]
     tiny = os.path.join(args.out, "tiny")

@@ -10,16 +10,21 @@ import pytest
 from megatron_p2t.parallel import launch_env
 from tests.conftest import ROOT
 
-_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", *launch_env.MPI_MARKERS,
+_VARS = (*launch_env.RENDEZVOUS, *launch_env.MPI_MARKERS,
          "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_ID",
          "SLURM_JOB_NODELIST")
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    """discover() writes os.environ itself: restore all of it, or later tests' subprocesses inherit the fake
+    job (a MASTER_ADDR of h100-01 makes every later launch wait for a host that does not exist)."""
+    saved = dict(os.environ)
     for k in _VARS:
-        monkeypatch.delenv(k, raising=False)
-    return monkeypatch
+        os.environ.pop(k, None)
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_slurm_node_lists_and_srun_steps(clean_env):
@@ -55,7 +60,7 @@ def test_mpirun_runs_stage_1_like_torchrun(tmp_path, built_sample, tiny_tokenize
           "train.save_every=100"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for k in launch_env.RENDEZVOUS:
         env.pop(k, None)
     cfg = os.path.join(ROOT, "configs", "align_tiny_cpu.yaml")
     runs = {"mpirun": [mpirun, "--oversubscribe", "-np", "2", "-x", "PYTHONPATH", "-x", "DS_ACCELERATOR", "-x",
