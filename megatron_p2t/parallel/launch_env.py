@@ -18,6 +18,15 @@ from typing import Dict
 
 MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# The world of one we set up ourselves is marked with its own values: a child process that inherits them
+# unchanged (a CLI command run from a script or test that initialised itself) is not part of a job, while a
+# launcher's worker, which got fresh values, is.
+_OWN = "MEGATRON_P2T_OWN_WORLD"
+
+
+def _own_world() -> bool:
+    return os.environ.get(_OWN) == f"{os.environ.get('RANK')}:{os.environ.get('WORLD_SIZE')}:" \
+                                   f"{os.environ.get('MASTER_PORT')}"
 
 
 def _free_port() -> int:
@@ -64,13 +73,14 @@ def from_slurm() -> Dict[str, str]:
 
 def under_launcher() -> bool:
     """Whether some launcher started this process as part of a job (before discover() fills the variables)."""
-    return ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or any(k in os.environ for k in MPI_MARKERS) \
+    return ("RANK" in os.environ and "WORLD_SIZE" in os.environ and not _own_world()) \
+        or any(k in os.environ for k in MPI_MARKERS) \
         or ("SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1)
 
 
 def discover() -> str:
     """Fill the torch.distributed variables from the launcher; returns which launcher was found."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not _own_world():
         return "env"
     if any(k in os.environ for k in MPI_MARKERS):
         os.environ.update(from_mpi())
@@ -78,6 +88,7 @@ def discover() -> str:
     if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
         os.environ.update(from_slurm())
         return "slurm"
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))
+    port = str(_free_port())
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    os.environ[_OWN] = f"0:1:{port}"
     return "single"

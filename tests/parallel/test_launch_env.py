@@ -10,7 +10,7 @@ import pytest
 from megatron_p2t.parallel import launch_env
 from tests.conftest import ROOT
 
-_VARS = (*launch_env.RENDEZVOUS, *launch_env.MPI_MARKERS,
+_VARS = (*launch_env.RENDEZVOUS, *launch_env.MPI_MARKERS, "MEGATRON_P2T_OWN_WORLD",
          "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_ID",
          "SLURM_JOB_NODELIST")
 
@@ -43,9 +43,11 @@ def test_a_batch_script_process_is_a_world_of_one_and_launcher_env_wins(clean_en
     clean_env.setenv("SLURM_PROCID", "0")
     clean_env.setenv("SLURM_NTASKS", "8")   # the allocation's size, but this is the batch step's one process
     assert launch_env.discover() == "single" and os.environ["WORLD_SIZE"] == "1"
+    # a child that inherits this world of one unchanged is not in a job; a launcher's worker gets new values
+    assert not launch_env.under_launcher() and launch_env.discover() == "single"
     clean_env.setenv("RANK", "3")
     clean_env.setenv("WORLD_SIZE", "4")
-    assert launch_env.discover() == "env" and os.environ["RANK"] == "3"
+    assert launch_env.under_launcher() and launch_env.discover() == "env" and os.environ["RANK"] == "3"
 
 
 @pytest.mark.slow
