@@ -180,6 +180,16 @@ def cmd_instruct(args) -> int:
     return _train_stage(args, run)
 
 
+def _stage_parser(sub, name: str, helptext: str) -> None:
+    """A training stage's arguments; every stage accepts the DeepSpeed launcher's --local_rank."""
+    p = sub.add_parser(name, help=helptext)
+    p.add_argument("--config", required=True)
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in train.save_dir) or a "
+                                                  "checkpoint directory")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+
+
 def _train_stage(args, run) -> int:
     """A training stage from its config; pre-emption (checkpoint written) exits 0 so schedulers requeue."""
     from megatron_p2t.config import load_config
@@ -318,24 +328,15 @@ def main(argv=None) -> int:
         if name == "export-hf":
             c.add_argument("--checkpoint", required=True)
         c.add_argument("overrides", nargs="*", help="section.key=value")
-    al = sub.add_parser("align", help="stage 1: H-SCALE contrastive alignment (run under deepspeed/torchrun, or "
-                                      "`deepspeed launch/align.sh` / `bash launch/align.sh`)")
-    al.add_argument("--config", required=True)
-    al.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in train.save_dir) or a "
-                                                   "checkpoint directory")
-    al.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the DeepSpeed launcher's
-    al.add_argument("overrides", nargs="*", help="section.key=value")
+    _stage_parser(sub, "align", "stage 1: H-SCALE contrastive alignment (run under deepspeed/torchrun, or "
+                                "`deepspeed launch/align.sh` / `bash launch/align.sh`)")
     ct = sub.add_parser("cache-text", help="stage 1: precompute the frozen text side's pooled vectors beside the "
                                            "shards (then align with align.use_text_cache=true)")
     ct.add_argument("--config", required=True)
     ct.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     ct.add_argument("overrides", nargs="*", help="section.key=value")
-    ins = sub.add_parser("instruct", help="stage 2: LoRA instruction tuning (`deepspeed launch/instruct.sh` / "
-                                          "`bash launch/instruct.sh`); instruct.init_from names the stage-1 run")
-    ins.add_argument("--config", required=True)
-    ins.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in train.save_dir) or a "
-                                                    "checkpoint directory")
-    ins.add_argument("overrides", nargs="*", help="section.key=value")
+    _stage_parser(sub, "instruct", "stage 2: LoRA instruction tuning (`deepspeed launch/instruct.sh` / "
+                                   "`bash launch/instruct.sh`); instruct.init_from names the stage-1 run")
     ex = sub.add_parser("export", help="a stage-2 checkpoint (any TP) -> one HF directory: merged LLaMA, PEFT "
                                        "adapter, ESM, projector, tokenizer, model card")
     ex.add_argument("--checkpoint", required=True, help="an `instruct` run directory (its latest) or a step directory")

@@ -52,3 +52,12 @@ def test_endless_stream_needs_a_bound(tmp_path):
     r = subprocess.run([sys.executable, "-m", "megatron_p2t", "data-check", "--config",
                         f"{ROOT}/configs/sample_cpu.yaml"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "--max-batches" in r.stderr
+
+
+@pytest.mark.parametrize("stage", ["align", "instruct"])
+def test_training_stages_accept_the_deepspeed_launchers_local_rank(tmp_path, stage):
+    """`deepspeed launch/<stage>.sh` appends --local_rank=N: it must reach the config, not an argparse error."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-m", "megatron_p2t", stage, "--config", str(tmp_path / "none.yaml"),
+                        "--local_rank=0"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 2 and "unrecognized arguments" not in r.stderr and "none.yaml" in r.stderr, r.stderr
