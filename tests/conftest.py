@@ -9,6 +9,19 @@ SAMPLE = os.path.join(SHARED, "swissprot_sample.dat.gz")
 MOL = os.path.join(SHARED, "mol_instructions_sample")
 
 
+@pytest.fixture(autouse=True)
+def _no_rendezvous_leaks(request):
+    """A test that leaves RANK/WORLD_SIZE/... behind makes every later CLI subprocess think a launcher started it
+    (CI failed once this way, far from the leaking test): fail the leaking test itself."""
+    from megatron_p2t.parallel.launch_env import RENDEZVOUS
+    keys = (*RENDEZVOUS, "MEGATRON_P2T_OWN_WORLD")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    after = {k: os.environ.get(k) for k in keys}
+    if after != before:
+        pytest.fail(f"{request.node.nodeid} changed launcher variables {before} -> {after}")
+
+
 def _need(path):
     if not os.path.exists(path):
         pytest.fail(f"{path} is missing: the tests read the shared sample beside the checkout (../shared/data)")

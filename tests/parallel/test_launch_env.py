@@ -23,6 +23,7 @@ def clean_env(monkeypatch):
     for k in _VARS:
         os.environ.pop(k, None)
     yield monkeypatch
+    monkeypatch.undo()  # first: its undo would put back values discover() wrote mid-test (RANK=0 leaked so)
     os.environ.clear()
     os.environ.update(saved)
 
