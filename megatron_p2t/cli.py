@@ -134,7 +134,8 @@ def _model_setup(args):
     from megatron_p2t.models import build as model_build
     from megatron_p2t.parallel import state
     cfg = load_config(args.config, args.overrides)
-    state.initialize(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline, seed=cfg.parallel.seed)
+    state.initialize(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline, seed=cfg.parallel.seed,
+                     timeout_minutes=cfg.parallel.timeout_minutes)
     return cfg, model_build
 
 
@@ -226,7 +227,8 @@ def cmd_export(args) -> int:
     with open(os.path.join(run_dir, "megatron_p2t.json")) as f:
         cfg = config_from_dict(json.load(f)["config"], args.overrides + [f"parallel.tensor={tp}",
                                                                          "parallel.pipeline=1"])
-    state.initialize(tp=tp, pp=1, seed=cfg.parallel.seed)
+    state.initialize(tp=tp, pp=1, seed=cfg.parallel.seed,
+                     timeout_minutes=cfg.parallel.timeout_minutes)
     res = export(cfg, step, args.out)
     report = {"out": args.out, "tensor_parallel": tp, "merged_lora_layers": res["merged_lora_layers"]}
     if args.verify:
@@ -274,10 +276,21 @@ def cmd_cache_text(args) -> int:
     from megatron_p2t.parallel import state
     from megatron_p2t.training.text_cache import build_cache
     cfg = load_config(args.config, args.overrides)
-    state.initialize(tp=cfg.parallel.tensor, pp=1, seed=cfg.parallel.seed)
+    state.initialize(tp=cfg.parallel.tensor, pp=1, seed=cfg.parallel.seed,
+                     timeout_minutes=cfg.parallel.timeout_minutes)
     res = build_cache(cfg)
     if torch_rank() == 0:
         print(json.dumps(res))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """A capacity plan: reads model shapes from local config.json files or the known public checkpoints."""
+    from megatron_p2t.config import load_config
+    from megatron_p2t.plan import run
+    cfg = load_config(args.config, args.overrides)
+    stages = ["align", "instruct"] if args.stage == "both" else [args.stage]
+    print(run(cfg, args.gpus, args.gpu, stages, args.mfu, args.json, args.gpus_per_node))
     return 0
 
 
@@ -363,6 +376,15 @@ def main(argv=None) -> int:
     ev.add_argument("--baseline-manifest", help="shards manifest: run the MMseqs2 baseline (train -> --split)")
     ev.add_argument("--split", default="test")
     ev.add_argument("--bertscore-model", help="a local HF encoder directory for BERTScore")
+    pl = sub.add_parser("plan", help="memory per GPU and estimated step time of every TP x DP layout for a config")
+    pl.add_argument("--config", required=True)
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs in the job (nodes x GPUs per node)")
+    pl.add_argument("--gpu", default="h100-80gb", help="device kind: h100-80gb, h200-141gb, a100-80gb, cpu")
+    pl.add_argument("--gpus-per-node", type=int, default=None, help="default: 8 (1 for cpu)")
+    pl.add_argument("--stage", choices=["align", "instruct", "both"], default="both")
+    pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the step time assumes")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("overrides", nargs="*")
     tm = sub.add_parser("make-tiny-models", help="tiny random ESM-2 and LLaMA-3 HF checkpoints for CPU demos")
     tm.add_argument("--tokenizer", required=True)
     tm.add_argument("--out", required=True)
@@ -371,12 +393,13 @@ def main(argv=None) -> int:
     from megatron_p2t.config import ConfigError
     from megatron_p2t.checkpoint.hf_dir import CheckpointError
     from megatron_p2t.parallel.state import LayoutError
+    from megatron_p2t.plan import PlanError
     try:
         return {"quickstart": cmd_quickstart, "data-check": cmd_data_check, "make-tokenizer": cmd_make_tokenizer,
                 "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "align": cmd_align,
                 "instruct": cmd_instruct, "export": cmd_export,
                 "generate": cmd_generate, "evaluate": cmd_evaluate,
-                "cache-text": cmd_cache_text, "make-tiny-models": cmd_make_tiny_models}[args.cmd](args)
-    except (DataError, ConfigError, FileNotFoundError, CheckpointError, LayoutError) as e:
+                "cache-text": cmd_cache_text, "make-tiny-models": cmd_make_tiny_models, "plan": cmd_plan}[args.cmd](args)
+    except (DataError, ConfigError, FileNotFoundError, CheckpointError, LayoutError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

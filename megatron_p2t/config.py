@@ -34,6 +34,9 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     seed: int = 1234
+    # a collective that waits longer than this fails the rank instead of hanging the job (a dead or stuck
+    # peer under NCCL otherwise blocks the others until the launcher notices, or forever)
+    timeout_minutes: float = 10.0
 
 
 @dataclasses.dataclass
@@ -53,6 +56,9 @@ class AlignConfig:
 class TrainConfig:
     steps: int = 1000
     grad_accum: int = 1
+    # samples per optimizer step over all ranks (Megatron's --global-batch-size); when set, grad_accum follows
+    # from it: global_batch / (data.batch_size x data-parallel size), which must divide exactly
+    global_batch: Optional[int] = None
     lr: float = 1e-4
     min_lr_ratio: float = 0.0
     warmup_fraction: float = 0.06

@@ -58,7 +58,8 @@ def export(cfg, step: str, out: str) -> dict:
     state = torch.load(os.path.join(step, f"mp_rank_{tpr:02d}_model_states.pt"), map_location="cpu",
                        weights_only=False)["module"]
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if "rotary" not in k and not k.endswith("_extra_state")]
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}  # checkpoints hold only these
+    missing = [k for k in missing if k in trained]
     if missing or unexpected:
         raise CheckpointError(f"{step}: the checkpoint does not fit the configured model: missing {missing[:4]}, "
                               f"unexpected {unexpected[:4]}")

@@ -1,6 +1,7 @@
 """Initialise torch.distributed (through DeepSpeed, as the launchers expect) and megatron-core's TP/PP/DP groups."""
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -20,7 +21,8 @@ def check_layout(world_size: int, tp: int, pp: int) -> int:
     return world_size // (tp * pp)
 
 
-def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None) -> int:
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None,
+               timeout_minutes: float = 10.0) -> int:
     """Set up process groups; returns the data-parallel size. Safe to call once per process."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -35,7 +37,8 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None =
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False,
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
     dp = check_layout(torch.distributed.get_world_size(), tp, pp)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)

@@ -107,7 +107,7 @@ def run(cfg, resume=None) -> dict:
 
     from megatron_p2t.data.loader import ProteinTextLoader
     from megatron_p2t.parallel import state
-    from megatron_p2t.training.trainer import Trainer
+    from megatron_p2t.training.trainer import Trainer, resolve_grad_accum
     if cfg.parallel.pipeline != 1:
         raise ValueError("stage 1 runs tensor x data parallel (parallel.pipeline=1): its towers are the frozen ESM "
                          "and the first text_layer decoder layers, which TP already splits")
@@ -115,7 +115,9 @@ def run(cfg, resume=None) -> dict:
         raise ValueError("stage 1 needs fixed per-rank batches (data.batch_size): negatives are all-gathered "
                          "across data-parallel ranks, which needs equal batch sizes")
     use_cache_if_asked(cfg)
-    state.initialize(tp=cfg.parallel.tensor, pp=1, seed=cfg.parallel.seed)
+    state.initialize(tp=cfg.parallel.tensor, pp=1, seed=cfg.parallel.seed,
+                     timeout_minutes=cfg.parallel.timeout_minutes)
+    resolve_grad_accum(cfg.train, cfg.data.batch_size, ps.get_data_parallel_world_size())
     model = build(cfg)
     loader = ProteinTextLoader(cfg.data)
     dp_group = ps.get_data_parallel_group()

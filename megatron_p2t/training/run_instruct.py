@@ -140,11 +140,13 @@ def run(cfg, resume=None) -> dict:
 
     from megatron_p2t.models.build import write_run_info
     from megatron_p2t.parallel import state
-    from megatron_p2t.training.trainer import Trainer
+    from megatron_p2t.training.trainer import Trainer, resolve_grad_accum
     if cfg.parallel.pipeline != 1:
         raise ValueError("stage 2 training runs tensor x data parallel today (parallel.pipeline=1); the model "
                          "itself runs pipeline-parallel (import/export/inference)")
-    state.initialize(tp=cfg.parallel.tensor, pp=1, seed=cfg.parallel.seed)
+    state.initialize(tp=cfg.parallel.tensor, pp=1, seed=cfg.parallel.seed,
+                     timeout_minutes=cfg.parallel.timeout_minutes)
+    resolve_grad_accum(cfg.train, cfg.data.batch_size, ps.get_data_parallel_world_size())
     model, *_ = build(cfg)
     loader = make_loader(cfg)
     dp_group = ps.get_data_parallel_group()

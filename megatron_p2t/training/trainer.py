@@ -7,7 +7,7 @@
   override the generated DeepSpeed keys).
 - Checkpoints every `save_every` steps and at the end: written as `stepN.tmp/`, completed with a marker,
   renamed to `stepN/`, then `latest` is replaced atomically; the last `keep_last` are kept. Each holds the
-  DeepSpeed engine (model, optimizer, scheduler) plus, per rank, the data-loader position and every RNG state.
+  DeepSpeed engine (trainable weights, optimizer, scheduler) plus, per rank, the data-loader position and every RNG state.
   `--resume auto` continues from the newest complete one, bit-exactly on CPU.
 - SIGTERM / SIGUSR1 (pre-emption) -> checkpoint at the next step boundary and exit 0. A non-finite loss skips
   the step on every rank (decided together) and is counted; too many in a row stop the run with an error.
@@ -76,6 +76,27 @@ def lr_lambda(steps: int, warmup_fraction: float, min_ratio: float) -> Callable[
         progress = min(1.0, (step - warm) / max(1, steps - warm))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
+
+
+def resolve_grad_accum(tc, micro_batch: Optional[int], dp: int) -> int:
+    """train.global_batch -> gradient accumulation steps (stored back into tc), or a clear error before any work."""
+    if tc.global_batch is None:
+        return tc.grad_accum
+    if micro_batch is None:
+        raise ValueError("train.global_batch counts samples and needs fixed batches (data.batch_size); with a token "
+                         "budget (data.max_tokens) set train.grad_accum instead")
+    per_step = micro_batch * dp
+    if tc.global_batch <= 0 or tc.global_batch % per_step:
+        lower = max(per_step, tc.global_batch // per_step * per_step)
+        raise ValueError(f"train.global_batch={tc.global_batch} is not a multiple of data.batch_size x data-parallel "
+                         f"size = {micro_batch} x {dp} = {per_step}; use e.g. {lower} or {lower + per_step}, or "
+                         f"change data.batch_size / the number of processes")
+    accum = tc.global_batch // per_step
+    if tc.grad_accum not in (1, accum):
+        raise ValueError(f"train.grad_accum={tc.grad_accum} contradicts train.global_batch={tc.global_batch} "
+                         f"(which gives {accum} at data.batch_size={micro_batch}, data-parallel size {dp}): set one")
+    tc.grad_accum = accum
+    return accum
 
 
 def deepspeed_config(tc, micro_batch: int) -> dict:
@@ -161,9 +182,12 @@ class Trainer:
         if self.rank == 0 and os.path.exists(os.path.join(d, tmp_tag)):
             shutil.rmtree(os.path.join(d, tmp_tag))
         dist.barrier()
-        self.engine.save_checkpoint(d, tag=tmp_tag, save_latest=False,
+        # frozen towers are not saved: they never change (ESM-3B alone is 6 GB per checkpoint) and come back from
+        # the HF directories named in the config, which _check_compatible confirms by shape
+        self.engine.save_checkpoint(d, tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True,
                                     client_state={"step": self.step, "nonfinite_total": self.nonfinite_total})
-        torch.save({"loader": self.loader.state_dict(), "rng": rng_state(), "nonfinite": self.nonfinite},
+        torch.save({"loader": self.loader.state_dict(), "rng": rng_state(), "nonfinite": self.nonfinite,
+                    "world_size": dist.get_world_size(), "shapes": self._shapes()},
                    os.path.join(d, tmp_tag, f"extra_rank{self.rank:05d}.pt"))
         dist.barrier()
         if self.rank == 0:
@@ -181,6 +205,30 @@ class Trainer:
         dist.barrier()
         return tag
 
+    def _shapes(self) -> Dict[str, list]:
+        return {n: list(p.shape) for n, p in self.engine.module.named_parameters()}
+
+    def _check_compatible(self, ckpt: str) -> dict:
+        """This rank's extra state, after checking the checkpoint was written by the same layout and model shape:
+        otherwise DeepSpeed fails deep inside load_state_dict, or a different data-parallel size silently
+        mis-assigns ZeRO shards and loader positions."""
+        world = dist.get_world_size()
+        ranks = sorted(f for f in os.listdir(ckpt) if f.startswith("extra_rank"))
+        if len(ranks) != world:
+            raise ValueError(f"{ckpt} was written by {len(ranks)} processes, this run has {world}: ZeRO optimizer "
+                             f"shards and data positions are per rank, so resume with the same number of processes "
+                             f"and parallel.tensor/pipeline (or start a fresh run from its weights)")
+        extra = torch.load(os.path.join(ckpt, f"extra_rank{self.rank:05d}.pt"), weights_only=False)
+        saved, now = extra.get("shapes"), self._shapes()
+        if saved is not None and saved != now:
+            for name in list(dict.fromkeys([*saved, *now])):
+                if saved.get(name) != now.get(name):
+                    raise ValueError(f"{ckpt} holds a different model: parameter {name} is {saved.get(name)} there "
+                                     f"and {now.get(name)} in this run (rank {self.rank}); the model config "
+                                     f"(model.*, LoRA r, projector dims) or parallel.tensor differs from the run "
+                                     f"that wrote it")
+        return extra
+
     def resume(self, spec: Optional[str]) -> bool:
         """spec: None (fresh), "auto" (newest complete checkpoint if any), or a tag/directory."""
         if not spec:
@@ -197,8 +245,8 @@ class Trainer:
         if not os.path.exists(os.path.join(d, tag, "COMPLETE")):
             raise FileNotFoundError(f"{os.path.join(d, tag)}: no complete checkpoint there (interrupted while "
                                     f"saving?); pass another tag or --resume auto")
-        _, client = self.engine.load_checkpoint(d, tag=tag)
-        extra = torch.load(os.path.join(d, tag, f"extra_rank{self.rank:05d}.pt"), weights_only=False)
+        extra = self._check_compatible(os.path.join(d, tag))
+        _, client = self.engine.load_checkpoint(d, tag=tag, load_module_strict=False)  # frozen ones: see save()
         self.loader.load_state_dict(extra["loader"])
         set_rng_state(extra["rng"])
         self.step, self.nonfinite = client["step"], extra["nonfinite"]

@@ -66,6 +66,53 @@ def test_kill_9_then_resume_auto_continues_bit_exactly(setup):
     assert summary["resumed"] and summary["step"] == 14 and summary["eval"]["n"] == 44
 
 
+def test_resume_refuses_another_model_shape_or_world_size_before_training(setup, tmp_path):
+    root, ov = setup
+    ov = ov + ["train.steps=2", "train.save_every=2", f"train.save_dir={tmp_path}/r"]
+    _align(2, ov)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    cmd = ["-m", "megatron_p2t", "align", "--config", os.path.join(ROOT, "configs", "align_tiny_cpu.yaml"), *ov,
+           "train.steps=4", "--resume", "auto"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run(torchrun + cmd + ["model.projector.intermediate_dim=32"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "holds a different model: parameter projector.fc1.weight is [64, " in r.stderr, r.stderr[-3000:]
+    r = subprocess.run([sys.executable] + cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "was written by 2 processes, this run has 1" in r.stderr, r.stderr[-3000:]
+    r = subprocess.run(torchrun + cmd + ["train.global_batch=24"], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode != 0 and "global_batch=24 is not a multiple of" in r.stderr, r.stderr[-3000:]
+    assert len(_losses(tmp_path / "r")) == 2  # the refused runs trained nothing
+
+
+def test_a_dead_rank_ends_the_job_promptly_naming_it_and_resume_continues(setup, tmp_path):
+    import psutil
+    root, ov = setup
+    ov = ov + ["train.steps=400", "train.save_every=2", f"train.save_dir={tmp_path}/k"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "megatron_p2t", "align", "--config",
+                             os.path.join(ROOT, "configs", "align_tiny_cpu.yaml"), *ov], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = tmp_path / "k" / "train_log.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    victim = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    assert len(victim) == 1
+    victim[0].kill()
+    t0 = time.time()
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and time.time() - t0 < 120
+    assert "rank      : 1 (local_rank: 1)" in err and "Signal 9 (SIGKILL)" in err, err[-3000:]
+    done = len(_losses(tmp_path / "k"))
+    assert done < 400
+    _align(2, ov + ["train.steps=" + str(done + 2)], "--resume", "auto")
+    assert len(_losses(tmp_path / "k")) == done + 2
+    assert json.load(open(tmp_path / "k" / "summary.json"))["resumed"]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_preemption_signal_checkpoints_and_exits_cleanly(setup, sig):
     root, ov = setup

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from megatron_p2t.config import load_config
-from megatron_p2t.training.trainer import deepspeed_config, lr_lambda
+from megatron_p2t.training.trainer import deepspeed_config, lr_lambda, resolve_grad_accum
 from tests.conftest import ROOT
 
 
@@ -32,3 +32,16 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
     f = lr_lambda(100, 0.06, 0.1)
     assert [round(f(s), 4) for s in (0, 5)] == [round(1 / 6, 4), 1.0]
     assert f(6) == pytest.approx(1.0) and f(53) == pytest.approx(0.55) and f(100) == pytest.approx(0.1)
+
+
+def test_global_batch_sets_accumulation_or_names_the_fix():
+    cfg = load_config(None, ["train.global_batch=64"])
+    assert resolve_grad_accum(cfg.train, micro_batch=8, dp=4) == 2 and cfg.train.grad_accum == 2
+    with pytest.raises(ValueError, match=r"global_batch=60 is not a multiple of data.batch_size x data-parallel "
+                                         r"size = 8 x 4 = 32; use e.g. 32 or 64"):
+        resolve_grad_accum(load_config(None, ["train.global_batch=60"]).train, 8, 4)
+    with pytest.raises(ValueError, match="train.grad_accum=3 contradicts"):
+        resolve_grad_accum(load_config(None, ["train.global_batch=64", "train.grad_accum=3"]).train, 8, 4)
+    with pytest.raises(ValueError, match="data.max_tokens"):
+        resolve_grad_accum(load_config(None, ["train.global_batch=64"]).train, None, 4)
+    assert resolve_grad_accum(load_config(None, ["train.grad_accum=5"]).train, 8, 4) == 5

@@ -1,0 +1,261 @@
+"""Capacity planner: for a run config and a number of GPUs, memory per GPU and an estimated step time for every
+layout the trainer runs (TP inside a node x DP; pipeline parallelism is not used in training).
+
+Memory per GPU, in the model's dtype where not said otherwise:
+- frozen weights (ESM, LLaMA; in stage 1 only the text layers, or none with the text cache) / TP;
+- trainable weights (projector, LoRA) / TP, their gradients, and AdamW's state (fp32 master copy + two moments
+  in mixed precision; the moments and DeepSpeed's fp32 partition in fp32), divided over DP by the ZeRO stage;
+- activations for one micro-batch: stage 1 keeps only the projector's (the towers are frozen and run without
+  saving anything) plus the largest transient of a frozen layer (unfused attention scores for ESM); stage 2 keeps
+  every decoder layer's inputs for backward (LoRA needs the gradient through all of them) and fp32 logits;
+- a fixed overhead per device (CUDA context, NCCL buffers, allocator slack).
+Step time: the step's FLOPs (2/token/parameter forward, twice that backward through the decoder, attention
+quadratic terms) over the device's dense bf16 peak times a stated MFU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Dict, List, Optional
+
+GIB = 1024 ** 3
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    memory_gib: float
+    peak_tflops: float      # dense bf16 (GPU) or fp32 (CPU) per device
+    overhead_gib: float     # CUDA context + NCCL buffers + allocator slack
+    gpus_per_node: int = 8
+
+
+DEVICES = {
+    "h100-80gb": Device(80, 989.0, 5.0),
+    "h200-141gb": Device(141, 989.0, 5.0),
+    "a100-80gb": Device(80, 312.0, 5.0),
+    "cpu": Device(24, 1.0, 0.0, gpus_per_node=1),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    gated: bool            # SwiGLU (LLaMA) vs GELU MLP (ESM)
+    bias: bool
+    tied: bool = True
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.hidden // self.heads
+
+    def layer_matrix_params(self) -> int:
+        h, f = self.hidden, self.ffn
+        attn = h * (h + 2 * self.kv_dim) + h * h
+        mlp = (3 if self.gated else 2) * h * f
+        bias = (h + 2 * self.kv_dim + h + (2 * f if self.gated else f) + h) if self.bias else 0
+        return attn + mlp + bias
+
+    def layer_norm_params(self) -> int:
+        return 4 * self.hidden if self.bias else 2 * self.hidden
+
+
+# The public checkpoints, so production configs plan without the weights on disk (local config.json wins).
+KNOWN = {
+    "esm2_t36_3B_UR50D": Arch(36, 2560, 40, 40, 10240, 33, gated=False, bias=True),
+    "esm2_t33_650M_UR50D": Arch(33, 1280, 20, 20, 5120, 33, gated=False, bias=True),
+    "Llama-3.1-8B-Instruct": Arch(32, 4096, 32, 8, 14336, 128256, gated=True, bias=False, tied=False),
+    "Llama-3.2-1B-Instruct": Arch(16, 2048, 32, 8, 8192, 128256, gated=True, bias=False, tied=True),
+}
+
+
+def arch_of(path: str) -> Arch:
+    cfg_file = os.path.join(path, "config.json")
+    if os.path.exists(cfg_file):
+        with open(cfg_file) as f:
+            c = json.load(f)
+        esm = c.get("model_type") == "esm"
+        return Arch(c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"],
+                    c.get("num_key_value_heads") or c["num_attention_heads"], c["intermediate_size"],
+                    c["vocab_size"], gated=not esm, bias=esm, tied=esm or bool(c.get("tie_word_embeddings")))
+    name = os.path.basename(path.rstrip("/"))
+    if name in KNOWN:
+        return KNOWN[name]
+    raise PlanError(f"{path}: no config.json there and not a known checkpoint name ({sorted(KNOWN)}); point "
+                     f"model.esm / model.llama at a local HF directory")
+
+
+@dataclasses.dataclass
+class Plan:
+    stage: str
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    global_batch: int
+    memory: Dict[str, float]      # bytes per device, by part
+    flops_per_step: float
+    step_s: float
+    samples_s: float
+    fits: bool
+
+    @property
+    def total(self) -> float:
+        return sum(self.memory.values())
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return 2 if dtype in ("bfloat16", "float16", "bf16", "fp16") else 4
+
+
+def _lora_params(a: Arch, lora, tp: int) -> float:
+    """Per layer, per TP rank: fused QKV and gate/up share one A (replicated), B sharded like the output."""
+    if not lora.r:
+        return 0.0
+    h, f, r = a.hidden, a.ffn, lora.r
+    n = 0.0
+    for t in lora.targets:
+        if t == "linear_qkv":
+            n += r * h + (h + 2 * a.kv_dim) * r / tp
+        elif t == "linear_proj":
+            n += r * h / tp + h * r
+        elif t == "linear_fc1":
+            n += r * h + (2 if a.gated else 1) * f * r / tp
+        elif t == "linear_fc2":
+            n += r * f / tp + h * r
+    return n * a.layers
+
+
+def prompt_tokens(cfg) -> int:
+    """Stage 2's tokens around the placeholders and the answer (chat template, system prompt, name, taxon), from
+    the configured tokenizer when it is on disk; else LLaMA-3's count for the default prompt."""
+    tok_dir = cfg.data.text_tokenizer
+    if not tok_dir or not os.path.exists(os.path.join(tok_dir, "tokenizer_config.json")):
+        return 96
+    from megatron_p2t.data.instruct import PromptBuilder
+    from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+    builder = PromptBuilder(load_text_tokenizer(tok_dir), cfg.instruct, cfg.model.placeholder_token)
+    return len(builder.prompt_ids({"name": "Uncharacterized protein", "organism": "Homo sapiens (Human)"}, "k", 0))
+
+
+def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) -> Plan:
+    esm, llama = arch_of(cfg.model.esm), arch_of(cfg.model.llama)
+    wb = _dtype_bytes(cfg.model.dtype)
+    mixed = wb == 2
+    b = cfg.data.batch_size or 1
+    lp = cfg.data.max_protein_residues + 2
+    lt = cfg.data.max_text_tokens + 1
+    zero = cfg.train.zero_stage
+    inter = cfg.model.projector.intermediate_dim
+    proj = (esm.hidden * inter + inter + inter * llama.hidden + llama.hidden) / tp
+
+    def tower(a: Arch, layers: int, embed: bool, head: bool) -> float:
+        n = layers * (a.layer_matrix_params() / tp + a.layer_norm_params())
+        return n + (a.vocab * a.hidden / tp if embed else 0) + (a.vocab * a.hidden / tp if head else 0)
+
+    frozen = tower(esm, esm.layers, True, False)
+    trainable = proj + _lora_params(esm, cfg.model.esm_lora, tp)
+    if stage == "align":
+        if not cfg.align.use_text_cache:
+            frozen += tower(llama, cfg.align.text_layer, True, False)
+        tokens = b * lp
+    else:
+        frozen += tower(llama, llama.layers, True, not llama.tied)
+        trainable += _lora_params(llama, cfg.model.llm_lora, tp)
+        tokens = b * (lp + lt + prompt_tokens(cfg))
+
+    # AdamW: two fp32 moments, plus DeepSpeed's fp32 partition of the weights (the master copy in mixed precision)
+    opt_bytes = 12
+    mem = {"frozen_weights": frozen * wb,
+           "trainable_weights": trainable * wb / (dp if zero >= 3 else 1),
+           "gradients": trainable * wb / (dp if zero >= 2 else 1),
+           "optimizer": trainable * opt_bytes / (dp if zero >= 1 else 1)}
+
+    # activations of one micro-batch
+    esm_transient = b * lp * (2 * esm.hidden + esm.ffn / tp) * wb + 2 * b * esm.heads / tp * lp * lp * wb
+    esm_out = b * lp * esm.hidden * wb * 2
+    proj_saved = b * lp * (esm.hidden + 2 * inter / tp + 2 * llama.hidden) * wb
+    if stage == "align":
+        act = esm_transient + esm_out + proj_saved
+        if not cfg.align.use_text_cache:
+            act += b * lt * (2 * llama.hidden + 3 * llama.ffn / tp) * wb
+    else:
+        h, f, kvd = llama.hidden, llama.ffn, llama.kv_dim
+        per_token_layer = wb * (6 * h + (h + 2 * kvd) / tp + h / tp + 4 * f / tp)
+        if cfg.model.llm_lora.r and cfg.model.llm_lora.dropout:
+            per_token_layer += (wb + 1) * (3 * h + f / tp)
+        logits = tokens * llama.vocab / tp * 4 * 2           # fp32 logits and their gradient
+        act = tokens * llama.layers * per_token_layer + logits + esm_transient + esm_out + proj_saved
+    mem["activations"] = act
+    mem["overhead"] = device.overhead_gib * GIB
+
+    # FLOPs of one optimizer step on one model replica (forward 2 per parameter per token, backward 4)
+    accum = cfg.train.grad_accum
+    esm_params = esm.layers * esm.layer_matrix_params()
+    flops = 2 * esm_params * b * lp + 4 * esm.layers * b * lp * lp * esm.hidden
+    flops += 6 * (proj * tp) * b * lp
+    if stage == "align":
+        if not cfg.align.use_text_cache:
+            flops += 2 * cfg.align.text_layer * llama.layer_matrix_params() * b * lt
+    else:
+        seq = lp + lt + prompt_tokens(cfg)
+        dec = llama.layers * llama.layer_matrix_params() + (0 if llama.tied else llama.vocab * llama.hidden)
+        attn = 2 * llama.layers * b * seq * seq * llama.hidden        # causal: half of 4 s^2 h
+        flops += 2 * dec * tokens + attn + 2 * (dec * tokens + attn)   # backward: input gradients only
+    flops *= accum
+    step_s = flops / (tp * device.peak_tflops * 1e12 * mfu)           # a replica is tp devices
+    global_batch = b * dp * accum
+    return Plan(stage, tp, 1, dp, b, global_batch, mem, flops * dp, step_s, global_batch / step_s,
+                sum(mem.values()) <= device.memory_gib * GIB)
+
+
+def layouts(cfg, stage: str, gpus: int, device: Device, mfu: float = 0.4) -> List[Plan]:
+    esm, llama = arch_of(cfg.model.esm), arch_of(cfg.model.llama)
+    out = []
+    for tp in (1, 2, 4, 8):
+        if tp > min(gpus, device.gpus_per_node) or gpus % tp:
+            continue  # TP stays inside a node (NVLink); across nodes it would be bandwidth-bound
+        if esm.heads % tp or llama.kv_heads % tp or (cfg.model.projector.intermediate_dim % tp):
+            continue
+        out.append(plan(cfg, stage, tp, gpus // tp, device, mfu))
+    return out
+
+
+def table(plans: List[Plan], device_name: str, gpus: int, mfu: float) -> str:
+    rows = [f"{gpus} x {device_name}, stage {plans[0].stage if plans else '?'}, MFU {mfu:.0%} assumed", "",
+            "| TP | PP | DP | global batch | frozen w | trainable w | grads | optimizer | activations | overhead "
+            "| total GiB/GPU | fits | step s | samples/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in plans:
+        m = {k: v / GIB for k, v in p.memory.items()}
+        rows.append(f"| {p.tp} | {p.pp} | {p.dp} | {p.global_batch} | {m['frozen_weights']:.2f} | "
+                    f"{m['trainable_weights']:.3f} | {m['gradients']:.3f} | {m['optimizer']:.3f} | "
+                    f"{m['activations']:.2f} | {m['overhead']:.1f} | {p.total / GIB:.2f} | "
+                    f"{'yes' if p.fits else 'NO'} | {p.step_s:.3f} | {p.samples_s:.1f} |")
+    return "\n".join(rows)
+
+
+def run(cfg, gpus: int, device_name: str, stages: List[str], mfu: float = 0.4,
+        as_json: bool = False, gpus_per_node: Optional[int] = None) -> str:
+    if device_name not in DEVICES:
+        raise PlanError(f"--gpu {device_name}: unknown; one of {sorted(DEVICES)}")
+    device = DEVICES[device_name]
+    if gpus_per_node:
+        device = dataclasses.replace(device, gpus_per_node=gpus_per_node)
+    out = []
+    for stage in stages:
+        ps = layouts(cfg, stage, gpus, device, mfu)
+        if as_json:
+            out.append(json.dumps([dict(dataclasses.asdict(p), total=p.total) for p in ps]))
+        else:
+            out.append(table(ps, device_name, gpus, mfu))
+    return "\n\n".join(out)

@@ -1,0 +1,80 @@
+"""The capacity planner: parameter counts of the real architectures, layout rules, and its memory model against
+the measured training peak of small configs on CPU (within 20%)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_p2t.config import load_config
+from megatron_p2t.plan import DEVICES, KNOWN, arch_of, layouts
+from tests.conftest import ROOT
+
+GIB = 1024 ** 3
+
+
+def test_parameter_counts_match_the_published_models():
+    llama, esm = KNOWN["Llama-3.1-8B-Instruct"], KNOWN["esm2_t36_3B_UR50D"]
+    n_llama = llama.layers * (llama.layer_matrix_params() + llama.layer_norm_params()) + 2 * 128256 * 4096 + 4096
+    assert n_llama == 8_030_261_248                      # Llama-3.1-8B's published parameter count
+    n_esm = esm.layers * (esm.layer_matrix_params() + esm.layer_norm_params()) + 33 * 2560
+    assert abs(n_esm - 2.84e9) / 2.84e9 < 0.01           # ESM-2 3B: 2.8B (with LM head, contact head: 2.84B)
+
+
+def test_production_layouts_for_one_node_and_their_rules(tmp_path):
+    cfg = load_config(os.path.join(ROOT, "configs", "prot2text_v2.yaml"))
+    plans = {p.tp: p for p in layouts(cfg, "instruct", 8, DEVICES["h100-80gb"])}
+    assert sorted(plans) == [1, 2, 4, 8] and all(p.dp * p.tp == 8 for p in plans.values())
+    # frozen bf16 weights: ESM 3B + LLaMA 8B = ~21 GiB at TP=1, halved by TP=2
+    assert 19 < plans[1].memory["frozen_weights"] / GIB < 22
+    assert plans[2].memory["frozen_weights"] == pytest.approx(plans[1].memory["frozen_weights"] / 2, rel=0.01)
+    assert plans[2].total < plans[1].total and plans[2].samples_s < plans[1].samples_s * 1.01
+    s1 = {p.tp: p for p in layouts(cfg, "align", 16, DEVICES["h100-80gb"])}
+    assert s1[1].fits and s1[1].memory["frozen_weights"] / GIB < 6   # text cache: no decoder in stage 1
+    cfg.model.llama = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="nowhere: no config.json there and not a known checkpoint"):
+        arch_of(cfg.model.llama)
+
+
+def test_cli_prints_a_table_per_stage():
+    r = subprocess.run([sys.executable, "-m", "megatron_p2t", "plan", "--config", "configs/prot2text_v2.yaml",
+                        "--gpus", "16", "--gpu", "h100-80gb"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "16 x h100-80gb, stage align" in r.stdout and "16 x h100-80gb, stage instruct" in r.stdout
+    assert r.stdout.count("| 2 | 1 | 8 |") == 2
+
+
+@pytest.fixture(scope="module")
+def mid_models(tmp_path_factory, tiny_tokenizer):
+    """Models big enough that their memory, not the interpreter's, is what is measured."""
+    from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+    from megatron_p2t.models import tiny
+    root = tmp_path_factory.mktemp("mid")
+    vocab = len(load_text_tokenizer(tiny_tokenizer))
+    tiny.make_llama(str(root / "llama"), vocab=vocab + (-vocab) % 8, layers=6, hidden=768, max_shard_size="2GB")
+    tiny.make_esm(str(root / "esm"), layers=8, hidden=768)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["align", "instruct"])
+def test_memory_model_within_20_percent_of_the_measured_cpu_peak(stage, mid_models, built_sample, tiny_tokenizer,
+                                                                 tmp_path):
+    out, _ = built_sample
+    cfg = "align_tiny_cpu.yaml" if stage == "align" else "instruct_tiny_cpu.yaml"
+    ov = [f"data.manifest={out}/manifest.json", f"data.text_tokenizer={tiny_tokenizer}",
+          f"model.esm={mid_models}/esm", f"model.llama={mid_models}/llama", "data.batch_size=4",
+          "data.max_protein_residues=254", "data.max_text_tokens=64", "model.projector.intermediate_dim=512",
+          "train.steps=2", "train.save_every=1000", "train.tensorboard=false", f"train.save_dir={tmp_path}/run",
+          "align.use_text_cache=false", "align.text_layer=3", "instruct.init_from=", "instruct.pack_length=512"]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "plan_measure_main.py"), stage, "--config",
+                        os.path.join(ROOT, "configs", cfg), *ov], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2",
+                                             DS_ACCELERATOR="cpu", MALLOC_MMAP_THRESHOLD_="65536",
+                                             MALLOC_TRIM_THRESHOLD_="0"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    measured, predicted = res["measured"], res["predicted_total"]
+    assert abs(predicted - measured) / measured < 0.2, res
