@@ -7,6 +7,9 @@ SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 need=()
 command -v mmseqs >/dev/null || need+=(mmseqs2)
+# a real single-node SLURM for the launcher tests (tests/launch/slurm_cluster.py starts it)
+command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ] || need+=(slurm-wlm)
+command -v munged >/dev/null || [ -x /usr/sbin/munged ] || need+=(munge)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} (Debian)"
   $SUDO apt-get update -qq

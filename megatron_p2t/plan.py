@@ -150,7 +150,6 @@ def prompt_tokens(cfg) -> int:
 def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) -> Plan:
     esm, llama = arch_of(cfg.model.esm), arch_of(cfg.model.llama)
     wb = _dtype_bytes(cfg.model.dtype)
-    mixed = wb == 2
     b = cfg.data.batch_size or 1
     lp = cfg.data.max_protein_residues + 2
     lt = cfg.data.max_text_tokens + 1

@@ -71,8 +71,8 @@ def test_resume_refuses_another_model_shape_or_world_size_before_training(setup,
     ov = ov + ["train.steps=2", "train.save_every=2", f"train.save_dir={tmp_path}/r"]
     _align(2, ov)
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    cmd = ["-m", "megatron_p2t", "align", "--config", os.path.join(ROOT, "configs", "align_tiny_cpu.yaml"), *ov,
-           "train.steps=4", "--resume", "auto"]
+    cmd = ["-m", "megatron_p2t", "align", "--resume", "auto", "--config",
+           os.path.join(ROOT, "configs", "align_tiny_cpu.yaml"), *ov, "train.steps=4"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     r = subprocess.run(torchrun + cmd + ["model.projector.intermediate_dim=32"], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
