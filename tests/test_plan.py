@@ -77,4 +77,5 @@ def test_memory_model_within_20_percent_of_the_measured_cpu_peak(stage, mid_mode
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     measured, predicted = res["measured"], res["predicted_total"]
+    print(f"{stage}: measured {measured / 2**20:.0f} MiB, predicted {predicted / 2**20:.0f} MiB")  # for docs/
     assert abs(predicted - measured) / measured < 0.2, res
