@@ -195,16 +195,23 @@ def _train_stage(args, run) -> int:
     """A training stage from its config; pre-emption (checkpoint written) exits 0 so schedulers requeue."""
     from megatron_p2t.config import load_config
     from megatron_p2t.training.trainer import Stop
+    from megatron_p2t.parallel import state
     cfg = load_config(args.config, args.overrides)
     try:
         result = run(cfg, resume=args.resume)
     except Stop as e:
         print(str(e), file=sys.stderr)
-        return 0
-    if torch_rank() == 0:
+        result = None
+    if result is not None and torch_rank() == 0:
         summary = {k: v for k, v in result.items() if k != "losses"}
         summary["final_loss"] = result["losses"][-1] if result["losses"] else None
         print(json.dumps(summary))
+    # every rank leaves the process group together: one that exits while a peer's gloo threads still talk to it
+    # can abort the peer at interpreter shutdown ("terminate called without an active exception", seen once)
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        state.destroy()
     return 0
 
 

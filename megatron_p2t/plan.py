@@ -91,7 +91,7 @@ def arch_of(path: str) -> Arch:
     if name in KNOWN:
         return KNOWN[name]
     raise PlanError(f"{path}: no config.json there and not a known checkpoint name ({sorted(KNOWN)}); point "
-                     f"model.esm / model.llama at a local HF directory")
+                    f"model.esm / model.llama at a local HF directory")
 
 
 @dataclasses.dataclass
@@ -198,7 +198,7 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
     mem["overhead"] = device.overhead_gib * GIB
 
     # FLOPs of one optimizer step on one model replica (forward 2 per parameter per token, backward 4)
-    accum = cfg.train.grad_accum
+    accum = cfg.train.global_batch // (b * dp) if cfg.train.global_batch else cfg.train.grad_accum
     esm_params = esm.layers * esm.layer_matrix_params()
     flops = 2 * esm_params * b * lp + 4 * esm.layers * b * lp * lp * esm.hidden
     flops += 6 * (proj * tp) * b * lp
@@ -225,12 +225,16 @@ def layouts(cfg, stage: str, gpus: int, device: Device, mfu: float = 0.4) -> Lis
             continue  # TP stays inside a node (NVLink); across nodes it would be bandwidth-bound
         if esm.heads % tp or llama.kv_heads % tp or (cfg.model.projector.intermediate_dim % tp):
             continue
+        if cfg.train.global_batch and cfg.train.global_batch % ((cfg.data.batch_size or 1) * (gpus // tp)):
+            continue  # the trainer refuses it (see training/trainer.resolve_grad_accum)
         out.append(plan(cfg, stage, tp, gpus // tp, device, mfu))
     return out
 
 
-def table(plans: List[Plan], device_name: str, gpus: int, mfu: float) -> str:
-    rows = [f"{gpus} x {device_name}, stage {plans[0].stage if plans else '?'}, MFU {mfu:.0%} assumed", "",
+def table(plans: List[Plan], stage: str, device_name: str, gpus: int, mfu: float) -> str:
+    if not plans:
+        return f"{gpus} x {device_name}, stage {stage}: no layout divides the GPUs, heads and global batch"
+    rows = [f"{gpus} x {device_name}, stage {stage}, MFU {mfu:.0%} assumed", "",
             "| TP | PP | DP | global batch | frozen w | trainable w | grads | optimizer | activations | overhead "
             "| total GiB/GPU | fits | step s | samples/s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -256,5 +260,5 @@ def run(cfg, gpus: int, device_name: str, stages: List[str], mfu: float = 0.4,
         if as_json:
             out.append(json.dumps([dict(dataclasses.asdict(p), total=p.total) for p in ps]))
         else:
-            out.append(table(ps, device_name, gpus, mfu))
+            out.append(table(ps, stage, device_name, gpus, mfu))
     return "\n\n".join(out)

@@ -32,6 +32,8 @@ def test_production_layouts_for_one_node_and_their_rules(tmp_path):
     assert plans[2].total < plans[1].total and plans[2].samples_s < plans[1].samples_s * 1.01
     s1 = {p.tp: p for p in layouts(cfg, "align", 16, DEVICES["h100-80gb"])}
     assert s1[1].fits and s1[1].memory["frozen_weights"] / GIB < 6   # text cache: no decoder in stage 1
+    cfg.train.global_batch = 48   # 8 per GPU: only DP=2 (accumulating 3) and DP=1 (6) divide it
+    assert [(p.tp, p.global_batch) for p in layouts(cfg, "align", 8, DEVICES["h100-80gb"])] == [(4, 48), (8, 48)]
     cfg.model.llama = str(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="nowhere: no config.json there and not a known checkpoint"):
         arch_of(cfg.model.llama)

@@ -7,7 +7,8 @@
   override the generated DeepSpeed keys).
 - Checkpoints every `save_every` steps and at the end: written as `stepN.tmp/`, completed with a marker,
   renamed to `stepN/`, then `latest` is replaced atomically; the last `keep_last` are kept. Each holds the
-  DeepSpeed engine (trainable weights, optimizer, scheduler) plus, per rank, the data-loader position and every RNG state.
+  DeepSpeed engine (trainable weights, optimizer, scheduler) plus, per rank, the data-loader position, every RNG
+  state and the parameter shapes that a resume checks first.
   `--resume auto` continues from the newest complete one, bit-exactly on CPU.
 - SIGTERM / SIGUSR1 (pre-emption) -> checkpoint at the next step boundary and exit 0. A non-finite loss skips
   the step on every rank (decided together) and is counted; too many in a row stop the run with an error.
@@ -187,7 +188,7 @@ class Trainer:
         self.engine.save_checkpoint(d, tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True,
                                     client_state={"step": self.step, "nonfinite_total": self.nonfinite_total})
         torch.save({"loader": self.loader.state_dict(), "rng": rng_state(), "nonfinite": self.nonfinite,
-                    "world_size": dist.get_world_size(), "shapes": self._shapes()},
+                    "shapes": self._shapes()},
                    os.path.join(d, tmp_tag, f"extra_rank{self.rank:05d}.pt"))
         dist.barrier()
         if self.rank == 0:
