@@ -153,6 +153,23 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
+def cmd_import_p2tv2(args) -> int:
+    """Prot2Text-V2's layout -> a megatron checkpoint (each rank reads only its slice), reloadable at any layout,
+    for `instruct` (instruct.init_from=OUT) or `export --format p2tv2`."""
+    from megatron_p2t.checkpoint import p2tv2
+    args.source, *overrides = args.inputs
+    args.overrides = [*overrides, f"model.p2tv2={os.path.abspath(args.source)}"]
+    p2tv2.read_config(args.source)  # a wrong directory fails here, before any process group exists
+    cfg, mb = _model_setup(args)
+    model, llama_cfg, _, pcfg = mb.build(cfg)
+    mb.load_hf(model, cfg, llama_cfg, pcfg)
+    p2tv2.save_imported(model, cfg, args.source, args.out)
+    if torch_rank() == 0:
+        print(f"megatron checkpoint of {args.source} ({cfg.parallel.tensor} x {cfg.parallel.pipeline}, reloadable "
+              f"at any layout) -> {args.out}")
+    return 0
+
+
 def cmd_export_hf(args) -> int:
     """A megatron checkpoint (any layout) -> HF directories llama/, esm/, projector/ under --out."""
     from megatron.core import parallel_state as ps
@@ -220,6 +237,12 @@ def cmd_export(args) -> int:
     from megatron_p2t.checkpoint.export_p2t import checkpoint_tp, export, resolve
     from megatron_p2t.config import config_from_dict
     from megatron_p2t.parallel import state
+    if args.format == "p2tv2" and args.verify:
+        from megatron_p2t.config import ConfigError
+        raise ConfigError("--verify loads megatron_p2t's own export; for --format p2tv2 load the result with the "
+                         "authors' Esm2LlamaInstructForCausalLM (its logits equal ours: tests/checkpoint/test_p2tv2.py)")
+    if args.format == "p2tv2" and os.path.exists(os.path.join(args.checkpoint, "metadata.json")):
+        return _export_imported_p2tv2(args)
     step, run_dir = resolve(args.checkpoint)
     tp = checkpoint_tp(step)
     from megatron_p2t.parallel import launch_env
@@ -236,7 +259,7 @@ def cmd_export(args) -> int:
                                                                          "parallel.pipeline=1"])
     state.initialize(tp=tp, pp=1, seed=cfg.parallel.seed,
                      timeout_minutes=cfg.parallel.timeout_minutes)
-    res = export(cfg, step, args.out)
+    res = export(cfg, step, args.out, fmt=args.format)
     report = {"out": args.out, "tensor_parallel": tp, "merged_lora_layers": res["merged_lora_layers"]}
     if args.verify:
         from megatron_p2t.checkpoint.export_p2t import verify
@@ -274,6 +297,31 @@ def cmd_evaluate(args) -> int:
         systems["mmseqs_nearest_neighbour"] = path
     report = evaluation.evaluate(systems, args.out, bertscore_model=args.bertscore_model)
     print(evaluation.markdown(report))
+    return 0
+
+
+def _export_imported_p2tv2(args) -> int:
+    """An `import-p2tv2` checkpoint back to the published layout, at whatever layout this was launched with."""
+    from megatron_p2t.checkpoint import p2tv2, sharded
+    from megatron_p2t.config import config_from_dict
+    from megatron_p2t.models import build as mb
+    from megatron_p2t.parallel import launch_env, state
+    launch_env.discover()
+    with open(os.path.join(args.checkpoint, "megatron_p2t.json")) as f:
+        cfg = config_from_dict(json.load(f)["config"], [f"parallel.tensor={os.environ['WORLD_SIZE']}",
+                                                        "parallel.pipeline=1", *args.overrides])
+    cfg.model.p2tv2 = args.checkpoint   # its config.json: the imported model's shapes
+    state.initialize(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline, seed=cfg.parallel.seed,
+                     timeout_minutes=cfg.parallel.timeout_minutes)
+    model, llama_cfg, esm_cfg, pcfg = mb.build(cfg)
+    sharded.load(model, args.checkpoint)
+    from megatron.core import parallel_state as ps
+    p2tv2.write(model, args.out, llama_cfg, esm_cfg, pcfg, mb.placeholder_id(cfg),
+                ps.get_tensor_model_parallel_rank(), cfg.parallel.tensor, p2tv2.carried(args.checkpoint),
+                cfg.data.text_tokenizer or "", source_config=os.path.join(args.checkpoint, "config.json"))
+    if torch_rank() == 0:
+        print(json.dumps({"out": args.out, "format": "p2tv2"}))
+    state.destroy()
     return 0
 
 
@@ -363,7 +411,17 @@ def main(argv=None) -> int:
     ex.add_argument("--out", required=True)
     ex.add_argument("--verify", action="store_true", help="load the export with transformers and compare its logits "
                                                           "with the megatron model's on validation prompts")
+    ex.add_argument("--format", choices=["megatron_p2t", "p2tv2"], default="megatron_p2t",
+                    help="p2tv2: Prot2Text-V2's own layout (Esm2LlamaInstructForCausalLM), from an `instruct` run "
+                         "or an `import-p2tv2` checkpoint")
     ex.add_argument("overrides", nargs="*", help="section.key=value over the run's saved config")
+    ip = sub.add_parser("import-p2tv2", help="a published Prot2Text-V2 directory -> a megatron checkpoint (run "
+                                             "under torchrun/deepspeed with tensor x pipeline processes)")
+    ip.add_argument("--out", required=True)
+    ip.add_argument("--config", default=None, help="a run config for the layout and dtype (default: built-in)")
+    ip.add_argument("inputs", nargs="+", metavar="SOURCE [section.key=value ...]",
+                    help="the Prot2Text-V2 directory (config.json esm2llama_instruct + safetensors), then overrides "
+                         "such as parallel.tensor=2 model.dtype=bfloat16")
     ge = sub.add_parser("generate", help="descriptions for proteins (FASTA or a shards manifest) with an exported "
                                          "model; resumable")
     ge.add_argument("--model", required=True, help="a `megatron-p2t export` directory")
@@ -395,7 +453,13 @@ def main(argv=None) -> int:
     tm = sub.add_parser("make-tiny-models", help="tiny random ESM-2 and LLaMA-3 HF checkpoints for CPU demos")
     tm.add_argument("--tokenizer", required=True)
     tm.add_argument("--out", required=True)
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    # argparse stops filling a positional list once an option follows it (`import-p2tv2 DIR --out O a=b`):
+    # trailing section.key=value words still belong to it
+    if extra and hasattr(args, "inputs") and all("=" in e and not e.startswith("-") for e in extra):
+        args.inputs += extra
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     from data_tools.records import DataError
     from megatron_p2t.config import ConfigError
     from megatron_p2t.checkpoint.hf_dir import CheckpointError
@@ -406,7 +470,8 @@ def main(argv=None) -> int:
                 "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "align": cmd_align,
                 "instruct": cmd_instruct, "export": cmd_export,
                 "generate": cmd_generate, "evaluate": cmd_evaluate,
-                "cache-text": cmd_cache_text, "make-tiny-models": cmd_make_tiny_models, "plan": cmd_plan}[args.cmd](args)
+                "cache-text": cmd_cache_text, "make-tiny-models": cmd_make_tiny_models, "plan": cmd_plan,
+                "import-p2tv2": cmd_import_p2tv2}[args.cmd](args)
     except (DataError, ConfigError, FileNotFoundError, CheckpointError, LayoutError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

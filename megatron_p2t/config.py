@@ -18,6 +18,9 @@ class ModelConfig:
     llama: str = "meta-llama/Llama-3.1-8B-Instruct"  # ... and LlamaForCausalLM)
     projector: ProjectorConfig = dataclasses.field(default_factory=lambda: ProjectorConfig(input_dim=0, output_dim=0))
     projector_weights: Optional[str] = None          # a directory with fc1/fc2 tensors; None: fresh
+    # a published Prot2Text-V2 directory (esm2llama_instruct): ESM, adapter and LLaMA all come from it, read
+    # lazily per rank; model.esm / model.llama / model.projector_weights are then not used
+    p2tv2: Optional[str] = None
     esm_output_layer: int = -1                       # Prot2Text-V2: last; Protein2Text: -2
     placeholder_token: str = "<|reserved_special_token_1|>"
     freeze: FreezeConfig = dataclasses.field(default_factory=FreezeConfig)

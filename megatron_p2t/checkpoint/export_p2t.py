@@ -41,8 +41,8 @@ def checkpoint_tp(step: str) -> int:
     return n
 
 
-def export(cfg, step: str, out: str) -> dict:
-    """Collective over the checkpoint's tensor-parallel ranks."""
+def export(cfg, step: str, out: str, fmt: str = "megatron_p2t") -> dict:
+    """Collective over the checkpoint's tensor-parallel ranks. fmt "p2tv2": Prot2Text-V2's own layout instead."""
     from megatron.core import parallel_state as ps
 
     from megatron_p2t.checkpoint import export_hf, llama_hf
@@ -50,7 +50,8 @@ def export(cfg, step: str, out: str) -> dict:
     from megatron_p2t.models.lora import apply_lora, merge_lora
     from megatron_p2t.training import run_instruct
     tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    cfg.instruct.init_from = None
+    if not os.path.exists(os.path.join(cfg.instruct.init_from or "", "metadata.json")):
+        cfg.instruct.init_from = None  # the projector comes from the checkpoint; an import-p2tv2 base stays
     esm_lora = cfg.model.esm_lora.r > 0 and _has_esm_lora(step)
     model, llama_cfg, esm_cfg, pcfg = run_instruct.build(cfg)
     if esm_lora:
@@ -63,6 +64,15 @@ def export(cfg, step: str, out: str) -> dict:
     if missing or unexpected:
         raise CheckpointError(f"{step}: the checkpoint does not fit the configured model: missing {missing[:4]}, "
                               f"unexpected {unexpected[:4]}")
+    if fmt == "p2tv2":
+        from megatron_p2t.checkpoint import p2tv2
+        from megatron_p2t.models.build import placeholder_id
+        merged = merge_lora(model.llm) + merge_lora(model.esm)
+        src = cfg.model.p2tv2
+        p2tv2.write(model, out, llama_cfg, esm_cfg, pcfg, placeholder_id(cfg), tpr, tp,
+                    p2tv2.carried(src) if src else {}, cfg.data.text_tokenizer or "",
+                    source_config=os.path.join(src, "config.json") if src else "")
+        return {"out": out, "merged_lora_layers": merged, "model": model}
     adapter_dir = os.path.join(out, "adapter")
     export_hf.export({adapter_dir: llama_hf.lora_hf_slices(model.llm, llama_cfg, tpr, tp)}, out)
     merged = merge_lora(model.llm) + merge_lora(model.esm)

@@ -19,7 +19,11 @@ def _hf_config(path: str, kind: str):
 
 
 def placeholder_id(cfg) -> int:
-    """The placeholder token's id, from the configured tokenizer (LLaMA-3.1: 128003)."""
+    """The placeholder token's id, from the configured tokenizer (LLaMA-3.1: 128003), or the one a Prot2Text-V2
+    directory names."""
+    if cfg.model.p2tv2 and not cfg.data.text_tokenizer:
+        from megatron_p2t.checkpoint import p2tv2
+        return int(p2tv2.read_config(cfg.model.p2tv2)["placeholder_id"])
     if cfg.data.text_tokenizer:
         from megatron_p2t.data.text_tokenizer import load_text_tokenizer
         tok = load_text_tokenizer(cfg.data.text_tokenizer)
@@ -36,8 +40,14 @@ def dtype_of(cfg) -> torch.dtype:
 
 def hf_configs(cfg):
     """(llama HF config, esm HF config, projector config with its dims filled from them)."""
-    llama_cfg, esm_cfg = _hf_config(cfg.model.llama, "llama"), _hf_config(cfg.model.esm, "esm")
     pcfg = cfg.model.projector
+    if cfg.model.p2tv2:  # the published layout decides every shape, the adapter's width included
+        from megatron_p2t.checkpoint import p2tv2
+        llama_cfg, esm_cfg, adapter, _ = p2tv2.hf_configs(cfg.model.p2tv2)
+        pcfg.input_dim, pcfg.intermediate_dim = adapter["input_dim"], adapter["intermediate_dim"]
+        pcfg.output_dim = adapter["output_dim"]
+        return llama_cfg, esm_cfg, pcfg
+    llama_cfg, esm_cfg = _hf_config(cfg.model.llama, "llama"), _hf_config(cfg.model.esm, "esm")
     pcfg.input_dim = pcfg.input_dim or esm_cfg.hidden_size
     pcfg.output_dim = pcfg.output_dim or llama_cfg.hidden_size
     return llama_cfg, esm_cfg, pcfg
@@ -62,12 +72,20 @@ def build(cfg):
 
 def load_hf(model, cfg, llama_cfg, pcfg) -> None:
     """ESM and LLaMA from their HF directories; the projector from model.projector_weights when given (a
-    directory with fc1/fc2 tensors), else it keeps its fresh initialisation (stage 1 starts that way)."""
+    directory with fc1/fc2 tensors), else it keeps its fresh initialisation (stage 1 starts that way). All three
+    from one Prot2Text-V2 directory when model.p2tv2 names one."""
     from megatron.core import parallel_state as ps
 
     from megatron_p2t.checkpoint.llama_hf import copy_into
     from megatron_p2t.models import p2t
     tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    if cfg.model.p2tv2:
+        from megatron_p2t.checkpoint import p2tv2
+        ck = p2tv2.check(cfg.model.p2tv2)
+        copy_into(model, p2t.megatron_tensors(model, ck, ck, ck, llama_cfg, pcfg, tpr, tp, esm_prefix=p2tv2.ESM,
+                                              llama_prefix=p2tv2.LLAMA, projector_prefix=p2tv2.ADAPTER),
+                  cfg.model.p2tv2)
+        return
     proj = HFDir(cfg.model.projector_weights) if cfg.model.projector_weights else None
     copy_into(model, p2t.megatron_tensors(model, HFDir(cfg.model.esm), HFDir(cfg.model.llama), proj, llama_cfg,
                                           pcfg, tpr, tp), f"{cfg.model.esm} + {cfg.model.llama}",

@@ -58,10 +58,19 @@ def build(cfg):
         raise ValueError("stage 2 trains LoRA on the decoder: set model.llm_lora.r > 0")
     cfg.model.freeze.esm, cfg.model.freeze.projector, cfg.model.freeze.llm = True, False, True
     torch.manual_seed(cfg.train.seed)
+    # an `import-p2tv2` checkpoint holds the whole model (Prot2Text-V2 continued with fresh LoRA); its
+    # config.json gives the shapes
+    imported = bool(cfg.instruct.init_from) and os.path.exists(os.path.join(cfg.instruct.init_from, "metadata.json"))
+    if imported:
+        cfg.model.p2tv2 = cfg.instruct.init_from
     model, llama_cfg, esm_cfg, pcfg = build_model(cfg)
-    load_hf(model, cfg, llama_cfg, pcfg)
+    if imported:
+        from megatron_p2t.checkpoint import sharded
+        sharded.load(model, cfg.instruct.init_from)
+    else:
+        load_hf(model, cfg, llama_cfg, pcfg)
     tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    if cfg.instruct.init_from:
+    if cfg.instruct.init_from and not imported:
         src = stage1_dir(cfg.instruct.init_from)
         s1 = stage1_tensors(src)
         copy_into(model.projector, projector_hf.tensors(TensorSource(s1["projector"], src), pcfg, tpr, tp), src)

@@ -38,6 +38,8 @@ def main():
     ap.add_argument("--what", choices=["llama", "p2t", "esm", "esm_lora", "llama_lora", "text"])
     ap.add_argument("--sequences", help="file of real protein sequences, one per line (esm)")
     ap.add_argument("--ckpt")
+    ap.add_argument("--sharded", help="p2t: take our weights from this megatron checkpoint (e.g. an import-p2tv2 "
+                                      "of the same tiny parts) instead of the HF directories")
     ap.add_argument("--out")
     a = ap.parse_args()
     from megatron_p2t.parallel import state
@@ -111,8 +113,12 @@ def main():
         ecfg = ESMConfig.from_hf(hf_esm.config)
         model = p2t.Prot2TextModel(ecfg, hf_llama.config, pcfg, placeholder_id=250, pre_process=first,
                                    post_process=last, freeze=p2t.FreezeConfig(esm=False, projector=False, llm=False))
-        llama_hf.copy_into(model, p2t.megatron_tensors(model, HFDir(esm_dir), HFDir(llama_dir), HFDir(proj_dir),
-                                                       hf_llama.config, pcfg, tp_rank, tp), "tiny checkpoints")
+        if a.sharded:
+            from megatron_p2t.checkpoint import sharded
+            sharded.load(model, a.sharded)
+        else:
+            llama_hf.copy_into(model, p2t.megatron_tensors(model, HFDir(esm_dir), HFDir(llama_dir), HFDir(proj_dir),
+                                                           hf_llama.config, pcfg, tp_rank, tp), "tiny checkpoints")
 
         def expected_grads():
             grads = {k: v.grad for k, v in ref_params.items()}

@@ -1,0 +1,146 @@
+"""The published Prot2Text-V2 layout in and out: a tiny checkpoint in that layout, assembled by hand from tiny
+HF EsmModel + LlamaForCausalLM + adapter weights, imported at TP=1 and TP=2 x PP=2 (logits, losses and gradients
+against the HF parts), exported back bit for bit, and refused with the first mismatching key named."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def write_p2tv2(parts: str, out: str, placeholder: int = 250) -> str:
+    """What `Esm2LlamaInstructForCausalLM.save_pretrained` writes, from the separate tiny HF parts: the
+    composite config and esm_encoder.* / adapter.* / llama_decoder.* tensors in two safetensors shards."""
+    from safetensors.torch import load_file, save_file
+    from transformers import EsmModel, LlamaForCausalLM
+    esm = EsmModel.from_pretrained(os.path.join(parts, "esm"), add_pooling_layer=False)
+    llama = LlamaForCausalLM.from_pretrained(os.path.join(parts, "llama"))
+    proj = load_file(os.path.join(parts, "projector", "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    inter, hid = proj["fc1.weight"].shape[0], proj["fc2.weight"].shape[0]
+    tensors = {**{f"esm_encoder.{k}": v for k, v in esm.state_dict().items()},
+               **{f"adapter.{k}": v for k, v in proj.items()},
+               "adapter.ln1.weight": torch.randn(inter, generator=g), "adapter.ln1.bias": torch.randn(inter, generator=g),
+               "adapter.ln2.weight": torch.randn(hid, generator=g), "adapter.ln2.bias": torch.randn(hid, generator=g),
+               **{f"llama_decoder.{k}": v for k, v in llama.state_dict().items()}}
+    tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
+    os.makedirs(out, exist_ok=True)
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for fn, ks in shards.items():
+        save_file({k: tensors[k] for k in ks}, os.path.join(out, fn), metadata={"format": "pt"})
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {k: fn for fn, ks in shards.items() for k in ks}}, f)
+    esm_cfg, llama_cfg = esm.config.to_dict(), llama.config.to_dict()
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"model_type": "esm2llama_instruct", "architectures": ["Esm2LlamaInstructForCausalLM"],
+                   "esm_config": esm_cfg, "llama_config": llama_cfg, "placeholder_id": placeholder,
+                   "adapter_config": {"model_type": "modality_adapter", "input_dim": esm.config.hidden_size,
+                                      "intermediate_dim": inter, "output_dim": hid, "dropout_rate": 0.3}}, f,
+                  indent=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    from megatron_p2t.models.tiny import make_all
+    root = str(tmp_path_factory.mktemp("p2tv2"))
+    make_all(os.path.join(root, "parts"))
+    return root, write_p2tv2(os.path.join(root, "parts"), os.path.join(root, "published"))
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+
+
+def _import(src, out, tp, pp):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp * pp}",
+                        "-m", "megatron_p2t", "import-p2tv2", src, "--out", out, f"parallel.tensor={tp}",
+                        f"parallel.pipeline={pp}"], env=_env(), cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)], ids=["tp1pp1", "tp2pp2"])
+def test_import_gives_the_hf_parts_logits_losses_and_gradients(published, tmp_path, tp, pp):
+    root, src = published
+    _import(src, str(tmp_path / "imported"), tp, pp)
+    out = tmp_path / "ranks"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp * pp}",
+                        os.path.join(ROOT, "tests", "models", "dist_model_main.py"), "--out", str(out), "--what", "p2t",
+                        "--tp", str(tp), "--pp", str(pp), "--ckpt", os.path.join(root, "parts"),
+                        "--sharded", str(tmp_path / "imported")], env=_env(), cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ranks = [json.load(open(p)) for p in sorted(glob.glob(str(out / "rank*.json")))]
+    assert len(ranks) == tp * pp
+    for rk in ranks:
+        if rk["pp_rank"] == pp - 1:
+            assert rk["logit_diff"] <= 1e-5 and max(rk["loss_diff"]) <= 1e-5, rk
+        assert rk["grads_checked"] == rk["params"] > 0 and rk["grad_diff"] <= 1e-5, rk
+
+
+def test_import_at_tp2_pp2_then_export_is_bit_identical(published, tmp_path):
+    from megatron_p2t.checkpoint.hf_dir import HFDir
+    _, src = published
+    _import(src, str(tmp_path / "imported"), 2, 2)
+    r = subprocess.run([sys.executable, "-m", "megatron_p2t", "export", "--format", "p2tv2", "--checkpoint",
+                        str(tmp_path / "imported"), "--out", str(tmp_path / "back")], env=_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    a, b = HFDir(src), HFDir(str(tmp_path / "back"))
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in a.keys():
+        x, y = a.get(k), b.get(k)
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), k
+    assert open(os.path.join(src, "config.json")).read() == open(tmp_path / "back" / "config.json").read()
+
+
+def _broken(src, tmp_path, edit_config=None, drop=None, rename=None):
+    import shutil
+    d = tmp_path / "broken"
+    shutil.copytree(src, d)
+    if edit_config:
+        c = json.load(open(d / "config.json"))
+        edit_config(c)
+        json.dump(c, open(d / "config.json", "w"))
+    if drop or rename:
+        idx = json.load(open(d / "model.safetensors.index.json"))
+        if drop:
+            del idx["weight_map"][drop]
+        if rename:
+            idx["weight_map"][rename[1]] = idx["weight_map"].pop(rename[0])
+        json.dump(idx, open(d / "model.safetensors.index.json", "w"))
+    return str(d)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("model_type", "model_type is 'llama', expected 'esm2llama_instruct'"),
+    ("adapter_dim", "adapter_config input_dim/output_dim = 47/64, expected esm_config.hidden_size/"
+                    "llama_config.hidden_size = 48/64"),
+    ("missing", "weight 'adapter.fc2.weight' is missing (expected shape [64, 32])"),
+    ("renamed", "weight 'decoder.lm_head.weight' is outside the Prot2Text-V2 layout"),
+])
+def test_a_checkpoint_off_the_layout_names_the_first_mismatching_key(published, tmp_path, case, message):
+    from megatron_p2t.checkpoint import p2tv2
+    from megatron_p2t.checkpoint.hf_dir import CheckpointError
+    _, src = published
+    kw = {"model_type": dict(edit_config=lambda c: c.update(model_type="llama")),
+          "adapter_dim": dict(edit_config=lambda c: c["adapter_config"].update(input_dim=47)),
+          "missing": dict(drop="adapter.fc2.weight"),
+          "renamed": dict(rename=("llama_decoder.lm_head.weight", "decoder.lm_head.weight"))}[case]
+    with pytest.raises(CheckpointError) as e:
+        p2tv2.check(_broken(src, tmp_path, **kw))
+    assert message in str(e.value)
+    r = subprocess.run([sys.executable, "-m", "megatron_p2t", "import-p2tv2", str(tmp_path / "broken"), "--out",
+                        str(tmp_path / "o")], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
