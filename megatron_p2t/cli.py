@@ -237,11 +237,11 @@ def cmd_export(args) -> int:
     from megatron_p2t.checkpoint.export_p2t import checkpoint_tp, export, resolve
     from megatron_p2t.config import config_from_dict
     from megatron_p2t.parallel import state
-    if args.format == "p2tv2" and args.verify:
-        from megatron_p2t.config import ConfigError
-        raise ConfigError("--verify loads megatron_p2t's own export; for --format p2tv2 load the result with the "
-                         "authors' Esm2LlamaInstructForCausalLM (its logits equal ours: tests/checkpoint/test_p2tv2.py)")
     if args.format == "p2tv2" and os.path.exists(os.path.join(args.checkpoint, "metadata.json")):
+        if args.verify:
+            from megatron_p2t.config import ConfigError
+            raise ConfigError("--verify compares a trained run with its export; an import's export is checked "
+                              "bit for bit instead (tests/checkpoint/test_p2tv2.py)")
         return _export_imported_p2tv2(args)
     step, run_dir = resolve(args.checkpoint)
     tp = checkpoint_tp(step)

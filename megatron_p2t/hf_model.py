@@ -32,6 +32,11 @@ class Projector(nn.Module):
         return F.normalize(y, p=2, dim=-1) if self.l2 else y
 
 
+def _is_p2tv2(path: str) -> bool:
+    f = os.path.join(path, "config.json")
+    return os.path.exists(f) and json.load(open(f)).get("model_type") == "esm2llama_instruct"
+
+
 class Prot2TextForGeneration(nn.Module):
     def __init__(self, esm, projector: Projector, llama, tokenizer, info: dict):
         super().__init__()
@@ -43,6 +48,8 @@ class Prot2TextForGeneration(nn.Module):
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         from safetensors.torch import load_file
         from transformers import AutoTokenizer, EsmModel, LlamaForCausalLM
+        if _is_p2tv2(path):
+            return cls.from_p2tv2(path, dtype, device)
         for part in ("esm", "projector", "llama", "tokenizer", "megatron_p2t.json"):
             if not os.path.exists(os.path.join(path, part)):
                 raise FileNotFoundError(f"{path}: no {part} -- not a `megatron-p2t export` directory")
@@ -54,6 +61,33 @@ class Prot2TextForGeneration(nn.Module):
         llama = LlamaForCausalLM.from_pretrained(os.path.join(path, "llama"), dtype=dtype)
         tok = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
         return cls(esm, projector.to(dtype), llama, tok, info).to(device).eval()
+
+    @classmethod
+    def from_p2tv2(cls, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        """Prot2Text-V2's published layout (the authors' Esm2LlamaInstructForCausalLM), e.g. the released model or
+        `megatron-p2t export --format p2tv2`: the same parts under esm_encoder. / adapter. / llama_decoder."""
+        from transformers import AutoTokenizer, EsmModel, LlamaForCausalLM
+
+        from megatron_p2t.checkpoint import p2tv2
+        from megatron_p2t.data.instruct import SYSTEM_PROMPT
+        llama_cfg, esm_cfg, adapter, placeholder = p2tv2.hf_configs(path)
+        ck = p2tv2.check(path)
+
+        def part(prefix):
+            return {n[len(prefix):]: ck.get(n) for n in ck.keys() if n.startswith(prefix)}
+        esm = EsmModel(esm_cfg, add_pooling_layer=False)
+        esm.load_state_dict(part(p2tv2.ESM), strict=False)  # the contact head and rotary buffer may be absent
+        projector = Projector(adapter["input_dim"], adapter["intermediate_dim"], adapter["output_dim"])
+        projector.load_state_dict({k: v for k, v in part(p2tv2.ADAPTER).items() if k.startswith(("fc1.", "fc2."))})
+        llama = LlamaForCausalLM(llama_cfg)
+        missing, unexpected = llama.load_state_dict(part(p2tv2.LLAMA), strict=False)
+        if unexpected or [m for m in missing if not (llama_cfg.tie_word_embeddings and m == "lm_head.weight")]:
+            raise ValueError(f"{path}: llama_decoder weights do not fit llama_config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        tok = AutoTokenizer.from_pretrained(path)
+        info = {"placeholder_token": tok.convert_ids_to_tokens(placeholder), "system_prompt": SYSTEM_PROMPT,
+                "esm_output_layer": -1, "format": "p2tv2"}
+        return cls(esm.to(dtype), projector.to(dtype), llama.to(dtype), tok, info).to(device).eval()
 
     def protein_states(self, protein_ids: torch.Tensor, protein_mask: torch.Tensor) -> torch.Tensor:
         layer = int(self.info.get("esm_output_layer", -1))

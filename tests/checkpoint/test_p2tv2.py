@@ -144,3 +144,43 @@ def test_a_checkpoint_off_the_layout_names_the_first_mismatching_key(published, 
     r = subprocess.run([sys.executable, "-m", "megatron_p2t", "import-p2tv2", str(tmp_path / "broken"), "--out",
                         str(tmp_path / "o")], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_stage_2_continues_from_an_import_and_exports_the_published_layout(tmp_path, built_sample, tiny_tokenizer):
+    """Prot2Text-V2 (here a tiny one with a real tokenizer) -> import -> instruct at TP=2 with fresh LoRA -> export
+    in the published layout, whose logits (loaded with transformers alone) equal the megatron model's, and which
+    generates."""
+    from megatron_p2t.cli import main
+    from megatron_p2t.checkpoint.hf_dir import HFDir
+    from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+    from megatron_p2t.hf_model import Prot2TextForGeneration
+    from megatron_p2t.models.tiny import make_projector
+    parts = tmp_path / "parts"
+    assert main(["make-tiny-models", "--tokenizer", tiny_tokenizer, "--out", str(parts)]) == 0
+    make_projector(str(parts / "projector"), esm_hidden=48, inter=32, out=64)
+    tok = load_text_tokenizer(tiny_tokenizer)
+    pub = write_p2tv2(str(parts), str(tmp_path / "published"),
+                      placeholder=tok.convert_tokens_to_ids("<|reserved_special_token_1|>"))
+    tok.save_pretrained(pub)
+    _import(pub, str(tmp_path / "imported"), 1, 1)
+    out, _ = built_sample
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "megatron_p2t", "instruct", "--config", os.path.join(ROOT, "configs", "instruct_tiny_cpu.yaml"),
+                        f"data.manifest={out}/manifest.json", f"data.text_tokenizer={tiny_tokenizer}",
+                        f"instruct.init_from={tmp_path}/imported", "parallel.tensor=2", "data.batch_size=6",
+                        "data.max_protein_residues=200", "train.steps=3", "train.save_every=3", "train.lr=0.01",
+                        f"train.save_dir={tmp_path}/run"], env=_env(), cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = subprocess.run([sys.executable, "-m", "megatron_p2t", "export", "--format", "p2tv2", "--checkpoint",
+                        str(tmp_path / "run"), "--out", str(tmp_path / "back"), "--verify"], env=_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["max_abs_logit_diff"] < 1e-4 and report["merged_lora_layers"] > 0, report
+    a, b = HFDir(pub), HFDir(str(tmp_path / "back"))
+    assert sorted(a.keys()) == sorted(b.keys())
+    changed = {k.split(".")[0] for k in a.keys() if not torch.equal(a.get(k), b.get(k))}
+    assert changed == {"adapter", "llama_decoder"}, changed   # LoRA merged and projector trained; ESM frozen
+    model = Prot2TextForGeneration.from_pretrained(str(tmp_path / "back"))
+    assert isinstance(model.generate(["MKTAYIAKQRQISFVKSHFSRQ"], max_new_tokens=4)[0], str)
