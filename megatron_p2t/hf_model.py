@@ -2,7 +2,8 @@
 
 `Prot2TextForGeneration.from_pretrained(dir)` reads what `megatron-p2t export` writes: esm/ (EsmModel),
 projector/ (fc1/fc2 + config), llama/ (LlamaForCausalLM with LoRA merged), tokenizer/ (with the chat template)
-and megatron_p2t.json (placeholder token, system prompt, ESM layer). The protein's projected ESM states replace
+and megatron_p2t.json (placeholder token, system prompt, ESM layer); or Prot2Text-V2's published layout
+(`from_p2tv2`: the released model, or `export --format p2tv2`). The protein's projected ESM states replace
 the placeholder tokens' embeddings; generation runs LLaMA's own KV-cached greedy or beam search on those
 embeddings.
 """
@@ -75,11 +76,19 @@ class Prot2TextForGeneration(nn.Module):
 
         def part(prefix):
             return {n[len(prefix):]: ck.get(n) for n in ck.keys() if n.startswith(prefix)}
-        esm = EsmModel(esm_cfg, add_pooling_layer=False)
-        esm.load_state_dict(part(p2tv2.ESM), strict=False)  # the contact head and rotary buffer may be absent
-        projector = Projector(adapter["input_dim"], adapter["intermediate_dim"], adapter["output_dim"])
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in the target dtype: the 11B release is 22 GB in bf16, 44 in fp32
+        try:
+            esm = EsmModel(esm_cfg, add_pooling_layer=False)
+            projector = Projector(adapter["input_dim"], adapter["intermediate_dim"], adapter["output_dim"])
+            llama = LlamaForCausalLM(llama_cfg)
+        finally:
+            torch.set_default_dtype(before)
+        missing, unexpected = esm.load_state_dict(part(p2tv2.ESM), strict=False)
+        if unexpected or [m for m in missing if not m.startswith(("contact_head.", "rotary_embeddings."))]:
+            raise ValueError(f"{path}: esm_encoder weights do not fit esm_config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
         projector.load_state_dict({k: v for k, v in part(p2tv2.ADAPTER).items() if k.startswith(("fc1.", "fc2."))})
-        llama = LlamaForCausalLM(llama_cfg)
         missing, unexpected = llama.load_state_dict(part(p2tv2.LLAMA), strict=False)
         if unexpected or [m for m in missing if not (llama_cfg.tie_word_embeddings and m == "lm_head.weight")]:
             raise ValueError(f"{path}: llama_decoder weights do not fit llama_config: missing {missing[:3]}, "

@@ -21,17 +21,21 @@ def _hf_config(path: str, kind: str):
 def placeholder_id(cfg) -> int:
     """The placeholder token's id, from the configured tokenizer (LLaMA-3.1: 128003), or the one a Prot2Text-V2
     directory names."""
-    if cfg.model.p2tv2 and not cfg.data.text_tokenizer:
+    published = None
+    if cfg.model.p2tv2:
         from megatron_p2t.checkpoint import p2tv2
-        return int(p2tv2.read_config(cfg.model.p2tv2)["placeholder_id"])
-    if cfg.data.text_tokenizer:
-        from megatron_p2t.data.text_tokenizer import load_text_tokenizer
-        tok = load_text_tokenizer(cfg.data.text_tokenizer)
-        pid = tok.convert_tokens_to_ids(cfg.model.placeholder_token)
-        if pid is None or pid == tok.unk_token_id:
-            raise ValueError(f"{cfg.data.text_tokenizer}: no token {cfg.model.placeholder_token!r}")
-        return pid
-    return 128003
+        published = int(p2tv2.read_config(cfg.model.p2tv2)["placeholder_id"])
+    if not cfg.data.text_tokenizer:
+        return 128003 if published is None else published
+    from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+    tok = load_text_tokenizer(cfg.data.text_tokenizer)
+    pid = tok.convert_tokens_to_ids(cfg.model.placeholder_token)
+    if pid is None or pid == tok.unk_token_id:
+        raise ValueError(f"{cfg.data.text_tokenizer}: no token {cfg.model.placeholder_token!r}")
+    if published is not None and published != pid:
+        raise CheckpointError(f"{cfg.model.p2tv2}: placeholder_id {published}, but {cfg.data.text_tokenizer} gives "
+                              f"{cfg.model.placeholder_token!r} the id {pid}; use the checkpoint's own tokenizer")
+    return pid
 
 
 def dtype_of(cfg) -> torch.dtype:
