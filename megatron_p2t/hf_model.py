@@ -34,8 +34,9 @@ class Projector(nn.Module):
 
 
 def _is_p2tv2(path: str) -> bool:
+    from megatron_p2t.checkpoint.p2tv2 import MODEL_TYPE
     f = os.path.join(path, "config.json")
-    return os.path.exists(f) and json.load(open(f)).get("model_type") == "esm2llama_instruct"
+    return os.path.exists(f) and json.load(open(f)).get("model_type") == MODEL_TYPE
 
 
 class Prot2TextForGeneration(nn.Module):
@@ -85,7 +86,7 @@ class Prot2TextForGeneration(nn.Module):
         finally:
             torch.set_default_dtype(before)
         missing, unexpected = esm.load_state_dict(part(p2tv2.ESM), strict=False)
-        if unexpected or [m for m in missing if not m.startswith(("contact_head.", "rotary_embeddings."))]:
+        if unexpected or [m for m in missing if not (p2tv2.ESM + m).startswith(p2tv2.UNUSED)]:
             raise ValueError(f"{path}: esm_encoder weights do not fit esm_config: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
         projector.load_state_dict({k: v for k, v in part(p2tv2.ADAPTER).items() if k.startswith(("fc1.", "fc2."))})

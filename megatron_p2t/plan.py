@@ -170,7 +170,8 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
     else:
         frozen += tower(llama, llama.layers, True, not llama.tied)
         trainable += _lora_params(llama, cfg.model.llm_lora, tp)
-        tokens = b * (lp + lt + prompt_tokens(cfg))
+        seq = lp + lt + prompt_tokens(cfg)   # loads the tokenizer: once per plan
+        tokens = b * seq
 
     # AdamW: two fp32 moments, plus DeepSpeed's fp32 partition of the weights (the master copy in mixed precision)
     opt_bytes = 12
@@ -206,7 +207,6 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
         if not cfg.align.use_text_cache:
             flops += 2 * cfg.align.text_layer * llama.layer_matrix_params() * b * lt
     else:
-        seq = lp + lt + prompt_tokens(cfg)
         dec = llama.layers * llama.layer_matrix_params() + (0 if llama.tied else llama.vocab * llama.hidden)
         attn = 2 * llama.layers * b * seq * seq * llama.hidden        # causal: half of 4 s^2 h
         flops += 2 * dec * tokens + attn + 2 * (dec * tokens + attn)   # backward: input gradients only

@@ -113,9 +113,8 @@ def save_imported(model, cfg, source: str, out: str) -> None:
     sharded.save(model, out)
     if torch.distributed.get_rank() == 0:
         shutil.copy(os.path.join(source, "config.json"), os.path.join(out, "config.json"))
-        ck = HFDir(source)
-        extra = {n: ck.get(n).contiguous() for n in ck.keys() if n.startswith(UNUSED)}
-        save_file(extra, os.path.join(out, EXTRA_FILE), metadata={"format": "pt"})
+        save_file({n: t.contiguous() for n, t in carried(source).items()}, os.path.join(out, EXTRA_FILE),
+                  metadata={"format": "pt"})
         if os.path.exists(os.path.join(source, "tokenizer_config.json")):
             for f in TOKENIZER_FILES:
                 if os.path.exists(os.path.join(source, f)):
@@ -134,7 +133,7 @@ def carried(path: str) -> Dict[str, object]:
     return {n: ck.get(n) for n in ck.keys() if n.startswith(UNUSED)}
 
 
-def composite_config(llama_cfg, esm_cfg, pcfg, placeholder: int, dropout: float) -> dict:
+def composite_config(llama_cfg, esm_cfg, pcfg, placeholder: int) -> dict:
     esm = esm_cfg.to_dict()
     esm["architectures"] = ["EsmModel"]
     llama = llama_cfg.to_dict()
@@ -142,7 +141,7 @@ def composite_config(llama_cfg, esm_cfg, pcfg, placeholder: int, dropout: float)
     return {"model_type": MODEL_TYPE, "architectures": ["Esm2LlamaInstructForCausalLM"], "esm_config": esm,
             "adapter_config": {"model_type": "modality_adapter", "input_dim": pcfg.input_dim,
                                "intermediate_dim": pcfg.intermediate_dim, "output_dim": pcfg.output_dim,
-                               "dropout_rate": dropout},
+                               "dropout_rate": pcfg.dropout},
             "llama_config": llama, "placeholder_id": placeholder}
 
 
@@ -173,8 +172,7 @@ def write(model, out: str, llama_cfg, esm_cfg, pcfg, placeholder: int, tp_rank: 
             shutil.copy(source_config, os.path.join(out, "config.json"))
         else:
             with open(os.path.join(out, "config.json"), "w") as f:
-                json.dump(composite_config(llama_cfg, esm_cfg, pcfg, placeholder, pcfg.dropout), f, indent=2,
-                          sort_keys=True)
+                json.dump(composite_config(llama_cfg, esm_cfg, pcfg, placeholder), f, indent=2, sort_keys=True)
         if tokenizer_dir:
             from megatron_p2t.data.text_tokenizer import load_text_tokenizer
             load_text_tokenizer(tokenizer_dir).save_pretrained(out)
