@@ -234,7 +234,7 @@ def _train_stage(args, run) -> int:
 
 def cmd_export(args) -> int:
     """A stage-2 checkpoint -> one HF-format directory (merged LLaMA, PEFT adapter, ESM, projector, tokenizer)."""
-    from megatron_p2t.checkpoint.export_p2t import checkpoint_tp, export, resolve
+    from megatron_p2t.checkpoint.export_p2t import checkpoint_layout, export, resolve
     from megatron_p2t.config import config_from_dict
     from megatron_p2t.parallel import state
     if args.format == "p2tv2" and os.path.exists(os.path.join(args.checkpoint, "metadata.json")):
@@ -244,23 +244,31 @@ def cmd_export(args) -> int:
                               "bit for bit instead (tests/checkpoint/test_p2tv2.py)")
         return _export_imported_p2tv2(args)
     step, run_dir = resolve(args.checkpoint)
-    tp = checkpoint_tp(step)
+    with open(os.path.join(run_dir, "megatron_p2t.json")) as f:
+        saved = json.load(f)["config"]
+    tp, pp = checkpoint_layout(step, int(saved.get("parallel", {}).get("pipeline", 1)))
     from megatron_p2t.parallel import launch_env
-    if not launch_env.under_launcher() and tp > 1:  # one process per tensor-parallel shard of the checkpoint
+    if not launch_env.under_launcher() and tp * pp > 1:  # one process per model-parallel shard of the checkpoint
         import subprocess
         return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                f"--nproc_per_node={tp}", "-m", "megatron_p2t", *sys.argv[1:]])
+                                f"--nproc_per_node={tp * pp}", "-m", "megatron_p2t", *sys.argv[1:]])
     launch_env.discover()
-    if int(os.environ["WORLD_SIZE"]) != tp:
-        raise ValueError(f"{step} has {tp} tensor-parallel shards; export with {tp} processes (or run it "
-                         f"without a launcher and it starts them)")
-    with open(os.path.join(run_dir, "megatron_p2t.json")) as f:
-        cfg = config_from_dict(json.load(f)["config"], args.overrides + [f"parallel.tensor={tp}",
-                                                                         "parallel.pipeline=1"])
-    state.initialize(tp=tp, pp=1, seed=cfg.parallel.seed,
-                     timeout_minutes=cfg.parallel.timeout_minutes)
+    if int(os.environ["WORLD_SIZE"]) != tp * pp:
+        raise ValueError(f"{step} has {tp * pp} model-parallel shards (tensor {tp} x pipeline {pp}); export with "
+                         f"{tp * pp} processes (or run it without a launcher and it starts them)")
+    cfg = config_from_dict(saved, args.overrides + [f"parallel.tensor={tp}", f"parallel.pipeline={pp}"])
+    state.initialize(tp=tp, pp=pp, seed=cfg.parallel.seed, timeout_minutes=cfg.parallel.timeout_minutes)
     res = export(cfg, step, args.out, fmt=args.format)
-    report = {"out": args.out, "tensor_parallel": tp, "merged_lora_layers": res["merged_lora_layers"]}
+    import torch
+    import torch.distributed as dist
+    merged = torch.tensor([res["merged_lora_layers"]])  # each stage merged its own layers
+    if pp > 1:
+        from megatron.core import parallel_state as ps
+
+        from megatron_p2t.parallel.state import collective_device
+        merged = merged.to(collective_device())
+        dist.all_reduce(merged, group=ps.get_pipeline_model_parallel_group())
+    report = {"out": args.out, "tensor_parallel": tp, "pipeline_parallel": pp, "merged_lora_layers": int(merged)}
     if args.verify:
         from megatron_p2t.checkpoint.export_p2t import verify
         report["max_abs_logit_diff"] = verify(res["model"], cfg, args.out)
@@ -355,9 +363,10 @@ def cmd_make_tiny_models(args) -> int:
     from megatron_p2t.models import tiny
     vocab = len(load_text_tokenizer(args.tokenizer))
     vocab += (-vocab) % 8  # divisible by any tensor-parallel size up to 8
-    tiny.make_llama(os.path.join(args.out, "llama"), vocab=vocab, layers=4, hidden=64)
+    tiny.make_llama(os.path.join(args.out, "llama"), vocab=vocab, layers=args.llama_layers, hidden=args.llama_hidden,
+                    max_shard_size="4MB")
     tiny.make_esm(os.path.join(args.out, "esm"))
-    print(f"tiny llama (vocab {vocab}) and esm -> {args.out}")
+    print(f"tiny llama (vocab {vocab}, {args.llama_layers} x {args.llama_hidden}) and esm -> {args.out}")
     return 0
 
 
@@ -453,6 +462,9 @@ def main(argv=None) -> int:
     tm = sub.add_parser("make-tiny-models", help="tiny random ESM-2 and LLaMA-3 HF checkpoints for CPU demos")
     tm.add_argument("--tokenizer", required=True)
     tm.add_argument("--out", required=True)
+    tm.add_argument("--llama-hidden", type=int, default=64,
+                    help="width of the LLaMA; the stage-1 retrieval demo needs 512 (see README)")
+    tm.add_argument("--llama-layers", type=int, default=4)
     args, extra = p.parse_known_args(argv)
     # argparse stops filling a positional list once an option follows it (`import-p2tv2 DIR --out O a=b`):
     # trailing section.key=value words still belong to it

@@ -1,5 +1,5 @@
 """Capacity planner: for a run config and a number of GPUs, memory per GPU and an estimated step time for every
-layout the trainer runs (TP inside a node x DP; pipeline parallelism is not used in training).
+layout it plans (TP inside a node x DP; stage 2 can also run pipeline-parallel, which it does not model).
 
 Memory per GPU, in the model's dtype where not said otherwise:
 - frozen weights (ESM, LLaMA; in stage 1 only the text layers, or none with the text cache) / TP;

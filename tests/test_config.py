@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from megatron_p2t.config import ConfigError, load_config
@@ -14,6 +16,12 @@ def test_yaml_and_overrides(tmp_path):
 def test_production_config_loads():
     cfg = load_config(f"{ROOT}/configs/prot2text_v2.yaml")
     assert cfg.data.batch_size == 8 and cfg.data.max_text_tokens == 512
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(f"{ROOT}/configs") if n.endswith(".yaml")))
+def test_every_shipped_config_loads(name):
+    cfg = load_config(f"{ROOT}/configs/{name}")
+    assert cfg.data.manifest
 
 
 def test_unknown_keys_are_named(tmp_path):

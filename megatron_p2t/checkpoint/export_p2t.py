@@ -1,4 +1,4 @@
-"""`megatron-p2t export`: a stage-2 checkpoint (any tensor-parallel size) -> one directory that
+"""`megatron-p2t export`: a stage-2 checkpoint (any tensor x pipeline layout) -> one directory that
 `megatron_p2t.hf_model.Prot2TextForGeneration.from_pretrained` (transformers + torch) loads:
 
   llama/      LlamaForCausalLM with the LoRA adapters merged
@@ -9,7 +9,7 @@
   tokenizer/  the run's tokenizer, chat template included
   megatron_p2t.json, README.md
 
-Runs with one process per tensor-parallel rank of the checkpoint (the CLI launches them when needed); each
+Runs with one process per model-parallel shard of the checkpoint (the CLI launches them when needed); each
 rank reads only its own shard of the DeepSpeed checkpoint.
 """
 from __future__ import annotations
@@ -34,11 +34,16 @@ def resolve(checkpoint: str):
     return step, run_dir
 
 
-def checkpoint_tp(step: str) -> int:
+def checkpoint_layout(step: str, pp: int):
+    """(tensor, pipeline) sizes of a checkpoint with one mp_rank_* file per model-parallel rank, written by a run
+    at pipeline size `pp` (its config says)."""
     n = len(glob.glob(os.path.join(step, "mp_rank_*_model_states.pt")))
     if not n:
         raise CheckpointError(f"{step}: no mp_rank_*_model_states.pt files")
-    return n
+    if n % pp:
+        raise CheckpointError(f"{step}: {n} model-parallel shards, which the run's parallel.pipeline={pp} does not "
+                              f"divide; is megatron_p2t.json beside it from another run?")
+    return n // pp, pp
 
 
 def export(cfg, step: str, out: str, fmt: str = "megatron_p2t") -> dict:
@@ -52,11 +57,12 @@ def export(cfg, step: str, out: str, fmt: str = "megatron_p2t") -> dict:
     tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     if not os.path.exists(os.path.join(cfg.instruct.init_from or "", "metadata.json")):
         cfg.instruct.init_from = None  # the projector comes from the checkpoint; an import-p2tv2 base stays
-    esm_lora = cfg.model.esm_lora.r > 0 and _has_esm_lora(step)
     model, llama_cfg, esm_cfg, pcfg = run_instruct.build(cfg)
+    esm_lora = model.pre_process and cfg.model.esm_lora.r > 0 and _has_esm_lora(step)
     if esm_lora:
         apply_lora(model.esm, cfg.model.esm_lora, "esm")
-    state = torch.load(os.path.join(step, f"mp_rank_{tpr:02d}_model_states.pt"), map_location="cpu",
+    mp_rank = dist.get_rank(ps.get_model_parallel_group())  # how DeepSpeed named the file (trainer.MegatronMPU)
+    state = torch.load(os.path.join(step, f"mp_rank_{mp_rank:02d}_model_states.pt"), map_location="cpu",
                        weights_only=False)["module"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}  # checkpoints hold only these
@@ -67,7 +73,7 @@ def export(cfg, step: str, out: str, fmt: str = "megatron_p2t") -> dict:
     if fmt == "p2tv2":
         from megatron_p2t.checkpoint import p2tv2
         from megatron_p2t.models.build import placeholder_id
-        merged = merge_lora(model.llm) + merge_lora(model.esm)
+        merged = merge_lora(model.llm) + (merge_lora(model.esm) if model.pre_process else 0)
         src = cfg.model.p2tv2
         p2tv2.write(model, out, llama_cfg, esm_cfg, pcfg, placeholder_id(cfg), tpr, tp,
                     p2tv2.carried(src) if src else {}, cfg.data.text_tokenizer or "",
@@ -75,7 +81,7 @@ def export(cfg, step: str, out: str, fmt: str = "megatron_p2t") -> dict:
         return {"out": out, "merged_lora_layers": merged, "model": model}
     adapter_dir = os.path.join(out, "adapter")
     export_hf.export({adapter_dir: llama_hf.lora_hf_slices(model.llm, llama_cfg, tpr, tp)}, out)
-    merged = merge_lora(model.llm) + merge_lora(model.esm)
+    merged = merge_lora(model.llm) + (merge_lora(model.esm) if model.pre_process else 0)
     p2t.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tpr, tp)
     if dist.get_rank() == 0:
         os.replace(os.path.join(adapter_dir, "model.safetensors"),  # PEFT's file name
@@ -131,8 +137,11 @@ nearest-neighbour baseline on the same split.
 def verify(model, cfg, out: str, max_batches: int = 1) -> float:
     """Collective: the megatron model (LoRA merged) and the exported directory loaded by transformers score the
     same validation prompts; returns the largest |logit difference| over real tokens (rank 0's figure)."""
+    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
+    from megatron_p2t.parallel import pipeline
+    from megatron_p2t.parallel.state import collective_device
     from megatron_p2t.training.run_instruct import make_loader
     cfg.instruct.pack = False
     model.eval()
@@ -145,11 +154,14 @@ def verify(model, cfg, out: str, max_batches: int = 1) -> float:
     ours = []
     with torch.no_grad():
         for b in batches:
-            logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=None,
-                           protein_ids=b["protein_ids"], protein_mask=b["protein_mask"])
-            ours.append(gather_from_tensor_model_parallel_region(logits).float().cpu())
+            for logits in pipeline.run(model, [b], collect_outputs=True):  # on the last stage only
+                ours.append(gather_from_tensor_model_parallel_region(logits).float().cpu())
+    # the last stage's first tensor-parallel rank compares (it holds the whole logits); rank 0 is on its pipeline
+    src = torch.tensor([ps.get_pipeline_model_parallel_last_rank()], device=collective_device())
+    dist.broadcast(src, 0)
+    src = int(src)
     diff = torch.zeros(1)
-    if dist.get_rank() == 0:
+    if dist.get_rank() == src:
         from megatron_p2t.hf_model import Prot2TextForGeneration
         hf = Prot2TextForGeneration.from_pretrained(out)
         with torch.no_grad():
@@ -157,5 +169,6 @@ def verify(model, cfg, out: str, max_batches: int = 1) -> float:
                 theirs = hf(b["input_ids"], b["protein_ids"], b["protein_mask"]).float()
                 for i, n in enumerate(b["lengths"].tolist()):  # right-padded rows: their real tokens
                     diff = torch.maximum(diff, (theirs[i, :n] - mine[i, :n]).abs().max().reshape(1))
-    dist.broadcast(diff, 0)
+    diff = diff.to(collective_device())
+    dist.broadcast(diff, src)
     return float(diff)

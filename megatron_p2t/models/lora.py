@@ -94,11 +94,23 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, prefix: str = "") -> List[str]
         for child_name, child in list(module.named_children()):
             if child_name in cfg.targets and not isinstance(child, LoRALinear):
                 full = ".".join(p for p in (prefix, name, child_name) if p)
-                setattr(module, child_name, LoRALinear(child, cfg, full))
+                setattr(module, child_name, LoRALinear(child, cfg, _global_name(model, prefix, name, child_name)))
                 wrapped.append(full)
     if not wrapped:
         raise ValueError(f"LoRA targets {cfg.targets} match no layer of {type(model).__name__}")
     return wrapped
+
+
+def _global_name(model: nn.Module, prefix: str, name: str, child_name: str) -> str:
+    """The layer's name with a pipeline stage's local layer index replaced by the global one (megatron's
+    1-based layer_number), so A's initial values do not depend on the pipeline layout either."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i] == "layers" and parts[i + 1].isdigit():
+            layer = model.get_submodule(".".join(parts[:i + 2]))
+            if hasattr(layer, "layer_number"):
+                parts[i + 1] = str(layer.layer_number - 1)
+    return ".".join(p for p in (prefix, ".".join(parts), child_name) if p)
 
 
 def lora_layers(model: nn.Module) -> Dict[str, LoRALinear]:

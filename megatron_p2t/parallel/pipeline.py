@@ -16,15 +16,20 @@ def masked_mean_loss(per_token: torch.Tensor, loss_mask: torch.Tensor):
 def run(model, microbatches: List[Dict[str, torch.Tensor]], forward_only: bool = False,
         loss_fn: Callable = masked_mean_loss, collect_outputs: bool = False) -> list:
     """Forward (+ backward) over `microbatches`; returns the per-microbatch loss dicts on the last stage
-    (or, with collect_outputs, the model outputs, e.g. logits), and [] elsewhere. All microbatches must share
-    one shape: the schedule sends [seq, micro_batch, hidden] tensors between stages."""
+    (or, with collect_outputs, the model outputs, e.g. logits), and [] elsewhere. The backward of each
+    microbatch is scaled by 1/len(microbatches), so the gradients are those of the mean loss. Microbatches may
+    differ in shape (stage-2 batches and packed rows do): stages then exchange each activation's shape first."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
 
     first = microbatches[0]["input_ids"]
+    config = get_model_config(model)
+    config.variable_seq_lengths = len({tuple(b["input_ids"].shape) for b in microbatches}) > 1
 
     def step(data_iterator, m):
         b = next(data_iterator)
-        kw = {"input_ids": b["input_ids"], "position_ids": b["position_ids"], "attention_mask": None,
+        kw = {"input_ids": b["input_ids"], "position_ids": b["position_ids"],
+              "attention_mask": b.get("attention_mask"),  # packed rows: segment ids (transformer/attention.py)
               "labels": None if collect_outputs else b["labels"]}
         if hasattr(m, "splice"):  # the joined model also takes the protein
             kw.update(protein_ids=b["protein_ids"], protein_mask=b["protein_mask"])

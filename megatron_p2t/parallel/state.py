@@ -46,6 +46,11 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None =
     return dp
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must be for torch.distributed calls: NCCL takes only CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def destroy() -> None:
     from megatron.core import parallel_state as ps
     ps.destroy_model_parallel()

@@ -47,8 +47,9 @@ class AlignModel(megatron_module()):
         temp = temperature_of(self.log_inv_temp, self.align_cfg.temperature)
         loss = hscale_loss(pm, ps, tm, ts, temp, weights=tuple(self.align_cfg.weights), group=group,
                            symmetric=self.align_cfg.symmetric, variant=self.align_cfg.variant)
-        p, t = torch.cat([pm, ps], -1), torch.cat([tm, ts], -1)
-        return loss, {"acc_top1": retrieval_accuracy(p, t, group), "temperature": temp.detach()}
+        acc = retrieval_accuracy(pm, ps, tm, ts, group, weights=tuple(self.align_cfg.weights),
+                                 variant=self.align_cfg.variant)
+        return loss, {"acc_top1": acc, "temperature": temp.detach()}
 
 
 _SINGLE = {}

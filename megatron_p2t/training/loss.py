@@ -38,8 +38,8 @@ def gather_with_grad(x: torch.Tensor, group=None) -> Tuple[torch.Tensor, int]:
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return x, 0
     n = x.shape[0]
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([n]), group=group)
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([n], device=x.device), group=group)  # x's device: NCCL takes CUDA only
     if any(int(s) != n for s in sizes):
         raise ValueError(f"contrastive gather needs equal batch sizes on every data-parallel rank, got "
                          f"{[int(s) for s in sizes]}; use fixed batch_size batches")
@@ -70,6 +70,10 @@ def info_nce(query: torch.Tensor, keys_local: torch.Tensor, temperature, group=N
     return loss
 
 
+def _unknown_variant(variant) -> ValueError:
+    return ValueError(f"unknown H-SCALE variant {variant!r}: 'paper' or 'concat'")
+
+
 def hscale_loss(prot_mean, prot_std, text_mean, text_std, temperature, weights=(0.7, 0.3), group=None,
                 symmetric: bool = False, variant: str = "paper") -> torch.Tensor:
     """Prot2Text-V2's H-SCALE. "paper": w_mean * InfoNCE(mean_p, mean_t) + w_std * InfoNCE(std_p, std_t).
@@ -81,16 +85,36 @@ def hscale_loss(prot_mean, prot_std, text_mean, text_std, temperature, weights=(
         p = torch.cat([prot_mean, prot_std], -1)
         t = torch.cat([text_mean, text_std], -1)
         return info_nce(p, t, temperature, group, symmetric)
-    raise ValueError(f"unknown H-SCALE variant {variant!r}: 'paper' or 'concat'")
+    raise _unknown_variant(variant)
 
 
-def retrieval_accuracy(query: torch.Tensor, keys_local: torch.Tensor, group=None, k: int = 1) -> torch.Tensor:
-    """Fraction of this rank's queries whose own key is among the k most similar of all ranks' keys."""
-    keys, offset = gather_with_grad(F.normalize(keys_local.detach(), dim=-1), group)
-    scores = F.normalize(query.detach(), dim=-1) @ keys.t()
-    target = torch.arange(query.shape[0], device=query.device) + offset
-    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
-    return (top == target[:, None]).any(1).float().mean()
+def hscale_scores(prot_mean, prot_std, text_mean, text_std, weights=(0.7, 0.3), variant: str = "paper"):
+    """Similarity of every protein to every text as the loss scores them, before the temperature: [n_p, n_t].
+    Retrieval ranks by this and not by the cosine of [mean; std] in both variants: the std vectors of a frozen
+    tower share one direction (pairwise cosine ~0.99 for the tiny LLaMA), so in the paper's variant they would
+    drown the means that the loss weighs 0.7."""
+    if variant == "paper":
+        return (weights[0] * F.normalize(prot_mean, dim=-1) @ F.normalize(text_mean, dim=-1).t()
+                + weights[1] * F.normalize(prot_std, dim=-1) @ F.normalize(text_std, dim=-1).t())
+    if variant == "concat":
+        return (F.normalize(torch.cat([prot_mean, prot_std], -1), dim=-1)
+                @ F.normalize(torch.cat([text_mean, text_std], -1), dim=-1).t())
+    raise _unknown_variant(variant)
+
+
+def rank_of_own(scores: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """For query i, how many keys score strictly above its own key (offset + i): 0 = retrieved first."""
+    own = scores[torch.arange(scores.shape[0]), torch.arange(scores.shape[0]) + offset]
+    return (scores > own[:, None]).sum(1)
+
+
+def retrieval_accuracy(prot_mean, prot_std, text_mean, text_std, group=None, k: int = 1, weights=(0.7, 0.3),
+                       variant: str = "paper") -> torch.Tensor:
+    """Fraction of this rank's proteins whose own text is among the k best-scored of all ranks' texts."""
+    tm, offset = gather_with_grad(text_mean.detach(), group)
+    ts, _ = gather_with_grad(text_std.detach(), group)
+    scores = hscale_scores(prot_mean.detach(), prot_std.detach(), tm, ts, weights, variant)
+    return (rank_of_own(scores, offset) < k).float().mean()
 
 
 def learnable_temperature(init: float = 0.05) -> torch.nn.Parameter:

@@ -71,35 +71,38 @@ def use_cache_if_asked(cfg) -> None:
 
 
 def retrieval_eval(model_module, cfg, dp_group) -> dict:
-    """Protein -> text retrieval over the whole validation split: top-1 / top-5 and the chance level."""
+    """Protein -> text retrieval over the whole validation split, scored as the loss scores: top-1, top-5 and
+    mean rank, each with its chance level."""
     import dataclasses
 
-    import torch.nn.functional as F
-
     from megatron_p2t.data.loader import ProteinTextLoader
+    from megatron_p2t.training.loss import hscale_scores, rank_of_own
     vcfg = dataclasses.replace(cfg.data, split="valid", epochs=1, num_workers=0)
-    prots, texts, valid = [], [], []
+    parts = {"pm": [], "ps": [], "tm": [], "ts": [], "valid": []}
     for batch in ProteinTextLoader(vcfg):
         batch = _to_device(batch)
-        pm, ps = model_module.protein_vectors(batch)
-        tm, ts = model_module.text_vectors(batch)
-        prots.append(torch.cat([pm, ps], -1).float().cpu())
-        texts.append(torch.cat([tm, ts], -1).float().cpu())
-        valid.append(batch["valid"].cpu())
-    p, t, v = torch.cat(prots), torch.cat(texts), torch.cat(valid)
+        for names, vectors in ((("pm", "ps"), model_module.protein_vectors(batch)),
+                               (("tm", "ts"), model_module.text_vectors(batch))):
+            for name, v in zip(names, vectors):
+                parts[name].append(v.float().cpu())
+        parts["valid"].append(batch["valid"].cpu().float())
+    vec = {name: torch.cat(v) for name, v in parts.items()}
     world = dist.get_world_size(dp_group)
     if world > 1:  # every rank ran the same number of equal-size batches, so shapes agree
-        gathered = []
-        for x in (p, t, v.float()):
-            parts = [torch.empty_like(x) for _ in range(world)]
-            dist.all_gather(parts, x, group=dp_group)
-            gathered.append(torch.cat(parts))
-        p, t, v = gathered[0], gathered[1], gathered[2].bool()
-    p, t = F.normalize(p[v], dim=-1), F.normalize(t[v], dim=-1)
-    n = p.shape[0]
-    rank_of_own = (p @ t.t() > (p * t).sum(-1, keepdim=True)).sum(1)  # texts scoring above the right one
-    return {"top1": float((rank_of_own < 1).float().mean()), "top5": float((rank_of_own < 5).float().mean()),
-            "n": n, "chance_top1": 1.0 / n, "chance_top5": min(5, n) / n}
+        from megatron_p2t.parallel.state import collective_device
+        for name, x in vec.items():
+            x = x.to(collective_device())
+            gathered = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(gathered, x, group=dp_group)
+            vec[name] = torch.cat(gathered).cpu()
+    keep = vec.pop("valid").bool()
+    vec = {name: x[keep] for name, x in vec.items()}
+    scores = hscale_scores(vec["pm"], vec["ps"], vec["tm"], vec["ts"], tuple(cfg.align.weights), cfg.align.variant)
+    rank = rank_of_own(scores)  # texts scoring above the right one
+    n = scores.shape[0]
+    return {"top1": float((rank < 1).float().mean()), "top5": float((rank < 5).float().mean()),
+            "mean_rank": float(rank.float().mean()) + 1, "n": n, "chance_top1": 1.0 / n,
+            "chance_top5": min(5, n) / n, "chance_mean_rank": (n + 1) / 2}
 
 
 def run(cfg, resume=None) -> dict:

@@ -1,7 +1,10 @@
 """`megatron-p2t instruct`: stage 2, LoRA instruction tuning on the joined model.
 
 ESM frozen, the projector trained fully (from stage 1's), LoRA on the decoder's linears; loss on the answer
-tokens only, averaged over this micro-batch's answer tokens. Tensor x data parallel on the shared trainer.
+tokens only, averaged over this micro-batch's answer tokens. Tensor x pipeline x data parallel on the shared
+trainer: with parallel.pipeline > 1 each optimizer step is one megatron-core 1F1B schedule over train.grad_accum
+micro-batches (use at least as many as there are stages, or the pipeline idles), the encoder and projector on
+the first stage.
 """
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ def build(cfg):
     else:
         load_hf(model, cfg, llama_cfg, pcfg)
     tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    if cfg.instruct.init_from and not imported:
+    if cfg.instruct.init_from and not imported and model.pre_process:  # the projector lives on the first stage
         src = stage1_dir(cfg.instruct.init_from)
         s1 = stage1_tensors(src)
         copy_into(model.projector, projector_hf.tensors(TensorSource(s1["projector"], src), pcfg, tpr, tp), src)
@@ -95,8 +98,14 @@ def param_groups(model, cfg):
              and not n.startswith("projector.")]
     if other:
         raise ValueError(f"unexpected trainable parameters in stage 2: {other[:4]}")
-    return [{"params": lora, "lr": cfg.train.lr},
-            {"params": proj, "lr": cfg.instruct.projector_lr or cfg.train.lr}]
+    if not proj and cfg.parallel.pipeline > 1:
+        # A later pipeline stage has no projector, but DeepSpeed all-reduces one gradient norm per parameter group
+        # over the model-parallel group (tensor x pipeline): every stage must have as many groups as the first,
+        # or the stages' collectives pair up wrongly and the step hangs. Its second group is the B halves.
+        a = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_A" in n]
+        b = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_B" in n]
+        return [{"params": a, "lr": cfg.train.lr}, {"params": b, "lr": cfg.train.lr}]
+    return [{"params": lora, "lr": cfg.train.lr}, {"params": proj, "lr": cfg.instruct.projector_lr or cfg.train.lr}]
 
 
 def make_loader(cfg, split: str = "train", train: bool = True):
@@ -132,14 +141,42 @@ def forward_loss(model, batch):
     return loss, b["loss_mask"].sum()
 
 
+def from_last_stage(value: float) -> float:
+    """A value the last pipeline stage computed (a loss), on every stage of this pipeline."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_p2t.parallel.state import collective_device
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    t = torch.tensor([value if ps.is_pipeline_last_stage() else 0.0], dtype=torch.float64, device=collective_device())
+    dist.broadcast(t, ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    return float(t)
+
+
+def pipeline_step(model, batches, forward_only: bool = False) -> float:
+    """Forward (and backward, scaled by 1/len(batches)) of the micro-batches through megatron-core's pipeline
+    schedule; the mean of their answer-token losses, on every stage."""
+    from megatron_p2t.parallel import pipeline
+    out = pipeline.run(model, [_to_device(b) for b in batches], forward_only=forward_only)
+    return from_last_stage(sum(float(o["loss"]) for o in out) / len(batches) if out else 0.0)
+
+
 def valid_loss(model, cfg, dp_group) -> dict:
     """Answer-token cross entropy over the whole validation split (token-weighted across ranks)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_p2t.parallel.state import collective_device
     total = torch.zeros(2, dtype=torch.float64)
     for batch in make_loader(cfg, "valid", train=False):
-        if batch is None:
+        if batch is None:  # only padding rows: every stage of this pipeline reads the same batch and skips it
             continue
-        loss, n = forward_loss(model, batch)
+        n = batch["loss_mask"].sum()
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            loss = pipeline_step(model, [batch], forward_only=True)
+        else:
+            loss, _ = forward_loss(model, batch)
         total += torch.tensor([float(loss) * float(n), float(n)], dtype=torch.float64)
+    total = total.to(collective_device())
     dist.all_reduce(total, group=dp_group)
     return {"loss": float(total[0] / total[1].clamp(min=1)), "answer_tokens": int(total[1])}
 
@@ -150,10 +187,8 @@ def run(cfg, resume=None) -> dict:
     from megatron_p2t.models.build import write_run_info
     from megatron_p2t.parallel import state
     from megatron_p2t.training.trainer import Trainer, resolve_grad_accum
-    if cfg.parallel.pipeline != 1:
-        raise ValueError("stage 2 training runs tensor x data parallel today (parallel.pipeline=1); the model "
-                         "itself runs pipeline-parallel (import/export/inference)")
-    state.initialize(tp=cfg.parallel.tensor, pp=1, seed=cfg.parallel.seed,
+    pp = cfg.parallel.pipeline
+    state.initialize(tp=cfg.parallel.tensor, pp=pp, seed=cfg.parallel.seed,
                      timeout_minutes=cfg.parallel.timeout_minutes)
     resolve_grad_accum(cfg.train, cfg.data.batch_size, ps.get_data_parallel_world_size())
     model, *_ = build(cfg)
@@ -164,8 +199,12 @@ def run(cfg, resume=None) -> dict:
         loss, n = forward_loss(engine, batch)
         return loss, {"answer_tokens": n}
 
+    def whole_step_fn(engine, batches):
+        return pipeline_step(engine.module, batches), {"answer_tokens": sum(b["loss_mask"].sum() for b in batches)}
+
     os.makedirs(cfg.train.save_dir, exist_ok=True)
     write_run_info(cfg.train.save_dir, cfg)
-    trainer = Trainer(model, cfg, loader, step_fn, lambda engine: valid_loss(engine.module, cfg, dp_group),
-                      micro_batch=1, param_groups=param_groups(model, cfg))
+    trainer = Trainer(model, cfg, loader, whole_step_fn if pp > 1 else step_fn,
+                      lambda engine: valid_loss(engine.module, cfg, dp_group), micro_batch=1,
+                      param_groups=param_groups(model, cfg), whole_step=pp > 1)
     return trainer.run(resume)

@@ -74,7 +74,8 @@ def build_cache(cfg, batch_size: int = 16) -> dict:
                      std=np.concatenate(stds))
             os.replace(tmp, target)
             written += len(samples)
-    total = torch.tensor([written])
+    from megatron_p2t.parallel.state import collective_device
+    total = torch.tensor([written], device=collective_device())
     dist.all_reduce(total)
     if dist.get_rank() == 0:
         with open(os.path.join(out, "cache.json"), "w") as f:

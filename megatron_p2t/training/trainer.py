@@ -12,6 +12,12 @@
   `--resume auto` continues from the newest complete one, bit-exactly on CPU.
 - SIGTERM / SIGUSR1 (pre-emption) -> checkpoint at the next step boundary and exit 0. A non-finite loss skips
   the step on every rank (decided together) and is counted; too many in a row stop the run with an error.
+- Two ways to run a step. Micro-batch steps (`whole_step=False`): `step_fn(engine, batch)` returns one
+  micro-batch's loss and the trainer runs `engine.backward` / `engine.step` on it, DeepSpeed counting the
+  accumulation. Whole steps (`whole_step=True`, pipeline parallelism): `step_fn(engine, batches)` gets all
+  `grad_accum` micro-batches and runs their forward and backward itself (megatron-core's 1F1B schedule, which
+  owns the backward of every stage); it runs inside DeepSpeed's `coalesce_grad_reduction`, so ZeRO reduces the
+  accumulated gradients once over the data-parallel group before `engine.step`.
 """
 from __future__ import annotations
 
@@ -100,10 +106,11 @@ def resolve_grad_accum(tc, micro_batch: Optional[int], dp: int) -> int:
     return accum
 
 
-def deepspeed_config(tc, micro_batch: int) -> dict:
+def deepspeed_config(tc, micro_batch: int, whole_step: bool = False) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": tc.grad_accum,
+        # whole steps accumulate inside the pipeline schedule, which already scales each micro-batch by 1/n
+        "gradient_accumulation_steps": 1 if whole_step else tc.grad_accum,
         "gradient_clipping": tc.clip_grad,
         "zero_optimization": {"stage": tc.zero_stage},
         "bf16": {"enabled": torch.cuda.is_available()},
@@ -144,15 +151,23 @@ def set_rng_state(s: dict) -> None:
     get_cuda_rng_tracker().set_states(s["tracker"])
 
 
+def _samples(batch) -> int:
+    return int(batch["valid"].sum()) if "valid" in batch else len(batch["keys"])
+
+
 class Stop(Exception):
     pass
 
 
 class Trainer:
     def __init__(self, model, cfg, loader, step_fn: Callable, eval_fn: Optional[Callable] = None,
-                 micro_batch: int = 1, param_groups: Optional[list] = None):
+                 micro_batch: int = 1, param_groups: Optional[list] = None, whole_step: bool = False):
         import deepspeed
         self.cfg, self.tc, self.loader, self.step_fn, self.eval_fn = cfg, cfg.train, loader, step_fn, eval_fn
+        self.whole_step = whole_step
+        if whole_step and self.tc.zero_stage not in (1, 2):
+            raise ValueError(f"pipeline-parallel training reduces gradients through ZeRO: set train.zero_stage to 1 "
+                             f"or 2 (it is {self.tc.zero_stage})")
         self.rank = dist.get_rank()
         params = param_groups or [p for p in model.parameters() if p.requires_grad]
         if not params or (param_groups and not any(g["params"] for g in param_groups)):
@@ -162,7 +177,13 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.tc.steps, self.tc.warmup_fraction,
                                                                  self.tc.min_lr_ratio))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                                    config=deepspeed_config(self.tc, micro_batch), mpu=MegatronMPU())
+                                                    config=deepspeed_config(self.tc, micro_batch, whole_step),
+                                                    mpu=MegatronMPU())
+        if whole_step and not hasattr(self.engine, "coalesce_grad_reduction"):
+            raise RuntimeError(f"pipeline-parallel training needs DeepSpeedEngine.coalesce_grad_reduction, which "
+                               f"DeepSpeed {deepspeed.__version__} lacks; install the version in "
+                               f"constraints-cpu.txt (0.19.8) or newer")
+        self._trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
         self.step, self.nonfinite, self.nonfinite_total = 0, 0, 0
         self._signal = 0
         self.writer = None
@@ -273,7 +294,8 @@ class Trainer:
 
     # -- the loop --
     def _agree(self, flag: float, op=dist.ReduceOp.MAX) -> float:
-        t = torch.tensor([float(flag)])
+        from megatron_p2t.parallel.state import collective_device
+        t = torch.tensor([float(flag)], device=collective_device())
         dist.all_reduce(t, op=op)
         return float(t)
 
@@ -289,28 +311,32 @@ class Trainer:
                 tag = self.save()
                 bar.close()
                 raise Stop(f"signal received: checkpoint {tag} written at step {self.step}")
-            batch = next(it)
-            loss, metrics = self.step_fn(self.engine, batch)
-            if self._agree(0.0 if bool(torch.isfinite(loss).all()) else 1.0):
-                # Skipped as a micro-step (no backward, no engine.step), so DeepSpeed's accumulation boundary
-                # simply waits for one more finite micro-batch.
-                self.nonfinite += 1
-                self.nonfinite_total += 1
-                if self.nonfinite > tc.max_nonfinite_in_a_row:
-                    raise RuntimeError(f"{self.nonfinite} non-finite losses in a row at step {self.step}: lower the "
-                                       f"learning rate, check the data, or resume from an earlier checkpoint")
-                continue
-            self.nonfinite = 0
-            boundary = self.engine.is_gradient_accumulation_boundary()
-            self.engine.backward(loss)
-            self.engine.step()
-            micro_losses.append(float(loss.detach()))
-            samples += int(batch["valid"].sum()) if "valid" in batch else len(batch["keys"])
-            if not boundary:
-                continue
+            if self.whole_step:
+                done = self._run_whole_step(it)
+                if done is None:
+                    self._count_nonfinite()
+                    continue
+                lv, metrics, n = done
+                samples += n
+            else:
+                batch = next(it)
+                loss, metrics = self.step_fn(self.engine, batch)
+                if self._agree(0.0 if bool(torch.isfinite(loss).all()) else 1.0):
+                    # Skipped as a micro-step (no backward, no engine.step), so DeepSpeed's accumulation boundary
+                    # simply waits for one more finite micro-batch.
+                    self._count_nonfinite()
+                    continue
+                self.nonfinite = 0
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                self.engine.backward(loss)
+                self.engine.step()
+                micro_losses.append(float(loss.detach()))
+                samples += _samples(batch)
+                if not boundary:
+                    continue
+                lv = sum(micro_losses) / len(micro_losses)
+                micro_losses = []
             self.step += 1
-            lv = sum(micro_losses) / len(micro_losses)
-            micro_losses = []
             history.append(lv)
             if on_step:
                 on_step(self.step, lv)
@@ -338,6 +364,29 @@ class Trainer:
         if self.eval_fn:
             result["eval"] = self._eval()
         return result
+
+    def _count_nonfinite(self) -> None:
+        self.nonfinite += 1
+        self.nonfinite_total += 1
+        if self.nonfinite > self.tc.max_nonfinite_in_a_row:
+            raise RuntimeError(f"{self.nonfinite} non-finite losses in a row at step {self.step}: lower the learning "
+                               f"rate, check the data, or resume from an earlier checkpoint")
+
+    def _run_whole_step(self, it):
+        """(loss, metrics, samples) of one optimizer step over grad_accum micro-batches, or None when a loss or a
+        gradient was not finite on some rank: then no rank reduces or steps, so the step leaves no trace."""
+        batches = [next(it) for _ in range(self.tc.grad_accum)]
+        with self.engine.coalesce_grad_reduction():
+            loss, metrics = self.step_fn(self.engine, batches)  # a float every rank agrees on
+            bad = not math.isfinite(loss) or any(p.grad is not None and not bool(torch.isfinite(p.grad).all())
+                                                 for p in self._trainable)
+            if self._agree(float(bad)):
+                for p in self._trainable:  # the reduction on leaving the block then finds nothing to reduce
+                    p.grad = None
+                return None
+        self.nonfinite = 0
+        self.engine.step()
+        return loss, metrics, sum(_samples(b) for b in batches)
 
     def _eval(self) -> Dict:
         self.engine.eval()

@@ -47,6 +47,48 @@ def test_packed_equals_padded_and_tp2_equals_tp1(setup, tmp_path):
                 assert r["vs_tp1_loss"] <= 1e-6 and r["vs_tp1_grad"] <= 1e-5 and r["compared"] > 25, r
 
 
+def test_pp2_trains_like_pp1_resumes_exactly_and_exports(setup, tmp_path):
+    """Pipeline-parallel stage 2 (1F1B over 3 packed micro-batches of varying shape per step, ZeRO-2 over the
+    data-parallel group of one) gives one process's losses and adapters; a resume from its step-2 checkpoint
+    continues bit-exactly; its checkpoint exports (two processes, one per stage) and verifies."""
+    root, ov = setup
+    cfg = os.path.join(ROOT, "configs", "instruct_tiny_cpu.yaml")
+    common = [*ov, "model.llm_lora.dropout=0.0", "instruct.pack=true", "instruct.pack_length=256",
+              "train.grad_accum=3", "train.steps=4", "train.save_every=2", "train.keep_last=2", "train.zero_stage=2"]
+    runs = {}
+    for pp in (1, 2):
+        d = tmp_path / f"pp{pp}"
+        _torchrun(pp, "-m", "megatron_p2t", "instruct", "--config", cfg, *common, f"parallel.pipeline={pp}",
+                  f"train.save_dir={d}")
+        runs[pp] = ([json.loads(l)["loss"] for l in open(d / "train_log.jsonl")], json.load(open(d / "summary.json")))
+    (l1, s1), (l2, s2) = runs[1], runs[2]
+    assert len(l1) == len(l2) == 4 and l1[-1] < l1[0], (l1, l2)
+    assert max(abs(a - b) / a for a, b in zip(l1, l2)) <= 1e-5, (l1, l2)
+    assert abs(s1["eval"]["loss"] - s2["eval"]["loss"]) <= 1e-5 * s1["eval"]["loss"], (s1, s2)
+
+    (tmp_path / "pp2" / "latest").write_text("step00000002")
+    _torchrun(2, "-m", "megatron_p2t", "instruct", "--config", cfg, *common, "parallel.pipeline=2",
+              f"train.save_dir={tmp_path}/pp2", "--resume", "auto")
+    again = [json.loads(l)["loss"] for l in open(tmp_path / "pp2" / "train_log.jsonl")]
+    assert again == l2, (again, l2)
+
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    adapters = {}
+    for pp in (1, 2):
+        r = subprocess.run([sys.executable, "-m", "megatron_p2t", "export", "--checkpoint", str(tmp_path / f"pp{pp}"),
+                            "--out", str(tmp_path / f"hf{pp}"), *(["--verify"] if pp == 2 else [])], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-4000:]
+        report = json.loads(r.stdout.strip().splitlines()[-1])
+        assert report["pipeline_parallel"] == pp and report["merged_lora_layers"] == 4 * 4, report
+        from safetensors.torch import load_file
+        adapters[pp] = load_file(tmp_path / f"hf{pp}" / "adapter" / "adapter_model.safetensors")
+    assert report["max_abs_logit_diff"] <= 1e-4, report
+    assert adapters[1].keys() == adapters[2].keys() and len(adapters[1]) == 4 * 7 * 2
+    for k, a in adapters[1].items():
+        assert float((a - adapters[2][k]).abs().max()) <= 1e-5 * max(1.0, float(a.abs().max())), k
+
+
 def test_tp2_run_exports_verified_with_a_peft_adapter_and_generates_resumably(setup, tmp_path):
     """instruct at TP=2 -> export (which starts its own 2 processes) -> the exported directory's logits equal the
     megatron model's; PEFT on the original LLaMA equals the merged LLaMA; generate resumes without duplicates."""

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_p2t.training.loss import hscale_loss, info_nce, masked_mean_std, retrieval_accuracy
+from megatron_p2t.training.loss import (hscale_loss, hscale_scores, info_nce, masked_mean_std, rank_of_own,
+                                        retrieval_accuracy)
 from tests.conftest import ROOT
 
 
@@ -41,10 +42,25 @@ def test_variants_combine_as_specified():
 
 
 def test_retrieval_accuracy():
-    k = torch.eye(4)
-    assert float(retrieval_accuracy(k.clone(), k)) == 1.0
-    assert float(retrieval_accuracy(k[[1, 0, 2, 3]], k)) == 0.5
-    assert float(retrieval_accuracy(k[[1, 0, 2, 3]], k, k=4)) == 1.0
+    k, std = torch.eye(4), torch.ones(4, 4)
+    assert float(retrieval_accuracy(k.clone(), std, k, std)) == 1.0
+    assert float(retrieval_accuracy(k[[1, 0, 2, 3]], std, k, std)) == 0.5
+    assert float(retrieval_accuracy(k[[1, 0, 2, 3]], std, k, std, k=4)) == 1.0
+
+
+def test_retrieval_scores_as_the_loss_weighs():
+    torch.manual_seed(2)
+    pm, ps, tm, ts = (torch.randn(5, 6) for _ in range(4))
+    cos = lambda a, b: F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()  # noqa: E731
+    assert torch.allclose(hscale_scores(pm, ps, tm, ts, (0.7, 0.3)), 0.7 * cos(pm, tm) + 0.3 * cos(ps, ts))
+    assert torch.allclose(hscale_scores(pm, ps, tm, ts, variant="concat"),
+                          cos(torch.cat([pm, ps], -1), torch.cat([tm, ts], -1)))
+    # Near-collinear, large std vectors (a frozen tower's) must not drown the means the paper's loss weighs 0.7.
+    ts_big = 20.0 + torch.randn(5, 6)
+    ps_big = ts_big[[1, 2, 3, 4, 0]]
+    assert (rank_of_own(hscale_scores(tm, ps_big, tm, ts_big)) == 0).all()
+    assert (rank_of_own(hscale_scores(tm, ps_big, tm, ts_big, variant="concat")) > 0).any()
+    assert rank_of_own(torch.tensor([[0.0, 0.5, 0.2, 0.9]]), offset=2).tolist() == [2]
 
 
 @pytest.mark.slow

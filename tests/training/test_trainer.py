@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -45,3 +46,28 @@ def test_global_batch_sets_accumulation_or_names_the_fix():
     with pytest.raises(ValueError, match="data.max_tokens"):
         resolve_grad_accum(load_config(None, ["train.global_batch=64"]).train, None, 4)
     assert resolve_grad_accum(load_config(None, ["train.grad_accum=5"]).train, 8, 4) == 5
+
+
+@pytest.mark.slow
+def test_whole_steps_equal_micro_steps_and_a_nonfinite_step_is_skipped_on_every_rank(tmp_path):
+    """Whole steps (the pipeline path: backward outside DeepSpeed, one coalesced ZeRO reduction) train exactly like
+    engine.backward micro-steps at ZeRO-1 and ZeRO-2; a micro-batch that is non-finite on rank 1 only is skipped by
+    both ranks, counted, and leaves the weights of a run that never saw it."""
+    import subprocess
+    import sys
+
+    import torch
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "tests", "training", "dist_trainer_main.py"), "--work", str(tmp_path)],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = torch.load(tmp_path / "results.pt")
+    ref = res["micro-zero1-nan-1"]
+    assert len(ref["losses"]) == 4 and ref["losses"][-1] < ref["losses"][0] and ref["skipped"] == 0
+    for key, run in res.items():
+        assert run["skipped"] == (0 if key.endswith("nan-1") else 1), key
+        assert len(run["losses"]) == 4, key
+        for name, w in ref["weights"].items():
+            assert torch.allclose(run["weights"][name], w, rtol=1e-5, atol=1e-6), (key, name)
+        assert max(abs(a - b) for a, b in zip(run["losses"], ref["losses"])) <= 1e-6, (key, run["losses"])
