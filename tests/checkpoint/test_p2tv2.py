@@ -69,19 +69,31 @@ def _import(src, out, tp, pp):
     assert r.returncode == 0, r.stderr[-4000:]
 
 
+@pytest.fixture(scope="module")
+def imported(published, tmp_path_factory):
+    """The published tiny checkpoint imported at a layout, once per layout for the module (tests only read it)."""
+    done = {}
+
+    def get(tp, pp):
+        if (tp, pp) not in done:
+            out = str(tmp_path_factory.mktemp(f"imported_tp{tp}pp{pp}"))
+            _import(published[1], out, tp, pp)
+            done[tp, pp] = out
+        return done[tp, pp]
+    return get
+
+
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)], ids=["tp1pp1", "tp2pp2"])
-def test_import_gives_the_hf_parts_logits_losses_and_gradients(published, tmp_path, tp, pp):
-    root, src = published
-    _import(src, str(tmp_path / "imported"), tp, pp)
+def test_import_gives_the_hf_parts_logits_losses_and_gradients(published, imported, tmp_path, tp, pp):
+    root, _ = published
     out = tmp_path / "ranks"
-    out.mkdir()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp * pp}",
-                        os.path.join(ROOT, "tests", "models", "dist_model_main.py"), "--out", str(out), "--what", "p2t",
-                        "--tp", str(tp), "--pp", str(pp), "--ckpt", os.path.join(root, "parts"),
-                        "--sharded", str(tmp_path / "imported")], env=_env(), cwd=ROOT, capture_output=True,
+                        os.path.join(ROOT, "tests", "models", "dist_model_main.py"), "--out", str(out),
+                        f"--case=p2t:{tp}:{pp}", "--ckpt", os.path.join(root, "parts"),
+                        "--sharded", imported(tp, pp)], env=_env(), cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    ranks = [json.load(open(p)) for p in sorted(glob.glob(str(out / "rank*.json")))]
+    ranks = [json.load(open(p)) for p in sorted(glob.glob(str(out / f"p2t-tp{tp}pp{pp}" / "rank*.json")))]
     assert len(ranks) == tp * pp
     for rk in ranks:
         if rk["pp_rank"] == pp - 1:
@@ -89,12 +101,11 @@ def test_import_gives_the_hf_parts_logits_losses_and_gradients(published, tmp_pa
         assert rk["grads_checked"] == rk["params"] > 0 and rk["grad_diff"] <= 1e-5, rk
 
 
-def test_import_at_tp2_pp2_then_export_is_bit_identical(published, tmp_path):
+def test_import_at_tp2_pp2_then_export_is_bit_identical(published, imported, tmp_path):
     from megatron_p2t.checkpoint.hf_dir import HFDir
     _, src = published
-    _import(src, str(tmp_path / "imported"), 2, 2)
     r = subprocess.run([sys.executable, "-m", "megatron_p2t", "export", "--format", "p2tv2", "--checkpoint",
-                        str(tmp_path / "imported"), "--out", str(tmp_path / "back")], env=_env(), cwd=ROOT,
+                        imported(2, 2), "--out", str(tmp_path / "back")], env=_env(), cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     a, b = HFDir(src), HFDir(str(tmp_path / "back"))

@@ -31,19 +31,38 @@ def reference_inputs(seed=3, micro=2, mb=2, seq=24, vocab=256, placeholder=250):
     return out
 
 
+CHECKS = ["llama", "p2t", "esm", "esm_lora", "llama_lora", "text"]
+
+
 def main():
+    """Runs every --case WHAT:TP:PP in this one process group, one after another (megatron's model-parallel groups
+    are rebuilt between cases): a launch costs more than most checks, so the test launches once per world size.
+    Each case writes OUT/WHAT-tpTPppPP/rankN.json."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--what", choices=["llama", "p2t", "esm", "esm_lora", "llama_lora", "text"])
+    ap.add_argument("--case", action="append", required=True, metavar="WHAT:TP:PP")
     ap.add_argument("--sequences", help="file of real protein sequences, one per line (esm)")
     ap.add_argument("--ckpt")
     ap.add_argument("--sharded", help="p2t: take our weights from this megatron checkpoint (e.g. an import-p2tv2 "
                                       "of the same tiny parts) instead of the HF directories")
     ap.add_argument("--out")
-    a = ap.parse_args()
+    args = ap.parse_args()
+    from megatron.core import parallel_state as ps
+
     from megatron_p2t.parallel import state
-    state.initialize(tp=a.tp, pp=a.pp)
+    for case in args.case:
+        what, tp, pp = case.split(":")
+        if what not in CHECKS:
+            raise SystemExit(f"--case {case}: unknown check {what!r}; choose from {CHECKS}")
+        a = argparse.Namespace(**{**vars(args), "what": what, "tp": int(tp), "pp": int(pp)})
+        a.out = os.path.join(args.out, f"{what}-tp{tp}pp{pp}")
+        os.makedirs(a.out, exist_ok=True)
+        ps.destroy_model_parallel()
+        state.initialize(tp=a.tp, pp=a.pp)
+        run_case(a)
+    state.destroy()
+
+
+def run_case(a):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
     from transformers import EsmModel, LlamaForCausalLM
@@ -59,13 +78,13 @@ def main():
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     llama_dir, esm_dir, proj_dir = (os.path.join(a.ckpt, n) for n in ("llama", "esm", "projector"))
     if a.what == "esm":
-        return esm_check(a, esm_dir, tp_rank, state)
+        return esm_check(a, esm_dir, tp_rank)
     if a.what == "llama_lora":
-        return llama_lora_check(a, llama_dir, tp_rank, state)
+        return llama_lora_check(a, llama_dir, tp_rank)
     if a.what == "esm_lora":
-        return esm_lora_check(a, esm_dir, tp_rank, state)
+        return esm_lora_check(a, esm_dir, tp_rank)
     if a.what == "text":
-        return text_check(a, llama_dir, tp_rank, state)
+        return text_check(a, llama_dir, tp_rank)
     hf_llama = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation="eager")
     batches = reference_inputs()
 
@@ -149,10 +168,9 @@ def main():
         json.dump({"tp_rank": tp_rank, "pp_rank": pp_rank, "logit_diff": logit_diff, "loss_diff": loss_diff,
                    "grad_diff": grad_diff, "grads_checked": checked, "trainable": trainable,
                    "params": sum(1 for _ in model.named_parameters())}, f)
-    state.destroy()
 
 
-def esm_check(a, esm_dir, tp_rank, state):
+def esm_check(a, esm_dir, tp_rank):
     """ESM hidden states vs HF EsmModel on real sequences, padded, with one <mask> token."""
     from transformers import EsmModel
 
@@ -171,10 +189,9 @@ def esm_check(a, esm_dir, tp_rank, state):
         diffs[str(layer)] = float((m(ids, mask) - ref[layer])[mask].abs().max())
     with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump({"tp_rank": tp_rank, "diffs": diffs, "tokens": int(mask.sum()), "padded": int((~mask).sum())}, f)
-    state.destroy()
 
 
-def esm_lora_check(a, esm_dir, tp_rank, state):
+def esm_lora_check(a, esm_dir, tp_rank):
     """LoRA on ESM attention vs PEFT on HF EsmModel (same adapter values): output, every LoRA gradient, and the
     output after merging the adapter into the weights."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
@@ -184,7 +201,7 @@ def esm_lora_check(a, esm_dir, tp_rank, state):
     from megatron_p2t.checkpoint.hf_dir import HFDir, TensorSource
     from megatron_p2t.models.esm import ESMConfig, ESMEncoder
     from megatron_p2t.models.lora import LoRAConfig, apply_lora, load_lora, lora_layers, merge_lora
-    seqs = open(a.sequences).read().split()
+    seqs = open(a.sequences).read().split()[:4]  # fewer than esm_check's: PEFT's backward is the slow part
     ids, mask = _esm_batch(seqs)
     hf = EsmModel.from_pretrained(esm_dir, add_pooling_layer=False, attn_implementation="eager")
     peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
@@ -230,10 +247,9 @@ def esm_lora_check(a, esm_dir, tp_rank, state):
         json.dump({"tp_rank": tp_rank, "out_diff": float((out - ref)[mask].abs().max()), "grad_diff": grad_diff,
                    "grads": len(want), "trainable": trainable, "merged": merged,
                    "merge_diff": float((after - before)[mask].abs().max()), "lora_effect": effect}, f)
-    state.destroy()
 
 
-def llama_lora_check(a, llama_dir, tp_rank, state):
+def llama_lora_check(a, llama_dir, tp_rank):
     """LoRA on every LLaMA linear vs PEFT on HF LlamaForCausalLM with the same adapter: masked loss, every LoRA
     gradient, the PEFT-layout export slices, and the output after merging."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
@@ -295,7 +311,6 @@ def llama_lora_check(a, llama_dir, tp_rank, state):
         json.dump({"tp_rank": tp_rank, "loss_diff": abs(float(loss) - float(ref_loss)), "grad_diff": grad_diff,
                    "grads": len(want), "trainable": trainable, "export_diff": export_diff,
                    "exported": sorted({n for n, *_ in slices}), "merge_diff": float((after - before).abs().max())}, f)
-    state.destroy()
 
 
 def _esm_batch(seqs):
@@ -309,7 +324,7 @@ def _esm_batch(seqs):
     return ids, mask
 
 
-def text_check(a, llama_dir, tp_rank, state):
+def text_check(a, llama_dir, tp_rank):
     """Pooled layer-k text states vs HF LlamaForCausalLM's hidden_states[k], padded batch."""
     from transformers import LlamaForCausalLM
 
@@ -340,7 +355,6 @@ def text_check(a, llama_dir, tp_rank, state):
         except ValueError:
             refused = True
         json.dump({"tp_rank": tp_rank, "diffs": diffs, "last_layer_refused": refused}, f)
-    state.destroy()
 
 
 if __name__ == "__main__":

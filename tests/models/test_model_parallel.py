@@ -1,4 +1,8 @@
-"""The megatron-core model against the HF reference at every parallel layout that runs here (gloo, CPU)."""
+"""The megatron-core model against the HF reference at every parallel layout that runs here (gloo, CPU).
+
+Start-up (torch, megatron-core, transformers, the gloo rendezvous) costs more than most checks, so the checks of
+one world size run one after another in a single launch (dist_model_main.py rebuilds megatron's groups between
+them); each test reads its own case's per-rank results."""
 import glob
 import json
 import os
@@ -12,6 +16,11 @@ from megatron_p2t.models.tiny import make_all
 
 pytestmark = pytest.mark.slow
 
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+TP_CHECKS = ["esm", "text", "esm_lora", "llama_lora"]  # tensor parallel only, at TP=1 and TP=2
+CASES = [(what, tp, pp) for tp, pp in LAYOUTS for what in ("llama", "p2t")] + \
+        [(what, tp, 1) for tp in (1, 2) for what in TP_CHECKS]
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
@@ -20,26 +29,40 @@ def ckpt(tmp_path_factory):
     return root
 
 
-def _launch(tmp_path, nproc, *args):
-    out = tmp_path / "out"
-    out.mkdir()
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        os.path.join(ROOT, "tests", "models", "dist_model_main.py"), "--out", str(out), *args],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    ranks = [json.load(open(p)) for p in sorted(glob.glob(str(out / "rank*.json")))]
-    assert len(ranks) == nproc
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, ckpt, sample_records):
+    """One torchrun launch per world size, run on first use; maps world size -> its output dir (or its error)."""
+    seqs = tmp_path_factory.mktemp("seqs") / "seqs.txt"
+    seqs.write_text("\n".join([r.sequence for r in sample_records if 40 <= len(r.sequence) <= 160][:6]))
+    done = {}
+
+    def get(world):
+        if world not in done:
+            out = tmp_path_factory.mktemp(f"world{world}")
+            cases = [f"--case={w}:{t}:{p}" for w, t, p in CASES if t * p == world]
+            env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+            r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc_per_node={world}", os.path.join(ROOT, "tests", "models",
+                                                                          "dist_model_main.py"),
+                                "--out", str(out), "--ckpt", ckpt, "--sequences", str(seqs), *cases],
+                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+            done[world] = (out, None if r.returncode == 0 else r.stdout[-2000:] + r.stderr[-4000:])
+        return done[world]
+    return get
+
+
+def _ranks(launched, what, tp, pp=1):
+    out, error = launched(tp * pp)
+    assert error is None, error
+    ranks = [json.load(open(p)) for p in sorted(glob.glob(str(out / f"{what}-tp{tp}pp{pp}" / "rank*.json")))]
+    assert len(ranks) == tp * pp
     return ranks
-
-
-LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
 
 @pytest.mark.parametrize("what", ["llama", "p2t"])
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
-def test_matches_hf_reference(tmp_path, ckpt, what, tp, pp):
-    ranks = _launch(tmp_path, tp * pp, "--what", what, "--tp", str(tp), "--pp", str(pp), "--ckpt", ckpt)
+def test_matches_hf_reference(launched, what, tp, pp):
+    ranks = _ranks(launched, what, tp, pp)
     last = [r for r in ranks if r["pp_rank"] == pp - 1]
     for r in last:
         assert r["logit_diff"] <= 1e-5, r
@@ -54,30 +77,21 @@ def test_matches_hf_reference(tmp_path, ckpt, what, tp, pp):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_esm_matches_hf_on_real_sequences(tmp_path, ckpt, sample_records, tp):
-    seqs = [r.sequence for r in sample_records if 40 <= len(r.sequence) <= 160][:6]
-    (tmp_path / "seqs.txt").write_text("\n".join(seqs))
-    ranks = _launch(tmp_path, tp, "--what", "esm", "--tp", str(tp), "--ckpt", ckpt,
-                    "--sequences", str(tmp_path / "seqs.txt"))
-    for r in ranks:
+def test_esm_matches_hf_on_real_sequences(launched, tp):
+    for r in _ranks(launched, "esm", tp):
         assert r["padded"] > 0 and max(r["diffs"].values()) <= 1e-5, r
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_text_side_pools_layer_k_like_hf(tmp_path, ckpt, tp):
-    ranks = _launch(tmp_path, tp, "--what", "text", "--tp", str(tp), "--ckpt", ckpt)
-    for r in ranks:
+def test_text_side_pools_layer_k_like_hf(launched, tp):
+    for r in _ranks(launched, "text", tp):
         assert set(r["diffs"]) == {"1", "2", "3"} and max(r["diffs"].values()) <= 1e-5, r
         assert r["last_layer_refused"]
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_esm_lora_matches_peft_and_merges(tmp_path, ckpt, sample_records, tp):
-    seqs = [r.sequence for r in sample_records if 40 <= len(r.sequence) <= 160][:4]
-    (tmp_path / "seqs.txt").write_text("\n".join(seqs))
-    ranks = _launch(tmp_path, tp, "--what", "esm_lora", "--tp", str(tp), "--ckpt", ckpt,
-                    "--sequences", str(tmp_path / "seqs.txt"))
-    for r in ranks:
+def test_esm_lora_matches_peft_and_merges(launched, tp):
+    for r in _ranks(launched, "esm_lora", tp):
         assert r["lora_effect"] > 1e-2, "the adapter must change the output for the comparison to mean anything"
         assert r["out_diff"] <= 1e-5 and r["grad_diff"] <= 1e-5, r
         assert r["grads"] == 4 * 3 and r["trainable"] == ["lora_A", "lora_B"] and r["merged"] == 2 * 3
@@ -85,8 +99,8 @@ def test_esm_lora_matches_peft_and_merges(tmp_path, ckpt, sample_records, tp):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_llama_lora_matches_peft_exports_its_layout_and_merges(tmp_path, ckpt, tp):
-    ranks = _launch(tmp_path, tp, "--what", "llama_lora", "--tp", str(tp), "--ckpt", ckpt)
+def test_llama_lora_matches_peft_exports_its_layout_and_merges(launched, tp):
+    ranks = _ranks(launched, "llama_lora", tp)
     layers, projections = 4, 7
     for r in ranks:
         assert r["loss_diff"] <= 1e-6 and r["grad_diff"] <= 1e-5, r
