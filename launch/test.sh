@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 export DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1
-exec .venv/bin/python -m pytest -q -rs "$@"
+# --durations: every run (CI included) lists its slowest cases, so a test that grows is seen where it happens
+exec .venv/bin/python -m pytest -q -rs --durations=15 "$@"
