@@ -48,7 +48,8 @@ class SegmentAttention(megatron_module()):
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+                packed_seq_params=None, use_varlen: bool = True):
+        """use_varlen=False keeps to SDPA (the device check compares the two kernels)."""
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SegmentAttention takes packing as segment ids in attention_mask")
         sq, b = query.shape[:2]
@@ -56,7 +57,7 @@ class SegmentAttention(megatron_module()):
         seg = attention_mask
         if seg is not None and (seg.dtype == torch.bool or seg.dim() != 2):
             raise ValueError("attention_mask must be None (causal) or [b, s] integer segment ids")
-        varlen = _flash_varlen(query) if seg is not None else None
+        varlen = _flash_varlen(query) if seg is not None and use_varlen else None
         if varlen is not None:
             return self._varlen(varlen, query, key, value, seg, p)
         rep = self.heads // self.groups

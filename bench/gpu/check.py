@@ -1,0 +1,659 @@
+"""The device check: what a lent GPU measures in one short run (`bench/gpu/run.sh`); `--tiny` runs the same
+code paths at toy shapes on the CPU (a test does, so the script works when a GPU comes).
+
+1. precision: the joined model (ours, megatron-core) in bf16 against fp32 on the same random weights: loss,
+   logits and the trainable parameters' gradients, as relative errors;
+2. attention: the packed-row kernel (flash-attn's varlen when installed, else SDPA per sample) against the
+   packed path computed in fp32 on the CPU, and its time beside one SDPA with a dense block mask;
+3. stage 2: one training step at the real shapes (ESM-2-3B frozen, LLaMA-3.1-8B architecture with LoRA r 16
+   on every linear, projector trained, packed 4096-token rows) beside the plain Hugging Face + PEFT step the
+   official code takes (padded batch, SDPA attention) on the same samples: real tokens/s, model TFLOP/s, MFU;
+4. stage 1: the H-SCALE step on ESM-2-3B + projector with cached text vectors, and with the text side (LLaMA's
+   first 16 layers) computed, on the same proteins.
+Weights are random (nothing can be downloaded there); the shapes are the real ones. Every figure goes to
+check.json and check.md in --out.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+# Dense bf16 tensor-core peak from the vendors' data sheets (SXM parts), for MFU.
+PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "H800": 989.4e12, "GH200": 989.4e12, "A100": 312e12,
+             "B200": 2250e12}
+
+ESM2_3B = dict(vocab_size=33, hidden_size=2560, num_hidden_layers=36, num_attention_heads=40,
+               intermediate_size=10240)
+LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8)
+
+
+@dataclasses.dataclass
+class Shapes:
+    esm: dict
+    llama: dict
+    check_esm: dict           # the precision check's smaller model (fp32 copies of 11B would dominate the run)
+    check_llama: dict
+    pack_length: int
+    samples: int              # stage-2 samples per step (as many as fill about two packed rows)
+    align_batch: int
+    steps: int
+    warmup: int
+    protein_median: int
+    answer_median: int
+    attn_heads: int
+    attn_groups: int
+    attn_dim: int
+    text_layer: int = 16      # stage 1's text side: LLaMA's layer 16 of 32, as Prot2Text-V2
+
+
+REAL = Shapes(esm=ESM2_3B, llama=LLAMA31_8B,
+              check_esm=dict(vocab_size=33, hidden_size=480, num_hidden_layers=6, num_attention_heads=20,
+                             intermediate_size=1920),
+              check_llama=dict(vocab_size=128256, hidden_size=1024, intermediate_size=3584, num_hidden_layers=4,
+                               num_attention_heads=16, num_key_value_heads=4),
+              pack_length=4096, samples=12, align_batch=32, steps=5, warmup=2, protein_median=350,
+              answer_median=80, attn_heads=32, attn_groups=8, attn_dim=128)
+TINY = Shapes(esm=dict(vocab_size=33, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=96),
+              llama=dict(vocab_size=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2),
+              check_esm=dict(vocab_size=33, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=96),
+              check_llama=dict(vocab_size=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=8, num_key_value_heads=2),
+              pack_length=256, samples=6, align_batch=8, steps=2, warmup=1, protein_median=40, answer_median=12,
+              attn_heads=4, attn_groups=2, attn_dim=16, text_layer=1)
+LORA_TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in float64."""
+    a, b = a.double().flatten(), b.double().flatten()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+# ---------------------------------------------------------------------------------------------- configs, data
+
+def hf_dirs(work: str, sh_esm: dict, sh_llama: dict, tag: str) -> tuple[str, str]:
+    """config.json-only HF directories of these shapes: the model builder reads shapes from them, and the weights
+    stay random."""
+    from transformers import EsmConfig, LlamaConfig
+
+    from megatron_p2t.models.tiny import LLAMA31_ROPE
+    esm = EsmConfig(**sh_esm, position_embedding_type="rotary", token_dropout=True, emb_layer_norm_before=False,
+                    pad_token_id=1, mask_token_id=32, max_position_embeddings=1026, layer_norm_eps=1e-5)
+    llama = LlamaConfig(**sh_llama, max_position_embeddings=131072, rope_theta=500000.0,
+                        rope_scaling=dict(LLAMA31_ROPE), tie_word_embeddings=False, rms_norm_eps=1e-5,
+                        bos_token_id=128000, eos_token_id=128009)
+    d = {k: os.path.join(work, tag, k) for k in ("esm", "llama")}
+    esm.save_pretrained(d["esm"])
+    llama.save_pretrained(d["llama"])
+    return d["esm"], d["llama"]
+
+
+def tiny_tokenizer(work: str):
+    """A LLaMA-3.1-layout tokenizer for --tiny (the real run has none: its vocabulary is LLaMA-3.1's, 128,256
+    ids, placeholder 128003)."""
+    from megatron_p2t.data.text_tokenizer import build_llama3_style_tokenizer
+    texts = ["Catalyzes the hydrolysis of ATP coupled with the transport of ions across the membrane."] * 8
+    return build_llama3_style_tokenizer(texts, os.path.join(work, "tokenizer"), vocab_size=300)
+
+
+def run_config(shapes: Shapes, esm_dir: str, llama_dir: str, tokenizer: str | None, dtype: str):
+    from megatron_p2t.config import load_config
+    return load_config(os.path.join(ROOT, "configs", "prot2text_v2.yaml"),
+                       [f"model.esm={esm_dir}", f"model.llama={llama_dir}", f"data.text_tokenizer={tokenizer or ''}",
+                        f"model.dtype={dtype}", f"instruct.pack_length={shapes.pack_length}",
+                        f"align.text_layer={shapes.text_layer}"])
+
+
+def samples(shapes: Shapes, vocab: int, placeholder: int, n: int, seed: int = 0):
+    """n stage-2 samples shaped like SwissProt's: protein length and answer length drawn around the medians
+    (log-normal, as real lengths are), prompt ~60 tokens plus one placeholder per ESM token."""
+    from megatron_p2t.data import esm_alphabet
+    from megatron_p2t.data.instruct import Encoded
+    rng = np.random.default_rng(seed)
+    hi = min(vocab, placeholder, 128000)  # other tokens never equal the placeholder (nor LLaMA-3's specials)
+    enc, prots = [], []
+    for _ in range(n):
+        lp = int(np.clip(rng.lognormal(math.log(shapes.protein_median), 0.5), 8, 1021))
+        la = int(np.clip(rng.lognormal(math.log(shapes.answer_median), 0.6), 4, 400))
+        prompt = np.concatenate([rng.integers(0, hi, 40), np.full(lp + 2, placeholder), rng.integers(0, hi, 20)])
+        answer = rng.integers(0, hi, la)
+        ids = np.concatenate([prompt, answer]).astype(np.int64)
+        targets = np.full(len(ids), -100, dtype=np.int64)
+        targets[len(prompt) - 1:-1] = answer
+        enc.append(Encoded(ids=ids, targets=targets, n_protein=lp + 2))
+        prots.append(esm_alphabet.encode("".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), lp))))
+    width = max(len(p) for p in prots)
+    pids = torch.full((n, width), esm_alphabet.PAD, dtype=torch.long)
+    for i, p in enumerate(prots):
+        pids[i, :len(p)] = torch.from_numpy(p)
+    return enc, pids, pids != esm_alphabet.PAD
+
+
+def hf_padded(batch: dict) -> dict:
+    """A padded (one sample per row) stage-2 batch as Hugging Face's causal LM takes it: attention mask from the
+    lengths, labels at the position of the token they are (HF shifts them)."""
+    n, w = batch["input_ids"].shape
+    mask = (torch.arange(w)[None, :] < batch["lengths"][:, None]).long()
+    labels = torch.full((n, w), -100, dtype=torch.long)
+    labels[:, 1:] = torch.where(batch["loss_mask"].bool(), batch["labels"], -100)[:, :-1]
+    return {"input_ids": batch["input_ids"], "attention_mask": mask, "labels": labels,
+            "protein_ids": batch["protein_ids"], "protein_mask": batch["protein_mask"]}
+
+
+# ---------------------------------------------------------------------------------------------- model FLOPs
+
+def llama_linear_params(c) -> int:
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_layer = (c.hidden_size * hd * (c.num_attention_heads + 2 * c.num_key_value_heads)
+                 + c.num_attention_heads * hd * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
+    return c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size  # + the output layer
+
+
+def esm_linear_params(c) -> int:
+    h = c.hidden_size
+    return c.num_hidden_layers * (4 * h * h + 2 * h * c.intermediate_size)
+
+
+def stage2_flops(llama_cfg, esm_cfg, text_lengths, protein_lengths, lora_params: int, projector_params: int,
+                 text_layers: int | None = None, backward: bool = True) -> float:
+    """The FLOPs a step needs, padding excluded (the same count for both implementations). Frozen base weights
+    need no weight gradients: forward 2N and input-gradient 2N per token; LoRA and the projector train fully
+    (6N). Causal attention: 4*h*L(L+1)/2 per layer forward, twice that backward. ESM runs forward only,
+    bidirectional; the projector trains in both stages. text_layers (stage 1's text side): that many decoder layers, forward only, no output layer."""
+    hd = (getattr(llama_cfg, "head_dim", None) or llama_cfg.hidden_size // llama_cfg.num_attention_heads) \
+        * llama_cfg.num_attention_heads
+    layers = llama_cfg.num_hidden_layers if text_layers is None else text_layers
+    lin = llama_linear_params(llama_cfg)
+    if text_layers is not None:
+        lin = (lin - llama_cfg.vocab_size * llama_cfg.hidden_size) * text_layers // llama_cfg.num_hidden_layers
+    tokens = float(sum(text_lengths))
+    attn = sum(4.0 * hd * L * (L + 1) / 2 * layers for L in text_lengths)
+    f = (2 * lin * tokens + attn) * ((2 if backward else 1)) + (attn if backward else 0.0)
+    f += 6.0 * lora_params * tokens if backward else 0.0
+    ptok = float(sum(protein_lengths))
+    f += 2.0 * esm_linear_params(esm_cfg) * ptok + sum(4.0 * esm_cfg.hidden_size * L * L * esm_cfg.num_hidden_layers
+                                                      for L in protein_lengths)
+    f += 6.0 * projector_params * ptok  # trained in both stages
+    return f
+
+
+# ---------------------------------------------------------------------------------------------- our model
+
+def build_ours(cfg, lora: bool = True):
+    """The joined model as stage 2 builds it (models.build + LoRA on the decoder), random weights."""
+    from megatron_p2t.models.build import build
+    from megatron_p2t.models.lora import apply_lora
+    cfg.model.freeze.esm, cfg.model.freeze.projector, cfg.model.freeze.llm = True, False, True
+    torch.manual_seed(0)
+    model, llama_cfg, esm_cfg, pcfg = build(cfg)
+    if lora:
+        apply_lora(model.llm, cfg.model.llm_lora, "llm")
+        with torch.no_grad():  # B starts at zero; random B makes the adapters' path count in the comparison
+            g = torch.Generator().manual_seed(1)
+            for n, p in model.named_parameters():
+                if ".lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.to(device()), llama_cfg, esm_cfg, pcfg
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def timed_steps(step, shapes: Shapes) -> list[float]:
+    times = []
+    for i in range(shapes.warmup + shapes.steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        if i >= shapes.warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+# ---------------------------------------------------------------------------------------------- 1. precision
+
+def check_precision(shapes: Shapes, work: str, tokenizer: str | None) -> dict:
+    from megatron_p2t.data.instruct import collate_instruct
+    from megatron_p2t.models.build import placeholder_id
+    from megatron_p2t.training import run_instruct
+    esm_dir, llama_dir = hf_dirs(work, shapes.check_esm, shapes.check_llama, "check")
+    out, ref = {}, None
+    for dtype in ("float32", "bfloat16"):
+        cfg = run_config(shapes, esm_dir, llama_dir, tokenizer, dtype)
+        cfg.model.llm_lora.dropout, cfg.model.projector.dropout = 0.0, 0.0  # the same function in both dtypes
+        model, llama_cfg, *_ = build_ours(cfg)
+        if ref is not None:
+            model.load_state_dict(ref["state"])  # the fp32 model's weights, rounded to bf16
+        enc, pids, pmask = samples(shapes, llama_cfg.vocab_size, placeholder_id(cfg), shapes.samples, seed=1)
+        batch = collate_instruct(enc, pids, pmask, 0, pack=True, pack_length=shapes.pack_length)
+        loss, _ = run_instruct.forward_loss(model, batch)
+        loss.backward()
+        with torch.no_grad():
+            b = run_instruct._to_device(batch)
+            logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"],
+                           attention_mask=b["attention_mask"], protein_ids=b["protein_ids"],
+                           protein_mask=b["protein_mask"])
+            sel = logits[b["loss_mask"].bool()].float().cpu()   # the answer positions' logits
+        grads = torch.cat([p.grad.float().flatten().cpu() for p in trainable(model)])
+        if ref is None:
+            ref = {"state": {k: v.detach().clone() if torch.is_tensor(v) else v
+                             for k, v in model.state_dict().items()}, "loss": float(loss), "logits": sel, "grads": grads}
+        else:
+            out = {"loss_fp32": ref["loss"], "loss_bf16": float(loss),
+                   "loss_rel_error": abs(float(loss) - ref["loss"]) / abs(ref["loss"]),
+                   "logits_rel_error": rel(sel, ref["logits"]), "grads_rel_error": rel(grads, ref["grads"]),
+                   "trainable_params": int(grads.numel()), "answer_tokens": int(batch["loss_mask"].sum()),
+                   "model": f"ESM {shapes.check_esm['num_hidden_layers']}x{shapes.check_esm['hidden_size']}, "
+                            f"LLaMA {shapes.check_llama['num_hidden_layers']}x{shapes.check_llama['hidden_size']}"}
+        del model
+        free()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- 2. attention
+
+def check_attention(shapes: Shapes) -> dict:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_p2t.transformer import attention
+    h, g, d, s = shapes.attn_heads, shapes.attn_groups, shapes.attn_dim, shapes.pack_length
+    cfg = TransformerConfig(num_layers=1, hidden_size=h * d, num_attention_heads=h, num_query_groups=g,
+                            kv_channels=d, attention_dropout=0.0, use_cpu_initialization=True)
+    att = attention.SegmentAttention(cfg, 1, None, "self").eval()
+    gen = torch.Generator().manual_seed(3)
+    b = 2
+    lengths = [[s // 2, s // 4, s // 8, s // 8 - 16], [s // 3, s // 3, s - 2 * (s // 3) - 8]]
+    seg = torch.zeros(b, s, dtype=torch.long)
+    for r, row in enumerate(lengths):
+        at = 0
+        for j, n in enumerate(row):
+            seg[r, at:at + n] = j + 1
+            at += n
+    q = torch.randn(s, b, h, d, generator=gen)
+    k, v = torch.randn(s, b, g, d, generator=gen), torch.randn(s, b, g, d, generator=gen)
+    ref = att(q, k, v, seg)                                    # the packed path, fp32, CPU
+    dev = device()
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    qd, kd, vd, segd = q.to(dev, dt), k.to(dev, dt), v.to(dev, dt), seg.to(dev)
+    real = (seg > 0).t()[..., None]                            # [s, b, 1]: padding rows are zeros in every path
+
+    def dense():
+        """One SDPA per row with the block-causal mask written out, the plain alternative."""
+        same = (segd[:, :, None] == segd[:, None, :]) & torch.ones(s, s, dtype=torch.bool, device=dev).tril()
+        same &= (segd > 0)[:, :, None]
+        rep = h // g
+        qq, kk, vv = (x.permute(1, 2, 0, 3) for x in (qd, kd, vd))
+        kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=same[:, None], scale=att.scale)
+        return o.nan_to_num().permute(2, 0, 1, 3).reshape(s, b, -1)
+
+    kernels = {"sdpa_per_sample": lambda: att(qd, kd, vd, segd, use_varlen=False), "dense_block_mask": dense}
+    if attention._flash_varlen(qd) is not None:
+        kernels["flash_attn_varlen"] = lambda: att(qd, kd, vd, segd)
+    out = {"dtype": str(dt).replace("torch.", ""), "device": dev.type, "rows": b, "row_length": s,
+           "heads": h, "kv_groups": g, "head_dim": d, "flash_attn_installed": "flash_attn_varlen" in kernels}
+    for name, fn in kernels.items():
+        with torch.no_grad():
+            y = fn()
+            times = []
+            for _ in range(shapes.warmup + shapes.steps):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - t0)
+        y = (y.float().cpu() * real)
+        out[name] = {"rel_error_vs_cpu_fp32": rel(y, ref * real),
+                     "max_abs_error": float((y - ref * real).abs().max()),
+                     "ms": 1e3 * float(np.median(times[shapes.warmup:]))}
+    out["per_sample_speedup_vs_dense"] = out["dense_block_mask"]["ms"] / out["sdpa_per_sample"]["ms"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- 3. stage 2
+
+def stage2_ours(shapes: Shapes, cfg, batch, counts) -> dict:
+    from megatron_p2t.training import run_instruct
+    model, llama_cfg, esm_cfg, pcfg = build_ours(cfg)
+    model.train()
+    params = trainable(model)
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    proj = sum(p.numel() for n, p in model.named_parameters() if n.startswith("projector."))
+    linear = sum(p.numel() for n, p in model.llm.named_parameters() if n.endswith("weight") and p.dim() == 2
+                 and ".lora_" not in n and "embedding" not in n)
+    if linear != llama_linear_params(llama_cfg):  # the FLOP count's parameter formula, checked on the model
+        raise AssertionError(f"decoder linear parameters: model {linear}, formula {llama_linear_params(llama_cfg)}")
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=torch.cuda.is_available())
+
+    def step():
+        loss, _ = run_instruct.forward_loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    times = timed_steps(step, shapes)
+    flops = stage2_flops(llama_cfg, esm_cfg, counts["text"], counts["protein"], lora, proj)
+    res = result(times, flops, counts["tokens"], shapes)
+    res.update(rows=int(batch["input_ids"].shape[0]), token_slots=int(batch["input_ids"].numel()),
+               micro_batches=1, lora_params=lora, peak_gb=peak_gb())
+    del model, opt
+    free()
+    return res
+
+
+def stage2_hf(shapes: Shapes, cfg, batch, counts) -> dict:
+    """The official code's path: EsmModel + projector + LlamaForCausalLM (SDPA) with PEFT LoRA, padded batch."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, EsmModel, LlamaForCausalLM
+
+    from megatron_p2t.hf_model import Projector
+    from megatron_p2t.models.build import placeholder_id
+    dev = device()
+    dt = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    esm_cfg, llama_cfg = AutoConfig.from_pretrained(cfg.model.esm), AutoConfig.from_pretrained(cfg.model.llama)
+    llama_cfg._attn_implementation = esm_cfg._attn_implementation = "sdpa"
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    try:
+        with dev:
+            esm = EsmModel(esm_cfg, add_pooling_layer=False)
+            proj = Projector(esm_cfg.hidden_size, cfg.model.projector.intermediate_dim, llama_cfg.hidden_size,
+                             dropout=cfg.model.projector.dropout)
+            llama = LlamaForCausalLM(llama_cfg)
+    finally:
+        torch.set_default_dtype(before)
+    esm.requires_grad_(False)
+    lc = cfg.model.llm_lora
+    llama = get_peft_model(llama, LoraConfig(r=lc.r, lora_alpha=lc.alpha or 2 * lc.r, lora_dropout=lc.dropout,
+                                             target_modules=LORA_TARGETS_HF))
+    llama.train()
+    proj.train()
+    pid = placeholder_id(cfg)
+    params = [p for p in list(llama.parameters()) + list(proj.parameters()) if p.requires_grad]
+    lora = sum(p.numel() for n, p in llama.named_parameters() if "lora_" in n)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=torch.cuda.is_available())
+    padded = hf_padded(batch)
+
+    def micro(rows):
+        """Rows of the padded batch, cut to their own longest sample, on the device."""
+        b = {k: v[rows].to(dev) for k, v in padded.items()}
+        w = int(b["attention_mask"].sum(1).max())
+        return {k: (v[:, :w] if k in ("input_ids", "attention_mask", "labels") else v) for k, v in b.items()}
+
+    def step(chunks):
+        for b in chunks:
+            prot = proj(esm(input_ids=b["protein_ids"], attention_mask=b["protein_mask"].long()).last_hidden_state)
+            emb = llama.get_input_embeddings()(b["input_ids"])
+            slots = (b["input_ids"] == pid).unsqueeze(-1).expand_as(emb)
+            emb = emb.masked_scatter(slots, prot[b["protein_mask"]].to(emb.dtype))
+            loss = llama(inputs_embeds=emb, attention_mask=b["attention_mask"], labels=b["labels"]).loss
+            (loss / len(chunks)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    n = padded["input_ids"].shape[0]
+    for k in (1, 2, 4):  # what an HF user does when the padded batch does not fit: accumulate smaller ones
+        chunks = [micro(r) for r in torch.arange(n).chunk(k)]
+        try:
+            times = timed_steps(lambda: step(chunks), shapes)
+            break
+        except torch.cuda.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            del chunks
+            free()
+    else:
+        raise RuntimeError("the HF + PEFT step does not fit even in 4 micro-batches")
+    nproj = sum(p.numel() for p in proj.parameters())
+    flops = stage2_flops(llama_cfg, esm_cfg, counts["text"], counts["protein"], lora, nproj)
+    res = result(times, flops, counts["tokens"], shapes)
+    res.update(rows=n, token_slots=sum(int(c["input_ids"].numel()) for c in chunks), micro_batches=len(chunks),
+               lora_params=lora, peak_gb=peak_gb())
+    del esm, proj, llama, opt
+    free()
+    return res
+
+
+def result(times, flops: float, tokens: int, shapes: Shapes) -> dict:
+    s = float(np.median(times))
+    peak = peak_flops()
+    return {"step_s": s, "tokens_per_s": tokens / s, "model_tflops": flops / s / 1e12,
+            "mfu": flops / s / peak if peak else None, "steps_timed": len(times), "flops_per_step": flops}
+
+
+def stage2(shapes: Shapes, work: str, tokenizer: str | None) -> dict:
+    from megatron_p2t.data.instruct import collate_instruct
+    from megatron_p2t.models.build import placeholder_id
+    esm_dir, llama_dir = hf_dirs(work, shapes.esm, shapes.llama, "real")
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    cfg = run_config(shapes, esm_dir, llama_dir, tokenizer, dtype)
+    enc, pids, pmask = samples(shapes, cfg_vocab(llama_dir), placeholder_id(cfg), shapes.samples)
+    packed = collate_instruct(enc, pids, pmask, 0, pack=True, pack_length=shapes.pack_length)
+    padded = collate_instruct(enc, pids, pmask, 0, pack=False)
+    counts = {"text": [len(e.ids) for e in enc], "protein": pmask.sum(1).tolist(),
+              "tokens": int(sum(len(e.ids) for e in enc))}
+    out = {"samples": len(enc), "real_tokens": counts["tokens"], "dtype": dtype,
+           "lora": {"r": cfg.model.llm_lora.r, "targets": "all linears (q,k,v,o,gate,up,down)"}}
+    out["ours_packed"] = stage2_ours(shapes, cfg, packed, counts)
+    out["hf_peft_padded"] = stage2_hf(shapes, cfg, padded, counts)
+    out["speedup_tokens_per_s"] = out["ours_packed"]["tokens_per_s"] / out["hf_peft_padded"]["tokens_per_s"]
+    return out
+
+
+def cfg_vocab(llama_dir: str) -> int:
+    return json.load(open(os.path.join(llama_dir, "config.json")))["vocab_size"]
+
+
+# ---------------------------------------------------------------------------------------------- 4. stage 1
+
+def stage1(shapes: Shapes, work: str, tokenizer: str | None) -> dict:
+    from megatron_p2t.models.build import dtype_of, hf_configs
+    from megatron_p2t.models.esm import ESMConfig
+    from megatron_p2t.training.align import AlignModel
+    esm_dir, llama_dir = os.path.join(work, "real", "esm"), os.path.join(work, "real", "llama")
+    cfg = run_config(shapes, esm_dir, llama_dir, tokenizer, "bfloat16" if torch.cuda.is_available() else "float32")
+    llama_cfg, esm_cfg, pcfg = hf_configs(cfg)
+    torch.manual_seed(0)
+    model = AlignModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, cfg.align, params_dtype=dtype_of(cfg),
+                       text_side=True).to(device()).train()
+    n = shapes.align_batch
+    enc, pids, pmask = samples(shapes, llama_cfg.vocab_size, llama_cfg.vocab_size, n, seed=2)
+    rng = np.random.default_rng(4)
+    tl = [int(np.clip(rng.lognormal(math.log(shapes.answer_median * 1.5), 0.6), 8, cfg.data.max_text_tokens))
+          for _ in range(n)]
+    tids = torch.zeros(n, max(tl), dtype=torch.long)
+    tmask = torch.zeros(n, max(tl), dtype=torch.bool)
+    for i, L in enumerate(tl):
+        tids[i, :L] = torch.from_numpy(rng.integers(0, min(llama_cfg.vocab_size, 128000), L))
+        tmask[i, :L] = True
+    dev = device()
+    base = {"protein_ids": pids.to(dev), "protein_mask": pmask.to(dev)}
+    cached = dict(base, text_mean=torch.randn(n, llama_cfg.hidden_size, device=dev),
+                  text_std=torch.rand(n, llama_cfg.hidden_size, device=dev))
+    computed = dict(base, text_ids=tids.to(dev), text_mask=tmask.to(dev))
+    params = trainable(model)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=torch.cuda.is_available())
+    nproj = sum(p.numel() for p in model.projector.parameters())
+    out = {"batch": n, "dtype": cfg.model.dtype, "text_layer": cfg.align.text_layer}
+    for name, batch in (("text_cache", cached), ("text_computed", computed)):
+        def step():
+            loss, _ = model(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        times = timed_steps(step, shapes)
+        # the projector's backward is all that trains; the text side runs forward only, without output layer
+        flops = stage2_flops(llama_cfg, esm_cfg, tl if name == "text_computed" else [], pmask.sum(1).tolist(),
+                             0, nproj, text_layers=cfg.align.text_layer, backward=False)
+        r = result(times, flops, n, shapes)
+        r["samples_per_s"] = r.pop("tokens_per_s")
+        r["peak_gb"] = peak_gb()
+        out[name] = r
+    out["cache_speedup"] = out["text_cache"]["samples_per_s"] / out["text_computed"]["samples_per_s"]
+    del model, opt
+    free()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def environment() -> dict:
+    import importlib.metadata as md
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "peak_bf16_tflops": (peak_flops() or 0) / 1e12 or None}
+    for pkg in ("megatron-core", "deepspeed", "webdataset", "transformers", "peft", "flash-attn"):
+        try:
+            env[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            env[pkg] = None
+    return env
+
+
+def matmul_tflops(tiny: bool) -> float:
+    """The chip's bf16 matrix-product rate as torch reaches it (the ceiling a step could approach)."""
+    n = 512 if tiny else 8192
+    dt = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    a, b = torch.randn(n, n, device=device(), dtype=dt), torch.randn(n, n, device=device(), dtype=dt)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync()
+    return 2 * n ** 3 * 10 / (time.perf_counter() - t0) / 1e12
+
+
+def markdown(res: dict) -> str:
+    e, p, a, s2, s1 = res["environment"], res["precision"], res["attention"], res["stage2"], res["stage1"]
+    f = lambda x, k=3: "-" if x is None else f"{x:.{k}g}"
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
+    peak = f" (data-sheet peak {e['peak_bf16_tflops']:.0f})" if e["peak_bf16_tflops"] else ""
+    lines = [f"Device: {e['device']}; torch {e['torch']}, megatron-core {e['megatron-core']}, deepspeed "
+             f"{e['deepspeed']}, transformers {e['transformers']}, peft {e['peft']}, flash-attn {e['flash-attn']}; "
+             f"measured bf16 matmul {f(res['matmul_tflops'], 4)} TFLOP/s"
+             f"{peak}.",
+             "", f"Precision ({p['model']}, {p['answer_tokens']} answer tokens, random weights): bf16 vs fp32",
+             "", "| loss fp32 | loss bf16 | loss rel. error | logits rel. error | gradients rel. error |",
+             "|---|---|---|---|---|",
+             f"| {p['loss_fp32']:.5f} | {p['loss_bf16']:.5f} | {p['loss_rel_error']:.2e} | "
+             f"{p['logits_rel_error']:.2e} | {p['grads_rel_error']:.2e} |", "",
+             f"Packed attention ({a['rows']} rows x {a['row_length']}, {a['heads']} heads / {a['kv_groups']} kv groups "
+             f"x {a['head_dim']}, {a['dtype']} on {a['device']}) against the packed path in fp32 on the CPU", "",
+             "| kernel | rel. error | max abs error | ms |", "|---|---|---|---|"]
+    for k in ("flash_attn_varlen", "sdpa_per_sample", "dense_block_mask"):
+        if k in a:
+            lines.append(f"| {k} | {a[k]['rel_error_vs_cpu_fp32']:.2e} | {a[k]['max_abs_error']:.2e} | "
+                         f"{a[k]['ms']:.3f} |")
+    lines += ["", f"Stage 2 step ({s2['samples']} samples, {s2['real_tokens']} real tokens, {s2['dtype']}, LoRA r "
+                  f"{s2['lora']['r']} on {s2['lora']['targets']}, ESM frozen, projector trained, AdamW)", "",
+              "| implementation | rows x width (micro-batches) | step s | real tokens/s | model TFLOP/s | MFU | peak GB |",
+              "|---|---|---|---|---|---|---|"]
+    for k, label in (("ours_packed", "ours: megatron-core, packed rows"),
+                     ("hf_peft_padded", "HF + PEFT, padded batch (SDPA)")):
+        r = s2[k]
+        lines.append(f"| {label} | {r['rows']} x {r['token_slots'] // r['rows']} ({r['micro_batches']}) | "
+                     f"{r['step_s']:.3f} | "
+                     f"{r['tokens_per_s']:,.0f} | {f(r['model_tflops'])} | {pct(r['mfu'])} | {f(r['peak_gb'])} |")
+    lines += ["", f"Ratio: ours / HF + PEFT = {s2['speedup_tokens_per_s']:.2f}x tokens/s.", "",
+              f"Stage 1 step (ESM + projector, batch {s1['batch']}, {s1['dtype']}; text side = LLaMA's first "
+              f"{s1['text_layer']} layers)", "", "| text side | step s | samples/s | model TFLOP/s | MFU | peak GB |",
+              "|---|---|---|---|---|---|"]
+    for k in ("text_cache", "text_computed"):
+        r = s1[k]
+        lines.append(f"| {k.replace('_', ' ')} | {r['step_s']:.3f} | {r['samples_per_s']:,.1f} | "
+                     f"{f(r['model_tflops'])} | {pct(r['mfu'])} | {f(r['peak_gb'])} |")
+    lines += ["", f"Ratio: text cache / computed = {s1['cache_speedup']:.2f}x samples/s.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="toy shapes on whatever device there is (CPU in tests)")
+    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "runs", "gpu_check"))
+    ap.add_argument("--only", nargs="*", default=["precision", "attention", "stage2", "stage1"])
+    a = ap.parse_args(argv)
+    if not a.tiny and not torch.cuda.is_available():
+        ap.error("no GPU here: the real shapes need one (use --tiny for the toy run)")
+    shapes = TINY if a.tiny else REAL
+    os.makedirs(a.out, exist_ok=True)
+    from megatron_p2t.parallel import state
+    state.initialize(tp=1, pp=1)
+    t_start = time.perf_counter()
+    res = {"environment": environment(), "tiny": a.tiny, "matmul_tflops": matmul_tflops(a.tiny)}
+    print(json.dumps(res), flush=True)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
+        tok = None
+        if a.tiny:  # a real-vocabulary model is 128,256 wide; the toy one takes a toy tokenizer's size
+            t = tiny_tokenizer(work)
+            tok = os.path.join(work, "tokenizer")
+            shapes = dataclasses.replace(shapes, llama=dict(shapes.llama, vocab_size=len(t)),
+                                         check_llama=dict(shapes.check_llama, vocab_size=len(t)))
+        for name, fn in (("precision", check_precision), ("attention", lambda s, w, t: check_attention(s)),
+                         ("stage2", stage2), ("stage1", stage1)):
+            if name not in a.only:
+                continue
+            t0 = time.perf_counter()
+            res[name] = fn(shapes, work, tok)
+            res[name]["section_s"] = time.perf_counter() - t0
+            res["total_s"] = time.perf_counter() - t_start
+            print(json.dumps({name: res[name]}, default=str), flush=True)
+            with open(os.path.join(a.out, "check.json"), "w") as f:  # what is done so far survives a timeout
+                json.dump(res, f, indent=1)
+    if set(a.only) >= {"precision", "attention", "stage2", "stage1"}:
+        md = markdown(res)
+        with open(os.path.join(a.out, "check.md"), "w") as f:
+            f.write(md)
+        print(md)
+    state.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
