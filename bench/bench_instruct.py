@@ -19,9 +19,9 @@ def packed_vs_padded(cfg, batches: int):
     from megatron_p2t.data.loader import ProteinTextLoader
     from megatron_p2t.parallel import state
     from megatron_p2t.training import run_instruct
-    state.initialize(tp=1, pp=1)
-    model, *_ = run_instruct.build(cfg)
-    ld = run_instruct.make_loader(cfg)
+    layout = state.initialize(cfg.parallel)
+    model, *_ = run_instruct.build(cfg, layout)
+    ld = run_instruct.make_loader(cfg, layout)
     raws = []
     for b in ProteinTextLoader(cfg.data, dp_rank=0, dp_size=1):
         raws.append(b)

@@ -49,11 +49,12 @@ def small_configs(root):
 def worker_step(a):
     import torch
     from megatron_p2t.parallel import state
-    state.initialize(tp=a.tp, pp=a.pp)
-    from megatron.core import parallel_state as ps
+    from megatron_p2t.parallel.layout import ParallelConfig
+    layout = state.initialize(ParallelConfig(tensor=a.tp, pipeline=a.pp))
     from transformers import EsmConfig, LlamaConfig
     from megatron_p2t.checkpoint.hf_dir import HFDir
     from megatron_p2t.checkpoint.llama_hf import copy_into
+    from megatron_p2t.checkpoint.p2t_hf import megatron_tensors
     from megatron_p2t.data import esm_alphabet
     from megatron_p2t.models import p2t
     from megatron_p2t.models.esm import ESMConfig
@@ -64,11 +65,11 @@ def worker_step(a):
     pc = ProjectorConfig(input_dim=320, intermediate_dim=256, output_dim=512, dropout=0.0)
     base = rss_mb()
     model = p2t.Prot2TextModel(ESMConfig.from_hf(ec), lc, pc, placeholder_id=8000,
-                               pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                               freeze=p2t.FreezeConfig(esm=True, projector=False, llm=False))
+                               pre_process=layout.first_stage, post_process=layout.last_stage,
+                               freeze=p2t.FreezeConfig(esm=True, projector=False, llm=False), layout=layout)
     src = {k: HFDir(os.path.join(a.ckpt, k)) for k in ("esm", "llama", "projector")}
-    tpr = ps.get_tensor_model_parallel_rank()
-    copy_into(model, p2t.megatron_tensors(model, src["esm"], src["llama"], src["projector"], lc, pc, tpr, a.tp), "")
+    tpr = layout.tp_rank
+    copy_into(model, megatron_tensors(model, src["esm"], src["llama"], src["projector"], lc, pc, tpr, a.tp), "")
     g = torch.Generator().manual_seed(0)
     mbs = []
     for _ in range(a.micro):
@@ -91,7 +92,7 @@ def worker_step(a):
         for p in model.parameters():
             p.grad = None
     numel = sum(p.numel() for p in model.parameters())
-    out = {"rank": torch.distributed.get_rank(), "tp": a.tp, "pp": a.pp, "stage": ps.get_pipeline_model_parallel_rank(),
+    out = {"rank": torch.distributed.get_rank(), "tp": a.tp, "pp": a.pp, "stage": layout.pp_rank,
            "step_s": statistics.median(times), "peak_rss_mb": rss_mb(), "rss_over_start_mb": rss_mb() - base,
            "params": numel}
     with open(os.path.join(a.out, f"step_{a.tp}_{a.pp}_{out['rank']}.json"), "w") as f:
@@ -102,17 +103,17 @@ def worker_step(a):
 def worker_import(a):
     import torch
     from megatron_p2t.parallel import state
-    state.initialize(tp=a.tp, pp=1)
-    from megatron.core import parallel_state as ps
+    from megatron_p2t.parallel.layout import ParallelConfig
+    layout = state.initialize(ParallelConfig(tensor=a.tp))
     from transformers import LlamaConfig
     from megatron_p2t.checkpoint import llama_hf
     from megatron_p2t.checkpoint.hf_dir import HFDir
     from megatron_p2t.models import llama
     cfg = LlamaConfig.from_pretrained(a.ckpt)
-    m = llama.build(cfg)
+    m = llama.build(cfg, layout=layout)
     after_build = rss_mb()
     t = time.perf_counter()
-    llama_hf.load_into(m, HFDir(a.ckpt), cfg, ps.get_tensor_model_parallel_rank(), a.tp)
+    llama_hf.load_into(m, HFDir(a.ckpt), cfg, layout.tp_rank, a.tp)
     secs = time.perf_counter() - t
     own = sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
     with open(os.path.join(a.out, f"import_{torch.distributed.get_rank()}.json"), "w") as f:

@@ -1,7 +1,11 @@
-"""megatron-p2t: one entry point, a subcommand per stage. Launch scripts in launch/ only wrap it."""
+"""megatron-p2t: one entry point, a subcommand per stage. Launch scripts in launch/ only wrap it.
+
+Each command imports what it needs when it runs, so `--help`, the data and planning commands start without
+torch, megatron-core and DeepSpeed (several seconds of imports); the library modules import at their tops."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -46,7 +50,8 @@ def cmd_data_check(args) -> int:
     from megatron_p2t.config import load_config
     cfg = load_config(args.config, args.overrides)
     if cfg.data.epochs is None and not args.max_batches:
-        cfg.data.epochs = 1  # a check makes one pass unless told to stop earlier
+        # a check makes one pass unless told to stop earlier
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, epochs=1))
         if cfg.data.batch_size is None:
             print("error: the token-budget stream is endless; pass --max-batches N (or set data.batch_size "
                   "for one finite pass)", file=sys.stderr)
@@ -130,57 +135,50 @@ def _cuda() -> bool:
 
 
 def _model_setup(args):
+    """The run config and this process's Layout, for the commands that build the model."""
     from megatron_p2t.config import load_config
-    from megatron_p2t.models import build as model_build
     from megatron_p2t.parallel import state
     cfg = load_config(args.config, args.overrides)
-    state.initialize(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline, seed=cfg.parallel.seed,
-                     timeout_minutes=cfg.parallel.timeout_minutes)
-    return cfg, model_build
+    return cfg, state.initialize(cfg.parallel)
 
 
 def cmd_import_hf(args) -> int:
     """HF ESM + LLaMA (+ projector) directories -> a megatron checkpoint at the configured TP x PP layout."""
-    from megatron_p2t.checkpoint import sharded
-    cfg, mb = _model_setup(args)
-    model, llama_cfg, _, pcfg = mb.build(cfg)
-    mb.load_hf(model, cfg, llama_cfg, pcfg)
+    from megatron_p2t.checkpoint import load, sharded
+    cfg, layout = _model_setup(args)
+    model, llama_cfg, _, pcfg = load.build_model(cfg, layout)
+    load.load_hf(model, cfg, llama_cfg, pcfg, layout)
     sharded.save(model, args.out)
-    mb.write_run_info(args.out, cfg)
+    sharded.write_run_info(args.out, cfg)
     if torch_rank() == 0:
-        print(f"megatron checkpoint ({cfg.parallel.tensor} x {cfg.parallel.pipeline}, reloadable at any layout) "
-              f"-> {args.out}")
+        print(f"megatron checkpoint ({layout.tp} x {layout.pp}, reloadable at any layout) -> {args.out}")
     return 0
 
 
 def cmd_import_p2tv2(args) -> int:
     """Prot2Text-V2's layout -> a megatron checkpoint (each rank reads only its slice), reloadable at any layout,
     for `instruct` (instruct.init_from=OUT) or `export --format p2tv2`."""
-    from megatron_p2t.checkpoint import p2tv2
+    from megatron_p2t.checkpoint import load, p2tv2
     args.source, *overrides = args.inputs
     args.overrides = [*overrides, f"model.p2tv2={os.path.abspath(args.source)}"]
     p2tv2.read_config(args.source)  # a wrong directory fails here, before any process group exists
-    cfg, mb = _model_setup(args)
-    model, llama_cfg, _, pcfg = mb.build(cfg)
-    mb.load_hf(model, cfg, llama_cfg, pcfg)
+    cfg, layout = _model_setup(args)
+    model, llama_cfg, _, pcfg = load.build_model(cfg, layout)
+    load.load_hf(model, cfg, llama_cfg, pcfg, layout)
     p2tv2.save_imported(model, cfg, args.source, args.out)
     if torch_rank() == 0:
-        print(f"megatron checkpoint of {args.source} ({cfg.parallel.tensor} x {cfg.parallel.pipeline}, reloadable "
-              f"at any layout) -> {args.out}")
+        print(f"megatron checkpoint of {args.source} ({layout.tp} x {layout.pp}, reloadable at any layout) -> "
+              f"{args.out}")
     return 0
 
 
 def cmd_export_hf(args) -> int:
     """A megatron checkpoint (any layout) -> HF directories llama/, esm/, projector/ under --out."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_p2t.checkpoint import sharded
-    from megatron_p2t.models import p2t
-    cfg, mb = _model_setup(args)
-    model, llama_cfg, esm_cfg, pcfg = mb.build(cfg)
+    from megatron_p2t.checkpoint import load, p2t_hf, sharded
+    cfg, layout = _model_setup(args)
+    model, llama_cfg, esm_cfg, pcfg = load.build_model(cfg, layout)
     sharded.load(model, args.checkpoint)
-    p2t.hf_export(model, args.out, llama_cfg, esm_cfg, pcfg, ps.get_tensor_model_parallel_rank(),
-                  cfg.parallel.tensor)
+    p2t_hf.hf_export(model, args.out, llama_cfg, esm_cfg, pcfg, layout.tp_rank, layout.tp)
     if torch_rank() == 0:
         print(f"HF directories llama/, esm/, projector/ -> {args.out}")
     return 0
@@ -234,47 +232,11 @@ def _train_stage(args, run) -> int:
 
 def cmd_export(args) -> int:
     """A stage-2 checkpoint -> one HF-format directory (merged LLaMA, PEFT adapter, ESM, projector, tokenizer)."""
-    from megatron_p2t.checkpoint.export_p2t import checkpoint_layout, export, resolve
-    from megatron_p2t.config import config_from_dict
-    from megatron_p2t.parallel import state
-    if args.format == "p2tv2" and os.path.exists(os.path.join(args.checkpoint, "metadata.json")):
-        if args.verify:
-            from megatron_p2t.config import ConfigError
-            raise ConfigError("--verify compares a trained run with its export; an import's export is checked "
-                              "bit for bit instead (tests/checkpoint/test_p2tv2.py)")
-        return _export_imported_p2tv2(args)
-    step, run_dir = resolve(args.checkpoint)
-    with open(os.path.join(run_dir, "megatron_p2t.json")) as f:
-        saved = json.load(f)["config"]
-    tp, pp = checkpoint_layout(step, int(saved.get("parallel", {}).get("pipeline", 1)))
-    from megatron_p2t.parallel import launch_env
-    if not launch_env.under_launcher() and tp * pp > 1:  # one process per model-parallel shard of the checkpoint
-        import subprocess
-        return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                f"--nproc_per_node={tp * pp}", "-m", "megatron_p2t", *sys.argv[1:]])
-    launch_env.discover()
-    if int(os.environ["WORLD_SIZE"]) != tp * pp:
-        raise ValueError(f"{step} has {tp * pp} model-parallel shards (tensor {tp} x pipeline {pp}); export with "
-                         f"{tp * pp} processes (or run it without a launcher and it starts them)")
-    cfg = config_from_dict(saved, args.overrides + [f"parallel.tensor={tp}", f"parallel.pipeline={pp}"])
-    state.initialize(tp=tp, pp=pp, seed=cfg.parallel.seed, timeout_minutes=cfg.parallel.timeout_minutes)
-    res = export(cfg, step, args.out, fmt=args.format)
-    import torch
-    import torch.distributed as dist
-    merged = torch.tensor([res["merged_lora_layers"]])  # each stage merged its own layers
-    if pp > 1:
-        from megatron.core import parallel_state as ps
-
-        from megatron_p2t.parallel.state import collective_device
-        merged = merged.to(collective_device())
-        dist.all_reduce(merged, group=ps.get_pipeline_model_parallel_group())
-    report = {"out": args.out, "tensor_parallel": tp, "pipeline_parallel": pp, "merged_lora_layers": int(merged)}
-    if args.verify:
-        from megatron_p2t.checkpoint.export_p2t import verify
-        report["max_abs_logit_diff"] = verify(res["model"], cfg, args.out)
-    if torch_rank() == 0:
+    from megatron_p2t import export
+    report = export.main(args.checkpoint, args.out, fmt=args.format, verify_logits=args.verify,
+                         overrides=args.overrides, argv=sys.argv[1:])
+    if report is not None and torch_rank() == 0:
         print(json.dumps(report))
-    state.destroy()
     return 0
 
 
@@ -308,40 +270,13 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _export_imported_p2tv2(args) -> int:
-    """An `import-p2tv2` checkpoint back to the published layout, at whatever layout this was launched with."""
-    from megatron_p2t.checkpoint import p2tv2, sharded
-    from megatron_p2t.config import config_from_dict
-    from megatron_p2t.models import build as mb
-    from megatron_p2t.parallel import launch_env, state
-    launch_env.discover()
-    with open(os.path.join(args.checkpoint, "megatron_p2t.json")) as f:
-        cfg = config_from_dict(json.load(f)["config"], [f"parallel.tensor={os.environ['WORLD_SIZE']}",
-                                                        "parallel.pipeline=1", *args.overrides])
-    cfg.model.p2tv2 = args.checkpoint   # its config.json: the imported model's shapes
-    state.initialize(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline, seed=cfg.parallel.seed,
-                     timeout_minutes=cfg.parallel.timeout_minutes)
-    model, llama_cfg, esm_cfg, pcfg = mb.build(cfg)
-    sharded.load(model, args.checkpoint)
-    from megatron.core import parallel_state as ps
-    p2tv2.write(model, args.out, llama_cfg, esm_cfg, pcfg, mb.placeholder_id(cfg),
-                ps.get_tensor_model_parallel_rank(), cfg.parallel.tensor, p2tv2.carried(args.checkpoint),
-                cfg.data.text_tokenizer or "", source_config=os.path.join(args.checkpoint, "config.json"))
-    if torch_rank() == 0:
-        print(json.dumps({"out": args.out, "format": "p2tv2"}))
-    state.destroy()
-    return 0
-
-
 def cmd_cache_text(args) -> int:
     """Stage 1's frozen text side, computed once for every shard (run under the same launcher as align)."""
     from megatron_p2t.config import load_config
     from megatron_p2t.parallel import state
     from megatron_p2t.training.text_cache import build_cache
     cfg = load_config(args.config, args.overrides)
-    state.initialize(tp=cfg.parallel.tensor, pp=1, seed=cfg.parallel.seed,
-                     timeout_minutes=cfg.parallel.timeout_minutes)
-    res = build_cache(cfg)
+    res = build_cache(cfg, state.initialize(dataclasses.replace(cfg.parallel, pipeline=1)))
     if torch_rank() == 0:
         print(json.dumps(res))
     return 0

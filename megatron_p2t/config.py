@@ -10,6 +10,7 @@ import yaml
 from megatron_p2t.data.instruct import InstructConfig
 from megatron_p2t.data.loader import LoaderConfig
 from megatron_p2t.models.parts_config import FreezeConfig, LoRAConfig, ProjectorConfig
+from megatron_p2t.parallel.layout import ParallelConfig
 
 
 @dataclasses.dataclass
@@ -30,16 +31,6 @@ class ModelConfig:
     llm_lora: LoRAConfig = dataclasses.field(default_factory=lambda: LoRAConfig(
         r=16, targets=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]))
     dtype: str = "float32"                           # bfloat16 on GPUs
-
-
-@dataclasses.dataclass
-class ParallelConfig:
-    tensor: int = 1
-    pipeline: int = 1
-    seed: int = 1234
-    # a collective that waits longer than this fails the rank instead of hanging the job (a dead or stuck
-    # peer under NCCL otherwise blocks the others until the launcher notices, or forever)
-    timeout_minutes: float = 10.0
 
 
 @dataclasses.dataclass

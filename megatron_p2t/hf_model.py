@@ -18,6 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_p2t.checkpoint import p2tv2
+from megatron_p2t.data import esm_alphabet
+from megatron_p2t.data.instruct import SYSTEM_PROMPT, InstructConfig, PromptBuilder
+
 _ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
 
 
@@ -34,9 +38,8 @@ class Projector(nn.Module):
 
 
 def _is_p2tv2(path: str) -> bool:
-    from megatron_p2t.checkpoint.p2tv2 import MODEL_TYPE
     f = os.path.join(path, "config.json")
-    return os.path.exists(f) and json.load(open(f)).get("model_type") == MODEL_TYPE
+    return os.path.exists(f) and json.load(open(f)).get("model_type") == p2tv2.MODEL_TYPE
 
 
 class Prot2TextForGeneration(nn.Module):
@@ -70,8 +73,6 @@ class Prot2TextForGeneration(nn.Module):
         `megatron-p2t export --format p2tv2`: the same parts under esm_encoder. / adapter. / llama_decoder."""
         from transformers import AutoTokenizer, EsmModel, LlamaForCausalLM
 
-        from megatron_p2t.checkpoint import p2tv2
-        from megatron_p2t.data.instruct import SYSTEM_PROMPT
         llama_cfg, esm_cfg, adapter, placeholder = p2tv2.hf_configs(path)
         ck = p2tv2.check(path)
 
@@ -121,8 +122,6 @@ class Prot2TextForGeneration(nn.Module):
 
     def prompts(self, sequences: Sequence[str], metas: Optional[Sequence[dict]] = None):
         """Left-padded prompt ids + attention mask, and the ESM batch, for these sequences."""
-        from megatron_p2t.data import esm_alphabet
-        from megatron_p2t.data.instruct import InstructConfig, PromptBuilder
         builder = PromptBuilder(self.tokenizer, InstructConfig(system_prompt=self.info["system_prompt"]),
                                 self.info["placeholder_token"])
         metas = metas or [{} for _ in sequences]

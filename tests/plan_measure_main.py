@@ -27,39 +27,40 @@ def _settle() -> None:
 
 def main():
     stage, args = sys.argv[1], sys.argv[2:]
-    from megatron.core import parallel_state as ps
+    import dataclasses
 
     from megatron_p2t.config import load_config
     from megatron_p2t.parallel import state
     from megatron_p2t.plan import DEVICES, plan
     from megatron_p2t.training.trainer import Trainer
     cfg = load_config(args[1], args[2:])
-    state.initialize(tp=1, pp=1, seed=1)
+    layout = state.initialize(dataclasses.replace(cfg.parallel, tensor=1, pipeline=1, seed=1))
     os.makedirs(cfg.train.save_dir, exist_ok=True)
     if stage == "align":
         from megatron_p2t.data.loader import ProteinTextLoader
+        from megatron_p2t.training.align import align_loss
         from megatron_p2t.training.run_align import build
         loader = ProteinTextLoader(cfg.data)
         it = iter(loader)
         next(it)
         _settle()
         base = _rss("VmRSS")
-        model = build(cfg)
-        dp_group = ps.get_data_parallel_group()
-        trainer = Trainer(model, cfg, loader, lambda e, b: e(b, dp_group=dp_group), micro_batch=cfg.data.batch_size)
+        model = build(cfg, layout)
+        trainer = Trainer(model, cfg, loader, lambda e, b: align_loss(e, b, cfg.align, layout.dp_group), layout,
+                          micro_batch=cfg.data.batch_size)
     else:
         from megatron_p2t.training.run_instruct import build, forward_loss, make_loader, param_groups
-        loader = make_loader(cfg)
+        loader = make_loader(cfg, layout)
         it = iter(loader)
         next(it)
         _settle()
         base = _rss("VmRSS")
-        model, *_ = build(cfg)
+        model, *_ = build(cfg, layout)
 
         def step(engine, batch):
             loss, n = forward_loss(engine, batch)
             return loss, {}
-        trainer = Trainer(model, cfg, loader, step, micro_batch=1, param_groups=param_groups(model, cfg))
+        trainer = Trainer(model, cfg, loader, step, layout, micro_batch=1, param_groups=param_groups(model, cfg))
     _settle()
     ready = _rss("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:

@@ -226,12 +226,15 @@ def stage2_flops(llama_cfg, esm_cfg, text_lengths, protein_lengths, lora_params:
 # ---------------------------------------------------------------------------------------------- our model
 
 def build_ours(cfg, lora: bool = True):
-    """The joined model as stage 2 builds it (models.build + LoRA on the decoder), random weights."""
-    from megatron_p2t.models.build import build
+    """The joined model as stage 2 builds it (checkpoint.load.build_model + LoRA on the decoder), random
+    weights."""
+    from megatron_p2t.checkpoint.load import build_model
     from megatron_p2t.models.lora import apply_lora
-    cfg.model.freeze.esm, cfg.model.freeze.projector, cfg.model.freeze.llm = True, False, True
+    from megatron_p2t.parallel.state import current
+    from megatron_p2t.training.run_instruct import stage2_config
+    cfg = stage2_config(cfg)
     torch.manual_seed(0)
-    model, llama_cfg, esm_cfg, pcfg = build(cfg)
+    model, llama_cfg, esm_cfg, pcfg = build_model(cfg, current())
     if lora:
         apply_lora(model.llm, cfg.model.llm_lora, "llm")
         with torch.no_grad():  # B starts at zero; random B makes the adapters' path count in the comparison
@@ -262,7 +265,7 @@ def timed_steps(step, shapes: Shapes) -> list[float]:
 
 def check_precision(shapes: Shapes, work: str, tokenizer: str | None) -> dict:
     from megatron_p2t.data.instruct import collate_instruct
-    from megatron_p2t.models.build import placeholder_id
+    from megatron_p2t.checkpoint.load import placeholder_id
     from megatron_p2t.training import run_instruct
     esm_dir, llama_dir = hf_dirs(work, shapes.check_esm, shapes.check_llama, "check")
     out, ref = {}, None
@@ -394,7 +397,7 @@ def stage2_hf(shapes: Shapes, cfg, batch, counts) -> dict:
     from transformers import AutoConfig, EsmModel, LlamaForCausalLM
 
     from megatron_p2t.hf_model import Projector
-    from megatron_p2t.models.build import placeholder_id
+    from megatron_p2t.checkpoint.load import placeholder_id
     dev = device()
     dt = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     esm_cfg, llama_cfg = AutoConfig.from_pretrained(cfg.model.esm), AutoConfig.from_pretrained(cfg.model.llama)
@@ -468,7 +471,7 @@ def result(times, flops: float, tokens: int, shapes: Shapes) -> dict:
 
 def stage2(shapes: Shapes, work: str, tokenizer: str | None) -> dict:
     from megatron_p2t.data.instruct import collate_instruct
-    from megatron_p2t.models.build import placeholder_id
+    from megatron_p2t.checkpoint.load import placeholder_id
     esm_dir, llama_dir = hf_dirs(work, shapes.esm, shapes.llama, "real")
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     cfg = run_config(shapes, esm_dir, llama_dir, tokenizer, dtype)
@@ -492,15 +495,18 @@ def cfg_vocab(llama_dir: str) -> int:
 # ---------------------------------------------------------------------------------------------- 4. stage 1
 
 def stage1(shapes: Shapes, work: str, tokenizer: str | None) -> dict:
-    from megatron_p2t.models.build import dtype_of, hf_configs
+    from megatron_p2t.checkpoint.load import hf_configs
+    from megatron_p2t.models.align import AlignModel
+    from megatron_p2t.models.build import dtype_of
     from megatron_p2t.models.esm import ESMConfig
-    from megatron_p2t.training.align import AlignModel
+    from megatron_p2t.parallel.state import current
+    from megatron_p2t.training.align import align_loss
     esm_dir, llama_dir = os.path.join(work, "real", "esm"), os.path.join(work, "real", "llama")
     cfg = run_config(shapes, esm_dir, llama_dir, tokenizer, "bfloat16" if torch.cuda.is_available() else "float32")
     llama_cfg, esm_cfg, pcfg = hf_configs(cfg)
     torch.manual_seed(0)
     model = AlignModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, cfg.align, params_dtype=dtype_of(cfg),
-                       text_side=True).to(device()).train()
+                       text_side=True, layout=current()).to(device()).train()
     n = shapes.align_batch
     enc, pids, pmask = samples(shapes, llama_cfg.vocab_size, llama_cfg.vocab_size, n, seed=2)
     rng = np.random.default_rng(4)
@@ -522,7 +528,7 @@ def stage1(shapes: Shapes, work: str, tokenizer: str | None) -> dict:
     out = {"batch": n, "dtype": cfg.model.dtype, "text_layer": cfg.align.text_layer}
     for name, batch in (("text_cache", cached), ("text_computed", computed)):
         def step():
-            loss, _ = model(batch)
+            loss, _ = align_loss(model, batch, cfg.align)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -624,7 +630,8 @@ def main(argv=None) -> int:
     shapes = TINY if a.tiny else REAL
     os.makedirs(a.out, exist_ok=True)
     from megatron_p2t.parallel import state
-    state.initialize(tp=1, pp=1)
+    from megatron_p2t.parallel.layout import ParallelConfig
+    state.initialize(ParallelConfig())
     t_start = time.perf_counter()
     res = {"environment": environment(), "tiny": a.tiny, "matmul_tflops": matmul_tflops(a.tiny)}
     print(json.dumps(res), flush=True)

@@ -7,11 +7,15 @@ input columns. Import reads only this rank's slice; export writes the full HF te
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Dict, Tuple
 
 import torch
+from torch import nn
 
 from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
+from megatron_p2t.models.lora import lora_layers
 
 
 def _span(n: int, rank: int, size: int, what: str) -> Tuple[int, int]:
@@ -162,7 +166,6 @@ def lora_tensors(model, src, hf_cfg, tp_rank: int, tp: int, targets, prefix: str
 
 def lora_hf_slices(model, hf_cfg, tp_rank: int, tp: int, prefix: str = PEFT_PREFIX):
     """The inverse of lora_tensors, as export slices (hf name, dim, start, stop, tensor) of this rank."""
-    from megatron_p2t.models.lora import lora_layers
     hd = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
     qpg = hf_cfg.num_attention_heads // hf_cfg.num_key_value_heads
     g0, g1 = _span(hf_cfg.num_key_value_heads, tp_rank, tp, "num_key_value_heads")
@@ -205,3 +208,31 @@ def split_qkv(qkv: torch.Tensor, qpg: int, hd: int):
     groups = [qkv[g * per:(g + 1) * per] for g in range(qkv.shape[0] // per)]
     return (torch.cat([x[:qpg * hd] for x in groups]), torch.cat([x[qpg * hd:(qpg + 1) * hd] for x in groups]),
             torch.cat([x[(qpg + 1) * hd:] for x in groups]))
+
+
+@torch.no_grad()
+def load_lora(model: nn.Module, tensors: Dict[str, torch.Tensor], source: str) -> None:
+    """Copy adapter tensors (named `<layer>.lora_A` / `.lora_B`) into a wrapped model; every adapter of the model
+    must be covered and every shape must agree."""
+    own = {f"{n}.{w}": getattr(m, w) for n, m in lora_layers(model).items() for w in ("lora_A", "lora_B")}
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or extra:
+        raise CheckpointError(f"{source}: adapter does not fit the model: missing {missing[:4]}, unexpected "
+                              f"{extra[:4]} (same LoRA targets and layers?)")
+    for k, t in tensors.items():
+        if tuple(own[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"{source}: {k} has shape {tuple(t.shape)}, the model expects "
+                                  f"{tuple(own[k].shape)} (same rank r?)")
+        own[k].copy_(t)
+
+
+def finish_peft_adapter(adapter_dir: str, lora_cfg, base_model: str) -> None:
+    """Give exported adapter tensors (`lora_hf_slices` written to adapter_dir/model.safetensors) PEFT's file
+    name and its adapter_config.json, so `PeftModel.from_pretrained(llama, adapter_dir)` loads them."""
+    os.replace(os.path.join(adapter_dir, "model.safetensors"), os.path.join(adapter_dir, "adapter_model.safetensors"))
+    targets = sorted({h.split(".")[-1] for t in lora_cfg.targets for h in LORA_TARGETS[t]})
+    with open(os.path.join(adapter_dir, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+                   "r": lora_cfg.r, "lora_alpha": lora_cfg.alpha or 2 * lora_cfg.r, "lora_dropout": lora_cfg.dropout,
+                   "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+                   "inference_mode": True}, f, indent=1)

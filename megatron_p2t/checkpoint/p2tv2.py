@@ -11,11 +11,18 @@ projector exactly (fc1 -> GELU -> dropout -> fc2 -> GELU -> dropout -> per-token
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 from typing import Dict
 
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import EsmConfig, LlamaConfig
+
 from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
+from megatron_p2t.data.text_tokenizer import load_text_tokenizer
 
 MODEL_TYPE = "esm2llama_instruct"
 ESM, ADAPTER, LLAMA = "esm_encoder.", "adapter.", "llama_decoder."
@@ -58,7 +65,6 @@ def read_config(path: str) -> dict:
 
 def hf_configs(path: str):
     """(LlamaConfig, EsmConfig, adapter dict, placeholder id) of a Prot2Text-V2 directory."""
-    from transformers import EsmConfig, LlamaConfig
     c = read_config(path)
     llama = {k: v for k, v in c["llama_config"].items() if k != "model_type"}
     esm = {k: v for k, v in c["esm_config"].items() if k != "model_type"}
@@ -103,13 +109,7 @@ def check(path: str) -> HFDir:
 def save_imported(model, cfg, source: str, out: str) -> None:
     """Collective: the model as a megatron checkpoint in `out`, beside the source's config.json, the tensors our
     model does not use (so an export gives the source back bit for bit) and its tokenizer when it has one."""
-    import shutil
-
-    import torch
-    from safetensors.torch import save_file
-
-    from megatron_p2t.checkpoint import sharded
-    from megatron_p2t.models.build import write_run_info
+    from megatron_p2t.checkpoint import sharded  # megatron-core: see write()
     sharded.save(model, out)
     if torch.distributed.get_rank() == 0:
         shutil.copy(os.path.join(source, "config.json"), os.path.join(out, "config.json"))
@@ -119,15 +119,15 @@ def save_imported(model, cfg, source: str, out: str) -> None:
             for f in TOKENIZER_FILES:
                 if os.path.exists(os.path.join(source, f)):
                     shutil.copy(os.path.join(source, f), os.path.join(out, f))
-            cfg.data.text_tokenizer = cfg.data.text_tokenizer or os.path.abspath(out)
-    write_run_info(out, cfg)
+            if not cfg.data.text_tokenizer:  # the import's own tokenizer, recorded for the commands after it
+                cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, text_tokenizer=os.path.abspath(out)))
+    sharded.write_run_info(out, cfg)
     torch.distributed.barrier()
 
 
 def carried(path: str) -> Dict[str, object]:
     """The unused tensors of a Prot2Text-V2 directory, or of an import of one (kept beside its checkpoint)."""
     if os.path.exists(os.path.join(path, EXTRA_FILE)):
-        from safetensors.torch import load_file
         return load_file(os.path.join(path, EXTRA_FILE))
     ck = HFDir(path)
     return {n: ck.get(n) for n in ck.keys() if n.startswith(UNUSED)}
@@ -151,8 +151,7 @@ def write(model, out: str, llama_cfg, esm_cfg, pcfg, placeholder: int, tp_rank: 
     layout. `extra`: tensors to carry (the adapter's unused LayerNorms ...); identity LayerNorms when absent, so
     the authors' class loads without missing keys. `source_config`: a config.json to keep verbatim (the shapes
     are the source's), else one is composed from the model's configs."""
-    import torch
-
+    # deferred: these adapters import megatron-core, and hf_model reads this layout with transformers alone
     from megatron_p2t.checkpoint import esm_hf, export_hf, llama_hf, projector_hf
     slices = llama_hf.hf_slices(model.llm, llama_cfg, tp_rank, tp, prefix=LLAMA)
     if model.pre_process:
@@ -168,12 +167,10 @@ def write(model, out: str, llama_cfg, esm_cfg, pcfg, placeholder: int, tp_rank: 
     export_hf.export({out: slices}, out)
     if torch.distributed.get_rank() == 0:
         if source_config:
-            import shutil
-            shutil.copy(source_config, os.path.join(out, "config.json"))
+                    shutil.copy(source_config, os.path.join(out, "config.json"))
         else:
             with open(os.path.join(out, "config.json"), "w") as f:
                 json.dump(composite_config(llama_cfg, esm_cfg, pcfg, placeholder), f, indent=2, sort_keys=True)
         if tokenizer_dir:
-            from megatron_p2t.data.text_tokenizer import load_text_tokenizer
             load_text_tokenizer(tokenizer_dir).save_pretrained(out)
     torch.distributed.barrier()

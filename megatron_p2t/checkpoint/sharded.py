@@ -3,19 +3,30 @@ checkpoint reloads into any TP/PP layout (the sharded state dict records each te
 rank's slice). Loading checks shapes first and names the first tensor that does not fit."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import ShardedTensor, load_tensors_metadata
 
 from megatron_p2t.checkpoint.hf_dir import CheckpointError
 
 
+def write_run_info(directory: str, cfg) -> None:
+    """What a checkpoint was made from, beside it, for the commands that read it later."""
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(directory, "megatron_p2t.json"), "w") as f:
+            json.dump({"config": dataclasses.asdict(cfg)}, f, indent=1, default=str)
+
+
 def save(model, directory: str) -> None:
-    from megatron.core import dist_checkpointing
     os.makedirs(directory, exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), directory)
 
 
 def load(model, directory: str, strict: bool = True) -> None:
-    from megatron.core import dist_checkpointing
     if not os.path.isdir(directory) or not os.path.exists(os.path.join(directory, "metadata.json")):
         raise CheckpointError(f"{directory}: no megatron checkpoint here (metadata.json missing); "
                               f"pass the directory a training run or an import wrote")
@@ -26,7 +37,6 @@ def load(model, directory: str, strict: bool = True) -> None:
 
 def check_shapes(sharded_state_dict, directory: str) -> None:
     """Compare the model's global tensor shapes with the checkpoint's before any data is read."""
-    from megatron.core.dist_checkpointing import ShardedTensor, load_tensors_metadata
     stored = load_tensors_metadata(directory)  # key -> ShardedTensor describing the whole stored tensor
     for st in sharded_state_dict.values():
         if not isinstance(st, ShardedTensor):

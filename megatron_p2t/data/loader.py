@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 from typing import Dict, Iterator, List, Optional
 
 import numpy as np
@@ -52,17 +51,6 @@ class LoaderConfig:
 
 class ShardError(RuntimeError):
     pass
-
-
-def data_parallel_coords():
-    """(rank, size) of the data-parallel group: megatron-core's when initialised (TP/PP peers share data),
-    else the torch.distributed world, else a single process."""
-    ps = sys.modules.get("megatron.core.parallel_state")  # initialised implies imported; never import it here
-    if ps is not None and ps.model_parallel_is_initialized():
-        return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def read_manifest(path: str, split: str):
@@ -225,8 +213,8 @@ def _as_is(x):
 
 
 class ProteinTextLoader:
-    def __init__(self, cfg: LoaderConfig, dp_rank: Optional[int] = None, dp_size: Optional[int] = None,
-                 state: Optional[dict] = None):
+    def __init__(self, cfg: LoaderConfig, dp_rank: int = 0, dp_size: int = 1, state: Optional[dict] = None):
+        """dp_rank / dp_size: this process's data-parallel coordinates (the run's Layout.dp_rank / .dp)."""
         if (cfg.batch_size is None) == (cfg.max_tokens is None):
             raise ValueError("set exactly one of batch_size (fixed batches) and max_tokens (token budget)")
         if cfg.epochs is not None and cfg.batch_size is None:
@@ -235,8 +223,6 @@ class ProteinTextLoader:
         if cfg.max_tokens is not None and cfg.max_tokens < cfg.max_protein_residues + 2 + cfg.max_text_tokens:
             raise ValueError(f"max_tokens={cfg.max_tokens} cannot hold one sample of max_protein_residues+2 + "
                              f"max_text_tokens = {cfg.max_protein_residues + 2 + cfg.max_text_tokens} tokens")
-        if dp_rank is None or dp_size is None:
-            dp_rank, dp_size = data_parallel_coords()
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
         self.manifest, self.urls, self.counts, shas = read_manifest(cfg.manifest, cfg.split)
         if sum(self.counts) < dp_size:

@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_p2t.models.specs import cpu_friendly, encoder_layer_spec, megatron_module, parallel_sizes
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_p2t.models.specs import cpu_friendly, encoder_layer_spec, parallel_sizes
+from megatron_p2t.parallel.layout import Layout
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM-2's masking ratio x mask-token share, fixed for every ESM-2 checkpoint
 
@@ -54,20 +60,20 @@ ESM2_SIZES = {
 }
 
 
-def transformer_config(cfg: ESMConfig, num_layers: int, params_dtype=torch.float32, **overrides):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+def transformer_config(cfg: ESMConfig, num_layers: int, params_dtype=torch.float32, layout: Layout | None = None,
+                       **overrides):
     kw = dict(num_layers=num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
               ffn_hidden_size=cfg.ffn_hidden_size, normalization="LayerNorm", layernorm_epsilon=cfg.layer_norm_eps,
               add_bias_linear=True, add_qkv_bias=True, activation_func=F.gelu, gated_linear_unit=False,
               attention_dropout=0.0, hidden_dropout=0.0, params_dtype=params_dtype,
               bf16=params_dtype == torch.bfloat16, pipeline_dtype=params_dtype, **cpu_friendly())
-    kw.update(parallel_sizes())
+    kw.update(parallel_sizes(layout))
     kw["pipeline_model_parallel_size"] = 1
     kw.update(overrides)
     return TransformerConfig(**kw)
 
 
-class ESMEncoder(megatron_module()):
+class ESMEncoder(MegatronModule):
     """ids [b, s] + mask [b, s] (True = residue/special, False = padding) -> hidden states [b, s, h].
 
     `output_layer`: which of HF's `hidden_states` to return: -1 (default, Prot2Text-V2) is the last layer after
@@ -75,12 +81,11 @@ class ESMEncoder(megatron_module()):
     any final LayerNorm. Only the layers needed are built.
     """
 
-    def __init__(self, cfg: ESMConfig, output_layer: int = -1, params_dtype=torch.float32, **config_overrides):
-        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-        from megatron.core.transformer.transformer_block import TransformerBlock
+    def __init__(self, cfg: ESMConfig, output_layer: int = -1, params_dtype=torch.float32,
+                 layout: Layout | None = None, **config_overrides):
         n = cfg.num_layers
         k = output_layer % (n + 1)
-        super().__init__(transformer_config(cfg, k, params_dtype, **config_overrides))
+        super().__init__(transformer_config(cfg, k, params_dtype, layout, **config_overrides))
         self.cfg, self.final_norm = cfg, k == n
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id,
                                             dtype=params_dtype)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_p2t.models.specs import parallel_sizes
+from megatron_p2t.models.specs import decoder_layer_spec, parallel_sizes
+from megatron_p2t.parallel.layout import Layout
 
 # megatron-core's RotaryEmbedding applies LLaMA-3.1's frequency scaling with these constants built in.
 _MCORE_LLAMA31_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -29,8 +32,8 @@ def rope_settings(hf) -> dict:
     return {"rotary_base": int(base), "rope_scaling": True, "rope_scaling_factor": float(src.get("factor", 8.0))}
 
 
-def transformer_config(hf, num_layers: int | None = None, params_dtype=torch.float32, **overrides):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+def transformer_config(hf, num_layers: int | None = None, params_dtype=torch.float32, layout: Layout | None = None,
+                       **overrides):
     kw = dict(
         num_layers=num_layers or hf.num_hidden_layers, hidden_size=hf.hidden_size,
         num_attention_heads=hf.num_attention_heads, num_query_groups=hf.num_key_value_heads,
@@ -41,19 +44,17 @@ def transformer_config(hf, num_layers: int | None = None, params_dtype=torch.flo
         use_cpu_initialization=not torch.cuda.is_available(), persist_layer_norm=False,
         bias_activation_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, pipeline_dtype=params_dtype)
-    kw.update(parallel_sizes())
+    kw.update(parallel_sizes(layout))
     kw.update(overrides)
     return TransformerConfig(**kw)
 
 
-def build(hf, pre_process: bool = True, post_process: bool = True, config=None, **config_overrides):
+def build(hf, pre_process: bool = True, post_process: bool = True, config=None, layout: Layout | None = None,
+          **config_overrides):
     """A GPTModel stage (this rank's share of layers) shaped like the HF LlamaForCausalLM `hf` config."""
-    from megatron.core.models.gpt import GPTModel
-
-    from megatron_p2t.models.specs import decoder_layer_spec
     if getattr(hf, "tie_word_embeddings", False):
         raise ValueError("tied input/output embeddings: LLaMA-3.1-8B unties them; this builder expects that")
-    cfg = config or transformer_config(hf, **config_overrides)
+    cfg = config or transformer_config(hf, layout=layout, **config_overrides)
     return GPTModel(cfg, decoder_layer_spec(), vocab_size=hf.vocab_size,
                     max_sequence_length=hf.max_position_embeddings, pre_process=pre_process,
                     post_process=post_process, parallel_output=True, share_embeddings_and_output_weights=False,

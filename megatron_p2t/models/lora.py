@@ -15,6 +15,10 @@ import zlib
 from typing import Dict, List
 
 import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                    reduce_from_tensor_model_parallel_region)
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch import nn
 
 from megatron_p2t.models.parts_config import LoRAConfig
@@ -23,8 +27,6 @@ from megatron_p2t.models.parts_config import LoRAConfig
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, cfg: LoRAConfig, name: str):
         super().__init__()
-        from megatron.core import parallel_state as ps
-        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
         if getattr(base.config, "sequence_parallel", False):
             raise NotImplementedError(f"{name}: LoRA with sequence_parallel=True is not supported; turn one off")
         if isinstance(base, ColumnParallelLinear):
@@ -36,7 +38,7 @@ class LoRALinear(nn.Module):
         self.base, self.scale, self.r = base, cfg.scale, cfg.r
         for p in base.parameters():
             p.requires_grad_(False)
-        tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        tp, rank = base.tp_group.size(), base.tp_group.rank()  # the base layer's own tensor-parallel group
         out_local, in_local = base.weight.shape
         dtype = base.weight.dtype
         in_full = in_local * tp if self.kind == "row" else in_local
@@ -55,15 +57,12 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, *args, **kwargs):
-        from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
-                                                            reduce_from_tensor_model_parallel_region)
         out, bias = self.base(x, *args, **kwargs)
         if self.kind == "column":  # replicated input: the default generator draws the same mask on TP peers
             h = copy_to_tensor_model_parallel_region(nn.functional.linear(self.dropout(x), self.lora_A))
         else:
             xd = x
             if self.training and self.dropout.p > 0:
-                from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
                 with get_cuda_rng_tracker().fork():  # each rank drops its own slice of the split input
                     xd = self.dropout(x)
             h = reduce_from_tensor_model_parallel_region(nn.functional.linear(xd, self.lora_A))
@@ -129,20 +128,3 @@ def merge_lora(model: nn.Module) -> int:
                 setattr(module, child_name, child.base)
                 n += 1
     return n
-
-
-@torch.no_grad()
-def load_lora(model: nn.Module, tensors: Dict[str, torch.Tensor], source: str) -> None:
-    """Copy adapter tensors (named `<layer>.lora_A` / `.lora_B`) into a wrapped model; every adapter of the model
-    must be covered and every shape must agree."""
-    from megatron_p2t.checkpoint.hf_dir import CheckpointError
-    own = {f"{n}.{w}": getattr(m, w) for n, m in lora_layers(model).items() for w in ("lora_A", "lora_B")}
-    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if missing or extra:
-        raise CheckpointError(f"{source}: adapter does not fit the model: missing {missing[:4]}, unexpected "
-                              f"{extra[:4]} (same LoRA targets and layers?)")
-    for k, t in tensors.items():
-        if tuple(own[k].shape) != tuple(t.shape):
-            raise CheckpointError(f"{source}: {k} has shape {tuple(t.shape)}, the model expects "
-                                  f"{tuple(own[k].shape)} (same rank r?)")
-        own[k].copy_(t)

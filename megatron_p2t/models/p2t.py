@@ -12,23 +12,24 @@ mean re-expressing GPTModel. DeepSpeed then provides the launcher and ZeRO over 
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
+from megatron.core.transformer.module import MegatronModule
 
 from megatron_p2t.models import esm as esm_mod
 from megatron_p2t.models import llama as llama_mod
 from megatron_p2t.models.parts_config import FreezeConfig, ProjectorConfig
 from megatron_p2t.models.projector import Projector
-from megatron_p2t.models.specs import megatron_module
+from megatron_p2t.parallel.layout import Layout
 
 
-class Prot2TextModel(megatron_module()):
+class Prot2TextModel(MegatronModule):
     def __init__(self, esm_cfg: esm_mod.ESMConfig, llama_hf_cfg, projector_cfg: ProjectorConfig,
                  placeholder_id: int, pre_process: bool = True, post_process: bool = True,
-                 esm_output_layer: int = -1, freeze: FreezeConfig = FreezeConfig(), llm_config=None):
-        llm_config = llm_config or llama_mod.transformer_config(llama_hf_cfg)
+                 esm_output_layer: int = -1, freeze: FreezeConfig = FreezeConfig(), llm_config=None,
+                 layout: Layout | None = None):
+        llm_config = llm_config or llama_mod.transformer_config(llama_hf_cfg, layout=layout)
         super().__init__(llm_config)  # self.config: what megatron's schedules read, with model_type below
         self.pre_process, self.post_process, self.placeholder_id = pre_process, post_process, placeholder_id
         self.llm_config = llm_config
@@ -37,7 +38,7 @@ class Prot2TextModel(megatron_module()):
         self.model_type = self.llm.model_type
         if pre_process:
             self.esm = esm_mod.ESMEncoder(esm_cfg, output_layer=esm_output_layer,
-                                          params_dtype=self.llm_config.params_dtype)
+                                          params_dtype=self.llm_config.params_dtype, layout=layout)
             self.projector = Projector(projector_cfg, self.llm_config)
         self.set_freeze(freeze)
 
@@ -82,41 +83,3 @@ class Prot2TextModel(megatron_module()):
             decoder_input = self.splice(input_ids, position_ids, protein_ids, protein_mask)
         return self.llm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                         decoder_input=decoder_input, labels=labels)
-
-
-def megatron_tensors(model: Prot2TextModel, esm_src, llama_src, projector_src, llama_hf_cfg, projector_cfg,
-                     tp_rank: int, tp: int, esm_prefix=None, llama_prefix: str = "", projector_prefix: str = ""):
-    """This rank's expected state dict of the joined model, from HF-layout sources (directories or tensors)."""
-    from megatron_p2t.checkpoint import esm_hf, llama_hf, projector_hf
-    sd = {f"llm.{k}": v for k, v in
-          llama_hf.megatron_tensors(model.llm, llama_src, llama_hf_cfg, tp_rank, tp, llama_prefix).items()}
-    if model.pre_process:
-        sd.update({f"esm.{k}": v for k, v in esm_hf.megatron_tensors(model.esm, esm_src, tp_rank, tp,
-                                                                      esm_prefix).items()})
-        if projector_src is not None:  # None: the projector keeps its fresh initialisation
-            sd.update({f"projector.{k}": v for k, v in
-                       projector_hf.tensors(projector_src, projector_cfg, tp_rank, tp, projector_prefix).items()})
-    return sd
-
-
-def hf_export(model: Prot2TextModel, out_dir: str, llama_hf_cfg, esm_hf_cfg, projector_cfg, tp_rank: int,
-              tp: int) -> None:
-    """Collective: write out_dir/{llama,esm,projector} in HF layout from any TP x PP layout."""
-    import json
-    import os
-
-    from megatron_p2t.checkpoint import esm_hf, export_hf, llama_hf, projector_hf
-    dirs = {k: os.path.join(out_dir, k) for k in ("llama", "esm", "projector")}
-    slices = {dirs["llama"]: llama_hf.hf_slices(model.llm, llama_hf_cfg, tp_rank, tp)}
-    if model.pre_process:
-        slices[dirs["esm"]] = esm_hf.hf_slices(model.esm, tp_rank, tp)
-        slices[dirs["projector"]] = projector_hf.hf_slices(model.projector, projector_cfg, tp_rank, tp)
-    configs = None
-    if torch.distributed.get_rank() == 0:
-        esm_cfg = esm_hf_cfg.__class__.from_dict(esm_hf_cfg.to_dict())
-        esm_cfg.architectures = ["EsmModel"]
-        configs = {dirs["llama"]: llama_hf_cfg, dirs["esm"]: esm_cfg}
-    export_hf.export(slices, out_dir, hf_configs=configs)
-    if torch.distributed.get_rank() == 0:
-        with open(os.path.join(dirs["projector"], "config.json"), "w") as f:
-            json.dump({"model_type": "megatron_p2t_projector", **dataclasses.asdict(projector_cfg)}, f, indent=1)

@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core.transformer.module import MegatronModule
+
 from megatron_p2t.models.parts_config import ProjectorConfig  # noqa: F401 (re-exported)
-from megatron_p2t.models.specs import megatron_module
 
 _ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
 
 
-class Projector(megatron_module()):
+class Projector(MegatronModule):
     def __init__(self, cfg: ProjectorConfig, transformer_config):
         super().__init__(transformer_config)
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear

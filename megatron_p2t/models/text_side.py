@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import torch
 
+from megatron.core.transformer.module import MegatronModule
+
 from megatron_p2t.models import llama as llama_mod
-from megatron_p2t.models.specs import megatron_module
-from megatron_p2t.training.loss import masked_mean_std
+from megatron_p2t.models.pooling import masked_mean_std
+from megatron_p2t.parallel.layout import Layout
 
 
-class TextPooler(megatron_module()):
-    def __init__(self, hf_cfg, layer: int = 16, params_dtype=torch.float32):
+class TextPooler(MegatronModule):
+    def __init__(self, hf_cfg, layer: int = 16, params_dtype=torch.float32, layout: Layout | None = None):
         if not 1 <= layer < hf_cfg.num_hidden_layers:
             raise ValueError(f"text layer {layer}: pick an intermediate layer, 1..{hf_cfg.num_hidden_layers - 1} "
                              f"(HF's last hidden state has passed the final norm; H-SCALE reads a middle layer)")
-        cfg = llama_mod.transformer_config(hf_cfg, num_layers=layer, params_dtype=params_dtype,
+        cfg = llama_mod.transformer_config(hf_cfg, num_layers=layer, params_dtype=params_dtype, layout=layout,
                                            pipeline_model_parallel_size=1)
         super().__init__(cfg)
         self.llm = llama_mod.build(hf_cfg, pre_process=True, post_process=False, config=cfg)

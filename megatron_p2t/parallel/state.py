@@ -6,6 +6,9 @@ import os
 
 import torch
 
+from megatron_p2t.parallel import cpu_shim, launch_env
+from megatron_p2t.parallel.layout import Layout, ParallelConfig
+
 
 class LayoutError(ValueError):
     pass
@@ -21,31 +24,45 @@ def check_layout(world_size: int, tp: int, pp: int) -> int:
     return world_size // (tp * pp)
 
 
-def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None,
-               timeout_minutes: float = 10.0) -> int:
-    """Set up process groups; returns the data-parallel size. Safe to call once per process."""
+def initialize(parallel: ParallelConfig, backend: str | None = None) -> Layout:
+    """Set up process groups for `parallel` (a run config's `parallel` section) and return this process's
+    Layout. Safe to call again in the same process: megatron's groups are rebuilt only after `destroy`."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_p2t.parallel import cpu_shim
-
     cpu_shim.enable()
-    from megatron_p2t.parallel import launch_env
     launch_env.discover()  # torchrun / deepspeed / mpirun / srun / nothing
     if not torch.distributed.is_initialized():
-        import deepspeed
+        import deepspeed  # deferred: the launchers' rendezvous goes through it, nothing else here needs it
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         deepspeed.init_distributed(dist_backend=backend, verbose=False,
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+                                   timeout=datetime.timedelta(minutes=parallel.timeout_minutes))
     if not torch.cuda.is_available():
         keep_freed_memory()
-    dp = check_layout(torch.distributed.get_world_size(), tp, pp)
+    check_layout(torch.distributed.get_world_size(), parallel.tensor, parallel.pipeline)
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    model_parallel_cuda_manual_seed(seed)
-    return dp
+        ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor,
+                                     pipeline_model_parallel_size=parallel.pipeline)
+    model_parallel_cuda_manual_seed(parallel.seed)
+    return current()
+
+
+def current() -> Layout:
+    """This process's Layout from megatron-core's groups (set up by `initialize`)."""
+    from megatron.core import parallel_state as ps
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError("parallel.state.initialize(cfg.parallel) has not run in this process")
+    mp = ps.get_model_parallel_group()
+    return Layout(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
+                  dp=ps.get_data_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+                  pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
+                  rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size(),
+                  pp_last_rank=ps.get_pipeline_model_parallel_last_rank(),
+                  tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group(),
+                  dp_group=ps.get_data_parallel_group(), mp_group=mp,
+                  tp_src_rank=ps.get_tensor_model_parallel_src_rank(), mp_rank=torch.distributed.get_rank(mp))
 
 
 def keep_freed_memory() -> None:
@@ -73,6 +90,7 @@ def collective_device() -> torch.device:
 
 
 def destroy() -> None:
+    """Tear down megatron's groups and the process group (the next `initialize` starts afresh)."""
     from megatron.core import parallel_state as ps
     ps.destroy_model_parallel()
     if torch.distributed.is_initialized():

@@ -6,7 +6,7 @@ that produced each vector. Gather over the data-parallel group only: tensor/pipe
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
@@ -44,15 +44,6 @@ def gather_with_grad(x: torch.Tensor, group=None) -> Tuple[torch.Tensor, int]:
         raise ValueError(f"contrastive gather needs equal batch sizes on every data-parallel rank, got "
                          f"{[int(s) for s in sizes]}; use fixed batch_size batches")
     return _GatherWithGrad.apply(x, group), dist.get_rank(group) * n
-
-
-def masked_mean_std(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6):
-    """Mean and standard deviation over the tokens where mask is True: x [b, s, d], mask [b, s]."""
-    m = mask.unsqueeze(-1).to(x.dtype)
-    n = m.sum(1).clamp(min=1.0)
-    mean = (x * m).sum(1) / n
-    var = (((x - mean.unsqueeze(1)) ** 2) * m).sum(1) / n
-    return mean, torch.sqrt(var + eps)
 
 
 def info_nce(query: torch.Tensor, keys_local: torch.Tensor, temperature, group=None, symmetric: bool = False,
@@ -115,12 +106,3 @@ def retrieval_accuracy(prot_mean, prot_std, text_mean, text_std, group=None, k: 
     ts, _ = gather_with_grad(text_std.detach(), group)
     scores = hscale_scores(prot_mean.detach(), prot_std.detach(), tm, ts, weights, variant)
     return (rank_of_own(scores, offset) < k).float().mean()
-
-
-def learnable_temperature(init: float = 0.05) -> torch.nn.Parameter:
-    """log(1/temperature) as a parameter (CLIP's parameterisation): temperature = exp(-p)."""
-    return torch.nn.Parameter(torch.tensor(-float(torch.log(torch.tensor(init)))))
-
-
-def temperature_of(p: Optional[torch.nn.Parameter], fixed: float) -> torch.Tensor:
-    return torch.exp(-p) if p is not None else torch.tensor(fixed)

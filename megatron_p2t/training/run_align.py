@@ -1,10 +1,26 @@
 """`megatron-p2t align`: stage 1 (H-SCALE) on the configured data, model and layout."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 import torch.distributed as dist
+
+from megatron_p2t.checkpoint import llama_hf, load, projector_hf
+from megatron_p2t.checkpoint.hf_dir import HFDir
+from megatron_p2t.data.loader import ProteinTextLoader
+from megatron_p2t.models.align import AlignModel
+from megatron_p2t.models.build import dtype_of
+from megatron_p2t.models.esm import ESMConfig
+from megatron_p2t.models.lora import apply_lora
+from megatron_p2t.parallel import state
+from megatron_p2t.parallel.layout import Layout
+from megatron_p2t.parallel.state import collective_device
+from megatron_p2t.training.align import align_loss
+from megatron_p2t.training.loss import hscale_scores, rank_of_own
+from megatron_p2t.training.text_cache import cache_dir
+from megatron_p2t.training.trainer import Trainer, with_grad_accum
 
 
 def _to_device(batch):
@@ -13,73 +29,43 @@ def _to_device(batch):
     return {k: (v.cuda(non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def build(cfg):
-    from megatron.core import parallel_state as ps
-
-    from megatron_p2t.checkpoint import esm_hf, llama_hf
-    from megatron_p2t.checkpoint.hf_dir import HFDir
-    from megatron_p2t.models.build import dtype_of, hf_configs
-    from megatron_p2t.models.esm import ESMConfig
-    from megatron_p2t.models.lora import apply_lora
-    from megatron_p2t.training.align import AlignModel
-    llama_cfg, esm_cfg, pcfg = hf_configs(cfg)
+def build(cfg, layout: Layout):
+    llama_cfg, esm_cfg, pcfg = load.hf_configs(cfg)
     torch.manual_seed(cfg.train.seed)  # the fresh projector's initial weights
     model = AlignModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, cfg.align, cfg.model.esm_output_layer,
-                       dtype_of(cfg), text_side=not cfg.align.use_text_cache)
-    tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    llama_hf.copy_into(model.esm, esm_hf.megatron_tensors(model.esm, HFDir(cfg.model.esm), tpr, tp), cfg.model.esm)
+                       dtype_of(cfg), text_side=not cfg.align.use_text_cache, layout=layout)
+    load.load_esm(model.esm, cfg, layout)
     apply_lora(model.esm, cfg.model.esm_lora, "esm")  # after loading: the adapters wrap the loaded layers
     if model.text is not None:
-        _load_text_side(model.text, cfg, llama_cfg)
+        load.load_text_side(model.text, cfg, llama_cfg, layout)
     if cfg.model.projector_weights:
-        from megatron_p2t.checkpoint import projector_hf
-        llama_hf.copy_into(model.projector, projector_hf.tensors(HFDir(cfg.model.projector_weights), pcfg, tpr, tp),
+        llama_hf.copy_into(model.projector, projector_hf.tensors(HFDir(cfg.model.projector_weights), pcfg,
+                                                                 layout.tp_rank, layout.tp),
                            cfg.model.projector_weights)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
 
 
-def _load_text_side(text, cfg, llama_cfg) -> None:
-    from megatron.core import parallel_state as ps
-
-    from megatron_p2t.checkpoint import llama_hf
-    from megatron_p2t.checkpoint.hf_dir import HFDir
-    llama_hf.copy_into(text.llm, llama_hf.megatron_tensors(text.llm, HFDir(cfg.model.llama), llama_cfg,
-                                                           ps.get_tensor_model_parallel_rank(),
-                                                           ps.get_tensor_model_parallel_world_size()),
-                       cfg.model.llama)
-
-
-def build_text_side(cfg):
-    """The frozen LLaMA truncated to align.text_layer, loaded, on this rank's device (for cache-text)."""
-    from megatron_p2t.models.build import _hf_config, dtype_of
-    from megatron_p2t.models.text_side import TextPooler
-    llama_cfg = _hf_config(cfg.model.llama, "llama")
-    text = TextPooler(llama_cfg, layer=cfg.align.text_layer, params_dtype=dtype_of(cfg))
-    _load_text_side(text, cfg, llama_cfg)
-    return text.cuda(torch.cuda.current_device()) if torch.cuda.is_available() else text
+def use_cache_if_asked(cfg):
+    """The config with data.text_cache pointing at this config's text cache when align.use_text_cache asks
+    for one (and none is named)."""
+    if not cfg.align.use_text_cache or cfg.data.text_cache:
+        return cfg
+    path = cache_dir(cfg)
+    if not os.path.exists(os.path.join(path, "cache.json")):
+        raise FileNotFoundError(f"{path}: no text cache for this config; run "
+                                f"`megatron-p2t cache-text --config ...` with the same settings first")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, text_cache=path))
 
 
-def use_cache_if_asked(cfg) -> None:
-    if cfg.align.use_text_cache and not cfg.data.text_cache:
-        from megatron_p2t.training.text_cache import cache_dir
-        cfg.data.text_cache = cache_dir(cfg)
-        if not os.path.exists(os.path.join(cfg.data.text_cache, "cache.json")):
-            raise FileNotFoundError(f"{cfg.data.text_cache}: no text cache for this config; run "
-                                    f"`megatron-p2t cache-text --config ...` with the same settings first")
-
-
-def retrieval_eval(model_module, cfg, dp_group) -> dict:
+def retrieval_eval(model_module, cfg, layout: Layout) -> dict:
     """Protein -> text retrieval over the whole validation split, scored as the loss scores: top-1, top-5 and
     mean rank, each with its chance level."""
-    import dataclasses
-
-    from megatron_p2t.data.loader import ProteinTextLoader
-    from megatron_p2t.training.loss import hscale_scores, rank_of_own
+    dp_group = layout.dp_group
     vcfg = dataclasses.replace(cfg.data, split="valid", epochs=1, num_workers=0)
     parts = {"pm": [], "ps": [], "tm": [], "ts": [], "valid": []}
-    for batch in ProteinTextLoader(vcfg):
+    for batch in ProteinTextLoader(vcfg, layout.dp_rank, layout.dp):
         batch = _to_device(batch)
         for names, vectors in ((("pm", "ps"), model_module.protein_vectors(batch)),
                                (("tm", "ts"), model_module.text_vectors(batch))):
@@ -89,7 +75,6 @@ def retrieval_eval(model_module, cfg, dp_group) -> dict:
     vec = {name: torch.cat(v) for name, v in parts.items()}
     world = dist.get_world_size(dp_group)
     if world > 1:  # every rank ran the same number of equal-size batches, so shapes agree
-        from megatron_p2t.parallel.state import collective_device
         for name, x in vec.items():
             x = x.to(collective_device())
             gathered = [torch.empty_like(x) for _ in range(world)]
@@ -106,30 +91,23 @@ def retrieval_eval(model_module, cfg, dp_group) -> dict:
 
 
 def run(cfg, resume=None) -> dict:
-    from megatron.core import parallel_state as ps
-
-    from megatron_p2t.data.loader import ProteinTextLoader
-    from megatron_p2t.parallel import state
-    from megatron_p2t.training.trainer import Trainer, resolve_grad_accum
     if cfg.parallel.pipeline != 1:
         raise ValueError("stage 1 runs tensor x data parallel (parallel.pipeline=1): its towers are the frozen ESM "
                          "and the first text_layer decoder layers, which TP already splits")
     if cfg.data.batch_size is None:
         raise ValueError("stage 1 needs fixed per-rank batches (data.batch_size): negatives are all-gathered "
                          "across data-parallel ranks, which needs equal batch sizes")
-    use_cache_if_asked(cfg)
-    state.initialize(tp=cfg.parallel.tensor, pp=1, seed=cfg.parallel.seed,
-                     timeout_minutes=cfg.parallel.timeout_minutes)
-    resolve_grad_accum(cfg.train, cfg.data.batch_size, ps.get_data_parallel_world_size())
-    model = build(cfg)
-    loader = ProteinTextLoader(cfg.data)
-    dp_group = ps.get_data_parallel_group()
+    cfg = use_cache_if_asked(cfg)
+    layout = state.initialize(cfg.parallel)
+    cfg = with_grad_accum(cfg, cfg.data.batch_size, layout.dp)
+    model = build(cfg, layout)
+    loader = ProteinTextLoader(cfg.data, layout.dp_rank, layout.dp)
 
     def step_fn(engine, batch):
-        return engine(_to_device(batch), dp_group=dp_group)
+        return align_loss(engine, _to_device(batch), cfg.align, layout.dp_group)
 
     def eval_fn(engine):
-        return retrieval_eval(engine.module, cfg, dp_group)
+        return retrieval_eval(engine.module, cfg, layout)
 
     os.makedirs(cfg.train.save_dir, exist_ok=True)
-    return Trainer(model, cfg, loader, step_fn, eval_fn, micro_batch=cfg.data.batch_size).run(resume)
+    return Trainer(model, cfg, loader, step_fn, layout, eval_fn, micro_batch=cfg.data.batch_size).run(resume)

@@ -15,7 +15,17 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron_p2t.checkpoint.hf_dir import CheckpointError
+from megatron_p2t.checkpoint import llama_hf, load, projector_hf, sharded
+from megatron_p2t.checkpoint.hf_dir import CheckpointError, TensorSource
+from megatron_p2t.data.instruct import InstructLoader, MixedLoader, PromptBuilder
+from megatron_p2t.data.loader import ProteinTextLoader
+from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+from megatron_p2t.models.lora import apply_lora
+from megatron_p2t.models.parts_config import FreezeConfig
+from megatron_p2t.parallel import pipeline, state
+from megatron_p2t.parallel.layout import Layout
+from megatron_p2t.parallel.state import collective_device
+from megatron_p2t.training.trainer import Trainer, with_grad_accum
 
 
 def _to_device(batch):
@@ -48,41 +58,42 @@ def stage1_tensors(path: str) -> dict:
                          for m in mods]}
 
 
-def build(cfg):
-    from megatron.core import parallel_state as ps
+def imported(cfg) -> bool:
+    """instruct.init_from names an `import-p2tv2` checkpoint (the whole model, continued with fresh LoRA)."""
+    return bool(cfg.instruct.init_from) and os.path.exists(os.path.join(cfg.instruct.init_from, "metadata.json"))
 
-    from megatron_p2t.checkpoint import projector_hf
-    from megatron_p2t.checkpoint.hf_dir import TensorSource
-    from megatron_p2t.checkpoint.llama_hf import copy_into
-    from megatron_p2t.models.build import build as build_model
-    from megatron_p2t.models.build import load_hf
-    from megatron_p2t.models.lora import apply_lora, load_lora
+
+def stage2_config(cfg):
+    """The run config as stage 2 runs it: ESM and decoder frozen (LoRA trains on the decoder), the projector
+    trained; an imported checkpoint as instruct.init_from names the model's shapes too (model.p2tv2)."""
     if cfg.model.llm_lora.r <= 0:
         raise ValueError("stage 2 trains LoRA on the decoder: set model.llm_lora.r > 0")
-    cfg.model.freeze.esm, cfg.model.freeze.projector, cfg.model.freeze.llm = True, False, True
+    model = dataclasses.replace(cfg.model, freeze=FreezeConfig(esm=True, projector=False, llm=True))
+    if imported(cfg):
+        model = dataclasses.replace(model, p2tv2=cfg.instruct.init_from)
+    return dataclasses.replace(cfg, model=model)
+
+
+def build(cfg, layout: Layout):
+    cfg = stage2_config(cfg)
     torch.manual_seed(cfg.train.seed)
-    # an `import-p2tv2` checkpoint holds the whole model (Prot2Text-V2 continued with fresh LoRA); its
-    # config.json gives the shapes
-    imported = bool(cfg.instruct.init_from) and os.path.exists(os.path.join(cfg.instruct.init_from, "metadata.json"))
-    if imported:
-        cfg.model.p2tv2 = cfg.instruct.init_from
-    model, llama_cfg, esm_cfg, pcfg = build_model(cfg)
-    if imported:
-        from megatron_p2t.checkpoint import sharded
+    model, llama_cfg, esm_cfg, pcfg = load.build_model(cfg, layout)
+    if imported(cfg):
         sharded.load(model, cfg.instruct.init_from)
     else:
-        load_hf(model, cfg, llama_cfg, pcfg)
-    tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    if cfg.instruct.init_from and not imported and model.pre_process:  # the projector lives on the first stage
+        load.load_hf(model, cfg, llama_cfg, pcfg, layout)
+    tp, tpr = layout.tp, layout.tp_rank
+    if cfg.instruct.init_from and not imported(cfg) and model.pre_process:  # the projector is on the first stage
         src = stage1_dir(cfg.instruct.init_from)
         s1 = stage1_tensors(src)
-        copy_into(model.projector, projector_hf.tensors(TensorSource(s1["projector"], src), pcfg, tpr, tp), src)
+        llama_hf.copy_into(model.projector, projector_hf.tensors(TensorSource(s1["projector"], src), pcfg, tpr, tp),
+                           src)
         if any(s1["esm_lora"]):
             if len(s1["esm_lora"]) != tp:
                 raise CheckpointError(f"{src}: stage 1 trained ESM LoRA at tensor-parallel size "
                                       f"{len(s1['esm_lora'])}; run stage 2 at the same parallel.tensor")
             apply_lora(model.esm, cfg.model.esm_lora, "esm")
-            load_lora(model.esm, s1["esm_lora"][tpr], src)
+            llama_hf.load_lora(model.esm, s1["esm_lora"][tpr], src)
             for p in model.esm.parameters():
                 p.requires_grad_(False)
     apply_lora(model.llm, cfg.model.llm_lora, "llm")
@@ -108,18 +119,15 @@ def param_groups(model, cfg):
     return [{"params": lora, "lr": cfg.train.lr}, {"params": proj, "lr": cfg.instruct.projector_lr or cfg.train.lr}]
 
 
-def make_loader(cfg, split: str = "train", train: bool = True):
-    from megatron_p2t.data.instruct import InstructLoader, MixedLoader, PromptBuilder
-    from megatron_p2t.data.loader import ProteinTextLoader
-    from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+def make_loader(cfg, layout: Layout, split: str = "train", train: bool = True):
     if not cfg.data.text_tokenizer:
         raise ValueError("stage 2 needs data.text_tokenizer (the LLaMA tokenizer directory)")
     builder = PromptBuilder(load_text_tokenizer(cfg.data.text_tokenizer), cfg.instruct, cfg.model.placeholder_token,
                             seed=cfg.data.seed)
     if not train:
         dcfg = dataclasses.replace(cfg.data, split=split, epochs=1, num_workers=0)
-        return InstructLoader(ProteinTextLoader(dcfg), builder, cfg.instruct, train=False)
-    main = InstructLoader(ProteinTextLoader(dataclasses.replace(cfg.data, split=split)), builder, cfg.instruct)
+        return InstructLoader(ProteinTextLoader(dcfg, layout.dp_rank, layout.dp), builder, cfg.instruct, train=False)
+    main = InstructLoader(ProteinTextLoader(dataclasses.replace(cfg.data, split=split), layout.dp_rank, layout.dp), builder, cfg.instruct)
     if not cfg.instruct.mix:
         return main
     loaders, weights = [main], [float(cfg.instruct.main_weight)]
@@ -127,84 +135,69 @@ def make_loader(cfg, split: str = "train", train: bool = True):
         if set(m) - {"manifest", "weight"} or "manifest" not in m:
             raise ValueError(f"instruct.mix entries are {{manifest: PATH, weight: W}}, got {m}")
         dcfg = dataclasses.replace(cfg.data, manifest=m["manifest"], split=split)
-        loaders.append(InstructLoader(ProteinTextLoader(dcfg), builder, cfg.instruct))
+        loaders.append(InstructLoader(ProteinTextLoader(dcfg, layout.dp_rank, layout.dp), builder, cfg.instruct))
         weights.append(float(m.get("weight", 1.0)))
     return MixedLoader(loaders, weights, seed=cfg.data.seed)
 
 
 def forward_loss(model, batch):
-    from megatron_p2t.parallel.pipeline import masked_mean_loss
     b = _to_device(batch)
     per_tok = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=b["attention_mask"],
                     protein_ids=b["protein_ids"], protein_mask=b["protein_mask"], labels=b["labels"])
-    loss, _ = masked_mean_loss(per_tok, b["loss_mask"])
+    loss, _ = pipeline.masked_mean_loss(per_tok, b["loss_mask"])
     return loss, b["loss_mask"].sum()
 
 
-def from_last_stage(value: float) -> float:
+def from_last_stage(value: float, layout: Layout) -> float:
     """A value the last pipeline stage computed (a loss), on every stage of this pipeline."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_p2t.parallel.state import collective_device
-    if ps.get_pipeline_model_parallel_world_size() == 1:
+    if layout.pp == 1:
         return value
-    t = torch.tensor([value if ps.is_pipeline_last_stage() else 0.0], dtype=torch.float64, device=collective_device())
-    dist.broadcast(t, ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    t = torch.tensor([value if layout.last_stage else 0.0], dtype=torch.float64, device=collective_device())
+    dist.broadcast(t, layout.pp_last_rank, group=layout.pp_group)
     return float(t)
 
 
-def pipeline_step(model, batches, forward_only: bool = False) -> float:
+def pipeline_step(model, batches, layout: Layout, forward_only: bool = False) -> float:
     """Forward (and backward, scaled by 1/len(batches)) of the micro-batches through megatron-core's pipeline
     schedule; the mean of their answer-token losses, on every stage."""
-    from megatron_p2t.parallel import pipeline
     out = pipeline.run(model, [_to_device(b) for b in batches], forward_only=forward_only)
-    return from_last_stage(sum(float(o["loss"]) for o in out) / len(batches) if out else 0.0)
+    return from_last_stage(sum(float(o["loss"]) for o in out) / len(batches) if out else 0.0, layout)
 
 
-def valid_loss(model, cfg, dp_group) -> dict:
+def valid_loss(model, cfg, layout: Layout) -> dict:
     """Answer-token cross entropy over the whole validation split (token-weighted across ranks)."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_p2t.parallel.state import collective_device
     total = torch.zeros(2, dtype=torch.float64)
-    for batch in make_loader(cfg, "valid", train=False):
+    for batch in make_loader(cfg, layout, "valid", train=False):
         if batch is None:  # only padding rows: every stage of this pipeline reads the same batch and skips it
             continue
         n = batch["loss_mask"].sum()
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            loss = pipeline_step(model, [batch], forward_only=True)
+        if layout.pp > 1:
+            loss = pipeline_step(model, [batch], layout, forward_only=True)
         else:
             loss, _ = forward_loss(model, batch)
         total += torch.tensor([float(loss) * float(n), float(n)], dtype=torch.float64)
     total = total.to(collective_device())
-    dist.all_reduce(total, group=dp_group)
+    dist.all_reduce(total, group=layout.dp_group)
     return {"loss": float(total[0] / total[1].clamp(min=1)), "answer_tokens": int(total[1])}
 
 
 def run(cfg, resume=None) -> dict:
-    from megatron.core import parallel_state as ps
-
-    from megatron_p2t.models.build import write_run_info
-    from megatron_p2t.parallel import state
-    from megatron_p2t.training.trainer import Trainer, resolve_grad_accum
-    pp = cfg.parallel.pipeline
-    state.initialize(tp=cfg.parallel.tensor, pp=pp, seed=cfg.parallel.seed,
-                     timeout_minutes=cfg.parallel.timeout_minutes)
-    resolve_grad_accum(cfg.train, cfg.data.batch_size, ps.get_data_parallel_world_size())
-    model, *_ = build(cfg)
-    loader = make_loader(cfg)
-    dp_group = ps.get_data_parallel_group()
+    layout = state.initialize(cfg.parallel)
+    cfg = with_grad_accum(stage2_config(cfg), cfg.data.batch_size, layout.dp)
+    model, *_ = build(cfg, layout)
+    loader = make_loader(cfg, layout)
 
     def step_fn(engine, batch):
         loss, n = forward_loss(engine, batch)
         return loss, {"answer_tokens": n}
 
     def whole_step_fn(engine, batches):
-        return pipeline_step(engine.module, batches), {"answer_tokens": sum(b["loss_mask"].sum() for b in batches)}
+        return (pipeline_step(engine.module, batches, layout),
+                {"answer_tokens": sum(b["loss_mask"].sum() for b in batches)})
 
     os.makedirs(cfg.train.save_dir, exist_ok=True)
-    write_run_info(cfg.train.save_dir, cfg)
-    trainer = Trainer(model, cfg, loader, whole_step_fn if pp > 1 else step_fn,
-                      lambda engine: valid_loss(engine.module, cfg, dp_group), micro_batch=1,
-                      param_groups=param_groups(model, cfg), whole_step=pp > 1)
+    sharded.write_run_info(cfg.train.save_dir, cfg)
+    trainer = Trainer(model, cfg, loader, whole_step_fn if layout.pp > 1 else step_fn, layout,
+                      lambda engine: valid_loss(engine.module, cfg, layout), micro_batch=1,
+                      param_groups=param_groups(model, cfg), whole_step=layout.pp > 1)
     return trainer.run(resume)

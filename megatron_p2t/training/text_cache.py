@@ -17,6 +17,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_p2t.checkpoint.load import build_text_side
+from megatron_p2t.data.loader import _ShardCursor, _encode_texts
+from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+from megatron_p2t.parallel.layout import Layout
+from megatron_p2t.parallel.state import collective_device
+
 
 def cache_name(cfg) -> str:
     ident = json.dumps([os.path.abspath(cfg.model.llama), cfg.align.text_layer, cfg.data.text_tokenizer,
@@ -28,14 +34,9 @@ def cache_dir(cfg) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(cfg.data.manifest)), "text_cache", cache_name(cfg))
 
 
-def build_cache(cfg, batch_size: int = 16) -> dict:
+def build_cache(cfg, layout: Layout, batch_size: int = 16) -> dict:
     """Collective over the world: compute and write every split's text vectors. Returns counts."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_p2t.data.loader import _ShardCursor, _encode_texts
-    from megatron_p2t.data.text_tokenizer import load_text_tokenizer
-    from megatron_p2t.training.run_align import build_text_side
-    text = build_text_side(cfg)
+    text = build_text_side(cfg, layout)
     tok = load_text_tokenizer(cfg.data.text_tokenizer)
     eot, pad = tok.convert_tokens_to_ids("<|eot_id|>"), tok.pad_token_id or 0
     out = cache_dir(cfg)
@@ -43,8 +44,8 @@ def build_cache(cfg, batch_size: int = 16) -> dict:
     with open(cfg.data.manifest) as f:
         man = json.load(f)
     root = os.path.dirname(os.path.abspath(cfg.data.manifest))
-    dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    writer = ps.get_tensor_model_parallel_rank() == 0
+    dp, dpr = layout.dp, layout.dp_rank
+    writer = layout.tp_rank == 0
     written = 0
     for i, shard in enumerate(man["shards"]):
         if i % dp != dpr:
@@ -74,7 +75,6 @@ def build_cache(cfg, batch_size: int = 16) -> dict:
                      std=np.concatenate(stds))
             os.replace(tmp, target)
             written += len(samples)
-    from megatron_p2t.parallel.state import collective_device
     total = torch.tensor([written], device=collective_device())
     dist.all_reduce(total)
     if dist.get_rank() == 0:

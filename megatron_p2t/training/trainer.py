@@ -21,6 +21,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,47 +32,51 @@ import sys
 import time
 from typing import Callable, Dict, Optional
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from megatron_p2t.parallel.layout import Layout
+from megatron_p2t.parallel.state import collective_device
 
 
 class MegatronMPU:
-    """The `mpu` interface DeepSpeed expects, answered from megatron-core's parallel_state."""
+    """The `mpu` interface DeepSpeed expects, answered from the run's Layout (megatron-core's groups)."""
 
-    def __init__(self):
-        from megatron.core import parallel_state as ps
-        self.ps = ps
+    def __init__(self, layout: Layout):
+        self.layout = layout
 
     def get_model_parallel_group(self):
-        return self.ps.get_model_parallel_group()
+        return self.layout.mp_group
 
     def get_model_parallel_rank(self):
-        return dist.get_rank(self.ps.get_model_parallel_group())
+        return self.layout.mp_rank
 
     def get_model_parallel_world_size(self):
-        return dist.get_world_size(self.ps.get_model_parallel_group())
+        return self.layout.tp * self.layout.pp
 
     def get_data_parallel_group(self):
-        return self.ps.get_data_parallel_group()
+        return self.layout.dp_group
 
     def get_data_parallel_rank(self):
-        return self.ps.get_data_parallel_rank()
+        return self.layout.dp_rank
 
     def get_data_parallel_world_size(self):
-        return self.ps.get_data_parallel_world_size()
+        return self.layout.dp
 
     def get_tensor_model_parallel_group(self):
-        return self.ps.get_tensor_model_parallel_group()
+        return self.layout.tp_group
 
     def get_tensor_model_parallel_rank(self):
-        return self.ps.get_tensor_model_parallel_rank()
+        return self.layout.tp_rank
 
     def get_tensor_model_parallel_world_size(self):
-        return self.ps.get_tensor_model_parallel_world_size()
+        return self.layout.tp
 
     def get_tensor_model_parallel_src_rank(self):
-        return self.ps.get_tensor_model_parallel_src_rank()
+        return self.layout.tp_src_rank
 
 
 def lr_lambda(steps: int, warmup_fraction: float, min_ratio: float) -> Callable[[int], float]:
@@ -86,7 +91,7 @@ def lr_lambda(steps: int, warmup_fraction: float, min_ratio: float) -> Callable[
 
 
 def resolve_grad_accum(tc, micro_batch: Optional[int], dp: int) -> int:
-    """train.global_batch -> gradient accumulation steps (stored back into tc), or a clear error before any work."""
+    """train.global_batch -> gradient accumulation steps, or a clear error before any work."""
     if tc.global_batch is None:
         return tc.grad_accum
     if micro_batch is None:
@@ -102,8 +107,13 @@ def resolve_grad_accum(tc, micro_batch: Optional[int], dp: int) -> int:
     if tc.grad_accum not in (1, accum):
         raise ValueError(f"train.grad_accum={tc.grad_accum} contradicts train.global_batch={tc.global_batch} "
                          f"(which gives {accum} at data.batch_size={micro_batch}, data-parallel size {dp}): set one")
-    tc.grad_accum = accum
     return accum
+
+
+def with_grad_accum(cfg, micro_batch: Optional[int], dp: int):
+    """The run config with train.grad_accum resolved from train.global_batch (see resolve_grad_accum)."""
+    accum = resolve_grad_accum(cfg.train, micro_batch, dp)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=accum))
 
 
 def deepspeed_config(tc, micro_batch: int, whole_step: bool = False) -> dict:
@@ -135,14 +145,12 @@ def _merge(into: dict, extra: dict) -> None:
 
 
 def rng_state() -> dict:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "tracker": get_cuda_rng_tracker().get_states()}
 
 
 def set_rng_state(s: dict) -> None:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
@@ -160,9 +168,9 @@ class Stop(Exception):
 
 
 class Trainer:
-    def __init__(self, model, cfg, loader, step_fn: Callable, eval_fn: Optional[Callable] = None,
+    def __init__(self, model, cfg, loader, step_fn: Callable, layout: Layout, eval_fn: Optional[Callable] = None,
                  micro_batch: int = 1, param_groups: Optional[list] = None, whole_step: bool = False):
-        import deepspeed
+        self.layout = layout
         self.cfg, self.tc, self.loader, self.step_fn, self.eval_fn = cfg, cfg.train, loader, step_fn, eval_fn
         self.whole_step = whole_step
         if whole_step and self.tc.zero_stage not in (1, 2):
@@ -178,7 +186,7 @@ class Trainer:
                                                                  self.tc.min_lr_ratio))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                     config=deepspeed_config(self.tc, micro_batch, whole_step),
-                                                    mpu=MegatronMPU())
+                                                    mpu=MegatronMPU(layout))
         if whole_step and not hasattr(self.engine, "coalesce_grad_reduction"):
             raise RuntimeError(f"pipeline-parallel training needs DeepSpeedEngine.coalesce_grad_reduction, which "
                                f"DeepSpeed {deepspeed.__version__} lacks; install the version in "
@@ -294,7 +302,6 @@ class Trainer:
 
     # -- the loop --
     def _agree(self, flag: float, op=dist.ReduceOp.MAX) -> float:
-        from megatron_p2t.parallel.state import collective_device
         t = torch.tensor([float(flag)], device=collective_device())
         dist.all_reduce(t, op=op)
         return float(t)

@@ -20,8 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
-from megatron_p2t.models.specs import megatron_module
+from megatron.core.transformer.module import MegatronModule
 
 
 def _flash_varlen(query: torch.Tensor):
@@ -35,13 +34,12 @@ def _flash_varlen(query: torch.Tensor):
         return None
 
 
-class SegmentAttention(megatron_module()):
+class SegmentAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type=None, pg_collection=None):
         super().__init__(config=config)
-        from megatron.core import parallel_state as ps
-        tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+        tp = config.tensor_model_parallel_size  # this rank holds heads / tp of them
         self.heads = config.num_attention_heads // tp
         self.groups = config.num_query_groups // tp
         self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)

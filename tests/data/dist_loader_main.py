@@ -20,12 +20,12 @@ def main():
     p.add_argument("--resume-after", type=int, default=-1)
     a = p.parse_args()
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    if a.tp > 1:
-        from megatron.core import parallel_state
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=a.tp)
+    from megatron_p2t.parallel import state as parallel_state
+    from megatron_p2t.parallel.layout import ParallelConfig
+    layout = parallel_state.initialize(ParallelConfig(tensor=a.tp))
     cfg = LoaderConfig(manifest=a.manifest, text_tokenizer=a.tokenizer, batch_size=8, num_workers=a.workers,
                        chunk=10, shuffle_block=64, epochs=1, seed=7)
-    loader = ProteinTextLoader(cfg)  # data-parallel coordinates come from megatron-core / torch.distributed
+    loader = ProteinTextLoader(cfg, layout.dp_rank, layout.dp)  # tensor-parallel peers read the same data
     batches = []
     state = None
     for i, b in enumerate(loader):
@@ -37,7 +37,7 @@ def main():
             break
     resumed = []
     if state is not None:
-        for b in ProteinTextLoader(cfg, state=state):
+        for b in ProteinTextLoader(cfg, layout.dp_rank, layout.dp, state=state):
             dist.all_reduce(torch.ones(1))
             resumed.append({"keys": b["keys"], "valid": b["valid"].tolist(),
                             "sum": int(b["protein_ids"].sum() + b["text_ids"].sum())})

@@ -7,8 +7,7 @@ import os
 import torch
 
 
-def build(a):
-    from megatron.core import parallel_state as ps
+def build(a, layout):
     from transformers import EsmConfig, LlamaConfig
 
     from megatron_p2t.models import p2t
@@ -20,18 +19,17 @@ def build(a):
     esm_cfg = EsmConfig.from_pretrained(os.path.join(a.ckpt, "esm"))
     pcfg = ProjectorConfig(input_dim=48, intermediate_dim=32, output_dim=64, dropout=0.0)
     model = p2t.Prot2TextModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, placeholder_id=250,
-                               pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+                               pre_process=layout.first_stage, post_process=layout.last_stage, layout=layout)
     return model, llama_cfg, esm_cfg, pcfg
 
 
-def logits(model, tp):
-    from megatron.core import parallel_state as ps
+def logits(model, tp, layout):
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
     from megatron_p2t.parallel import pipeline
     from tests.models.dist_model_main import reference_inputs
     outs = pipeline.run(model, reference_inputs(), collect_outputs=True)
-    if not ps.is_pipeline_last_stage():
+    if not layout.last_stage:
         return None
     return [gather_from_tensor_model_parallel_region(o) if tp > 1 else o for o in outs]
 
@@ -45,23 +43,22 @@ def main():
     ap.add_argument("--work")
     a = ap.parse_args()
     from megatron_p2t.parallel import state
-    state.initialize(tp=a.tp, pp=a.pp)
-    from megatron.core import parallel_state as ps
+    from megatron_p2t.parallel.layout import ParallelConfig
+    layout = state.initialize(ParallelConfig(tensor=a.tp, pipeline=a.pp))
 
-    from megatron_p2t.checkpoint import sharded
+    from megatron_p2t.checkpoint import p2t_hf, sharded
     from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
     from megatron_p2t.checkpoint.llama_hf import copy_into
-    from megatron_p2t.models import p2t
-    tp_rank, rank = ps.get_tensor_model_parallel_rank(), torch.distributed.get_rank()
-    model, llama_cfg, esm_cfg, pcfg = build(a)
+    tp_rank, rank = layout.tp_rank, torch.distributed.get_rank()
+    model, llama_cfg, esm_cfg, pcfg = build(a, layout)
     result = {}
     if a.mode in ("roundtrip", "save"):
         src = {k: HFDir(os.path.join(a.ckpt, k)) for k in ("llama", "esm", "projector")}
-        copy_into(model, p2t.megatron_tensors(model, src["esm"], src["llama"], src["projector"], llama_cfg, pcfg,
+        copy_into(model, p2t_hf.megatron_tensors(model, src["esm"], src["llama"], src["projector"], llama_cfg, pcfg,
                                               tp_rank, a.tp), "tiny checkpoints")
     if a.mode == "roundtrip":
         out = os.path.join(a.work, "exported")
-        p2t.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tp_rank, a.tp)
+        p2t_hf.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tp_rank, a.tp)
         if rank == 0:
             from transformers import EsmModel, LlamaForCausalLM
             LlamaForCausalLM.from_pretrained(os.path.join(out, "llama"))   # plain transformers loads them
@@ -81,12 +78,12 @@ def main():
             for p in model.parameters():
                 p.add_(0.01 * torch.sin(torch.arange(p.numel(), dtype=p.dtype)).view_as(p))
         sharded.save(model, os.path.join(a.work, "sharded"))
-        out = logits(model, a.tp)
+        out = logits(model, a.tp, layout)
         if out is not None and tp_rank == 0:
             torch.save(out, os.path.join(a.work, "saved_logits.pt"))
     elif a.mode == "load":
         sharded.load(model, os.path.join(a.work, "sharded"))
-        out = logits(model, a.tp)
+        out = logits(model, a.tp, layout)
         if out is not None:
             ref = torch.load(os.path.join(a.work, "saved_logits.pt"))
             result = {"logit_diff": max(float((x - y).abs().max()) for x, y in zip(out, ref))}

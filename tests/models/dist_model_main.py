@@ -49,6 +49,7 @@ def main():
     from megatron.core import parallel_state as ps
 
     from megatron_p2t.parallel import state
+    from megatron_p2t.parallel.layout import ParallelConfig
     for case in args.case:
         what, tp, pp = case.split(":")
         if what not in CHECKS:
@@ -57,25 +58,24 @@ def main():
         a.out = os.path.join(args.out, f"{what}-tp{tp}pp{pp}")
         os.makedirs(a.out, exist_ok=True)
         ps.destroy_model_parallel()
-        state.initialize(tp=a.tp, pp=a.pp)
+        a.layout = state.initialize(ParallelConfig(tensor=a.tp, pipeline=a.pp))
         run_case(a)
     state.destroy()
 
 
 def run_case(a):
-    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
     from transformers import EsmModel, LlamaForCausalLM
 
-    from megatron_p2t.checkpoint import llama_hf
+    from megatron_p2t.checkpoint import llama_hf, p2t_hf
     from megatron_p2t.checkpoint.hf_dir import HFDir, TensorSource
     from megatron_p2t.models import llama, p2t
     from megatron_p2t.models.esm import ESMConfig
     from megatron_p2t.models.projector import ProjectorConfig
     from megatron_p2t.parallel import pipeline
 
-    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+    tp_rank, pp_rank = a.layout.tp_rank, a.layout.pp_rank
+    first, last = a.layout.first_stage, a.layout.last_stage
     llama_dir, esm_dir, proj_dir = (os.path.join(a.ckpt, n) for n in ("llama", "esm", "projector"))
     if a.what == "esm":
         return esm_check(a, esm_dir, tp_rank)
@@ -121,7 +121,7 @@ def run_case(a):
     # -- ours at this layout --
     tp = a.tp
     if a.what == "llama":
-        model = llama.build(hf_llama.config, pre_process=first, post_process=last)
+        model = llama.build(hf_llama.config, pre_process=first, post_process=last, layout=a.layout)
         llama_hf.load_into(model, HFDir(llama_dir), hf_llama.config, tp_rank, tp)
 
         def expected_grads():
@@ -130,19 +130,19 @@ def run_case(a):
     else:
         pcfg = ProjectorConfig(input_dim=48, intermediate_dim=32, output_dim=64, dropout=0.0)
         ecfg = ESMConfig.from_hf(hf_esm.config)
-        model = p2t.Prot2TextModel(ecfg, hf_llama.config, pcfg, placeholder_id=250, pre_process=first,
+        model = p2t.Prot2TextModel(ecfg, hf_llama.config, pcfg, placeholder_id=250, pre_process=first, layout=a.layout,
                                    post_process=last, freeze=p2t.FreezeConfig(esm=False, projector=False, llm=False))
         if a.sharded:
             from megatron_p2t.checkpoint import sharded
             sharded.load(model, a.sharded)
         else:
-            llama_hf.copy_into(model, p2t.megatron_tensors(model, HFDir(esm_dir), HFDir(llama_dir), HFDir(proj_dir),
+            llama_hf.copy_into(model, p2t_hf.megatron_tensors(model, HFDir(esm_dir), HFDir(llama_dir), HFDir(proj_dir),
                                                            hf_llama.config, pcfg, tp_rank, tp), "tiny checkpoints")
 
         def expected_grads():
             grads = {k: v.grad for k, v in ref_params.items()}
             pick = lambda pre: TensorSource({k[len(pre):]: v for k, v in grads.items() if k.startswith(pre)}, pre)
-            return p2t.megatron_tensors(model, pick("esm."), pick("llama."), pick("proj."), hf_llama.config, pcfg,
+            return p2t_hf.megatron_tensors(model, pick("esm."), pick("llama."), pick("proj."), hf_llama.config, pcfg,
                                         tp_rank, tp)
 
     outputs = pipeline.run(model, batches, collect_outputs=True)
@@ -184,7 +184,7 @@ def esm_check(a, esm_dir, tp_rank):
     ref = hf(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
     diffs = {}
     for layer in (-1, -2):
-        m = ESMEncoder(ESMConfig.from_hf(hf.config), output_layer=layer)
+        m = ESMEncoder(ESMConfig.from_hf(hf.config), output_layer=layer, layout=a.layout)
         esm_hf.load_into(m, HFDir(esm_dir), tp_rank, a.tp)
         diffs[str(layer)] = float((m(ids, mask) - ref[layer])[mask].abs().max())
     with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
@@ -199,8 +199,9 @@ def esm_lora_check(a, esm_dir, tp_rank):
 
     from megatron_p2t.checkpoint import esm_hf
     from megatron_p2t.checkpoint.hf_dir import HFDir, TensorSource
+    from megatron_p2t.checkpoint.llama_hf import load_lora
     from megatron_p2t.models.esm import ESMConfig, ESMEncoder
-    from megatron_p2t.models.lora import LoRAConfig, apply_lora, load_lora, lora_layers, merge_lora
+    from megatron_p2t.models.lora import LoRAConfig, apply_lora, lora_layers, merge_lora
     seqs = open(a.sequences).read().split()[:4]  # the first 4 of esm_check's 6, as this check had on its own
     ids, mask = _esm_batch(seqs)
     hf = EsmModel.from_pretrained(esm_dir, add_pooling_layer=False, attn_implementation="eager")
@@ -223,7 +224,7 @@ def esm_lora_check(a, esm_dir, tp_rank):
     adapter = TensorSource({k: v.detach() for k, v in get_peft_model_state_dict(peft).items()}, "peft")
     grads = TensorSource({k.replace(".default", ""): p.grad for k, p in peft.named_parameters() if "lora_" in k})
 
-    enc = ESMEncoder(ESMConfig.from_hf(hf.config), output_layer=-1)
+    enc = ESMEncoder(ESMConfig.from_hf(hf.config), output_layer=-1, layout=a.layout)
     esm_hf.load_into(enc, HFDir(esm_dir), tp_rank, a.tp)
     apply_lora(enc, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=["linear_qkv", "linear_proj"]))
     load_lora(enc, esm_hf.lora_tensors(enc, adapter, tp_rank, a.tp), "peft")
@@ -257,8 +258,9 @@ def llama_lora_check(a, llama_dir, tp_rank):
 
     from megatron_p2t.checkpoint import llama_hf
     from megatron_p2t.checkpoint.hf_dir import HFDir, TensorSource
+    from megatron_p2t.checkpoint.llama_hf import load_lora
     from megatron_p2t.models import llama
-    from megatron_p2t.models.lora import LoRAConfig, apply_lora, load_lora, lora_layers, merge_lora
+    from megatron_p2t.models.lora import LoRAConfig, apply_lora, lora_layers, merge_lora
     hf = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation="eager")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
@@ -282,7 +284,7 @@ def llama_lora_check(a, llama_dir, tp_rank):
     grads = TensorSource({k.replace(".default", ""): p.grad for k, p in peft.named_parameters() if "lora_" in k})
 
     names = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
-    model = llama.build(hf.config)
+    model = llama.build(hf.config, layout=a.layout)
     llama_hf.load_into(model, HFDir(llama_dir), hf.config, tp_rank, a.tp)
     apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=names))
     load_lora(model, llama_hf.lora_tensors(model, adapter, hf.config, tp_rank, a.tp, names), "peft")
@@ -331,7 +333,7 @@ def text_check(a, llama_dir, tp_rank):
     from megatron_p2t.checkpoint import llama_hf
     from megatron_p2t.checkpoint.hf_dir import HFDir
     from megatron_p2t.models.text_side import TextPooler
-    from megatron_p2t.training.loss import masked_mean_std
+    from megatron_p2t.models.pooling import masked_mean_std
     hf = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation="eager").eval()
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 250, (3, 20), generator=g)
@@ -340,7 +342,7 @@ def text_check(a, llama_dir, tp_rank):
         mask[i, :n] = True
     diffs = {}
     for k in (1, 2, 3):
-        m = TextPooler(hf.config, layer=k)
+        m = TextPooler(hf.config, layer=k, layout=a.layout)
         llama_hf.copy_into(m.llm, llama_hf.megatron_tensors(m.llm, HFDir(llama_dir), hf.config, tp_rank, a.tp), "")
         mean, std = m(ids, mask)
         # right padding with a causal mask: real tokens never attend to the padding after them
@@ -350,7 +352,7 @@ def text_check(a, llama_dir, tp_rank):
         assert len(m.llm.decoder.layers) == k and not any(p.requires_grad for p in m.parameters())
     with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         try:
-            TextPooler(hf.config, layer=4)
+            TextPooler(hf.config, layer=4, layout=a.layout)
             refused = False
         except ValueError:
             refused = True

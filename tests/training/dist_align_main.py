@@ -23,13 +23,13 @@ def main():
                       a.overrides + [f"parallel.tensor={a.tp}", f"align.use_text_cache={str(a.cache).lower()}"]
                       + (["model.esm_lora.r=4", "model.esm_lora.dropout=0.0"] if a.lora else []))
     from megatron_p2t.training.run_align import use_cache_if_asked
-    use_cache_if_asked(cfg)
-    state.initialize(tp=a.tp, pp=1)
-    from megatron.core import parallel_state as ps
+    cfg = use_cache_if_asked(cfg)
+    layout = state.initialize(cfg.parallel)
 
     from megatron_p2t.checkpoint.llama_hf import _span
+    from megatron_p2t.training.align import align_loss
     from megatron_p2t.training.run_align import build
-    model = build(cfg)
+    model = build(cfg, layout)
     if a.lora:  # B starts at zero, which would leave A without gradient: move it off zero, equally on every rank
         from megatron_p2t.models.lora import lora_layers
         g = torch.Generator().manual_seed(7)
@@ -37,10 +37,10 @@ def main():
             for m in lora_layers(model.esm).values():
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
     full = next(iter(ProteinTextLoader(cfg.data, dp_rank=0, dp_size=1)))   # the same 8 samples on every rank
-    dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp, dpr = layout.dp, layout.dp_rank
     n = full["protein_ids"].shape[0] // dp
     mine = {k: (v[dpr * n:(dpr + 1) * n] if torch.is_tensor(v) else v[dpr * n:(dpr + 1) * n]) for k, v in full.items()}
-    tpr, tp = ps.get_tensor_model_parallel_rank(), a.tp
+    tpr, tp = layout.tp_rank, a.tp
     i0, i1 = _span(cfg.model.projector.intermediate_dim, tpr, tp, "")
     out = {}
     for variant in ("paper", "concat"):
@@ -49,19 +49,19 @@ def main():
         # one process, the whole batch, negatives from that batch only
         model.align_cfg.gather_negatives = False
         model.zero_grad(set_to_none=True)
-        ref_loss, _ = model(full)
+        ref_loss, _ = align_loss(model, full, model.align_cfg)
         ref_loss.backward()
         ref = grads()
         # this layout: this rank's rows, negatives gathered over the data-parallel group
         model.align_cfg.gather_negatives = True
         model.zero_grad(set_to_none=True)
-        loss, _ = model(mine, dp_group=ps.get_data_parallel_group())
+        loss, _ = align_loss(model, mine, model.align_cfg, layout.dp_group)
         loss.backward()
         got = grads()
         total = loss.detach().clone()
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        dist.all_reduce(total, group=layout.dp_group)
         for g in got.values():   # DeepSpeed's gradient averaging over data-parallel ranks
-            dist.all_reduce(g, group=ps.get_data_parallel_group())
+            dist.all_reduce(g, group=layout.dp_group)
             g /= dp
         res = {"loss_diff": abs(float(total) / dp - float(ref_loss)),
                "grad_diff": max(float((got[k] - ref[k]).abs().max()) for k in got if k.startswith("projector.")),

@@ -23,18 +23,17 @@ def main():
     from megatron_p2t.training import run_instruct
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "instruct_tiny_cpu.yaml"),
                       a.overrides + [f"parallel.tensor={a.tp}", "model.llm_lora.dropout=0.0"])
-    state.initialize(tp=a.tp, pp=1)
-    from megatron.core import parallel_state as ps
-    model, llama_cfg, _, pcfg = run_instruct.build(cfg)
+    layout = state.initialize(cfg.parallel)
+    model, llama_cfg, _, pcfg = run_instruct.build(cfg, layout)
     with torch.no_grad():  # B starts at zero; move it off zero, identically at every layout, so A has gradients
         g = torch.Generator().manual_seed(5)
         for name, m in sorted(lora_layers(model.llm).items()):
             full = torch.randn(m.lora_B.shape[0] * (a.tp if m.kind == "column" else 1), m.lora_B.shape[1],
                                generator=g) * 0.05
             if m.kind == "column":  # this rank's rows, in megatron's layout, from one layout-free draw
-                full = _column_rows(name, full, llama_cfg, ps.get_tensor_model_parallel_rank(), a.tp)
+                full = _column_rows(name, full, llama_cfg, layout.tp_rank, a.tp)
             m.lora_B.copy_(full)
-    ld = run_instruct.make_loader(cfg)
+    ld = run_instruct.make_loader(cfg, layout)
     raw = next(iter(ProteinTextLoader(cfg.data, dp_rank=0, dp_size=1)))
     res = {}
     for pack in (False, True):
@@ -56,7 +55,7 @@ def main():
         for k, p in model.named_parameters():
             if k in grads:
                 p.copy_(grads[k])
-    tpr = ps.get_tensor_model_parallel_rank()
+    tpr = layout.tp_rank
     hf = {n: t for n, d, s0, s1, t in llama_hf.lora_hf_slices(model.llm, llama_cfg, tpr, a.tp)}
     hf.update({"proj." + n: t for n, d, s0, s1, t in projector_hf.hf_slices(model.projector, pcfg, tpr, a.tp)})
     spans = {n: (d, s0, s1) for n, d, s0, s1, t in llama_hf.lora_hf_slices(model.llm, llama_cfg, tpr, a.tp)}

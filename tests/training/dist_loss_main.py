@@ -6,7 +6,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_p2t.training.loss import hscale_loss, learnable_temperature, masked_mean_std, temperature_of
+from megatron_p2t.models.align import learnable_temperature, temperature_of
+from megatron_p2t.models.pooling import masked_mean_std
+from megatron_p2t.training.loss import hscale_loss
 
 
 def make(seed=0, n=8, length=12, d_in=16, d=64):

@@ -27,7 +27,7 @@ class Batches:
             yield self.batches[(self.n - 1) % len(self.batches)]
 
 
-def run(mode: str, zero: int, nan_at: int, out: str) -> dict:
+def run(mode: str, zero: int, nan_at: int, out: str, layout) -> dict:
     """Four steps of 3 micro-batches at DP=2; nan_at >= 0 puts a micro-batch non-finite on rank 1 only there."""
     from megatron_p2t.config import load_config
     from megatron_p2t.training.trainer import Trainer
@@ -64,7 +64,7 @@ def run(mode: str, zero: int, nan_at: int, out: str) -> dict:
         return total / len(batches), {}
 
     os.makedirs(out, exist_ok=True)
-    tr = Trainer(model, cfg, Batches(data), whole_step if mode == "whole" else micro_step,
+    tr = Trainer(model, cfg, Batches(data), whole_step if mode == "whole" else micro_step, layout,
                  whole_step=mode == "whole")
     res = tr.train()
     return {"weights": {k: v.detach().clone() for k, v in tr.engine.module.state_dict().items()},
@@ -76,13 +76,14 @@ def main():
     ap.add_argument("--work")
     a = ap.parse_args()
     from megatron_p2t.parallel import state
-    state.initialize(tp=1, pp=1)
+    from megatron_p2t.parallel.layout import ParallelConfig
+    layout = state.initialize(ParallelConfig())
     results = {}
     for mode in ("micro", "whole"):
         for zero in (1, 2):
             for nan_at in (-1, 3):  # 3: the first micro-batch of step 2
                 key = f"{mode}-zero{zero}-nan{nan_at}"
-                results[key] = run(mode, zero, nan_at, os.path.join(a.work, key))
+                results[key] = run(mode, zero, nan_at, os.path.join(a.work, key), layout)
     if dist.get_rank() == 0:
         torch.save(results, os.path.join(a.work, "results.pt"))
     state.destroy()

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_p2t.training.loss import (hscale_loss, hscale_scores, info_nce, masked_mean_std, rank_of_own,
-                                        retrieval_accuracy)
+from megatron_p2t.models.pooling import masked_mean_std
+from megatron_p2t.training.loss import hscale_loss, hscale_scores, info_nce, rank_of_own, retrieval_accuracy
 from tests.conftest import ROOT
 
 

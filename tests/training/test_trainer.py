@@ -4,7 +4,7 @@ import os
 import pytest
 
 from megatron_p2t.config import load_config
-from megatron_p2t.training.trainer import deepspeed_config, lr_lambda, resolve_grad_accum
+from megatron_p2t.training.trainer import deepspeed_config, lr_lambda, resolve_grad_accum, with_grad_accum
 from tests.conftest import ROOT
 
 
@@ -37,7 +37,8 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
 
 def test_global_batch_sets_accumulation_or_names_the_fix():
     cfg = load_config(None, ["train.global_batch=64"])
-    assert resolve_grad_accum(cfg.train, micro_batch=8, dp=4) == 2 and cfg.train.grad_accum == 2
+    assert resolve_grad_accum(cfg.train, micro_batch=8, dp=4) == 2
+    assert with_grad_accum(cfg, micro_batch=8, dp=4).train.grad_accum == 2 and cfg.train.grad_accum == 1
     with pytest.raises(ValueError, match=r"global_batch=60 is not a multiple of data.batch_size x data-parallel "
                                          r"size = 8 x 4 = 32; use e.g. 32 or 64"):
         resolve_grad_accum(load_config(None, ["train.global_batch=60"]).train, 8, 4)

@@ -1,0 +1,96 @@
+"""The model a run config names: its parts' shapes read from the checkpoint directories it names (HF ESM and
+LLaMA, or one Prot2Text-V2 directory), the model built for this rank (models/build.py), and the weights each
+rank reads for its own slices."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+from transformers import AutoConfig
+
+from megatron_p2t.checkpoint import esm_hf, llama_hf, p2t_hf, p2tv2
+from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
+from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+from megatron_p2t.models import build as model_build
+from megatron_p2t.models.text_side import TextPooler
+from megatron_p2t.parallel.layout import Layout
+
+
+def hf_config(path: str, kind: str):
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path}: no config.json -- model.{kind} must name a local HF checkpoint directory "
+                              f"(download it once, e.g. with `huggingface-cli download`, and pass its path)")
+    return AutoConfig.from_pretrained(path)
+
+
+def hf_configs(cfg):
+    """(llama HF config, esm HF config, the projector config with its dims filled in from them): the run
+    config's own projector section is left as it is."""
+    pcfg = cfg.model.projector
+    if cfg.model.p2tv2:  # the published layout decides every shape, the adapter's width included
+        llama_cfg, esm_cfg, adapter, _ = p2tv2.hf_configs(cfg.model.p2tv2)
+        return llama_cfg, esm_cfg, dataclasses.replace(pcfg, input_dim=adapter["input_dim"],
+                                                       intermediate_dim=adapter["intermediate_dim"],
+                                                       output_dim=adapter["output_dim"])
+    llama_cfg, esm_cfg = hf_config(cfg.model.llama, "llama"), hf_config(cfg.model.esm, "esm")
+    return llama_cfg, esm_cfg, dataclasses.replace(pcfg, input_dim=pcfg.input_dim or esm_cfg.hidden_size,
+                                                   output_dim=pcfg.output_dim or llama_cfg.hidden_size)
+
+
+def placeholder_id(cfg) -> int:
+    """The placeholder token's id, from the configured tokenizer (LLaMA-3.1: 128003), or the one a Prot2Text-V2
+    directory names."""
+    published = int(p2tv2.read_config(cfg.model.p2tv2)["placeholder_id"]) if cfg.model.p2tv2 else None
+    if not cfg.data.text_tokenizer:
+        return 128003 if published is None else published
+    tok = load_text_tokenizer(cfg.data.text_tokenizer)
+    pid = tok.convert_tokens_to_ids(cfg.model.placeholder_token)
+    if pid is None or pid == tok.unk_token_id:
+        raise ValueError(f"{cfg.data.text_tokenizer}: no token {cfg.model.placeholder_token!r}")
+    if published is not None and published != pid:
+        raise CheckpointError(f"{cfg.model.p2tv2}: placeholder_id {published}, but {cfg.data.text_tokenizer} gives "
+                              f"{cfg.model.placeholder_token!r} the id {pid}; use the checkpoint's own tokenizer")
+    return pid
+
+
+def build_model(cfg, layout: Layout):
+    """(model for this rank, llama HF config, esm HF config, projector config), weights as initialised."""
+    llama_cfg, esm_cfg, pcfg = hf_configs(cfg)
+    model = model_build.build(cfg.model, layout, llama_cfg, esm_cfg, pcfg, placeholder_id(cfg))
+    return model, llama_cfg, esm_cfg, pcfg
+
+
+def load_hf(model, cfg, llama_cfg, pcfg, layout: Layout) -> None:
+    """ESM and LLaMA from their HF directories; the projector from model.projector_weights when given (a
+    directory with fc1/fc2 tensors), else it keeps its fresh initialisation (stage 1 starts that way). All three
+    from one Prot2Text-V2 directory when model.p2tv2 names one."""
+    tpr, tp = layout.tp_rank, layout.tp
+    if cfg.model.p2tv2:
+        ck = p2tv2.check(cfg.model.p2tv2)
+        llama_hf.copy_into(model, p2t_hf.megatron_tensors(model, ck, ck, ck, llama_cfg, pcfg, tpr, tp,
+                                                          esm_prefix=p2tv2.ESM, llama_prefix=p2tv2.LLAMA,
+                                                          projector_prefix=p2tv2.ADAPTER), cfg.model.p2tv2)
+        return
+    proj = HFDir(cfg.model.projector_weights) if cfg.model.projector_weights else None
+    llama_hf.copy_into(model, p2t_hf.megatron_tensors(model, HFDir(cfg.model.esm), HFDir(cfg.model.llama), proj,
+                                                      llama_cfg, pcfg, tpr, tp),
+                       f"{cfg.model.esm} + {cfg.model.llama}", keep=() if proj else ("projector.",))
+
+
+def load_esm(esm, cfg, layout: Layout) -> None:
+    llama_hf.copy_into(esm, esm_hf.megatron_tensors(esm, HFDir(cfg.model.esm), layout.tp_rank, layout.tp),
+                       cfg.model.esm)
+
+
+def load_text_side(text: TextPooler, cfg, llama_cfg, layout: Layout) -> None:
+    llama_hf.copy_into(text.llm, llama_hf.megatron_tensors(text.llm, HFDir(cfg.model.llama), llama_cfg,
+                                                           layout.tp_rank, layout.tp), cfg.model.llama)
+
+
+def build_text_side(cfg, layout: Layout) -> TextPooler:
+    """The frozen LLaMA truncated to align.text_layer, loaded, on this rank's device (for cache-text)."""
+    llama_cfg = hf_config(cfg.model.llama, "llama")
+    text = TextPooler(llama_cfg, layer=cfg.align.text_layer, params_dtype=model_build.dtype_of(cfg), layout=layout)
+    load_text_side(text, cfg, llama_cfg, layout)
+    return text.cuda(torch.cuda.current_device()) if torch.cuda.is_available() else text

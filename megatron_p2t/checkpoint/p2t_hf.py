@@ -1,0 +1,44 @@
+"""The joined model's HF adapter: its state dict per rank from the three parts' HF layouts (ESM, projector,
+LLaMA), and the way back to three HF directories. Each part's own adapter holds its name table."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+
+from megatron_p2t.checkpoint import esm_hf, export_hf, llama_hf, projector_hf
+from megatron_p2t.models.p2t import Prot2TextModel
+
+def megatron_tensors(model: Prot2TextModel, esm_src, llama_src, projector_src, llama_hf_cfg, projector_cfg,
+                     tp_rank: int, tp: int, esm_prefix=None, llama_prefix: str = "", projector_prefix: str = ""):
+    """This rank's expected state dict of the joined model, from HF-layout sources (directories or tensors)."""
+    sd = {f"llm.{k}": v for k, v in
+          llama_hf.megatron_tensors(model.llm, llama_src, llama_hf_cfg, tp_rank, tp, llama_prefix).items()}
+    if model.pre_process:
+        sd.update({f"esm.{k}": v for k, v in esm_hf.megatron_tensors(model.esm, esm_src, tp_rank, tp,
+                                                                      esm_prefix).items()})
+        if projector_src is not None:  # None: the projector keeps its fresh initialisation
+            sd.update({f"projector.{k}": v for k, v in
+                       projector_hf.tensors(projector_src, projector_cfg, tp_rank, tp, projector_prefix).items()})
+    return sd
+
+
+def hf_export(model: Prot2TextModel, out_dir: str, llama_hf_cfg, esm_hf_cfg, projector_cfg, tp_rank: int,
+              tp: int) -> None:
+    """Collective: write out_dir/{llama,esm,projector} in HF layout from any TP x PP layout."""
+    dirs = {k: os.path.join(out_dir, k) for k in ("llama", "esm", "projector")}
+    slices = {dirs["llama"]: llama_hf.hf_slices(model.llm, llama_hf_cfg, tp_rank, tp)}
+    if model.pre_process:
+        slices[dirs["esm"]] = esm_hf.hf_slices(model.esm, tp_rank, tp)
+        slices[dirs["projector"]] = projector_hf.hf_slices(model.projector, projector_cfg, tp_rank, tp)
+    configs = None
+    if torch.distributed.get_rank() == 0:
+        esm_cfg = esm_hf_cfg.__class__.from_dict(esm_hf_cfg.to_dict())
+        esm_cfg.architectures = ["EsmModel"]
+        configs = {dirs["llama"]: llama_hf_cfg, dirs["esm"]: esm_cfg}
+    export_hf.export(slices, out_dir, hf_configs=configs)
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(dirs["projector"], "config.json"), "w") as f:
+            json.dump({"model_type": "megatron_p2t_projector", **dataclasses.asdict(projector_cfg)}, f, indent=1)

@@ -1,0 +1,224 @@
+"""`megatron-p2t export`: a stage-2 checkpoint (any tensor x pipeline layout) -> one directory that
+`megatron_p2t.hf_model.Prot2TextForGeneration.from_pretrained` (transformers + torch) loads:
+
+  llama/      LlamaForCausalLM with the LoRA adapters merged
+  adapter/    the same adapters unmerged, in PEFT's layout (adapter_config.json + adapter_model.safetensors),
+              for the original LLaMA checkpoint
+  esm/        EsmModel (with stage 1's ESM LoRA merged when it had one)
+  projector/  fc1/fc2 + config.json
+  tokenizer/  the run's tokenizer, chat template included
+  megatron_p2t.json, README.md
+
+Runs with one process per model-parallel shard of the checkpoint (`main` launches them when needed); each
+rank reads only its own shard of the DeepSpeed checkpoint. `--format p2tv2` writes Prot2Text-V2's own layout
+instead, from a trained run or from an `import-p2tv2` checkpoint (at whatever layout this was launched with).
+The layouts' conversions are checkpoint/'s; this module runs them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+from megatron_p2t.checkpoint import export_hf, llama_hf, load, p2t_hf, p2tv2, sharded
+from megatron_p2t.checkpoint.hf_dir import CheckpointError
+from megatron_p2t.config import ConfigError, config_from_dict
+from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+from megatron_p2t.hf_model import Prot2TextForGeneration
+from megatron_p2t.models.lora import apply_lora, merge_lora
+from megatron_p2t.parallel import launch_env, pipeline, state
+from megatron_p2t.parallel.layout import Layout, ParallelConfig
+from megatron_p2t.parallel.state import collective_device
+from megatron_p2t.training import run_instruct
+
+
+def resolve(checkpoint: str):
+    """(step directory, run directory) of a stage-2 run directory or one of its step directories."""
+    step = run_instruct.stage1_dir(checkpoint)
+    run_dir = os.path.dirname(step.rstrip("/"))
+    if not os.path.exists(os.path.join(run_dir, "megatron_p2t.json")):
+        raise CheckpointError(f"{run_dir}: no megatron_p2t.json (the run's config); is this an `instruct` run?")
+    return step, run_dir
+
+
+def checkpoint_layout(step: str, pp: int) -> ParallelConfig:
+    """The layout a checkpoint with one mp_rank_* file per model-parallel rank was written at, by a run at
+    pipeline size `pp` (its config says)."""
+    n = len(glob.glob(os.path.join(step, "mp_rank_*_model_states.pt")))
+    if not n:
+        raise CheckpointError(f"{step}: no mp_rank_*_model_states.pt files")
+    if n % pp:
+        raise CheckpointError(f"{step}: {n} model-parallel shards, which the run's parallel.pipeline={pp} does not "
+                              f"divide; is megatron_p2t.json beside it from another run?")
+    return ParallelConfig(tensor=n // pp, pipeline=pp)
+
+
+def main(checkpoint: str, out: str, fmt: str = "megatron_p2t", verify_logits: bool = False,
+         overrides=(), argv=None) -> dict | None:
+    """The export command: a trained run's checkpoint (launching one process per model-parallel shard when not
+    under a launcher), or an `import-p2tv2` checkpoint back to the published layout. The report on rank 0."""
+    if fmt == "p2tv2" and os.path.exists(os.path.join(checkpoint, "metadata.json")):  # an import: any layout
+        if verify_logits:
+            raise ConfigError("--verify compares a trained run with its export; an import's export is checked "
+                              "bit for bit instead (tests/checkpoint/test_p2tv2.py)")
+        return export_imported(checkpoint, out, overrides)
+    step, run_dir = resolve(checkpoint)
+    with open(os.path.join(run_dir, "megatron_p2t.json")) as f:
+        saved = json.load(f)["config"]
+    parallel = checkpoint_layout(step, int(saved.get("parallel", {}).get("pipeline", 1)))
+    shards = parallel.tensor * parallel.pipeline
+    if not launch_env.under_launcher() and shards > 1:  # one process per model-parallel shard of the checkpoint
+        rc = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={shards}", "-m", "megatron_p2t", *(argv or sys.argv[1:])])
+        if rc:
+            raise SystemExit(rc)
+        return None
+    launch_env.discover()
+    if int(os.environ["WORLD_SIZE"]) != shards:
+        raise ValueError(f"{step} has {shards} model-parallel shards (tensor {parallel.tensor} x pipeline "
+                         f"{parallel.pipeline}); export with {shards} processes (or run it without a launcher and "
+                         f"it starts them)")
+    cfg = config_from_dict(saved, [*overrides, f"parallel.tensor={parallel.tensor}",
+                                   f"parallel.pipeline={parallel.pipeline}"])
+    layout = state.initialize(cfg.parallel)
+    res = export(cfg, step, out, layout, fmt=fmt)
+    merged = torch.tensor([res["merged_lora_layers"]])  # each stage merged its own layers
+    if layout.pp > 1:
+        merged = merged.to(collective_device())
+        dist.all_reduce(merged, group=layout.pp_group)
+    report = {"out": out, "tensor_parallel": layout.tp, "pipeline_parallel": layout.pp,
+              "merged_lora_layers": int(merged)}
+    if verify_logits:
+        report["max_abs_logit_diff"] = verify(res["model"], cfg, out, layout)
+    state.destroy()
+    return report
+
+
+def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t") -> dict:
+    """Collective over the checkpoint's model-parallel ranks. fmt "p2tv2": Prot2Text-V2's own layout instead."""
+    tp, tpr = layout.tp, layout.tp_rank
+    if not os.path.exists(os.path.join(cfg.instruct.init_from or "", "metadata.json")):
+        # the projector comes from the checkpoint; an import-p2tv2 base stays
+        cfg = dataclasses.replace(cfg, instruct=dataclasses.replace(cfg.instruct, init_from=None))
+    model, llama_cfg, esm_cfg, pcfg = run_instruct.build(cfg, layout)
+    cfg = run_instruct.stage2_config(cfg)
+    esm_lora = model.pre_process and cfg.model.esm_lora.r > 0 and _has_esm_lora(step)
+    if esm_lora:
+        apply_lora(model.esm, cfg.model.esm_lora, "esm")
+    state_dict = torch.load(os.path.join(step, f"mp_rank_{layout.mp_rank:02d}_model_states.pt"), map_location="cpu",
+                            weights_only=False)["module"]   # DeepSpeed names the files by model-parallel rank
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}  # checkpoints hold only these
+    missing = [k for k in missing if k in trained]
+    if missing or unexpected:
+        raise CheckpointError(f"{step}: the checkpoint does not fit the configured model: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]}")
+    if fmt == "p2tv2":
+        merged = merge_lora(model.llm) + (merge_lora(model.esm) if model.pre_process else 0)
+        src = cfg.model.p2tv2
+        p2tv2.write(model, out, llama_cfg, esm_cfg, pcfg, load.placeholder_id(cfg), tpr, tp,
+                    p2tv2.carried(src) if src else {}, cfg.data.text_tokenizer or "",
+                    source_config=os.path.join(src, "config.json") if src else "")
+        return {"out": out, "merged_lora_layers": merged, "model": model}
+    adapter_dir = os.path.join(out, "adapter")
+    export_hf.export({adapter_dir: llama_hf.lora_hf_slices(model.llm, llama_cfg, tpr, tp)}, out)
+    merged = merge_lora(model.llm) + (merge_lora(model.esm) if model.pre_process else 0)
+    p2t_hf.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tpr, tp)
+    if dist.get_rank() == 0:
+        llama_hf.finish_peft_adapter(adapter_dir, cfg.model.llm_lora, cfg.model.llama)
+        load_text_tokenizer(cfg.data.text_tokenizer).save_pretrained(os.path.join(out, "tokenizer"))
+        info = {"format": "megatron_p2t.export/1", "placeholder_token": cfg.model.placeholder_token,
+                "system_prompt": cfg.instruct.system_prompt, "esm_output_layer": cfg.model.esm_output_layer,
+                "max_protein_residues": cfg.data.max_protein_residues, "checkpoint": os.path.abspath(step),
+                "lora_merged_layers": merged}
+        with open(os.path.join(out, "megatron_p2t.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        with open(os.path.join(out, "README.md"), "w") as f:
+            f.write(_model_card(cfg, step, cfg.model.llm_lora))
+    dist.barrier()
+    return {"out": out, "merged_lora_layers": merged, "model": model}
+
+
+def export_imported(checkpoint: str, out: str, overrides=()) -> dict:
+    """An `import-p2tv2` checkpoint back to the published layout, at the tensor-parallel size this process was
+    launched with (a sharded checkpoint reloads at any layout)."""
+    launch_env.discover()
+    with open(os.path.join(checkpoint, "megatron_p2t.json")) as f:
+        cfg = config_from_dict(json.load(f)["config"], [f"parallel.tensor={os.environ['WORLD_SIZE']}",
+                                                        "parallel.pipeline=1", *overrides])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, p2tv2=checkpoint))  # the shapes
+    layout = state.initialize(cfg.parallel)
+    model, llama_cfg, esm_cfg, pcfg = load.build_model(cfg, layout)
+    sharded.load(model, checkpoint)
+    p2tv2.write(model, out, llama_cfg, esm_cfg, pcfg, load.placeholder_id(cfg), layout.tp_rank, layout.tp,
+                p2tv2.carried(checkpoint), cfg.data.text_tokenizer or "",
+                source_config=os.path.join(checkpoint, "config.json"))
+    state.destroy()
+    return {"out": out, "format": "p2tv2"}
+
+
+def _has_esm_lora(step: str) -> bool:
+    sd = torch.load(sorted(glob.glob(os.path.join(step, "mp_rank_*_model_states.pt")))[0], map_location="cpu",
+                    weights_only=False)["module"]
+    return any(k.startswith("esm.") and ".lora_" in k for k in sd)
+
+
+def _model_card(cfg, step: str, lc) -> str:
+    return f"""# Prot2Text-style protein-to-text model (megatron_p2t export)
+
+ESM-2 encoder -> nonlinear projector -> LLaMA decoder. The decoder writes a protein's function from its
+sequence (and, when given, its name and taxon).
+
+- ESM: `{cfg.model.esm}` (layer {cfg.model.esm_output_layer}); LLaMA: `{cfg.model.llama}`
+- stage 2: LoRA r={lc.r}, alpha={lc.alpha or 2 * lc.r} on {', '.join(lc.targets)}; merged in `llama/`,
+  unmerged in `adapter/` (PEFT)
+- exported from `{os.path.abspath(step)}`
+
+```python
+from megatron_p2t.hf_model import Prot2TextForGeneration
+m = Prot2TextForGeneration.from_pretrained("<this directory>")
+print(m.generate(["MKTAYIAKQRQISFVKSHFSRQ"], num_beams=4))
+```
+Evaluate with `megatron-p2t generate` and `megatron-p2t evaluate`, which also scores the MMseqs2
+nearest-neighbour baseline on the same split.
+"""
+
+
+def verify(model, cfg, out: str, layout: Layout, max_batches: int = 1) -> float:
+    """Collective: the megatron model (LoRA merged) and the exported directory loaded by transformers score the
+    same validation prompts; returns the largest |logit difference| over real tokens (rank 0's figure)."""
+    cfg = dataclasses.replace(cfg, instruct=dataclasses.replace(cfg.instruct, pack=False))
+    model.eval()
+    batches = []
+    for b in run_instruct.make_loader(cfg, layout, "valid", train=False):
+        if b is not None:
+            batches.append(b)
+        if len(batches) == max_batches:
+            break
+    ours = []
+    with torch.no_grad():
+        for b in batches:
+            for logits in pipeline.run(model, [b], collect_outputs=True):  # on the last stage only
+                ours.append(gather_from_tensor_model_parallel_region(logits).float().cpu())
+    # the last stage's first tensor-parallel rank compares (it holds the whole logits); rank 0 is on its pipeline
+    src = torch.tensor([layout.pp_last_rank], device=collective_device())
+    dist.broadcast(src, 0)
+    src = int(src)
+    diff = torch.zeros(1)
+    if dist.get_rank() == src:
+        hf = Prot2TextForGeneration.from_pretrained(out)
+        with torch.no_grad():
+            for b, mine in zip(batches, ours):
+                theirs = hf(b["input_ids"], b["protein_ids"], b["protein_mask"]).float()
+                for i, n in enumerate(b["lengths"].tolist()):  # right-padded rows: their real tokens
+                    diff = torch.maximum(diff, (theirs[i, :n] - mine[i, :n]).abs().max().reshape(1))
+    diff = diff.to(collective_device())
+    dist.broadcast(diff, src)
+    return float(diff)

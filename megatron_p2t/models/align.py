@@ -1,0 +1,60 @@
+"""Stage 1 model: ESM-2 (frozen) -> projector (trained) pooled to mean/std over the protein's tokens, beside
+the frozen LLaMA's layer-k states of the function text pooled the same way (or those vectors from the text
+cache). Its forward gives the four pooled vectors; training/align.py scores them with H-SCALE."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_p2t.models import llama as llama_mod
+from megatron_p2t.models.esm import ESMEncoder
+from megatron_p2t.models.pooling import masked_mean_std
+from megatron_p2t.models.projector import Projector
+from megatron_p2t.models.text_side import TextPooler
+from megatron_p2t.parallel.layout import Layout
+
+
+def learnable_temperature(init: float = 0.05) -> torch.nn.Parameter:
+    """log(1/temperature) as a parameter (CLIP's parameterisation): temperature = exp(-p)."""
+    return torch.nn.Parameter(torch.tensor(-float(torch.log(torch.tensor(init)))))
+
+
+def temperature_of(p: Optional[torch.nn.Parameter], fixed: float) -> torch.Tensor:
+    return torch.exp(-p) if p is not None else torch.tensor(fixed)
+
+
+class AlignModel(MegatronModule):
+    def __init__(self, esm_cfg, llama_hf_cfg, projector_cfg, align_cfg, esm_output_layer: int = -1,
+                 params_dtype=torch.float32, text_side: bool = True, layout: Layout | None = None):
+        config = llama_mod.transformer_config(llama_hf_cfg, params_dtype=params_dtype, layout=layout,
+                                              pipeline_model_parallel_size=1)
+        super().__init__(config)
+        self.align_cfg = align_cfg
+        self.esm = ESMEncoder(esm_cfg, output_layer=esm_output_layer, params_dtype=params_dtype, layout=layout)
+        self.projector = Projector(projector_cfg, config)
+        self.text = TextPooler(llama_hf_cfg, layer=align_cfg.text_layer, params_dtype=params_dtype,
+                               layout=layout) if text_side else None
+        for p in self.esm.parameters():
+            p.requires_grad_(False)
+        self.log_inv_temp = learnable_temperature(align_cfg.temperature) if align_cfg.learnable_temperature else None
+
+    def protein_vectors(self, batch):
+        h = self.projector(self.esm(batch["protein_ids"], batch["protein_mask"]))
+        return masked_mean_std(h.float(), batch["protein_mask"])
+
+    def text_vectors(self, batch):
+        if "text_mean" in batch:  # from the text cache
+            return batch["text_mean"].float(), batch["text_std"].float()
+        if self.text is None:
+            raise ValueError("no text side was built and the batch carries no cached text vectors; set "
+                             "data.text_cache (megatron-p2t cache-text) or align.use_text_cache=false")
+        return self.text(batch["text_ids"], batch["text_mask"])
+
+    def temperature(self) -> torch.Tensor:
+        return temperature_of(self.log_inv_temp, self.align_cfg.temperature)
+
+    def forward(self, batch):
+        """(protein mean, protein std, text mean, text std), each [b, h]."""
+        return (*self.protein_vectors(batch), *self.text_vectors(batch))
