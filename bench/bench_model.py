@@ -53,7 +53,7 @@ def worker_step(a):
     layout = state.initialize(ParallelConfig(tensor=a.tp, pipeline=a.pp))
     from transformers import EsmConfig, LlamaConfig
     from megatron_p2t.checkpoint.hf_dir import HFDir
-    from megatron_p2t.checkpoint.llama_hf import copy_into
+    from megatron_p2t.checkpoint.slicing import copy_into
     from megatron_p2t.checkpoint.p2t_hf import megatron_tensors
     from megatron_p2t.data import esm_alphabet
     from megatron_p2t.models import p2t

@@ -16,12 +16,9 @@ SHARED_SAMPLE = os.path.join(REPO, "..", "shared", "data", "swissprot_sample.dat
 
 
 def _texts_from_manifest(manifest: str, split: str = "train"):
-    from data_tools.shards import iter_shard_samples
-    from megatron_p2t.data.loader import read_manifest
-    _, urls, _, _ = read_manifest(manifest, split)
-    for u in urls:
-        for _, s in iter_shard_samples(u):
-            yield s["txt"].decode()
+    from megatron_p2t.data.shards import split_samples
+    for s in split_samples(manifest, split):
+        yield s["txt"].decode()
 
 
 def cmd_make_tokenizer(args) -> int:

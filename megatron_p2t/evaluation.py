@@ -17,6 +17,8 @@ import subprocess
 import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from megatron_p2t.data import shards
+
 _PUNCT = re.compile(r"[^\w\s]")
 LENGTH_BINS = (0, 100, 200, 300, 500, 800, 10 ** 9)
 
@@ -190,15 +192,5 @@ def _plot(by_bin: dict, path: str) -> None:
 def split_records(manifest: str, split: str) -> List[tuple]:
     """(sample key, sequence, text, meta) of every sample of a split of a shards manifest, in shard order. The key
     is the accession, plus the task for instruction data (one protein may carry several questions)."""
-    from data_tools.shards import iter_shard_samples
-    with open(manifest) as f:
-        man = json.load(f)
-    root = os.path.dirname(os.path.abspath(manifest))
-    out = []
-    for sh in man["shards"]:
-        if sh["split"] != split:
-            continue
-        for key, s in iter_shard_samples(os.path.join(root, sh["path"])):
-            meta = json.loads(s["json"])
-            out.append((key, s["seq"].decode(), s["txt"].decode(), meta))
-    return out
+    return [(s["__key__"], s["seq"].decode(), s["txt"].decode(), json.loads(s["json"]))
+            for s in shards.split_samples(manifest, split)]

@@ -6,12 +6,12 @@ by input columns; their biases are whole on every rank), fc1 is column-parallel.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
 from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
-from megatron_p2t.checkpoint.llama_hf import _span, copy_into
+from megatron_p2t.checkpoint.slicing import Entry, Slice, copy_into, read, span, write
 
 PREFIXES = ("esm.", "", "esm_encoder.")  # EsmForMaskedLM, EsmModel, Prot2Text-V2's composite
 
@@ -25,46 +25,70 @@ def detect_prefix(ck: HFDir, candidates=PREFIXES) -> str:
 
 
 def _qkv(ck, p, hd, h0, h1, what):
-    q = ck.get(p + "query." + what, 0, h0 * hd, h1 * hd)
-    k = ck.get(p + "key." + what, 0, h0 * hd, h1 * hd)
-    v = ck.get(p + "value." + what, 0, h0 * hd, h1 * hd)
+    """q/k/v of heads h0:h1 from HF's separate projections, in megatron's per-head [q_h; k_h; v_h] layout."""
+    return _fuse_heads([ck.get(p + f"{n}." + what, 0, h0 * hd, h1 * hd) for n in ("query", "key", "value")], hd)
+
+
+def _fuse_heads(qkv, hd):
+    q, k, v = qkv
     parts = []
-    for h in range(h1 - h0):
+    for h in range(q.shape[0] // hd):
         parts += [q[h * hd:(h + 1) * hd], k[h * hd:(h + 1) * hd], v[h * hd:(h + 1) * hd]]
     return torch.cat(parts, 0)
 
 
-def layer_tensors(ck: HFDir, cfg, layer: int, tp_rank: int, tp: int, prefix: str) -> Dict[str, torch.Tensor]:
-    p = f"{prefix}encoder.layer.{layer}."
+def _split_heads(t, hd):
+    heads = [t[h * 3 * hd:(h + 1) * 3 * hd] for h in range(t.shape[0] // (3 * hd))]
+    return [torch.cat([x[j * hd:(j + 1) * hd] for x in heads]) for j in range(3)]
+
+
+_QKV = tuple(f"attention.self.{n}." for n in ("query", "key", "value"))
+# One encoder layer (megatron names under block.layers.<local>., HF names under encoder.layer.<global>.);
+# split entries first, in the order export writes them
+LAYER = (
+    Entry("self_attention.linear_qkv.weight", tuple(q + "weight" for q in _QKV), 0, ("heads",) * 3, "qkv"),
+    Entry("self_attention.linear_qkv.bias", tuple(q + "bias" for q in _QKV), 0, ("heads",) * 3, "qkv"),
+    Entry("self_attention.linear_proj.weight", ("attention.output.dense.weight",), 1, ("heads",)),
+    Entry("mlp.linear_fc1.weight", ("intermediate.dense.weight",), 0, ("ffn",)),
+    Entry("mlp.linear_fc1.bias", ("intermediate.dense.bias",), 0, ("ffn",)),
+    Entry("mlp.linear_fc2.weight", ("output.dense.weight",), 1, ("ffn",)),
+    Entry("self_attention.linear_proj.bias", ("attention.output.dense.bias",)),
+    Entry("mlp.linear_fc2.bias", ("output.dense.bias",)),
+    Entry("input_layernorm.weight", ("attention.LayerNorm.weight",)),
+    Entry("input_layernorm.bias", ("attention.LayerNorm.bias",)),
+    Entry("pre_mlp_layernorm.weight", ("LayerNorm.weight",)),
+    Entry("pre_mlp_layernorm.bias", ("LayerNorm.bias",)),
+)
+FIRST = (Entry("word_embeddings.weight", ("embeddings.word_embeddings.weight",)),)
+FINAL_NORM = (Entry("block.final_layernorm.weight", ("encoder.emb_layer_norm_after.weight",)),
+              Entry("block.final_layernorm.bias", ("encoder.emb_layer_norm_after.bias",)))
+
+
+def _geometry(cfg, tp_rank: int, tp: int):
     hd = cfg.hidden_size // cfg.num_attention_heads
-    h0, h1 = _span(cfg.num_attention_heads, tp_rank, tp, "ESM attention heads")
-    f0, f1 = _span(cfg.ffn_hidden_size, tp_rank, tp, "ESM intermediate_size")
-    a = p + "attention."
-    return {
-        "input_layernorm.weight": ck.get(a + "LayerNorm.weight"),
-        "input_layernorm.bias": ck.get(a + "LayerNorm.bias"),
-        "self_attention.linear_qkv.weight": _qkv(ck, a + "self.", hd, h0, h1, "weight"),
-        "self_attention.linear_qkv.bias": _qkv(ck, a + "self.", hd, h0, h1, "bias"),
-        "self_attention.linear_proj.weight": ck.get(a + "output.dense.weight", 1, h0 * hd, h1 * hd),
-        "self_attention.linear_proj.bias": ck.get(a + "output.dense.bias"),
-        "pre_mlp_layernorm.weight": ck.get(p + "LayerNorm.weight"),
-        "pre_mlp_layernorm.bias": ck.get(p + "LayerNorm.bias"),
-        "mlp.linear_fc1.weight": ck.get(p + "intermediate.dense.weight", 0, f0, f1),
-        "mlp.linear_fc1.bias": ck.get(p + "intermediate.dense.bias", 0, f0, f1),
-        "mlp.linear_fc2.weight": ck.get(p + "output.dense.weight", 1, f0, f1),
-        "mlp.linear_fc2.bias": ck.get(p + "output.dense.bias"),
-    }
+    h0, h1 = span(cfg.num_attention_heads, tp_rank, tp, "ESM attention heads")
+    spans = {"heads": (h0 * hd, h1 * hd), "ffn": span(cfg.ffn_hidden_size, tp_rank, tp, "ESM intermediate_size")}
+    return spans, {"qkv": (lambda p: _fuse_heads(p, hd), lambda t: _split_heads(t, hd))}
+
+
+def _tables(enc):
+    out = [(FIRST, "", "")]
+    out += [(LAYER, f"block.layers.{i}.", f"encoder.layer.{layer.layer_number - 1}.")
+            for i, layer in enumerate(enc.block.layers)]
+    return out + ([(FINAL_NORM, "", "")] if enc.final_norm else [])
+
+
+def layer_tensors(ck: HFDir, cfg, layer: int, tp_rank: int, tp: int, prefix: str) -> Dict[str, torch.Tensor]:
+    spans, fusers = _geometry(cfg, tp_rank, tp)
+    return read(LAYER, ck, f"{prefix}encoder.layer.{layer}.", "", spans, fusers)
 
 
 def megatron_tensors(enc, ck, tp_rank: int, tp: int, prefix: str | None = None) -> Dict[str, torch.Tensor]:
     prefix = detect_prefix(ck) if prefix is None else prefix
-    sd = {"word_embeddings.weight": ck.get(f"{prefix}embeddings.word_embeddings.weight")}
-    for i, layer in enumerate(enc.block.layers):
-        for k, t in layer_tensors(ck, enc.cfg, layer.layer_number - 1, tp_rank, tp, prefix).items():
-            sd[f"block.layers.{i}.{k}"] = t
-    if enc.final_norm:
-        sd["block.final_layernorm.weight"] = ck.get(f"{prefix}encoder.emb_layer_norm_after.weight")
-        sd["block.final_layernorm.bias"] = ck.get(f"{prefix}encoder.emb_layer_norm_after.bias")
+    spans, fusers = _geometry(enc.cfg, tp_rank, tp)
+    sd = {}
+    for table, meg, hf in _tables(enc):
+        sd.update(read(table, ck, prefix + hf, meg, spans, fusers))
     return sd
 
 
@@ -72,38 +96,13 @@ def load_into(enc, ck: HFDir, tp_rank: int, tp: int, prefix: str | None = None) 
     copy_into(enc, megatron_tensors(enc, ck, tp_rank, tp, prefix), ck.path)
 
 
-def hf_slices(enc, tp_rank: int, tp: int, prefix: str = ""):
-    """The inverse of megatron_tensors, as (hf name, dim, start, stop, tensor) slices of this rank."""
+def hf_slices(enc, tp_rank: int, tp: int, prefix: str = "") -> List[Slice]:
+    """The inverse of megatron_tensors: this rank's tensors as slices of the HF tensors."""
+    spans, fusers = _geometry(enc.cfg, tp_rank, tp)
     sd = enc.state_dict()
-    cfg = enc.cfg
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    h0, h1 = _span(cfg.num_attention_heads, tp_rank, tp, "ESM attention heads")
-    f0, f1 = _span(cfg.ffn_hidden_size, tp_rank, tp, "ESM intermediate_size")
-    whole = tp_rank == 0
-    out = [(f"{prefix}embeddings.word_embeddings.weight", None, 0, 0, sd["word_embeddings.weight"])] if whole else []
-    for i, layer in enumerate(enc.block.layers):
-        m, p = f"block.layers.{i}.", f"{prefix}encoder.layer.{layer.layer_number - 1}."
-        a = p + "attention."
-        for what in ("weight", "bias"):
-            qkv = sd[m + "self_attention.linear_qkv." + what]
-            heads = [qkv[h * 3 * hd:(h + 1) * 3 * hd] for h in range(h1 - h0)]
-            for j, name in enumerate(("query", "key", "value")):
-                out.append((f"{a}self.{name}.{what}", 0, h0 * hd, h1 * hd,
-                            torch.cat([x[j * hd:(j + 1) * hd] for x in heads])))
-        out += [(a + "output.dense.weight", 1, h0 * hd, h1 * hd, sd[m + "self_attention.linear_proj.weight"]),
-                (p + "intermediate.dense.weight", 0, f0, f1, sd[m + "mlp.linear_fc1.weight"]),
-                (p + "intermediate.dense.bias", 0, f0, f1, sd[m + "mlp.linear_fc1.bias"]),
-                (p + "output.dense.weight", 1, f0, f1, sd[m + "mlp.linear_fc2.weight"])]
-        if whole:
-            out += [(a + "output.dense.bias", None, 0, 0, sd[m + "self_attention.linear_proj.bias"]),
-                    (p + "output.dense.bias", None, 0, 0, sd[m + "mlp.linear_fc2.bias"]),
-                    (a + "LayerNorm.weight", None, 0, 0, sd[m + "input_layernorm.weight"]),
-                    (a + "LayerNorm.bias", None, 0, 0, sd[m + "input_layernorm.bias"]),
-                    (p + "LayerNorm.weight", None, 0, 0, sd[m + "pre_mlp_layernorm.weight"]),
-                    (p + "LayerNorm.bias", None, 0, 0, sd[m + "pre_mlp_layernorm.bias"])]
-    if enc.final_norm and whole:
-        out += [(f"{prefix}encoder.emb_layer_norm_after.weight", None, 0, 0, sd["block.final_layernorm.weight"]),
-                (f"{prefix}encoder.emb_layer_norm_after.bias", None, 0, 0, sd["block.final_layernorm.bias"])]
+    out = []
+    for table, meg, hf in _tables(enc):
+        out += write(table, sd, prefix + hf, meg, spans, tp_rank, fusers)
     return out
 
 
@@ -115,7 +114,7 @@ def lora_tensors(enc, src, tp_rank: int, tp: int, prefix: str = "base_model.mode
     per-head layout. (require_shared_a=False maps gradients, whose three A parts legitimately differ.)"""
     cfg = enc.cfg
     hd = cfg.hidden_size // cfg.num_attention_heads
-    h0, h1 = _span(cfg.num_attention_heads, tp_rank, tp, "ESM attention heads")
+    h0, h1 = span(cfg.num_attention_heads, tp_rank, tp, "ESM attention heads")
     out = {}
     for i, layer in enumerate(enc.block.layers):
         a = f"{prefix}encoder.layer.{layer.layer_number - 1}.attention."

@@ -9,112 +9,80 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Tuple
+from typing import Dict, List
 
 import torch
 from torch import nn
 
 from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
+from megatron_p2t.checkpoint.slicing import Entry, Slice, copy_into, read, span, stack_rows, write
 from megatron_p2t.models.lora import lora_layers
 
 
-def _span(n: int, rank: int, size: int, what: str) -> Tuple[int, int]:
-    if n % size:
-        raise CheckpointError(f"{what} = {n} is not divisible by tensor-parallel size {size}")
-    k = n // size
-    return rank * k, (rank + 1) * k
+# One decoder layer (megatron names under decoder.layers.<local>., HF names under model.layers.<global>.)
+LAYER = (
+    Entry("input_layernorm.weight", ("input_layernorm.weight",)),
+    Entry("self_attention.linear_qkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                               "self_attn.v_proj.weight"), 0, ("q", "kv", "kv"), "qkv"),
+    Entry("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), 1, ("attention",)),
+    Entry("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",)),
+    Entry("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), 0, ("ffn", "ffn"), "gate_up"),
+    Entry("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), 1, ("ffn",)),
+)
+FIRST = (Entry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), 0, ("vocab",)),)
+LAST = (Entry("decoder.final_layernorm.weight", ("model.norm.weight",)),
+        Entry("output_layer.weight", ("lm_head.weight",), 0, ("vocab",)))
+
+
+def _geometry(hf_cfg, tp_rank: int, tp: int):
+    """(spans of this rank, fusers) for an HF LLaMA config."""
+    hd = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+    nq, nkv = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
+    qpg = nq // nkv
+    g0, g1 = span(nkv, tp_rank, tp, "num_key_value_heads")
+    f0, f1 = span(hf_cfg.intermediate_size, tp_rank, tp, "intermediate_size")
+    spans = {"q": (g0 * qpg * hd, g1 * qpg * hd), "kv": (g0 * hd, g1 * hd), "ffn": (f0, f1),
+             "attention": span(nq * hd, tp_rank, tp, "attention width"),
+             "vocab": span(hf_cfg.vocab_size, tp_rank, tp, "vocab_size")}
+    fusers = {"qkv": (lambda p: fuse_qkv(*p, qpg, hd), lambda t: list(split_qkv(t, qpg, hd))),
+              "gate_up": (stack_rows, lambda t: [t[: f1 - f0], t[f1 - f0:]])}
+    return spans, fusers
+
+
+def _tables(model):
+    """(table, megatron prefix, HF prefix) for each part this GPTModel stage holds."""
+    out = [(FIRST, "", "")] if model.pre_process else []
+    out += [(LAYER, f"decoder.layers.{i}.", f"model.layers.{layer.layer_number - 1}.")
+            for i, layer in enumerate(model.decoder.layers)]
+    return out + ([(LAST, "", "")] if model.post_process else [])
 
 
 def layer_tensors(ck: HFDir, hf_cfg, layer: int, tp_rank: int, tp: int, prefix: str = "") -> Dict[str, torch.Tensor]:
     """One decoder layer's megatron tensors (names relative to `decoder.layers.<local>.`) for this TP rank."""
-    p = f"{prefix}model.layers.{layer}."
-    hd = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
-    nq, nkv = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
-    qpg = nq // nkv
-    g0, g1 = _span(nkv, tp_rank, tp, "num_key_value_heads")
-    q = ck.get(p + "self_attn.q_proj.weight", 0, g0 * qpg * hd, g1 * qpg * hd)
-    k = ck.get(p + "self_attn.k_proj.weight", 0, g0 * hd, g1 * hd)
-    v = ck.get(p + "self_attn.v_proj.weight", 0, g0 * hd, g1 * hd)
-    f0, f1 = _span(hf_cfg.intermediate_size, tp_rank, tp, "intermediate_size")
-    a0, a1 = _span(nq * hd, tp_rank, tp, "attention width")
-    return {
-        "input_layernorm.weight": ck.get(p + "input_layernorm.weight"),
-        "self_attention.linear_qkv.weight": fuse_qkv(q, k, v, qpg, hd),
-        "self_attention.linear_proj.weight": ck.get(p + "self_attn.o_proj.weight", 1, a0, a1),
-        "pre_mlp_layernorm.weight": ck.get(p + "post_attention_layernorm.weight"),
-        "mlp.linear_fc1.weight": torch.cat([ck.get(p + "mlp.gate_proj.weight", 0, f0, f1),
-                                            ck.get(p + "mlp.up_proj.weight", 0, f0, f1)], 0),
-        "mlp.linear_fc2.weight": ck.get(p + "mlp.down_proj.weight", 1, f0, f1),
-    }
+    spans, fusers = _geometry(hf_cfg, tp_rank, tp)
+    return read(LAYER, ck, f"{prefix}model.layers.{layer}.", "", spans, fusers)
 
 
 def megatron_tensors(model, ck, hf_cfg, tp_rank: int, tp: int, prefix: str = "") -> Dict[str, torch.Tensor]:
     """What this GPTModel stage's state dict must hold: this rank's TP slice of this stage's layers."""
+    spans, fusers = _geometry(hf_cfg, tp_rank, tp)
     sd = {}
-    v0, v1 = _span(hf_cfg.vocab_size, tp_rank, tp, "vocab_size")
-    if model.pre_process:
-        sd["embedding.word_embeddings.weight"] = ck.get(f"{prefix}model.embed_tokens.weight", 0, v0, v1)
-    for i, layer in enumerate(model.decoder.layers):
-        for k, t in layer_tensors(ck, hf_cfg, layer.layer_number - 1, tp_rank, tp, prefix).items():
-            sd[f"decoder.layers.{i}.{k}"] = t
-    if model.post_process:
-        sd["decoder.final_layernorm.weight"] = ck.get(f"{prefix}model.norm.weight")
-        sd["output_layer.weight"] = ck.get(f"{prefix}lm_head.weight", 0, v0, v1)
+    for table, meg, hf in _tables(model):
+        sd.update(read(table, ck, prefix + hf, meg, spans, fusers))
     return sd
-
-
-def copy_into(module, tensors: Dict[str, torch.Tensor], source: str, keep: Tuple[str, ...] = ()) -> None:
-    """Copy into `module`'s parameters, checking that every one is covered (except those under a `keep`
-    prefix, which stay as they are) and every shape agrees."""
-    own = {k: v for k, v in module.state_dict().items()
-           if not k.endswith("_extra_state") and "rotary" not in k}
-    missing = sorted(k for k in set(own) - set(tensors) if not k.startswith(keep))
-    if missing:
-        raise CheckpointError(f"{source}: nothing to load into {missing[:4]}")
-    for k, t in tensors.items():
-        if tuple(own[k].shape) != tuple(t.shape):
-            raise CheckpointError(f"{source}: {k} has shape {tuple(t.shape)} there, the model expects "
-                                  f"{tuple(own[k].shape)} -- a checkpoint of another model size?")
-        own[k].copy_(t)
 
 
 def load_into(model, ck: HFDir, hf_cfg, tp_rank: int, tp: int, prefix: str = "") -> None:
     copy_into(model, megatron_tensors(model, ck, hf_cfg, tp_rank, tp, prefix), ck.path)
 
 
-
-# (hf name, dim or None for a whole tensor, start, stop, tensor): a rank's share of an HF tensor.
-def hf_slices(model, hf_cfg, tp_rank: int, tp: int, prefix: str = ""):
+def hf_slices(model, hf_cfg, tp_rank: int, tp: int, prefix: str = "") -> List[Slice]:
     """The inverse of megatron_tensors: this stage's local tensors as slices of the HF tensors."""
+    spans, fusers = _geometry(hf_cfg, tp_rank, tp)
     sd = model.state_dict()
-    hd = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
-    nq, nkv = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
-    qpg = nq // nkv
-    g0, g1 = _span(nkv, tp_rank, tp, "num_key_value_heads")
-    f0, f1 = _span(hf_cfg.intermediate_size, tp_rank, tp, "intermediate_size")
-    a0, a1 = _span(nq * hd, tp_rank, tp, "attention width")
-    v0, v1 = _span(hf_cfg.vocab_size, tp_rank, tp, "vocab_size")
-    whole = tp_rank == 0  # replicated tensors are written once
     out = []
-    if model.pre_process:
-        out.append((f"{prefix}model.embed_tokens.weight", 0, v0, v1, sd["embedding.word_embeddings.weight"]))
-    for i, layer in enumerate(model.decoder.layers):
-        m, p = f"decoder.layers.{i}.", f"{prefix}model.layers.{layer.layer_number - 1}."
-        q, k, v = split_qkv(sd[m + "self_attention.linear_qkv.weight"], qpg, hd)
-        out += [(p + "self_attn.q_proj.weight", 0, g0 * qpg * hd, g1 * qpg * hd, q),
-                (p + "self_attn.k_proj.weight", 0, g0 * hd, g1 * hd, k),
-                (p + "self_attn.v_proj.weight", 0, g0 * hd, g1 * hd, v),
-                (p + "self_attn.o_proj.weight", 1, a0, a1, sd[m + "self_attention.linear_proj.weight"])]
-        fc1 = sd[m + "mlp.linear_fc1.weight"]
-        out += [(p + "mlp.gate_proj.weight", 0, f0, f1, fc1[: f1 - f0]), (p + "mlp.up_proj.weight", 0, f0, f1, fc1[f1 - f0:]),
-                (p + "mlp.down_proj.weight", 1, f0, f1, sd[m + "mlp.linear_fc2.weight"])]
-        if whole:
-            out += [(p + "input_layernorm.weight", None, 0, 0, sd[m + "input_layernorm.weight"]),
-                    (p + "post_attention_layernorm.weight", None, 0, 0, sd[m + "pre_mlp_layernorm.weight"])]
-    if model.post_process:
-        out.append((f"{prefix}lm_head.weight", 0, v0, v1, sd["output_layer.weight"]))
-        if whole:
-            out.append((f"{prefix}model.norm.weight", None, 0, 0, sd["decoder.final_layernorm.weight"]))
+    for table, meg, hf in _tables(model):
+        out += write(table, sd, prefix + hf, meg, spans, tp_rank, fusers)
     return out
 
 
@@ -136,9 +104,9 @@ def lora_tensors(model, src, hf_cfg, tp_rank: int, tp: int, targets, prefix: str
     `targets`. require_shared_a=False maps gradients, whose per-projection A parts legitimately differ."""
     hd = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
     qpg = hf_cfg.num_attention_heads // hf_cfg.num_key_value_heads
-    g0, g1 = _span(hf_cfg.num_key_value_heads, tp_rank, tp, "num_key_value_heads")
-    f0, f1 = _span(hf_cfg.intermediate_size, tp_rank, tp, "intermediate_size")
-    a0, a1 = _span(hf_cfg.num_attention_heads * hd, tp_rank, tp, "attention width")
+    g0, g1 = span(hf_cfg.num_key_value_heads, tp_rank, tp, "num_key_value_heads")
+    f0, f1 = span(hf_cfg.intermediate_size, tp_rank, tp, "intermediate_size")
+    a0, a1 = span(hf_cfg.num_attention_heads * hd, tp_rank, tp, "attention width")
     out = {}
     for i, layer in enumerate(model.decoder.layers):
         p = f"{prefix}model.layers.{layer.layer_number - 1}."
@@ -168,9 +136,9 @@ def lora_hf_slices(model, hf_cfg, tp_rank: int, tp: int, prefix: str = PEFT_PREF
     """The inverse of lora_tensors, as export slices (hf name, dim, start, stop, tensor) of this rank."""
     hd = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
     qpg = hf_cfg.num_attention_heads // hf_cfg.num_key_value_heads
-    g0, g1 = _span(hf_cfg.num_key_value_heads, tp_rank, tp, "num_key_value_heads")
-    f0, f1 = _span(hf_cfg.intermediate_size, tp_rank, tp, "intermediate_size")
-    a0, a1 = _span(hf_cfg.num_attention_heads * hd, tp_rank, tp, "attention width")
+    g0, g1 = span(hf_cfg.num_key_value_heads, tp_rank, tp, "num_key_value_heads")
+    f0, f1 = span(hf_cfg.intermediate_size, tp_rank, tp, "intermediate_size")
+    a0, a1 = span(hf_cfg.num_attention_heads * hd, tp_rank, tp, "attention width")
     whole = tp_rank == 0
     out = []
     for name, mod in lora_layers(model).items():

@@ -3,26 +3,23 @@ for a tensor-parallel rank: fc1 is column-parallel (rows and bias split), fc2 ro
 bias whole)."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
-from megatron_p2t.checkpoint.llama_hf import _span
+from megatron_p2t.checkpoint.slicing import Entry, Slice, read, span, write
+
+TABLE = (Entry("fc1.weight", ("fc1.weight",), 0, ("inner",)), Entry("fc1.bias", ("fc1.bias",), 0, ("inner",)),
+         Entry("fc2.weight", ("fc2.weight",), 1, ("inner",)), Entry("fc2.bias", ("fc2.bias",)))
+
+
+def _spans(cfg, tp_rank: int, tp: int):
+    return {"inner": span(cfg.intermediate_dim, tp_rank, tp, "projector intermediate_dim")}
 
 
 def tensors(src, cfg, tp_rank: int, tp: int, prefix: str = "") -> Dict[str, torch.Tensor]:
-    i0, i1 = _span(cfg.intermediate_dim, tp_rank, tp, "projector intermediate_dim")
-    return {"fc1.weight": src.get(f"{prefix}fc1.weight", 0, i0, i1),
-            "fc1.bias": src.get(f"{prefix}fc1.bias", 0, i0, i1),
-            "fc2.weight": src.get(f"{prefix}fc2.weight", 1, i0, i1),
-            "fc2.bias": src.get(f"{prefix}fc2.bias")}
+    return read(TABLE, src, prefix, "", _spans(cfg, tp_rank, tp))
 
 
-def hf_slices(proj, cfg, tp_rank: int, tp: int, prefix: str = ""):
-    sd = proj.state_dict()
-    i0, i1 = _span(cfg.intermediate_dim, tp_rank, tp, "projector intermediate_dim")
-    out = [(f"{prefix}fc1.weight", 0, i0, i1, sd["fc1.weight"]), (f"{prefix}fc1.bias", 0, i0, i1, sd["fc1.bias"]),
-           (f"{prefix}fc2.weight", 1, i0, i1, sd["fc2.weight"])]
-    if tp_rank == 0:
-        out.append((f"{prefix}fc2.bias", None, 0, 0, sd["fc2.bias"]))
-    return out
+def hf_slices(proj, cfg, tp_rank: int, tp: int, prefix: str = "") -> List[Slice]:
+    return write(TABLE, proj.state_dict(), prefix, "", _spans(cfg, tp_rank, tp), tp_rank)

@@ -2,7 +2,7 @@
 
 Order is a pure function of (manifest, seed, dp_rank, dp_size, batching options), never of timing or of the
 number of DataLoader workers:
-- plan.py fixes which samples a rank reads, as an endless stream of epoch passes;
+- order.py fixes which samples a rank reads, as an endless stream of epoch passes;
 - worker k of K reads and tokenises chunks g = k, k+K, ... of that stream; DataLoader's round-robin hands them
   back in stream order;
 - the main process gathers the stream into blocks of `shuffle_block` samples, permutes each block (seeded by
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megatron_p2t.data import esm_alphabet, plan, tar_samples
+from megatron_p2t.data import esm_alphabet, order
+from megatron_p2t.data.shards import ShardCursor, ShardError, read_manifest
 
 
 @dataclasses.dataclass
@@ -49,53 +50,7 @@ class LoaderConfig:
     text_cache: Optional[str] = None        # a cache-text directory: attach precomputed text vectors
 
 
-class ShardError(RuntimeError):
-    pass
-
-
-def read_manifest(path: str, split: str):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no manifest; build shards with `python -m data_tools build ... --out DIR`")
-    with open(path) as f:
-        man = json.load(f)
-    root = os.path.dirname(os.path.abspath(path))
-    shards = [s for s in man["shards"] if s["split"] == split]
-    if not shards:
-        raise ValueError(f"{path}: split {split!r} has no shards (have: {sorted({s['split'] for s in man['shards']})})")
-    urls = [s["path"] if ("://" in s["path"] or s["path"].startswith("pipe:")) else os.path.join(root, s["path"])
-            for s in shards]
-    return man, urls, [int(s["count"]) for s in shards], [s.get("sha256", "") for s in shards]
-
-
-class _ShardCursor:
-    """Sequential reader over one shard; skips forward, never back."""
-
-    def __init__(self, url: str, expected: int):
-        self.url, self.expected, self.pos = url, expected, 0
-        try:
-            self._it = tar_samples.iter_samples(tar_samples.read_shard(url), url)
-        except OSError as e:
-            raise ShardError(f"{url}: cannot be read ({e}) -- check the path/URL in the manifest") from None
-
-    def take(self, start: int, stop: int) -> List[dict]:
-        out = []
-        try:
-            while self.pos < stop:
-                s = next(self._it)
-                if self.pos >= start:
-                    out.append(s)
-                self.pos += 1
-        except StopIteration:
-            raise ShardError(f"{self.url}: ends after {self.pos} samples, the manifest says {self.expected} -- the "
-                             f"shard is truncated or was replaced; check with `python -m data_tools verify "
-                             f"MANIFEST` and rebuild it") from None
-        except (tar_samples.TarFormatError, UnicodeDecodeError) as e:
-            raise ShardError(f"{e} -- the shard is corrupt after {self.pos} samples; check with "
-                             f"`python -m data_tools verify MANIFEST` and rebuild it") from None
-        return out
-
-
-def _encode_texts(tok, texts: List[str]) -> List[List[int]]:
+def encode_texts(tok, texts: List[str]) -> List[List[int]]:
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:  # one Rust call per chunk, without the Python wrapper's per-call bookkeeping
         return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
@@ -117,23 +72,23 @@ class _ChunkStream(IterableDataset):
             from megatron_p2t.data.text_tokenizer import load_text_tokenizer
             tok = load_text_tokenizer(self.cfg.text_tokenizer)
             eot = tok.convert_tokens_to_ids("<|eot_id|>")
-        cursor: Optional[_ShardCursor] = None
+        cursor: Optional[ShardCursor] = None
         cursor_shard = cursor_epoch = None
         cache = None
-        stream = plan.chunks(self.counts, self.cfg.seed, self.dp_rank, self.dp_size, self.cfg.chunk,
+        stream = order.chunks(self.counts, self.cfg.seed, self.dp_rank, self.dp_size, self.cfg.chunk,
                              self.start_pos, self.cfg.epochs)
         for g, ch in enumerate(stream):
             if g % n_workers != k:
                 continue
             if cursor is None or cursor_shard != ch.shard or cursor_epoch != ch.epoch or cursor.pos > ch.start:
-                cursor = _ShardCursor(self.urls[ch.shard], self.counts[ch.shard])
+                cursor = ShardCursor(self.urls[ch.shard], self.counts[ch.shard])
                 cursor_shard, cursor_epoch = ch.shard, ch.epoch
                 if self.cfg.text_cache:
                     cache = _load_cache(self.cfg.text_cache, self.urls[ch.shard])
             raw = cursor.take(ch.start, ch.stop)
             texts = [s["txt"].decode() for s in raw]
             # with cached text vectors the text need not be tokenised here
-            text_ids = _encode_texts(tok, texts) if tok is not None and cache is None else [[] for _ in raw]
+            text_ids = encode_texts(tok, texts) if tok is not None and cache is None else [[] for _ in raw]
             out = []
             for i, (s, t) in enumerate(zip(raw, text_ids)):
                 pos = ch.pos + i
@@ -231,7 +186,7 @@ class ProteinTextLoader:
         # Blocks hold whole fixed-size batches so no batch is ever cut short in the endless stream.
         self.block = cfg.shuffle_block if cfg.batch_size is None else \
             math.ceil(cfg.shuffle_block / cfg.batch_size) * cfg.batch_size
-        self.per_epoch = plan.rank_samples_per_epoch(self.counts, dp_rank, dp_size)
+        self.per_epoch = order.rank_samples_per_epoch(self.counts, dp_rank, dp_size)
         self.fingerprint = hashlib.sha256(json.dumps(
             [shas, self.counts, cfg.split, cfg.seed, dp_rank, dp_size, self.block, cfg.batch_size, cfg.max_tokens,
              cfg.max_protein_residues, cfg.max_text_tokens, cfg.chunk, cfg.epochs, cfg.text_tokenizer]).encode()
@@ -261,7 +216,7 @@ class ProteinTextLoader:
         """Finite pass: the number of batches every rank yields (the largest rank's count)."""
         if self.cfg.epochs is None:
             return None
-        most = max(plan.rank_samples_per_epoch(self.counts, r, self.dp_size) for r in range(self.dp_size))
+        most = max(order.rank_samples_per_epoch(self.counts, r, self.dp_size) for r in range(self.dp_size))
         return math.ceil(most * self.cfg.epochs / self.cfg.batch_size)
 
     def padding_fraction(self) -> float:

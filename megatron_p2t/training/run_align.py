@@ -7,8 +7,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron_p2t.checkpoint import llama_hf, load, projector_hf
+from megatron_p2t.checkpoint import load, projector_hf
 from megatron_p2t.checkpoint.hf_dir import HFDir
+from megatron_p2t.checkpoint.slicing import copy_into
 from megatron_p2t.data.loader import ProteinTextLoader
 from megatron_p2t.models.align import AlignModel
 from megatron_p2t.models.build import dtype_of
@@ -39,7 +40,7 @@ def build(cfg, layout: Layout):
     if model.text is not None:
         load.load_text_side(model.text, cfg, llama_cfg, layout)
     if cfg.model.projector_weights:
-        llama_hf.copy_into(model.projector, projector_hf.tensors(HFDir(cfg.model.projector_weights), pcfg,
+        copy_into(model.projector, projector_hf.tensors(HFDir(cfg.model.projector_weights), pcfg,
                                                                  layout.tp_rank, layout.tp),
                            cfg.model.projector_weights)
     if torch.cuda.is_available():

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_p2t.checkpoint import llama_hf, load, projector_hf, sharded
 from megatron_p2t.checkpoint.hf_dir import CheckpointError, TensorSource
+from megatron_p2t.checkpoint.slicing import copy_into
 from megatron_p2t.data.instruct import InstructLoader, MixedLoader, PromptBuilder
 from megatron_p2t.data.loader import ProteinTextLoader
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
@@ -86,7 +87,7 @@ def build(cfg, layout: Layout):
     if cfg.instruct.init_from and not imported(cfg) and model.pre_process:  # the projector is on the first stage
         src = stage1_dir(cfg.instruct.init_from)
         s1 = stage1_tensors(src)
-        llama_hf.copy_into(model.projector, projector_hf.tensors(TensorSource(s1["projector"], src), pcfg, tpr, tp),
+        copy_into(model.projector, projector_hf.tensors(TensorSource(s1["projector"], src), pcfg, tpr, tp),
                            src)
         if any(s1["esm_lora"]):
             if len(s1["esm_lora"]) != tp:

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_p2t.checkpoint.load import build_text_side
-from megatron_p2t.data.loader import _ShardCursor, _encode_texts
+from megatron_p2t.data.loader import encode_texts
+from megatron_p2t.data.shards import ShardCursor, read_manifest
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
 from megatron_p2t.parallel.layout import Layout
 from megatron_p2t.parallel.state import collective_device
@@ -41,20 +42,17 @@ def build_cache(cfg, layout: Layout, batch_size: int = 16) -> dict:
     eot, pad = tok.convert_tokens_to_ids("<|eot_id|>"), tok.pad_token_id or 0
     out = cache_dir(cfg)
     os.makedirs(out, exist_ok=True)
-    with open(cfg.data.manifest) as f:
-        man = json.load(f)
-    root = os.path.dirname(os.path.abspath(cfg.data.manifest))
+    man, urls, counts, _ = read_manifest(cfg.data.manifest)
     dp, dpr = layout.dp, layout.dp_rank
     writer = layout.tp_rank == 0
     written = 0
-    for i, shard in enumerate(man["shards"]):
+    for i, (url, count) in enumerate(zip(urls, counts)):
         if i % dp != dpr:
             continue
-        name = os.path.basename(shard["path"])
-        target = os.path.join(out, name.replace(".tar", ".npz"))
-        samples = _ShardCursor(os.path.join(root, shard["path"]), shard["count"]).take(0, shard["count"])
+        target = os.path.join(out, os.path.basename(url).replace(".tar", ".npz"))
+        samples = ShardCursor(url, count).take(0, count)
         texts = [s["txt"].decode() for s in samples]
-        ids = [t[: cfg.data.max_text_tokens - 1] + [eot] for t in _encode_texts(tok, texts)]
+        ids = [t[: cfg.data.max_text_tokens - 1] + [eot] for t in encode_texts(tok, texts)]
         means, stds = [], []
         for b in range(0, len(ids), batch_size):
             chunk = ids[b:b + batch_size]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from megatron_p2t.data import esm_alphabet
-from megatron_p2t.data.loader import LoaderConfig, ProteinTextLoader, ShardError
+from megatron_p2t.data.loader import LoaderConfig, ProteinTextLoader
+from megatron_p2t.data.shards import ShardError
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
 from tests.conftest import split_keys
 

@@ -48,7 +48,7 @@ def main():
 
     from megatron_p2t.checkpoint import p2t_hf, sharded
     from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
-    from megatron_p2t.checkpoint.llama_hf import copy_into
+    from megatron_p2t.checkpoint.slicing import copy_into
     tp_rank, rank = layout.tp_rank, torch.distributed.get_rank()
     model, llama_cfg, esm_cfg, pcfg = build(a, layout)
     result = {}

@@ -69,6 +69,7 @@ def run_case(a):
 
     from megatron_p2t.checkpoint import llama_hf, p2t_hf
     from megatron_p2t.checkpoint.hf_dir import HFDir, TensorSource
+    from megatron_p2t.checkpoint.slicing import copy_into
     from megatron_p2t.models import llama, p2t
     from megatron_p2t.models.esm import ESMConfig
     from megatron_p2t.models.projector import ProjectorConfig
@@ -136,7 +137,7 @@ def run_case(a):
             from megatron_p2t.checkpoint import sharded
             sharded.load(model, a.sharded)
         else:
-            llama_hf.copy_into(model, p2t_hf.megatron_tensors(model, HFDir(esm_dir), HFDir(llama_dir), HFDir(proj_dir),
+            copy_into(model, p2t_hf.megatron_tensors(model, HFDir(esm_dir), HFDir(llama_dir), HFDir(proj_dir),
                                                            hf_llama.config, pcfg, tp_rank, tp), "tiny checkpoints")
 
         def expected_grads():
@@ -332,8 +333,9 @@ def text_check(a, llama_dir, tp_rank):
 
     from megatron_p2t.checkpoint import llama_hf
     from megatron_p2t.checkpoint.hf_dir import HFDir
-    from megatron_p2t.models.text_side import TextPooler
+    from megatron_p2t.checkpoint.slicing import copy_into
     from megatron_p2t.models.pooling import masked_mean_std
+    from megatron_p2t.models.text_side import TextPooler
     hf = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation="eager").eval()
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 250, (3, 20), generator=g)
@@ -343,7 +345,7 @@ def text_check(a, llama_dir, tp_rank):
     diffs = {}
     for k in (1, 2, 3):
         m = TextPooler(hf.config, layer=k, layout=a.layout)
-        llama_hf.copy_into(m.llm, llama_hf.megatron_tensors(m.llm, HFDir(llama_dir), hf.config, tp_rank, a.tp), "")
+        copy_into(m.llm, llama_hf.megatron_tensors(m.llm, HFDir(llama_dir), hf.config, tp_rank, a.tp), "")
         mean, std = m(ids, mask)
         # right padding with a causal mask: real tokens never attend to the padding after them
         ref = hf(input_ids=ids, output_hidden_states=True).hidden_states[k]

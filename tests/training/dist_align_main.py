@@ -26,7 +26,7 @@ def main():
     cfg = use_cache_if_asked(cfg)
     layout = state.initialize(cfg.parallel)
 
-    from megatron_p2t.checkpoint.llama_hf import _span
+    from megatron_p2t.checkpoint.slicing import span as _span
     from megatron_p2t.training.align import align_loss
     from megatron_p2t.training.run_align import build
     model = build(cfg, layout)

@@ -80,7 +80,8 @@ def main():
 
 def _column_rows(name, full, hf_cfg, tpr, tp):
     """This rank's rows of a column-parallel B drawn whole in HF order (q/k/v or gate/up stacked)."""
-    from megatron_p2t.checkpoint.llama_hf import _span, fuse_qkv
+    from megatron_p2t.checkpoint.llama_hf import fuse_qkv
+    from megatron_p2t.checkpoint.slicing import span as _span
     hd = hf_cfg.hidden_size // hf_cfg.num_attention_heads
     qpg = hf_cfg.num_attention_heads // hf_cfg.num_key_value_heads
     if name.endswith("linear_qkv"):
