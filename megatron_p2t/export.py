@@ -123,9 +123,12 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t") 
     if fmt == "p2tv2":
         merged = merge_lora(model.llm) + (merge_lora(model.esm) if model.pre_process else 0)
         src = cfg.model.p2tv2
-        p2tv2.write(model, out, llama_cfg, esm_cfg, pcfg, load.placeholder_id(cfg), tpr, tp,
-                    p2tv2.carried(src) if src else {}, cfg.data.text_tokenizer or "",
-                    source_config=os.path.join(src, "config.json") if src else "")
+        # continued from the published checkpoint: its unused tensors, names and dtypes; else what the authors'
+        # EsmModel holds beside our encoder's weights, from the ESM checkpoint the run started from
+        extra = p2tv2.carried(src) if src else p2tv2.esm_extras(cfg.model.esm, esm_cfg)
+        p2tv2.write(model, out, llama_cfg, esm_cfg, pcfg, load.placeholder_id(cfg), tpr, tp, extra,
+                    cfg.data.text_tokenizer or "", source_config=os.path.join(src, "config.json") if src else "",
+                    source=p2tv2.source_layout(src) if src else None)
         return {"out": out, "merged_lora_layers": merged, "model": model}
     adapter_dir = os.path.join(out, "adapter")
     export_hf.export({adapter_dir: llama_hf.lora_hf_slices(model.llm, llama_cfg, tpr, tp)}, out)
@@ -135,7 +138,8 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t") 
         llama_hf.finish_peft_adapter(adapter_dir, cfg.model.llm_lora, cfg.model.llama)
         load_text_tokenizer(cfg.data.text_tokenizer).save_pretrained(os.path.join(out, "tokenizer"))
         info = {"format": "megatron_p2t.export/1", "placeholder_token": cfg.model.placeholder_token,
-                "system_prompt": cfg.instruct.system_prompt, "esm_output_layer": cfg.model.esm_output_layer,
+                "system_prompt": cfg.instruct.system_prompt, "missing_fields": cfg.instruct.missing_fields,
+                "esm_output_layer": cfg.model.esm_output_layer,
                 "max_protein_residues": cfg.data.max_protein_residues, "checkpoint": os.path.abspath(step),
                 "lora_merged_layers": merged}
         with open(os.path.join(out, "megatron_p2t.json"), "w") as f:
@@ -159,7 +163,7 @@ def export_imported(checkpoint: str, out: str, overrides=()) -> dict:
     sharded.load(model, checkpoint)
     p2tv2.write(model, out, llama_cfg, esm_cfg, pcfg, load.placeholder_id(cfg), layout.tp_rank, layout.tp,
                 p2tv2.carried(checkpoint), cfg.data.text_tokenizer or "",
-                source_config=os.path.join(checkpoint, "config.json"))
+                source_config=os.path.join(checkpoint, "config.json"), source=p2tv2.source_layout(checkpoint))
     state.destroy()
     return {"out": out, "format": "p2tv2"}
 

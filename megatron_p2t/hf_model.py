@@ -21,6 +21,7 @@ from torch import nn
 from megatron_p2t.checkpoint import p2tv2
 from megatron_p2t.data import esm_alphabet
 from megatron_p2t.data.instruct import SYSTEM_PROMPT, InstructConfig, PromptBuilder
+from megatron_p2t.data.text_tokenizer import LLAMA3_SPECIAL_BASE, llama3_special_tokens
 
 _ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
 
@@ -48,6 +49,10 @@ class Prot2TextForGeneration(nn.Module):
         self.esm, self.projector, self.llama, self.tokenizer, self.info = esm, projector, llama, tokenizer, info
         self.placeholder_id = tokenizer.convert_tokens_to_ids(info["placeholder_token"])
         self.eot_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+        # the published model pads with <|reserved_special_token_0|> (LLaMA-3.1's 128002) and stops at <|eot_id|>
+        pad = tokenizer.convert_tokens_to_ids(info["pad_token"]) if info.get("pad_token") else None
+        self.pad_id = pad if pad is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                                   else self.eot_id)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -87,7 +92,8 @@ class Prot2TextForGeneration(nn.Module):
         finally:
             torch.set_default_dtype(before)
         missing, unexpected = esm.load_state_dict(part(p2tv2.ESM), strict=False)
-        if unexpected or [m for m in missing if not (p2tv2.ESM + m).startswith(p2tv2.UNUSED)]:
+        unexpected = [u for u in unexpected if not p2tv2.unused(p2tv2.ESM + u)]  # rotary buffers: recomputed
+        if unexpected or [m for m in missing if not p2tv2.unused(p2tv2.ESM + m)]:
             raise ValueError(f"{path}: esm_encoder weights do not fit esm_config: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
         projector.load_state_dict({k: v for k, v in part(p2tv2.ADAPTER).items() if k.startswith(("fc1.", "fc2."))})
@@ -97,6 +103,7 @@ class Prot2TextForGeneration(nn.Module):
                              f"unexpected {unexpected[:3]}")
         tok = AutoTokenizer.from_pretrained(path)
         info = {"placeholder_token": tok.convert_ids_to_tokens(placeholder), "system_prompt": SYSTEM_PROMPT,
+                "missing_fields": "unknown", "pad_token": llama3_special_tokens()[128002 - LLAMA3_SPECIAL_BASE],
                 "esm_output_layer": -1, "format": "p2tv2"}
         return cls(esm.to(dtype), projector.to(dtype), llama.to(dtype), tok, info).to(device).eval()
 
@@ -122,14 +129,17 @@ class Prot2TextForGeneration(nn.Module):
 
     def prompts(self, sequences: Sequence[str], metas: Optional[Sequence[dict]] = None):
         """Left-padded prompt ids + attention mask, and the ESM batch, for these sequences."""
-        builder = PromptBuilder(self.tokenizer, InstructConfig(system_prompt=self.info["system_prompt"]),
+        # exports made before missing_fields existed were trained with absent fields left out
+        icfg = InstructConfig(system_prompt=self.info["system_prompt"],
+                              missing_fields=self.info.get("missing_fields", "omit"))
+        builder = PromptBuilder(self.tokenizer, icfg,
                                 self.info["placeholder_token"])
         metas = metas or [{} for _ in sequences]
         max_res = int(self.info.get("max_protein_residues", 1021))
         prots = [esm_alphabet.encode(s[:max_res]) for s in sequences]
         ids = [builder.prompt_ids(m, "", len(p), train=False) for m, p in zip(metas, prots)]
         width, plen = max(map(len, ids)), max(map(len, prots))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_id
+        pad = self.pad_id
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
         attn = torch.zeros(len(ids), width, dtype=torch.long)
         protein_ids = torch.full((len(prots), plen), esm_alphabet.PAD, dtype=torch.long)
@@ -146,5 +156,5 @@ class Prot2TextForGeneration(nn.Module):
         embeds = self.embed(input_ids, pids, pmask)
         out = self.llama.generate(inputs_embeds=embeds, attention_mask=attn, num_beams=num_beams,
                                   do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.eot_id,
-                                  pad_token_id=self.tokenizer.pad_token_id or self.eot_id)
+                                  pad_token_id=self.pad_id)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]

@@ -13,6 +13,18 @@ class CheckpointError(ValueError):
     pass
 
 
+# LayerNorm parameters under the names some writers use (transformers' save of ESM among them): one spelling,
+# weight/bias, for every reader; `HFDir.renamed()` keeps the source's spelling for writing it back
+LEGACY_NAMES = ((".gamma", ".weight"), (".beta", ".bias"))
+
+
+def canonical(name: str) -> str:
+    for old, new in LEGACY_NAMES:
+        if name.endswith(old):
+            return name[: -len(old)] + new
+    return name
+
+
 class HFDir:
     def __init__(self, path: str):
         from safetensors import safe_open
@@ -32,22 +44,28 @@ class HFDir:
                                   f"save the model with save_pretrained(safe_serialization=True)")
         self._open: Dict[str, object] = {}
         self._safe_open = safe_open
+        self.stored = {canonical(k): k for k in self.where}
 
     def config(self) -> dict:
         with open(os.path.join(self.path, "config.json")) as f:
             return json.load(f)
 
     def keys(self):
-        return self.where.keys()
+        """The tensors' names, LayerNorm parameters as weight/bias whatever the files call them."""
+        return self.stored.keys()
 
     def resolve(self, name: str) -> str:
-        """The stored name: LayerNorm parameters appear as weight/bias or, in some writers, gamma/beta."""
-        if name in self.where:
-            return name
-        for new, old in ((".weight", ".gamma"), (".bias", ".beta")):
-            if name.endswith(new) and name[: -len(new)] + old in self.where:
-                return name[: -len(new)] + old
-        return name
+        """The stored name of a tensor named either way."""
+        return name if name in self.where else self.stored.get(name, name)
+
+    def renamed(self) -> Dict[str, str]:
+        """{name as keys() gives it: name in the files} where the two differ."""
+        return {c: s for c, s in self.stored.items() if c != s}
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype, as safetensors names it (BF16, F32, ...)."""
+        name = self.resolve(name)
+        return self._file(name).get_slice(name).get_dtype()
 
     def has(self, name: str) -> bool:
         return self.resolve(name) in self.where

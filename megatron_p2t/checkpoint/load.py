@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import torch
 from transformers import AutoConfig
@@ -14,6 +15,7 @@ from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
 from megatron_p2t.checkpoint.slicing import copy_into
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
 from megatron_p2t.models import build as model_build
+from megatron_p2t.models.parts_config import PROJECTOR_DROPOUT
 from megatron_p2t.models.text_side import TextPooler
 from megatron_p2t.parallel.layout import Layout
 
@@ -25,18 +27,26 @@ def hf_config(path: str, kind: str):
     return AutoConfig.from_pretrained(path)
 
 
-def hf_configs(cfg):
-    """(llama HF config, esm HF config, the projector config with its dims filled in from them): the run
-    config's own projector section is left as it is."""
+def hf_configs(cfg, say: bool = False):
+    """(llama HF config, esm HF config, the projector config with its dims and dropout filled in): the run
+    config's own projector section is left as it is. A published Prot2Text-V2 directory decides every shape,
+    and its adapter's dropout unless model.projector.dropout is set (`say`: print which was taken)."""
     pcfg = cfg.model.projector
-    if cfg.model.p2tv2:  # the published layout decides every shape, the adapter's width included
+    if cfg.model.p2tv2:
         llama_cfg, esm_cfg, adapter, _ = p2tv2.hf_configs(cfg.model.p2tv2)
+        dropout, where = pcfg.dropout, "model.projector.dropout"
+        if dropout is None:
+            dropout = float(adapter.get("dropout_rate", p2tv2.ADAPTER_DROPOUT))
+            where = f"{os.path.join(cfg.model.p2tv2, 'config.json')} (adapter_config.dropout_rate)"
+        if say:
+            print(f"projector dropout {dropout} from {where}", file=sys.stderr, flush=True)
         return llama_cfg, esm_cfg, dataclasses.replace(pcfg, input_dim=adapter["input_dim"],
                                                        intermediate_dim=adapter["intermediate_dim"],
-                                                       output_dim=adapter["output_dim"])
+                                                       output_dim=adapter["output_dim"], dropout=dropout)
     llama_cfg, esm_cfg = hf_config(cfg.model.llama, "llama"), hf_config(cfg.model.esm, "esm")
-    return llama_cfg, esm_cfg, dataclasses.replace(pcfg, input_dim=pcfg.input_dim or esm_cfg.hidden_size,
-                                                   output_dim=pcfg.output_dim or llama_cfg.hidden_size)
+    return llama_cfg, esm_cfg, dataclasses.replace(
+        pcfg, input_dim=pcfg.input_dim or esm_cfg.hidden_size, output_dim=pcfg.output_dim or llama_cfg.hidden_size,
+        dropout=PROJECTOR_DROPOUT if pcfg.dropout is None else pcfg.dropout)
 
 
 def placeholder_id(cfg) -> int:
@@ -57,7 +67,7 @@ def placeholder_id(cfg) -> int:
 
 def build_model(cfg, layout: Layout):
     """(model for this rank, llama HF config, esm HF config, projector config), weights as initialised."""
-    llama_cfg, esm_cfg, pcfg = hf_configs(cfg)
+    llama_cfg, esm_cfg, pcfg = hf_configs(cfg, say=layout.rank == 0)
     model = model_build.build(cfg.model, layout, llama_cfg, esm_cfg, pcfg, placeholder_id(cfg))
     return model, llama_cfg, esm_cfg, pcfg
 

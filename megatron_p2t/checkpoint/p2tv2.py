@@ -18,21 +18,25 @@ import shutil
 from typing import Dict
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import EsmConfig, LlamaConfig
 
-from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
+from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir, canonical
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
 
 MODEL_TYPE = "esm2llama_instruct"
 ESM, ADAPTER, LLAMA = "esm_encoder.", "adapter.", "llama_decoder."
 # carried through import -> export but never applied: the adapter's deprecated LayerNorms, EsmModel's contact
-# head and its rotary buffer (recomputed), a pooler if one was saved
+# head and its rotary buffers (recomputed; saved once for the model or per layer), a pooler if one was saved
 UNUSED = ("adapter.ln1.", "adapter.ln2.", "esm_encoder.contact_head.", "esm_encoder.pooler.",
           "esm_encoder.rotary_embeddings.")
+ROTARY = "rotary_embeddings.inv_freq"
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 EXTRA_FILE = "p2tv2_extra.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _ADAPTER_KEYS = ("input_dim", "intermediate_dim", "output_dim")
+ADAPTER_DROPOUT = 0.3  # ModalityAdapterConfig's default dropout_rate, when a config.json leaves it out
 
 
 def read_config(path: str) -> dict:
@@ -114,7 +118,7 @@ def save_imported(model, cfg, source: str, out: str) -> None:
     if torch.distributed.get_rank() == 0:
         shutil.copy(os.path.join(source, "config.json"), os.path.join(out, "config.json"))
         save_file({n: t.contiguous() for n, t in carried(source).items()}, os.path.join(out, EXTRA_FILE),
-                  metadata={"format": "pt"})
+                  metadata={"format": "pt", "p2tv2_source": json.dumps(source_layout(source))})
         if os.path.exists(os.path.join(source, "tokenizer_config.json")):
             for f in TOKENIZER_FILES:
                 if os.path.exists(os.path.join(source, f)):
@@ -125,12 +129,59 @@ def save_imported(model, cfg, source: str, out: str) -> None:
     torch.distributed.barrier()
 
 
+def unused(name: str) -> bool:
+    return name.startswith(UNUSED) or name.endswith(ROTARY)
+
+
 def carried(path: str) -> Dict[str, object]:
     """The unused tensors of a Prot2Text-V2 directory, or of an import of one (kept beside its checkpoint)."""
     if os.path.exists(os.path.join(path, EXTRA_FILE)):
         return load_file(os.path.join(path, EXTRA_FILE))
     ck = HFDir(path)
-    return {n: ck.get(n) for n in ck.keys() if n.startswith(UNUSED)}
+    return {n: ck.get(n) for n in ck.keys() if unused(n)}
+
+
+def source_layout(path: str) -> dict:
+    """How a Prot2Text-V2 directory (or an import of one, which recorded it) stores its tensors: names spelled
+    otherwise than weight/bias ({name: stored name}) and each tensor's dtype, so an export writes them back as
+    they were, whatever dtype the model ran in."""
+    extra = os.path.join(path, EXTRA_FILE)
+    if os.path.exists(extra):
+        with safe_open(extra, "pt") as f:
+            meta = (f.metadata() or {}).get("p2tv2_source")
+        if meta:
+            return json.loads(meta)
+        return {"renamed": {}, "dtypes": {}}   # an import made before the layout was recorded
+    ck = HFDir(path)
+    return {"renamed": ck.renamed(), "dtypes": {n: ck.dtype(n) for n in ck.keys()}}
+
+
+def as_source(slices, layout: dict | None):
+    """Slices with the source's names and dtypes (see source_layout)."""
+    if not layout:
+        return slices
+    names, dtypes = layout.get("renamed", {}), layout.get("dtypes", {})
+    out = []
+    for s in slices:
+        s = s._replace(name=names.get(s.name, s.name))
+        want = _DTYPES.get(dtypes.get(s.name) or dtypes.get(canonical(s.name), ""))
+        out.append(s._replace(tensor=s.tensor.to(want)) if want is not None else s)
+    return out
+
+
+def esm_extras(esm_dir: str, esm_cfg) -> Dict[str, object]:
+    """What the authors' EsmModel holds beside the weights our encoder uses, for an export that does not come
+    from an import: the contact head from the ESM checkpoint the run started from, and the rotary inverse
+    frequencies (as stored there, else computed), so their class loads the export with nothing missing."""
+    from megatron_p2t.checkpoint.esm_hf import detect_prefix
+    ck = HFDir(esm_dir)
+    p = detect_prefix(ck)
+    out = {ESM + n[len(p):]: ck.get(n) for n in ck.keys()
+           if n.startswith(p) and (n[len(p):].startswith("contact_head.") or n.endswith(ROTARY))}
+    if not any(n.endswith(ROTARY) for n in out):
+        hd = esm_cfg.hidden_size // esm_cfg.num_attention_heads
+        out[ESM + ROTARY] = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    return out
 
 
 def composite_config(llama_cfg, esm_cfg, pcfg, placeholder: int) -> dict:
@@ -146,13 +197,16 @@ def composite_config(llama_cfg, esm_cfg, pcfg, placeholder: int) -> dict:
 
 
 def write(model, out: str, llama_cfg, esm_cfg, pcfg, placeholder: int, tp_rank: int, tp: int,
-          extra: Dict[str, object], tokenizer_dir: str = "", source_config: str = "") -> None:
+          extra: Dict[str, object], tokenizer_dir: str = "", source_config: str = "",
+          source: dict | None = None) -> None:
     """Collective over every rank of any TP x PP layout: the model (LoRA merged beforehand) in the published
     layout. `extra`: tensors to carry (the adapter's unused LayerNorms ...); identity LayerNorms when absent, so
     the authors' class loads without missing keys. `source_config`: a config.json to keep verbatim (the shapes
-    are the source's), else one is composed from the model's configs."""
+    are the source's), else one is composed from the model's configs. `source`: the source's names and dtypes
+    (source_layout) to write the tensors back with."""
     # deferred: these adapters import megatron-core, and hf_model reads this layout with transformers alone
     from megatron_p2t.checkpoint import esm_hf, export_hf, llama_hf, projector_hf
+    from megatron_p2t.checkpoint.slicing import Slice
     slices = llama_hf.hf_slices(model.llm, llama_cfg, tp_rank, tp, prefix=LLAMA)
     if model.pre_process:
         slices += esm_hf.hf_slices(model.esm, tp_rank, tp, prefix=ESM)
@@ -163,11 +217,11 @@ def write(model, out: str, llama_cfg, esm_cfg, pcfg, placeholder: int, tp_rank: 
                   f"{ADAPTER}ln2.weight": torch.ones(pcfg.output_dim), f"{ADAPTER}ln2.bias": torch.zeros(pcfg.output_dim)}
             ln.update(extra)
             written = {n for n, *_ in slices}
-            slices += [(n, None, 0, 0, t) for n, t in ln.items() if n not in written]
-    export_hf.export({out: slices}, out)
+            slices += [Slice(n, None, 0, 0, t) for n, t in ln.items() if n not in written]
+    export_hf.export({out: as_source(slices, source)}, out)
     if torch.distributed.get_rank() == 0:
         if source_config:
-                    shutil.copy(source_config, os.path.join(out, "config.json"))
+            shutil.copy(source_config, os.path.join(out, "config.json"))
         else:
             with open(os.path.join(out, "config.json"), "w") as f:
                 json.dump(composite_config(llama_cfg, esm_cfg, pcfg, placeholder), f, indent=2, sort_keys=True)

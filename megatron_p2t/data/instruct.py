@@ -2,7 +2,9 @@
 
 Prompts go through the tokenizer's own chat template (LLaMA-3.1's). Three sample shapes share the path:
 - SwissProt-style entries: user turn `Protein name: ...; Taxon: ...; Sequence embeddings: <ph>*(L+2)`, the name
-  and the taxon each dropped with probability `drop_name` / `drop_taxon` in training (Prot2Text-V2: 0.8);
+  and the taxon each dropped with probability `drop_name` / `drop_taxon` in training (Prot2Text-V2: 0.8); a
+  dropped or absent field reads `unknown`, as the authors' collater writes it and their model was trained on
+  (`missing_fields: omit` leaves it out instead);
 - Mol-Instructions: the instruction, then `Sequence embeddings: <ph>*(L+2)`;
 - Protein2Text-style QA: a `conversations` list (human/gpt turns); the protein goes where the first human turn
   says `<protein>` (or before it); every assistant turn is learned.
@@ -19,9 +21,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+# Prot2Text-V2's system message (theirs ends with a space, which LLaMA-3.1's chat template trims away)
 SYSTEM_PROMPT = ("You are a scientific assistant specialized in protein function predictions. Given the sequence "
                  "embeddings and other information of a protein, describe its function clearly and concisely in "
                  "professional language.")
+MISSING_FIELDS = ("unknown", "omit")
 PROTEIN_MARK = "<protein>"
 
 
@@ -31,6 +35,7 @@ class InstructConfig:
     system_prompt: str = SYSTEM_PROMPT
     drop_name: float = 0.8             # training only; generation always shows what the record has
     drop_taxon: float = 0.8
+    missing_fields: str = "unknown"    # a dropped or absent name/taxon: "unknown" (Prot2Text-V2) or "omit"
     pack: bool = True                  # several samples per row, attention confined to each
     pack_length: Optional[int] = 2048  # row capacity in tokens (at least the longest sample of the batch)
     mix: List[Dict] = dataclasses.field(default_factory=list)   # [{manifest: ..., weight: ...}, ...] extra sources
@@ -48,6 +53,8 @@ class Encoded:
 
 class PromptBuilder:
     def __init__(self, tok, cfg: InstructConfig, placeholder_token: str, seed: int = 0):
+        if cfg.missing_fields not in MISSING_FIELDS:
+            raise ValueError(f"instruct.missing_fields={cfg.missing_fields!r}: choose one of {MISSING_FIELDS}")
         self.tok, self.cfg, self.seed = tok, cfg, seed
         self.placeholder = tok.convert_tokens_to_ids(placeholder_token)
         if self.placeholder is None or self.placeholder == tok.unk_token_id:
@@ -67,13 +74,15 @@ class PromptBuilder:
         if meta.get("instruction"):
             return f"{meta['instruction']}\n{prot}"
         r = np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode())]) if train else None
-        parts = []
-        if meta.get("name") and not (train and r.random() < self.cfg.drop_name):
-            parts.append(f"Protein name: {meta['name']}")
+        name = meta.get("name")
+        if name and train and r.random() < self.cfg.drop_name:
+            name = None
         taxon = meta.get("organism") or meta.get("taxon")
-        if taxon and not (train and r.random() < self.cfg.drop_taxon):
-            parts.append(f"Taxon: {taxon}")
-        return "; ".join(parts + [prot])
+        if taxon and train and r.random() < self.cfg.drop_taxon:
+            taxon = None
+        if self.cfg.missing_fields == "unknown":
+            return f"Protein name: {name or 'unknown'}; Taxon: {taxon or 'unknown'}; {prot}"
+        return "; ".join([f"Protein name: {name}"] * bool(name) + [f"Taxon: {taxon}"] * bool(taxon) + [prot])
 
     def _expand(self, ids: List[int], n_protein: int) -> List[int]:
         at = [i for i, t in enumerate(ids) if t == self.placeholder]

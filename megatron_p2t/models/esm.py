@@ -12,16 +12,16 @@ does in megatron-core's LLaVA, so its config carries pipeline size 1.
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
 
-from megatron_p2t.models.specs import cpu_friendly, encoder_layer_spec, parallel_sizes
+from megatron_p2t.models.specs import cpu_friendly, encoder_layer_spec, norms_in, parallel_sizes
 from megatron_p2t.parallel.layout import Layout
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM-2's masking ratio x mask-token share, fixed for every ESM-2 checkpoint
@@ -91,7 +91,8 @@ class ESMEncoder(MegatronModule):
                                             dtype=params_dtype)
         self.rotary = RotaryEmbedding(kv_channels=self.config.kv_channels, rotary_percent=1.0,
                                       rotary_base=cfg.rotary_base, use_cpu_initialization=True)
-        self.block = TransformerBlock(self.config, encoder_layer_spec(), post_layer_norm=self.final_norm)
+        self.block = norms_in(TransformerBlock(self.config, encoder_layer_spec(), post_layer_norm=self.final_norm),
+                              params_dtype)
 
     def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(ids)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_p2t.models.specs import decoder_layer_spec, parallel_sizes
+from megatron_p2t.models.specs import decoder_layer_spec, norms_in, parallel_sizes
 from megatron_p2t.parallel.layout import Layout
 
 # megatron-core's RotaryEmbedding applies LLaMA-3.1's frequency scaling with these constants built in.
@@ -55,7 +55,8 @@ def build(hf, pre_process: bool = True, post_process: bool = True, config=None, 
     if getattr(hf, "tie_word_embeddings", False):
         raise ValueError("tied input/output embeddings: LLaMA-3.1-8B unties them; this builder expects that")
     cfg = config or transformer_config(hf, layout=layout, **config_overrides)
-    return GPTModel(cfg, decoder_layer_spec(), vocab_size=hf.vocab_size,
-                    max_sequence_length=hf.max_position_embeddings, pre_process=pre_process,
-                    post_process=post_process, parallel_output=True, share_embeddings_and_output_weights=False,
-                    position_embedding_type="rope", **rope_settings(hf))
+    model = GPTModel(cfg, decoder_layer_spec(), vocab_size=hf.vocab_size,
+                     max_sequence_length=hf.max_position_embeddings, pre_process=pre_process,
+                     post_process=post_process, parallel_output=True, share_embeddings_and_output_weights=False,
+                     position_embedding_type="rope", **rope_settings(hf))
+    return norms_in(model, cfg.params_dtype)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import List
+from typing import List, Optional
+
+PROJECTOR_DROPOUT = 0.1   # when neither the config nor a published checkpoint sets one
 
 
 @dataclasses.dataclass
@@ -11,7 +13,9 @@ class ProjectorConfig:
     intermediate_dim: int = 2048
     output_dim: int = 4096         # LLM hidden size (0: take it from the LLaMA checkpoint)
     activation: str = "gelu"
-    dropout: float = 0.1
+    # None: the published checkpoint's own (Prot2Text-V2: adapter_config.dropout_rate) when the model comes from
+    # one, else PROJECTOR_DROPOUT; checkpoint/load.py resolves it and says which it took
+    dropout: Optional[float] = None
     l2_normalize: bool = True
 
 

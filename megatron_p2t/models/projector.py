@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-from megatron.core.transformer.module import MegatronModule
-
-from megatron_p2t.models.parts_config import ProjectorConfig  # noqa: F401 (re-exported)
+from megatron_p2t.models.parts_config import PROJECTOR_DROPOUT, ProjectorConfig
 
 _ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
 
@@ -22,7 +22,6 @@ _ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
 class Projector(MegatronModule):
     def __init__(self, cfg: ProjectorConfig, transformer_config):
         super().__init__(transformer_config)
-        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
         self.cfg = cfg
         init = transformer_config.init_method
         self.fc1 = ColumnParallelLinear(cfg.input_dim, cfg.intermediate_dim, config=transformer_config,
@@ -30,7 +29,7 @@ class Projector(MegatronModule):
         self.fc2 = RowParallelLinear(cfg.intermediate_dim, cfg.output_dim, config=transformer_config,
                                      init_method=init, bias=True, input_is_parallel=True, skip_bias_add=False)
         self.act = _ACTS[cfg.activation]
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(PROJECTOR_DROPOUT if cfg.dropout is None else cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.fc1(x)

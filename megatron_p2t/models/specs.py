@@ -23,6 +23,17 @@ def cpu_friendly() -> dict:
                 gradient_accumulation_fusion=False, bias_dropout_fusion=False)
 
 
+def norms_in(module, dtype: torch.dtype):
+    """Without apex, megatron-core's local spec builds torch LayerNorm / RMSNorm weights in float32 whatever
+    params_dtype says. A bf16 model keeps every weight in bf16, as the HF checkpoints it is read from and written
+    back to do (Megatron-LM casts its whole model the same way): an export then gives each tensor back in its
+    own dtype, and the norms run torch's fused kernel instead of a mixed-dtype fallback."""
+    for m in module.modules():
+        if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+            m.to(dtype)
+    return module
+
+
 def encoder_layer_spec(normalization: str = "LayerNorm"):
     """megatron-core's local transformer layer with bidirectional attention over a padding mask."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization))

@@ -8,7 +8,6 @@ it does not run during training at all.
 from __future__ import annotations
 
 import torch
-
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_p2t.models import llama as llama_mod

@@ -1,1 +1,2 @@
-"""Process groups and the CPU path: everything that knows about devices and ranks lives here."""
+"""Process groups and the CPU path: the Layout (sizes, ranks, groups) that the rest of the package is handed,
+and the only code that asks megatron-core's parallel state."""

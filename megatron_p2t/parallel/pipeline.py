@@ -4,6 +4,8 @@ from __future__ import annotations
 from typing import Callable, Dict, List
 
 import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
 
 def masked_mean_loss(per_token: torch.Tensor, loss_mask: torch.Tensor):
@@ -19,8 +21,6 @@ def run(model, microbatches: List[Dict[str, torch.Tensor]], forward_only: bool =
     (or, with collect_outputs, the model outputs, e.g. logits), and [] elsewhere. The backward of each
     microbatch is scaled by 1/len(microbatches), so the gradients are those of the mean loss. Microbatches may
     differ in shape (stage-2 batches and packed rows do): stages then exchange each activation's shape first."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.utils import get_model_config
 
     first = microbatches[0]["input_ids"]
     config = get_model_config(model)

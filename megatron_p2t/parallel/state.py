@@ -5,6 +5,8 @@ import datetime
 import os
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_p2t.parallel import cpu_shim, launch_env
 from megatron_p2t.parallel.layout import Layout, ParallelConfig
@@ -27,9 +29,6 @@ def check_layout(world_size: int, tp: int, pp: int) -> int:
 def initialize(parallel: ParallelConfig, backend: str | None = None) -> Layout:
     """Set up process groups for `parallel` (a run config's `parallel` section) and return this process's
     Layout. Safe to call again in the same process: megatron's groups are rebuilt only after `destroy`."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
     cpu_shim.enable()
     launch_env.discover()  # torchrun / deepspeed / mpirun / srun / nothing
     if not torch.distributed.is_initialized():
@@ -51,7 +50,6 @@ def initialize(parallel: ParallelConfig, backend: str | None = None) -> Layout:
 
 def current() -> Layout:
     """This process's Layout from megatron-core's groups (set up by `initialize`)."""
-    from megatron.core import parallel_state as ps
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("parallel.state.initialize(cfg.parallel) has not run in this process")
     mp = ps.get_model_parallel_group()
@@ -91,7 +89,6 @@ def collective_device() -> torch.device:
 
 def destroy() -> None:
     """Tear down megatron's groups and the process group (the next `initialize` starts afresh)."""
-    from megatron.core import parallel_state as ps
     ps.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

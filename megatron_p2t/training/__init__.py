@@ -1,1 +1,1 @@
-"""What both training stages share: losses, (later) the DeepSpeed engine over megatron-core's groups."""
+"""What both training stages share (losses, the DeepSpeed engine over the Layout's groups) and the stages."""

@@ -1,0 +1,1 @@
+"""Transformer pieces megatron-core's layer specs take in: the packed-row core attention."""

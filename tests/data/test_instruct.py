@@ -115,3 +115,25 @@ def test_protein2text_conversations_go_from_json_through_shards_to_targets(tmp_p
         learned = tok.decode(batch["labels"][r][batch["loss_mask"][r].bool()].tolist())
         i = learned.split("Function ")[1][0]
         assert learned == f"Function {i}.<|eot_id|>Place {i}.<|eot_id|>"
+
+
+def test_absent_name_and_taxon_read_unknown_token_for_token_as_the_authors_collater_writes(builder):
+    # the authors' collater (Prot2Text-V2): both fields always present, "unknown" where the record has none or
+    # training dropped it; the system message ends with a space; one placeholder per ESM token
+    system = ("You are a scientific assistant specialized in protein function predictions. Given the sequence "
+              "embeddings and other information of a protein, describe its function clearly and concisely in "
+              "professional language. ")
+    n = 7
+    for meta, name, taxon in (({}, "unknown", "unknown"), ({"name": "Kinase X"}, "Kinase X", "unknown"),
+                              ({"organism": "Homo sapiens"}, "unknown", "Homo sapiens")):
+        user = f"Protein name: {name}; Taxon: {taxon}; " + "Sequence embeddings: " + PH * n
+        theirs = builder.tok.apply_chat_template([{"role": "system", "content": system},
+                                                  {"role": "user", "content": user}],
+                                                 add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert builder.prompt_ids(meta, "K", n, train=False) == list(theirs["input_ids"]), meta
+    # dropped in training reads "unknown" too; the option keeps the older form
+    assert builder.user_turn({"name": "N"}, "K", 0, train=True).startswith("Protein name: ")
+    omit = PromptBuilder(builder.tok, InstructConfig(missing_fields="omit"), PH)
+    assert omit.user_turn({}, "K", 0, train=False) == f"Sequence embeddings: {PH}"
+    with pytest.raises(ValueError, match="missing_fields"):
+        PromptBuilder(builder.tok, InstructConfig(missing_fields="blank"), PH)
