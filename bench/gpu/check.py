@@ -392,21 +392,21 @@ def stage2_ours(shapes: Shapes, cfg, batch, counts) -> dict:
 def stage2_hf(shapes: Shapes, cfg, batch, counts) -> dict:
     """The official code's path: EsmModel + projector + LlamaForCausalLM (SDPA) with PEFT LoRA, padded batch."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, EsmModel, LlamaForCausalLM
+    from transformers import EsmModel, LlamaForCausalLM
 
+    from megatron_p2t.checkpoint.load import hf_configs
     from megatron_p2t.hf_model import Projector
     from megatron_p2t.checkpoint.load import placeholder_id
     dev = device()
     dt = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    esm_cfg, llama_cfg = AutoConfig.from_pretrained(cfg.model.esm), AutoConfig.from_pretrained(cfg.model.llama)
+    llama_cfg, esm_cfg, pcfg = hf_configs(cfg)  # the same parts and projector settings as ours
     llama_cfg._attn_implementation = esm_cfg._attn_implementation = "sdpa"
     before = torch.get_default_dtype()
     torch.set_default_dtype(dt)
     try:
         with dev:
             esm = EsmModel(esm_cfg, add_pooling_layer=False)
-            proj = Projector(esm_cfg.hidden_size, cfg.model.projector.intermediate_dim, llama_cfg.hidden_size,
-                             dropout=cfg.model.projector.dropout)
+            proj = Projector(esm_cfg.hidden_size, pcfg.intermediate_dim, llama_cfg.hidden_size, dropout=pcfg.dropout)
             llama = LlamaForCausalLM(llama_cfg)
     finally:
         torch.set_default_dtype(before)
