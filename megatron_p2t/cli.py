@@ -407,7 +407,7 @@ def main(argv=None) -> int:
     from data_tools.records import DataError
     from megatron_p2t.config import ConfigError
     from megatron_p2t.checkpoint.hf_dir import CheckpointError
-    from megatron_p2t.parallel.state import LayoutError
+    from megatron_p2t.parallel.layout import LayoutError
     from megatron_p2t.plan import PlanError
     try:
         return {"quickstart": cmd_quickstart, "data-check": cmd_data_check, "make-tokenizer": cmd_make_tokenizer,

@@ -48,3 +48,17 @@ class Layout:
     def transformer_sizes(self) -> dict:
         """The sizes megatron-core's TransformerConfig takes."""
         return {"tensor_model_parallel_size": self.tp, "pipeline_model_parallel_size": self.pp}
+
+
+class LayoutError(ValueError):
+    pass
+
+
+def check_layout(world_size: int, tp: int, pp: int) -> int:
+    """The data-parallel size, or a clear error when tp x pp does not divide the world."""
+    if tp < 1 or pp < 1:
+        raise LayoutError(f"tensor_parallel={tp} and pipeline_parallel={pp} must be >= 1")
+    if world_size % (tp * pp):
+        raise LayoutError(f"tensor_parallel x pipeline_parallel = {tp} x {pp} = {tp * pp} does not divide the "
+                          f"world size {world_size}; launch a multiple of {tp * pp} processes or change the layout")
+    return world_size // (tp * pp)

@@ -9,21 +9,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_p2t.parallel import cpu_shim, launch_env
-from megatron_p2t.parallel.layout import Layout, ParallelConfig
-
-
-class LayoutError(ValueError):
-    pass
-
-
-def check_layout(world_size: int, tp: int, pp: int) -> int:
-    """The data-parallel size, or a clear error when tp x pp does not divide the world."""
-    if tp < 1 or pp < 1:
-        raise LayoutError(f"tensor_parallel={tp} and pipeline_parallel={pp} must be >= 1")
-    if world_size % (tp * pp):
-        raise LayoutError(f"tensor_parallel x pipeline_parallel = {tp} x {pp} = {tp * pp} does not divide the "
-                          f"world size {world_size}; launch a multiple of {tp * pp} processes or change the layout")
-    return world_size // (tp * pp)
+from megatron_p2t.parallel.layout import Layout, ParallelConfig, check_layout
 
 
 def initialize(parallel: ParallelConfig, backend: str | None = None) -> Layout:

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from megatron_p2t.parallel.state import LayoutError, check_layout
+from megatron_p2t.parallel.layout import LayoutError, check_layout
 from tests.conftest import ROOT
 
 PROBE = r"""
