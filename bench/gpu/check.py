@@ -346,17 +346,10 @@ def check_attention(shapes: Shapes) -> dict:
     for name, fn in kernels.items():
         with torch.no_grad():
             y = fn()
-            times = []
-            for _ in range(shapes.warmup + shapes.steps):
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times.append(time.perf_counter() - t0)
+            times = timed_steps(fn, shapes)
         y = (y.float().cpu() * real)
         out[name] = {"rel_error_vs_cpu_fp32": rel(y, ref * real),
-                     "max_abs_error": float((y - ref * real).abs().max()),
-                     "ms": 1e3 * float(np.median(times[shapes.warmup:]))}
+                     "max_abs_error": float((y - ref * real).abs().max()), "ms": 1e3 * float(np.median(times))}
     out["per_sample_speedup_vs_dense"] = out["dense_block_mask"]["ms"] / out["sdpa_per_sample"]["ms"]
     return out
 
