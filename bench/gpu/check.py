@@ -205,7 +205,8 @@ def stage2_flops(llama_cfg, esm_cfg, text_lengths, protein_lengths, lora_params:
     """The FLOPs a step needs, padding excluded (the same count for both implementations). Frozen base weights
     need no weight gradients: forward 2N and input-gradient 2N per token; LoRA and the projector train fully
     (6N). Causal attention: 4*h*L(L+1)/2 per layer forward, twice that backward. ESM runs forward only,
-    bidirectional; the projector trains in both stages. text_layers (stage 1's text side): that many decoder layers, forward only, no output layer."""
+    bidirectional; the projector trains in both stages. text_layers (stage 1's text side): that many decoder
+    layers, forward only, no output layer."""
     hd = (getattr(llama_cfg, "head_dim", None) or llama_cfg.hidden_size // llama_cfg.num_attention_heads) \
         * llama_cfg.num_attention_heads
     layers = llama_cfg.num_hidden_layers if text_layers is None else text_layers
@@ -287,8 +288,8 @@ def check_precision(shapes: Shapes, work: str, tokenizer: str | None) -> dict:
             sel = logits[b["loss_mask"].bool()].float().cpu()   # the answer positions' logits
         grads = torch.cat([p.grad.float().flatten().cpu() for p in trainable(model)])
         if ref is None:
-            ref = {"state": {k: v.detach().clone() if torch.is_tensor(v) else v
-                             for k, v in model.state_dict().items()}, "loss": float(loss), "logits": sel, "grads": grads}
+            state = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+            ref = {"state": state, "loss": float(loss), "logits": sel, "grads": grads}
         else:
             out = {"loss_fp32": ref["loss"], "loss_bf16": float(loss),
                    "loss_rel_error": abs(float(loss) - ref["loss"]) / abs(ref["loss"]),

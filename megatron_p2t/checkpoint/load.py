@@ -79,24 +79,23 @@ def load_hf(model, cfg, llama_cfg, pcfg, layout: Layout) -> None:
     tpr, tp = layout.tp_rank, layout.tp
     if cfg.model.p2tv2:
         ck = p2tv2.check(cfg.model.p2tv2)
-        copy_into(model, p2t_hf.megatron_tensors(model, ck, ck, ck, llama_cfg, pcfg, tpr, tp,
-                                                          esm_prefix=p2tv2.ESM, llama_prefix=p2tv2.LLAMA,
-                                                          projector_prefix=p2tv2.ADAPTER), cfg.model.p2tv2)
+        copy_into(model, p2t_hf.megatron_tensors(model, ck, ck, ck, llama_cfg, pcfg, tpr, tp, esm_prefix=p2tv2.ESM,
+                                                 llama_prefix=p2tv2.LLAMA, projector_prefix=p2tv2.ADAPTER),
+                  cfg.model.p2tv2)
         return
     proj = HFDir(cfg.model.projector_weights) if cfg.model.projector_weights else None
-    copy_into(model, p2t_hf.megatron_tensors(model, HFDir(cfg.model.esm), HFDir(cfg.model.llama), proj,
-                                                      llama_cfg, pcfg, tpr, tp),
-                       f"{cfg.model.esm} + {cfg.model.llama}", keep=() if proj else ("projector.",))
+    copy_into(model, p2t_hf.megatron_tensors(model, HFDir(cfg.model.esm), HFDir(cfg.model.llama), proj, llama_cfg,
+                                             pcfg, tpr, tp),
+              f"{cfg.model.esm} + {cfg.model.llama}", keep=() if proj else ("projector.",))
 
 
 def load_esm(esm, cfg, layout: Layout) -> None:
-    copy_into(esm, esm_hf.megatron_tensors(esm, HFDir(cfg.model.esm), layout.tp_rank, layout.tp),
-                       cfg.model.esm)
+    copy_into(esm, esm_hf.megatron_tensors(esm, HFDir(cfg.model.esm), layout.tp_rank, layout.tp), cfg.model.esm)
 
 
 def load_text_side(text: TextPooler, cfg, llama_cfg, layout: Layout) -> None:
-    copy_into(text.llm, llama_hf.megatron_tensors(text.llm, HFDir(cfg.model.llama), llama_cfg,
-                                                           layout.tp_rank, layout.tp), cfg.model.llama)
+    copy_into(text.llm, llama_hf.megatron_tensors(text.llm, HFDir(cfg.model.llama), llama_cfg, layout.tp_rank,
+                                                  layout.tp), cfg.model.llama)
 
 
 def build_text_side(cfg, layout: Layout) -> TextPooler:

@@ -124,7 +124,8 @@ def save_imported(model, cfg, source: str, out: str) -> None:
                 if os.path.exists(os.path.join(source, f)):
                     shutil.copy(os.path.join(source, f), os.path.join(out, f))
             if not cfg.data.text_tokenizer:  # the import's own tokenizer, recorded for the commands after it
-                cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, text_tokenizer=os.path.abspath(out)))
+                data = dataclasses.replace(cfg.data, text_tokenizer=os.path.abspath(out))
+                cfg = dataclasses.replace(cfg, data=data)
     sharded.write_run_info(out, cfg)
     torch.distributed.barrier()
 

@@ -40,9 +40,8 @@ def build(cfg, layout: Layout):
     if model.text is not None:
         load.load_text_side(model.text, cfg, llama_cfg, layout)
     if cfg.model.projector_weights:
-        copy_into(model.projector, projector_hf.tensors(HFDir(cfg.model.projector_weights), pcfg,
-                                                                 layout.tp_rank, layout.tp),
-                           cfg.model.projector_weights)
+        copy_into(model.projector, projector_hf.tensors(HFDir(cfg.model.projector_weights), pcfg, layout.tp_rank,
+                                                        layout.tp), cfg.model.projector_weights)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -87,8 +87,7 @@ def build(cfg, layout: Layout):
     if cfg.instruct.init_from and not imported(cfg) and model.pre_process:  # the projector is on the first stage
         src = stage1_dir(cfg.instruct.init_from)
         s1 = stage1_tensors(src)
-        copy_into(model.projector, projector_hf.tensors(TensorSource(s1["projector"], src), pcfg, tpr, tp),
-                           src)
+        copy_into(model.projector, projector_hf.tensors(TensorSource(s1["projector"], src), pcfg, tpr, tp), src)
         if any(s1["esm_lora"]):
             if len(s1["esm_lora"]) != tp:
                 raise CheckpointError(f"{src}: stage 1 trained ESM LoRA at tensor-parallel size "
@@ -128,7 +127,8 @@ def make_loader(cfg, layout: Layout, split: str = "train", train: bool = True):
     if not train:
         dcfg = dataclasses.replace(cfg.data, split=split, epochs=1, num_workers=0)
         return InstructLoader(ProteinTextLoader(dcfg, layout.dp_rank, layout.dp), builder, cfg.instruct, train=False)
-    main = InstructLoader(ProteinTextLoader(dataclasses.replace(cfg.data, split=split), layout.dp_rank, layout.dp), builder, cfg.instruct)
+    main = InstructLoader(ProteinTextLoader(dataclasses.replace(cfg.data, split=split), layout.dp_rank, layout.dp),
+                          builder, cfg.instruct)
     if not cfg.instruct.mix:
         return main
     loaders, weights = [main], [float(cfg.instruct.main_weight)]

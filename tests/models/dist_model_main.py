@@ -138,7 +138,7 @@ def run_case(a):
             sharded.load(model, a.sharded)
         else:
             copy_into(model, p2t_hf.megatron_tensors(model, HFDir(esm_dir), HFDir(llama_dir), HFDir(proj_dir),
-                                                           hf_llama.config, pcfg, tp_rank, tp), "tiny checkpoints")
+                                                     hf_llama.config, pcfg, tp_rank, tp), "tiny checkpoints")
 
         def expected_grads():
             grads = {k: v.grad for k, v in ref_params.items()}
