@@ -95,18 +95,17 @@ LORA_TARGETS = {"linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_att
                 "linear_proj": ("self_attn.o_proj",),
                 "linear_fc1": ("mlp.gate_proj", "mlp.up_proj"),
                 "linear_fc2": ("mlp.down_proj",)}
+# the weight each LoRA target adapts, from the LAYER table: how its B (column-parallel) or A (row-parallel) splits
+_WEIGHT = {e.megatron.split(".")[1]: e for e in LAYER if e.dim is not None}
 _PARENT = {"linear_qkv": "self_attention", "linear_proj": "self_attention", "linear_fc1": "mlp", "linear_fc2": "mlp"}
 
 
 def lora_tensors(model, src, hf_cfg, tp_rank: int, tp: int, targets, prefix: str = PEFT_PREFIX,
                  require_shared_a: bool = True) -> Dict[str, torch.Tensor]:
     """A PEFT adapter on LlamaForCausalLM -> this rank's lora_A / lora_B of a GPTModel stage wrapped with
-    `targets`. require_shared_a=False maps gradients, whose per-projection A parts legitimately differ."""
-    hd = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
-    qpg = hf_cfg.num_attention_heads // hf_cfg.num_key_value_heads
-    g0, g1 = span(hf_cfg.num_key_value_heads, tp_rank, tp, "num_key_value_heads")
-    f0, f1 = span(hf_cfg.intermediate_size, tp_rank, tp, "intermediate_size")
-    a0, a1 = span(hf_cfg.num_attention_heads * hd, tp_rank, tp, "attention width")
+    `targets`. require_shared_a=False maps gradients, whose per-projection A parts legitimately differ.
+    B is split and fused like the weight it adapts (the LAYER table's spans and fusers)."""
+    spans, fusers = _geometry(hf_cfg, tp_rank, tp)
     out = {}
     for i, layer in enumerate(model.decoder.layers):
         p = f"{prefix}model.layers.{layer.layer_number - 1}."
@@ -119,47 +118,33 @@ def lora_tensors(model, src, hf_cfg, tp_rank: int, tp: int, targets, prefix: str
                     if not torch.equal(src.get(other.format("A")), a):
                         raise CheckpointError(f"{src.path}: {other.format('A')} differs from {names[0].format('A')}; "
                                               f"a fused adapter needs one shared A (merge the adapter instead)")
-                if t == "linear_qkv":
-                    q, k, v = (src.get(n.format("B"), 0, s0, s1) for n, (s0, s1) in
-                               zip(names, ((g0 * qpg * hd, g1 * qpg * hd), (g0 * hd, g1 * hd), (g0 * hd, g1 * hd))))
-                    b = fuse_qkv(q, k, v, qpg, hd)
-                else:
-                    b = torch.cat([src.get(n.format("B"), 0, f0, f1) for n in names], 0)
+                e = _WEIGHT[t]
+                b = fusers[e.fuse][0]([src.get(n.format("B"), 0, *spans[k]) for n, k in zip(names, e.spans)])
             else:
-                c0, c1 = (a0, a1) if t == "linear_proj" else (f0, f1)
-                a, b = src.get(names[0].format("A"), 1, c0, c1), src.get(names[0].format("B"))
+                a, b = src.get(names[0].format("A"), 1, *spans[_WEIGHT[t].spans[0]]), src.get(names[0].format("B"))
             out[m + "lora_A"], out[m + "lora_B"] = a, b
     return out
 
 
 def lora_hf_slices(model, hf_cfg, tp_rank: int, tp: int, prefix: str = PEFT_PREFIX):
-    """The inverse of lora_tensors, as export slices (hf name, dim, start, stop, tensor) of this rank."""
-    hd = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
-    qpg = hf_cfg.num_attention_heads // hf_cfg.num_key_value_heads
-    g0, g1 = span(hf_cfg.num_key_value_heads, tp_rank, tp, "num_key_value_heads")
-    f0, f1 = span(hf_cfg.intermediate_size, tp_rank, tp, "intermediate_size")
-    a0, a1 = span(hf_cfg.num_attention_heads * hd, tp_rank, tp, "attention width")
+    """The inverse of lora_tensors, as export slices of this rank."""
+    spans, fusers = _geometry(hf_cfg, tp_rank, tp)
     whole = tp_rank == 0
     out = []
     for name, mod in lora_layers(model).items():
         i, t = int(name.split(".")[2]), name.rsplit(".", 1)[-1]
         p = f"{prefix}model.layers.{model.decoder.layers[i].layer_number - 1}."
         a, b = mod.lora_A.detach(), mod.lora_B.detach()
-        hf = LORA_TARGETS[t]
-        if t == "linear_qkv":
-            q, k, v = split_qkv(b, qpg, hd)
-            spans = ((g0 * qpg * hd, g1 * qpg * hd), (g0 * hd, g1 * hd), (g0 * hd, g1 * hd))
-            out += [(f"{p}{h}.lora_B.weight", 0, s0, s1, x) for h, x, (s0, s1) in zip(hf, (q, k, v), spans)]
-        elif t == "linear_fc1":
-            n = f1 - f0
-            out += [(f"{p}{h}.lora_B.weight", 0, f0, f1, x) for h, x in zip(hf, (b[:n], b[n:]))]
+        hf, e = LORA_TARGETS[t], _WEIGHT[t]
+        if e.fuse:
+            out += [Slice(f"{p}{h}.lora_B.weight", 0, *spans[k], x)
+                    for h, k, x in zip(hf, e.spans, fusers[e.fuse][1](b))]
         else:
-            c0, c1 = (a0, a1) if t == "linear_proj" else (f0, f1)
-            out.append((f"{p}{hf[0]}.lora_A.weight", 1, c0, c1, a))
+            out.append(Slice(f"{p}{hf[0]}.lora_A.weight", 1, *spans[e.spans[0]], a))
             if whole:
-                out.append((f"{p}{hf[0]}.lora_B.weight", None, 0, 0, b))
-        if whole and t in ("linear_qkv", "linear_fc1"):
-            out += [(f"{p}{h}.lora_A.weight", None, 0, 0, a.clone()) for h in hf]  # one tensor per file entry
+                out.append(Slice(f"{p}{hf[0]}.lora_B.weight", None, 0, 0, b))
+        if whole and e.fuse:
+            out += [Slice(f"{p}{h}.lora_A.weight", None, 0, 0, a.clone()) for h in hf]  # one tensor per file entry
     return out
 
 
