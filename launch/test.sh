@@ -4,5 +4,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 export DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1
-# --durations: every run (CI included) lists its slowest cases, so a test that grows is seen where it happens
-exec .venv/bin/python -m pytest -q -rs --durations=15 "$@"
+# as an activated venv: every process, launchers' children included, finds the same ninja (the venv's). DeepSpeed
+# JIT-builds its CPU shm op on first use; Debian's ninja 1.11 and the venv's 1.13 read each other's build log as
+# stale, so each switch between them rebuilt the op (~35 s on 2 cores; 4 times a suite run before this)
+export PATH="$PWD/.venv/bin:$PATH"
+# --durations: every run (CI included) lists its slowest cases, so a test that grows is seen where it happens.
+# -n: two pytest-xdist workers (the machine's 2 cores; single-process tests leave one idle otherwise), grouped
+# and ordered by tests/conftest.py; TEST_WORKERS=0 runs everything in this process, in file order.
+exec .venv/bin/python -m pytest -q -rs --durations=15 -n "${TEST_WORKERS:-2}" --dist loadscope \
+  --no-loadscope-reorder "$@"

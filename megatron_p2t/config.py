@@ -9,12 +9,17 @@ import yaml
 
 from megatron_p2t.data.instruct import InstructConfig
 from megatron_p2t.data.loader import LoaderConfig
-from megatron_p2t.models.parts_config import FreezeConfig, LoRAConfig, ProjectorConfig
+from megatron_p2t.models.parts_config import FreezeConfig, LoRAConfig, ProjectorConfig, ResamplerConfig, check_parts
 from megatron_p2t.parallel.layout import ParallelConfig
 
 
 @dataclasses.dataclass
 class ModelConfig:
+    # the parts by name (models/parts_config.py lists them): encoder -> connector -> decoder
+    encoder: str = "esm2"
+    connector: str = "mlp"                           # mlp (Prot2Text-V2), mlp2x_gelu, resampler (Protein2Text)
+    decoder: str = "llama"
+    resampler: ResamplerConfig = dataclasses.field(default_factory=ResamplerConfig)
     esm: str = "facebook/esm2_t36_3B_UR50D"          # local HF directories (EsmModel / EsmForMaskedLM ...)
     llama: str = "meta-llama/Llama-3.1-8B-Instruct"  # ... and LlamaForCausalLM)
     projector: ProjectorConfig = dataclasses.field(default_factory=lambda: ProjectorConfig(input_dim=0, output_dim=0))
@@ -129,6 +134,10 @@ def config_from_dict(values: dict, overrides: List[str] = ()) -> Config:
         if not eq:
             raise ConfigError(f"override {o!r}: expected section.key=value")
         _set(cfg, key.lstrip("-"), raw)
+    try:
+        check_parts(cfg.model.encoder, cfg.model.connector, cfg.model.decoder)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 

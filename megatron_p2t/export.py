@@ -87,6 +87,11 @@ def main(checkpoint: str, out: str, fmt: str = "megatron_p2t", verify_logits: bo
                          f"it starts them)")
     cfg = config_from_dict(saved, [*overrides, f"parallel.tensor={parallel.tensor}",
                                    f"parallel.pipeline={parallel.pipeline}"])
+    if cfg.model.connector != "mlp":
+        # the exported directory's reader (hf_model.Prot2TextForGeneration) knows Prot2Text-V2's projector only
+        raise ValueError(f"{step}: export of a model.connector={cfg.model.connector} run is not supported yet "
+                         f"(the Prot2Text-V2 projector, model.connector=mlp, is); its megatron checkpoint stays "
+                         f"usable for training and resuming")
     layout = state.initialize(cfg.parallel)
     res = export(cfg, step, out, layout, fmt=fmt)
     merged = torch.tensor([res["merged_lora_layers"]])  # each stage merged its own layers

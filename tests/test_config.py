@@ -33,3 +33,23 @@ def test_unknown_keys_are_named(tmp_path):
         load_config(None, ["data.nope=1"])
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["data.batch_size"])
+
+
+def test_parts_are_chosen_by_name_and_an_unknown_one_is_refused_with_the_choices():
+    cfg = load_config(f"{ROOT}/configs/prot2text_v2.yaml")
+    assert (cfg.model.encoder, cfg.model.connector, cfg.model.decoder) == ("esm2", "mlp", "llama")
+    cfg = load_config(f"{ROOT}/configs/prot2text_v2.yaml", ["model.connector=resampler", "model.resampler.latents=64"])
+    assert cfg.model.connector == "resampler" and cfg.model.resampler.latents == 64
+    with pytest.raises(ConfigError, match=r"model.connector='perceiver'.*mlp2x_gelu.*resampler"):
+        load_config(None, ["model.connector=perceiver"])
+    with pytest.raises(ConfigError, match=r"model.decoder='mistral'.*llama"):
+        load_config(None, ["model.decoder=mistral"])
+
+
+def test_a_protein_fills_as_many_prompt_slots_as_its_connector_gives():
+    from megatron_p2t.models.parts_config import ResamplerConfig, protein_slots
+    r = ResamplerConfig(latents=128)
+    assert protein_slots("mlp", r, 350) == protein_slots("mlp2x_gelu", r, 350) == 352   # residues + <cls> + <eos>
+    assert protein_slots("resampler", r, 350) == protein_slots("resampler", r, 12) == 128
+    with pytest.raises(ValueError, match="choose one of"):
+        protein_slots("qformer", r, 10)

@@ -73,8 +73,9 @@ def build_model(cfg, layout: Layout):
 
 
 def load_hf(model, cfg, llama_cfg, pcfg, layout: Layout) -> None:
-    """ESM and LLaMA from their HF directories; the projector from model.projector_weights when given (a
-    directory with fc1/fc2 tensors), else it keeps its fresh initialisation (stage 1 starts that way). All three
+    """ESM and LLaMA from their HF directories; the connector from model.projector_weights when given (a
+    directory with fc1/fc2 tensors for `mlp`, Protein2Text's model.mm_resampler.* / model.mm_projector.* for the
+    others), else it keeps its fresh initialisation (stage 1 starts that way). All three
     from one Prot2Text-V2 directory when model.p2tv2 names one."""
     tpr, tp = layout.tp_rank, layout.tp
     if cfg.model.p2tv2:
@@ -86,7 +87,7 @@ def load_hf(model, cfg, llama_cfg, pcfg, layout: Layout) -> None:
     proj = HFDir(cfg.model.projector_weights) if cfg.model.projector_weights else None
     copy_into(model, p2t_hf.megatron_tensors(model, HFDir(cfg.model.esm), HFDir(cfg.model.llama), proj, llama_cfg,
                                              pcfg, tpr, tp),
-              f"{cfg.model.esm} + {cfg.model.llama}", keep=() if proj else ("projector.",))
+              f"{cfg.model.esm} + {cfg.model.llama}", keep=() if proj else ("projector.", "connector."))
 
 
 def load_esm(esm, cfg, layout: Layout) -> None:

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from megatron_p2t.checkpoint import esm_hf, export_hf, llama_hf, projector_hf
+from megatron_p2t.checkpoint import esm_hf, export_hf, llama_hf, projector_hf, resampler_hf
 from megatron_p2t.models.p2t import Prot2TextModel
 
 def megatron_tensors(model: Prot2TextModel, esm_src, llama_src, projector_src, llama_hf_cfg, projector_cfg,
@@ -19,9 +19,14 @@ def megatron_tensors(model: Prot2TextModel, esm_src, llama_src, projector_src, l
     if model.pre_process:
         sd.update({f"esm.{k}": v for k, v in esm_hf.megatron_tensors(model.esm, esm_src, tp_rank, tp,
                                                                       esm_prefix).items()})
-        if projector_src is not None:  # None: the projector keeps its fresh initialisation
+        if projector_src is None:      # the connector keeps its fresh initialisation
+            return sd
+        if model.connector_name == "mlp":
             sd.update({f"projector.{k}": v for k, v in
                        projector_hf.tensors(projector_src, projector_cfg, tp_rank, tp, projector_prefix).items()})
+        else:                          # Protein2Text's / LLaVA's released names
+            sd.update({f"connector.{k}": v for k, v in
+                       resampler_hf.tensors(projector_src, model.connector, tp_rank, tp).items()})
     return sd
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -198,8 +198,12 @@ class InstructLoader:
     """A ProteinTextLoader's batches as stage-2 batches; its resumable position is the wrapped loader's.
     Padding samples of a finite pass (valid=False) are dropped here, and counted by the loader."""
 
-    def __init__(self, loader, builder: PromptBuilder, cfg: InstructConfig, train: bool = True):
+    def __init__(self, loader, builder: PromptBuilder, cfg: InstructConfig, train: bool = True,
+                 slots: Optional[Callable[[int], int]] = None):
+        """slots: prompt positions of a protein of n ESM tokens (the connector decides: models/parts_config.py's
+        protein_slots); None: one per ESM token."""
         self.loader, self.builder, self.cfg, self.train = loader, builder, cfg, train
+        self.slots = slots or (lambda n: n)
         self.pad_id = loader.text_pad
 
     def state_dict(self) -> dict:
@@ -219,8 +223,8 @@ class InstructLoader:
         enc = []
         for i in keep:
             answer = b["text_ids"][i][b["text_mask"][i]].tolist()
-            enc.append(self.builder.encode(b["meta"][i], b["keys"][i], answer, int(b["protein_mask"][i].sum()),
-                                           b["epochs"][i], self.train))
+            enc.append(self.builder.encode(b["meta"][i], b["keys"][i], answer,
+                                           self.slots(int(b["protein_mask"][i].sum())), b["epochs"][i], self.train))
         idx = torch.tensor(keep)
         out = collate_instruct(enc, b["protein_ids"][idx], b["protein_mask"][idx], self.pad_id, self.cfg.pack,
                                self.cfg.pack_length)

@@ -23,7 +23,7 @@ def build(model_cfg, layout: Layout, llama_cfg, esm_cfg, pcfg, placeholder_id: i
                            esm_output_layer=model_cfg.esm_output_layer, freeze=model_cfg.freeze,
                            llm_config=llama_mod.transformer_config(llama_cfg, params_dtype=DTYPES[model_cfg.dtype],
                                                                    layout=layout),
-                           layout=layout)
+                           layout=layout, connector=model_cfg.connector, resampler=model_cfg.resampler)
     if torch.cuda.is_available():  # plain torch parts (the ESM embedding) are built on the CPU, as in Megatron-LM
         model.cuda(torch.cuda.current_device())
     return model

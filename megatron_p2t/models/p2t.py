@@ -1,7 +1,10 @@
-"""The joined Prot2Text model: ESM-2 encoder -> projector -> LLaMA decoder.
+"""The joined model: ESM-2 encoder -> connector -> LLaMA decoder.
 
-The prompt carries one placeholder token per ESM token (<cls> and <eos> included); the projected protein
-vectors replace the placeholders' embeddings before the first decoder layer. The encoder and projector live
+The connector (`model.connector`, parts_config.CONNECTORS) turns the ESM states into decoder inputs: Prot2Text-V2's
+projector (`mlp`, attribute `projector` as in its checkpoints) and `mlp2x_gelu` one vector per ESM token (<cls>
+and <eos> included), Protein2Text's resampler a fixed number. The prompt carries one placeholder token per
+vector (parts_config.protein_slots); the vectors replace the placeholders' embeddings before the first decoder
+layer. The encoder and connector live
 on the first pipeline stage, next to the token embedding, as megatron-core's LLaVA places its vision tower;
 the decoder layers spread over all stages.
 
@@ -19,8 +22,9 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_p2t.models import esm as esm_mod
 from megatron_p2t.models import llama as llama_mod
-from megatron_p2t.models.parts_config import FreezeConfig, ProjectorConfig
+from megatron_p2t.models.parts_config import CONNECTORS, FreezeConfig, ProjectorConfig, ResamplerConfig
 from megatron_p2t.models.projector import Projector
+from megatron_p2t.models.resampler import MLP2xGelu, ResamplerConnector
 from megatron_p2t.parallel.layout import Layout
 
 
@@ -28,7 +32,8 @@ class Prot2TextModel(MegatronModule):
     def __init__(self, esm_cfg: esm_mod.ESMConfig, llama_hf_cfg, projector_cfg: ProjectorConfig,
                  placeholder_id: int, pre_process: bool = True, post_process: bool = True,
                  esm_output_layer: int = -1, freeze: FreezeConfig = FreezeConfig(), llm_config=None,
-                 layout: Layout | None = None):
+                 layout: Layout | None = None, connector: str = "mlp",
+                 resampler: ResamplerConfig = ResamplerConfig()):
         llm_config = llm_config or llama_mod.transformer_config(llama_hf_cfg, layout=layout)
         super().__init__(llm_config)  # self.config: what megatron's schedules read, with model_type below
         self.pre_process, self.post_process, self.placeholder_id = pre_process, post_process, placeholder_id
@@ -36,14 +41,25 @@ class Prot2TextModel(MegatronModule):
         self.llm = llama_mod.build(llama_hf_cfg, pre_process=pre_process, post_process=post_process,
                                    config=self.llm_config)
         self.model_type = self.llm.model_type
+        if connector not in CONNECTORS:
+            raise ValueError(f"model.connector={connector!r}: choose one of {sorted(CONNECTORS)}")
+        self.connector_name = connector
         if pre_process:
             self.esm = esm_mod.ESMEncoder(esm_cfg, output_layer=esm_output_layer,
                                           params_dtype=self.llm_config.params_dtype, layout=layout)
-            self.projector = Projector(projector_cfg, self.llm_config)
+            if connector == "mlp":
+                self.projector = Projector(projector_cfg, self.llm_config)
+            elif connector == "mlp2x_gelu":
+                self.connector = MLP2xGelu(esm_cfg.hidden_size, self.llm_config.hidden_size, self.llm_config)
+            else:
+                self.connector = ResamplerConnector(resampler, esm_cfg.hidden_size, self.llm_config.hidden_size,
+                                                    self.llm_config)
         self.set_freeze(freeze)
 
     def set_freeze(self, freeze: FreezeConfig) -> None:
-        for name, frozen in (("esm", freeze.esm), ("projector", freeze.projector), ("llm", freeze.llm)):
+        """freeze.projector: whichever connector the model has."""
+        for name, frozen in (("esm", freeze.esm), ("projector", freeze.projector), ("connector", freeze.projector),
+                             ("llm", freeze.llm)):
             part = getattr(self, name, None)
             if part is not None:
                 for p in part.parameters():
@@ -52,26 +68,37 @@ class Prot2TextModel(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.llm.set_input_tensor(input_tensor)
 
+    def protein_vectors(self, protein_ids, protein_mask):
+        """(vectors [b, n, h] for the prompt, mask [b, n]: the real ones) from the connector."""
+        states = self.esm(protein_ids, protein_mask)
+        if self.connector_name == "mlp":
+            return self.projector(states), protein_mask.bool()
+        if self.connector_name == "mlp2x_gelu":
+            return self.connector(states), protein_mask.bool()
+        return self.connector(states, protein_mask)
+
     def splice(self, input_ids, position_ids, protein_ids, protein_mask) -> torch.Tensor:
-        """Token embeddings [s, b, h] with the placeholders replaced by projected protein vectors."""
+        """Token embeddings [s, b, h] with the placeholders replaced by the connector's protein vectors."""
         emb = self.llm.embedding(input_ids=input_ids, position_ids=position_ids)   # [s, b, h]
         slots = input_ids == self.placeholder_id                                    # [b, s]
+        prot, prot_mask = self.protein_vectors(protein_ids, protein_mask)          # [b, n, h], [b, n]
+        what = (f"{self.connector_name} connector: one per ESM token, residues + <cls> + <eos>"
+                if self.connector_name != "resampler" else f"resampler: {prot.shape[1]} latents")
         if protein_ids.shape[0] != input_ids.shape[0]:  # packed rows: proteins in placeholder order
-            have, need = slots.sum(), protein_mask.sum()
+            have, need = slots.sum(), prot_mask.sum()
             if have != need:
-                raise ValueError(f"the packed batch has {int(have)} placeholder tokens but its proteins have "
-                                 f"{int(need)} ESM tokens; proteins must be listed in the order their "
+                raise ValueError(f"the packed batch has {int(have)} placeholder tokens but its proteins fill "
+                                 f"{int(need)} prompt slots ({what}); proteins must be listed in the order their "
                                  f"placeholders appear (data/instruct.py's collate does this)")
             have = need = slots.new_zeros(1)
         else:
-            have, need = slots.sum(1), protein_mask.sum(1)
+            have, need = slots.sum(1), prot_mask.sum(1)
         if not torch.equal(have, need):
             bad = int((have != need).nonzero()[0, 0])
             raise ValueError(f"sample {bad} of the batch has {int(have[bad])} placeholder tokens but its protein "
-                             f"has {int(need[bad])} ESM tokens (residues + <cls> + <eos>); build the prompt with "
-                             f"one placeholder per ESM token")
-        prot = self.projector(self.esm(protein_ids, protein_mask))                 # [b, lp, h]
-        flat = prot[protein_mask.bool()].to(emb.dtype)                              # [n, h], in row order
+                             f"fills {int(need[bad])} prompt slots ({what}); build the prompt with "
+                             f"parts_config.protein_slots placeholders")
+        flat = prot[prot_mask].to(emb.dtype)                                        # [n, h], in row order
         emb_b = emb.transpose(0, 1)
         out = emb_b.masked_scatter(slots.unsqueeze(-1).expand_as(emb_b), flat)
         return out.transpose(0, 1).contiguous()

@@ -9,6 +9,7 @@ the first stage.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 
@@ -22,7 +23,7 @@ from megatron_p2t.data.instruct import InstructLoader, MixedLoader, PromptBuilde
 from megatron_p2t.data.loader import ProteinTextLoader
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
 from megatron_p2t.models.lora import apply_lora
-from megatron_p2t.models.parts_config import FreezeConfig
+from megatron_p2t.models.parts_config import FreezeConfig, protein_slots
 from megatron_p2t.parallel import pipeline, state
 from megatron_p2t.parallel.layout import Layout
 from megatron_p2t.parallel.state import collective_device
@@ -70,6 +71,10 @@ def stage2_config(cfg):
     if cfg.model.llm_lora.r <= 0:
         raise ValueError("stage 2 trains LoRA on the decoder: set model.llm_lora.r > 0")
     model = dataclasses.replace(cfg.model, freeze=FreezeConfig(esm=True, projector=False, llm=True))
+    if cfg.instruct.init_from and not imported(cfg) and cfg.model.connector != "mlp":
+        raise ValueError(f"instruct.init_from={cfg.instruct.init_from}: a stage-1 (align) run trains Prot2Text-V2's "
+                         f"projector, which model.connector={cfg.model.connector} does not have; start from "
+                         f"model.projector_weights (a directory in the released Protein2Text names) or fresh")
     if imported(cfg):
         model = dataclasses.replace(model, p2tv2=cfg.instruct.init_from)
     return dataclasses.replace(cfg, model=model)
@@ -104,9 +109,10 @@ def build(cfg, layout: Layout):
 
 def param_groups(model, cfg):
     lora = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
-    proj = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("projector.")]
+    connector = ("projector.", "connector.")
+    proj = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(connector)]
     other = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n
-             and not n.startswith("projector.")]
+             and not n.startswith(connector)]
     if other:
         raise ValueError(f"unexpected trainable parameters in stage 2: {other[:4]}")
     if not proj and cfg.parallel.pipeline > 1:
@@ -119,16 +125,22 @@ def param_groups(model, cfg):
     return [{"params": lora, "lr": cfg.train.lr}, {"params": proj, "lr": cfg.instruct.projector_lr or cfg.train.lr}]
 
 
+def _slots(connector: str, resampler, esm_tokens: int) -> int:
+    return protein_slots(connector, resampler, esm_tokens - 2)   # ESM tokens: residues + <cls> + <eos>
+
+
 def make_loader(cfg, layout: Layout, split: str = "train", train: bool = True):
     if not cfg.data.text_tokenizer:
         raise ValueError("stage 2 needs data.text_tokenizer (the LLaMA tokenizer directory)")
     builder = PromptBuilder(load_text_tokenizer(cfg.data.text_tokenizer), cfg.instruct, cfg.model.placeholder_token,
                             seed=cfg.data.seed)
+    slots = functools.partial(_slots, cfg.model.connector, cfg.model.resampler)
     if not train:
         dcfg = dataclasses.replace(cfg.data, split=split, epochs=1, num_workers=0)
-        return InstructLoader(ProteinTextLoader(dcfg, layout.dp_rank, layout.dp), builder, cfg.instruct, train=False)
+        return InstructLoader(ProteinTextLoader(dcfg, layout.dp_rank, layout.dp), builder, cfg.instruct, train=False,
+                              slots=slots)
     main = InstructLoader(ProteinTextLoader(dataclasses.replace(cfg.data, split=split), layout.dp_rank, layout.dp),
-                          builder, cfg.instruct)
+                          builder, cfg.instruct, slots=slots)
     if not cfg.instruct.mix:
         return main
     loaders, weights = [main], [float(cfg.instruct.main_weight)]
@@ -136,7 +148,8 @@ def make_loader(cfg, layout: Layout, split: str = "train", train: bool = True):
         if set(m) - {"manifest", "weight"} or "manifest" not in m:
             raise ValueError(f"instruct.mix entries are {{manifest: PATH, weight: W}}, got {m}")
         dcfg = dataclasses.replace(cfg.data, manifest=m["manifest"], split=split)
-        loaders.append(InstructLoader(ProteinTextLoader(dcfg, layout.dp_rank, layout.dp), builder, cfg.instruct))
+        loaders.append(InstructLoader(ProteinTextLoader(dcfg, layout.dp_rank, layout.dp), builder, cfg.instruct,
+                                      slots=slots))
         weights.append(float(m.get("weight", 1.0)))
     return MixedLoader(loaders, weights, seed=cfg.data.seed)
 

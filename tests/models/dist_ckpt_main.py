@@ -35,17 +35,32 @@ def logits(model, tp, layout):
 
 
 def main():
+    """Runs every --case MODE:TP:PP in this one process group, one after another (megatron's groups are rebuilt
+    between cases; a launch costs more than a case). Each case writes WORK/MODE-tpTPppPP/rankN.json."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--mode", choices=["roundtrip", "save", "load", "load-wrong"])
+    ap.add_argument("--case", action="append", required=True, metavar="MODE:TP:PP",
+                    help="MODE: roundtrip, save, load (what save wrote, at another layout) or load-wrong")
     ap.add_argument("--ckpt")
     ap.add_argument("--work")
-    a = ap.parse_args()
+    args = ap.parse_args()
+    from megatron.core import parallel_state as ps
+
     from megatron_p2t.parallel import state
     from megatron_p2t.parallel.layout import ParallelConfig
-    layout = state.initialize(ParallelConfig(tensor=a.tp, pipeline=a.pp))
+    for case in args.case:
+        mode, tp, pp = case.split(":")
+        a = argparse.Namespace(**vars(args), mode=mode, tp=int(tp), pp=int(pp))
+        ps.destroy_model_parallel()
+        result = run_case(a, state.initialize(ParallelConfig(tensor=a.tp, pipeline=a.pp)))
+        out = os.path.join(a.work, f"{mode}-tp{tp}pp{pp}")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
+            json.dump(result, f)
+        torch.distributed.barrier()   # a load case reads the logits a save case's rank 0 wrote
+    state.destroy()
 
+
+def run_case(a, layout):
     from megatron_p2t.checkpoint import p2t_hf, sharded
     from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
     from megatron_p2t.checkpoint.slicing import copy_into
@@ -57,7 +72,7 @@ def main():
         copy_into(model, p2t_hf.megatron_tensors(model, src["esm"], src["llama"], src["projector"], llama_cfg, pcfg,
                                               tp_rank, a.tp), "tiny checkpoints")
     if a.mode == "roundtrip":
-        out = os.path.join(a.work, "exported")
+        out = os.path.join(a.work, f"exported-tp{a.tp}pp{a.pp}")
         p2t_hf.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tp_rank, a.tp)
         if rank == 0:
             from transformers import EsmModel, LlamaForCausalLM
@@ -87,15 +102,15 @@ def main():
         if out is not None:
             ref = torch.load(os.path.join(a.work, "saved_logits.pt"))
             result = {"logit_diff": max(float((x - y).abs().max()) for x, y in zip(out, ref))}
-    else:
+    elif a.mode == "load-wrong":
         try:
             sharded.load(model, os.path.join(a.work, "sharded"))
             result = {"error": None}
         except CheckpointError as e:
             result = {"error": str(e)}
-    with open(os.path.join(a.work, f"{a.mode}_rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    state.destroy()
+    else:
+        raise SystemExit(f"unknown mode {a.mode!r}")
+    return result
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_inputs(seed=3, micro=2, mb=2, seq=24, vocab=256, placeholder=250):
+def reference_inputs(seed=3, micro=2, mb=2, seq=24, vocab=256, placeholder=250, slots=None):
+    """Micro-batches of prompts with one placeholder per ESM token, or `slots` per protein (a resampler's)."""
     from megatron_p2t.data import esm_alphabet
     g = torch.Generator().manual_seed(seed)
     seqs = ["MKTAYIAKQRQISF", "MSSILPFTPPIVKRL", "MAADIFAK", "MHHHKLLQPW"]
@@ -22,7 +23,7 @@ def reference_inputs(seed=3, micro=2, mb=2, seq=24, vocab=256, placeholder=250):
             e = torch.from_numpy(esm_alphabet.encode(seqs[(m * mb + b) % len(seqs)]))
             pids[b, :len(e)] = e
             pmask[b, :len(e)] = True
-            ids[b, 2:2 + len(e)] = placeholder
+            ids[b, 2:2 + (slots or len(e))] = placeholder
         labels = torch.roll(ids, -1, 1)
         loss_mask = torch.zeros(mb, seq)
         loss_mask[:, 19:seq - 1] = 1
@@ -31,7 +32,8 @@ def reference_inputs(seed=3, micro=2, mb=2, seq=24, vocab=256, placeholder=250):
     return out
 
 
-CHECKS = ["llama", "p2t", "esm", "esm_lora", "llama_lora", "text"]
+CHECKS = ["llama", "p2t", "p2t_resampler", "esm", "esm_lora", "llama_lora", "text", "resampler"]
+LATENTS = 6   # the tiny resampler's, tests/models/resampler_reference.py's Connector
 
 
 def main():
@@ -86,8 +88,11 @@ def run_case(a):
         return esm_lora_check(a, esm_dir, tp_rank)
     if a.what == "text":
         return text_check(a, llama_dir, tp_rank)
+    if a.what == "resampler":
+        return resampler_check(a, llama_dir, tp_rank)
     hf_llama = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation="eager")
-    batches = reference_inputs()
+    resampled = a.what == "p2t_resampler"    # Protein2Text: ESM layer -2 -> resampler + mlp2x_gelu -> LLaMA
+    batches = reference_inputs(slots=LATENTS if resampled else None)
 
     # -- the reference, in plain HF + torch, on every rank --
     ref_loss, ref_logits = [], []
@@ -101,18 +106,32 @@ def run_case(a):
     else:
         from safetensors.torch import load_file
         hf_esm = EsmModel.from_pretrained(esm_dir, add_pooling_layer=False, attn_implementation="eager")
-        proj = {k: v.clone().requires_grad_(True) for k, v in
-                load_file(os.path.join(proj_dir, "model.safetensors")).items()}
+        if resampled:
+            from tests.models.resampler_reference import Connector
+            torch.manual_seed(11)
+            conn = Connector(48, 64, latents=LATENTS)
+            proj = dict(conn.named_parameters())
+        else:
+            proj = {k: v.clone().requires_grad_(True) for k, v in
+                    load_file(os.path.join(proj_dir, "model.safetensors")).items()}
         ref_params = {**{f"llama.{k}": v for k, v in hf_llama.named_parameters()},
                       **{f"esm.{k}": v for k, v in hf_esm.named_parameters()},
                       **{f"proj.{k}": v for k, v in proj.items()}}
         for b in batches:
-            h = hf_esm(input_ids=b["protein_ids"], attention_mask=b["protein_mask"].long()).last_hidden_state
-            h = F.gelu(F.linear(h, proj["fc1.weight"], proj["fc1.bias"]))
-            h = F.normalize(F.gelu(F.linear(h, proj["fc2.weight"], proj["fc2.bias"])), dim=-1)
+            out = hf_esm(input_ids=b["protein_ids"], attention_mask=b["protein_mask"].long(),
+                         output_hidden_states=resampled)
+            if resampled:   # the released code: one protein at a time, its residues only
+                h = out.hidden_states[-2]
+                h = torch.stack([conn(h[i, 1:int(n) - 1]) for i, n in enumerate(b["protein_mask"].sum(1))])
+                h = h.flatten(0, 1)
+            else:
+                h = out.last_hidden_state
+                h = F.gelu(F.linear(h, proj["fc1.weight"], proj["fc1.bias"]))
+                h = F.normalize(F.gelu(F.linear(h, proj["fc2.weight"], proj["fc2.bias"])), dim=-1)
+                h = h[b["protein_mask"]]
             emb = hf_llama.get_input_embeddings()(b["input_ids"])
             slots = (b["input_ids"] == 250).unsqueeze(-1).expand_as(emb)
-            emb = emb.masked_scatter(slots, h[b["protein_mask"]])
+            emb = emb.masked_scatter(slots, h)
             logits = hf_llama(inputs_embeds=emb, position_ids=b["position_ids"]).logits
             ref_logits.append(logits.detach())
             tok = F.cross_entropy(logits.transpose(1, 2), b["labels"], reduction="none")
@@ -129,22 +148,29 @@ def run_case(a):
             g = TensorSource({k: v.grad for k, v in ref_params.items()}, "reference grads")
             return llama_hf.megatron_tensors(model, g, hf_llama.config, tp_rank, tp)
     else:
+        from megatron_p2t.models.parts_config import ResamplerConfig
         pcfg = ProjectorConfig(input_dim=48, intermediate_dim=32, output_dim=64, dropout=0.0)
         ecfg = ESMConfig.from_hf(hf_esm.config)
         model = p2t.Prot2TextModel(ecfg, hf_llama.config, pcfg, placeholder_id=250, pre_process=first, layout=a.layout,
-                                   post_process=last, freeze=p2t.FreezeConfig(esm=False, projector=False, llm=False))
+                                   post_process=last, freeze=p2t.FreezeConfig(esm=False, projector=False, llm=False),
+                                   connector="resampler" if resampled else "mlp", esm_output_layer=-2 if resampled
+                                   else -1, resampler=ResamplerConfig(latents=LATENTS, depth=2, heads=4, head_dim=8))
         if a.sharded:
             from megatron_p2t.checkpoint import sharded
             sharded.load(model, a.sharded)
         else:
-            copy_into(model, p2t_hf.megatron_tensors(model, HFDir(esm_dir), HFDir(llama_dir), HFDir(proj_dir),
+            conn_src = TensorSource(conn.released_state_dict()) if resampled else HFDir(proj_dir)
+            copy_into(model, p2t_hf.megatron_tensors(model, HFDir(esm_dir), HFDir(llama_dir), conn_src,
                                                      hf_llama.config, pcfg, tp_rank, tp), "tiny checkpoints")
 
         def expected_grads():
             grads = {k: v.grad for k, v in ref_params.items()}
-            pick = lambda pre: TensorSource({k[len(pre):]: v for k, v in grads.items() if k.startswith(pre)}, pre)
-            return p2t_hf.megatron_tensors(model, pick("esm."), pick("llama."), pick("proj."), hf_llama.config, pcfg,
-                                        tp_rank, tp)
+            # the connector's gradients under its source names: the released ones for the resampler
+            rename = (lambda k: "model." + k) if resampled else (lambda k: k)
+            pick = lambda pre, name=(lambda k: k): TensorSource({name(k[len(pre):]): v for k, v in grads.items()
+                                                                 if k.startswith(pre)}, pre)
+            return p2t_hf.megatron_tensors(model, pick("esm."), pick("llama."), pick("proj.", rename),
+                                           hf_llama.config, pcfg, tp_rank, tp)
 
     outputs = pipeline.run(model, batches, collect_outputs=True)
     logit_diff = None
@@ -161,7 +187,7 @@ def run_case(a):
             grad_diff = max(grad_diff, float((p.grad - expected[name]).abs().max()))
             checked += 1
     trainable = None
-    if a.what == "p2t":  # the stage-1 default: only the projector learns
+    if a.what in ("p2t", "p2t_resampler"):  # the stage-1 default: only the connector learns
         model.set_freeze(p2t.FreezeConfig())
         trainable = sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})
     rank = torch.distributed.get_rank()
@@ -169,6 +195,54 @@ def run_case(a):
         json.dump({"tp_rank": tp_rank, "pp_rank": pp_rank, "logit_diff": logit_diff, "loss_diff": loss_diff,
                    "grad_diff": grad_diff, "grads_checked": checked, "trainable": trainable,
                    "params": sum(1 for _ in model.named_parameters())}, f)
+
+
+def resampler_check(a, llama_dir, tp_rank):
+    """Protein2Text's connector (models/resampler.py) loaded from the released names of the plain-torch reference
+    (tests/models/resampler_reference.py): outputs, input and parameter gradients on a padded batch of proteins
+    of three lengths against the reference run on each protein alone; and each row against ours run alone."""
+    from transformers import LlamaConfig
+
+    from megatron_p2t.checkpoint import resampler_hf
+    from megatron_p2t.checkpoint.hf_dir import TensorSource
+    from megatron_p2t.checkpoint.slicing import copy_into
+    from megatron_p2t.models import llama
+    from megatron_p2t.models.parts_config import ResamplerConfig
+    from megatron_p2t.models.resampler import ResamplerConnector
+    from tests.models.resampler_reference import Connector
+    torch.manual_seed(11)                                  # the same reference weights on every rank
+    ref = Connector(48, 64, depth=2, head_dim=8, heads=4, latents=6, ff_mult=2)
+    cfg = ResamplerConfig(latents=6, depth=2, heads=4, head_dim=8, ff_mult=2)
+    ours = ResamplerConnector(cfg, 48, 64, llama.transformer_config(LlamaConfig.from_pretrained(llama_dir),
+                                                                   layout=a.layout))
+    copy_into(ours, resampler_hf.tensors(TensorSource(ref.released_state_dict()), ours, tp_rank, a.tp),
+              "the reference connector")
+    lens = [9, 3, 14]                                      # residues; ESM adds <cls> and <eos>
+    g = torch.Generator().manual_seed(5)
+    states = torch.randn(3, max(lens) + 2, 48, generator=g)
+    mask = torch.zeros(3, max(lens) + 2, dtype=torch.bool)
+    for i, n in enumerate(lens):
+        mask[i, :n + 2] = True
+    w = torch.randn(3, 6, 64, generator=g)
+    x_ref, x_ours = states.clone().requires_grad_(True), states.clone().requires_grad_(True)
+    out_ref = torch.stack([ref(x_ref[i, 1:n + 1]) for i, n in enumerate(lens)])
+    (out_ref * w).sum().backward()
+    out, out_mask = ours(x_ours, mask)
+    (out * w).sum().backward()
+    expected = resampler_hf.tensors(TensorSource({f"model.{k}": p.grad for k, p in ref.named_parameters()}),
+                                    ours, tp_rank, a.tp)
+    got = dict(ours.named_parameters())
+    grad_diff = {k: float((got[k].grad - v).abs().max()) for k, v in expected.items()}
+    with torch.no_grad():
+        alone = max(float((ours(states[i:i + 1, :n + 2], mask[i:i + 1, :n + 2])[0][0] - out[i]).abs().max())
+                    for i, n in enumerate(lens))
+    with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
+        json.dump({"tp_rank": tp_rank, "out_shape": list(out.shape), "mask_all_true": bool(out_mask.all()),
+                   "out_diff": float((out - out_ref).abs().max()), "out_scale": float(out_ref.abs().max()),
+                   "input_grad_diff": float((x_ours.grad - x_ref.grad).abs().max()),
+                   "padding_grad": float(x_ours.grad[~mask].abs().max()), "alone_diff": alone,
+                   "params": len(got), "grads_checked": len(grad_diff), "grad_diff": max(grad_diff.values()),
+                   "worst_grad": max(grad_diff, key=grad_diff.get)}, f)
 
 
 def esm_check(a, esm_dir, tp_rank):

@@ -13,41 +13,49 @@ from tests.conftest import ROOT
 from megatron_p2t.models.tiny import make_all
 
 
+# the cases of each launch, in launch order: world 2 saves at TP=2 first, the other worlds then reload it
+LAUNCHES = {2: ["save:2:1", "load:1:2"], 1: ["roundtrip:1:1", "load:1:1", "load-wrong:1:1"],
+            4: ["roundtrip:2:2", "load:2:2"]}
+
+
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ck")
-    make_all(str(root / "tiny"))
-    return root
-
-
-def _run(work, nproc, tp, pp, mode):
+def launched(tmp_path_factory):
+    """The three launches (one per world size; dist_ckpt_main.py runs a launch's cases one after another), run on
+    first use; returns (work dir, the first failure or None)."""
+    work = tmp_path_factory.mktemp("ck")
+    make_all(str(work / "tiny"))
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        os.path.join(ROOT, "tests", "models", "dist_ckpt_main.py"), "--ckpt", str(work / "tiny"),
-                        "--work", str(work), "--tp", str(tp), "--pp", str(pp), "--mode", mode],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    out = [json.load(open(p)) for p in sorted(glob.glob(str(work / f"{mode}_rank*.json")))]
-    for p in glob.glob(str(work / f"{mode}_rank*.json")):
-        os.remove(p)
-    return out
+    for world, cases in LAUNCHES.items():
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc_per_node={world}", os.path.join(ROOT, "tests", "models", "dist_ckpt_main.py"),
+                            "--ckpt", str(work / "tiny"), "--work", str(work), *[f"--case={c}" for c in cases]],
+                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            return work, f"world {world} ({cases}): " + r.stdout[-2000:] + r.stderr[-4000:]
+    return work, None
+
+
+def _ranks(launched, mode, tp, pp):
+    work, error = launched
+    assert error is None, error
+    return [json.load(open(p)) for p in sorted(glob.glob(str(work / f"{mode}-tp{tp}pp{pp}" / "rank*.json")))]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
-def test_import_export_is_bit_identical(work, tp, pp):
-    r = _run(work, tp * pp, tp, pp, "roundtrip")[0]
+def test_import_export_is_bit_identical(launched, tp, pp):
+    r = _ranks(launched, "roundtrip", tp, pp)[0]
     assert r["unequal"] == [] and r["compared"] == 94
     assert "model.safetensors" in r["llama_files"] and "config.json" in r["llama_files"]
 
 
 @pytest.mark.slow
-def test_saved_at_tp2_reloads_at_other_layouts(work):
-    _run(work, 2, 2, 1, "save")
-    for nproc, tp, pp in ((1, 1, 1), (2, 1, 2), (4, 2, 2)):
-        diffs = [r["logit_diff"] for r in _run(work, nproc, tp, pp, "load") if "logit_diff" in r]
+def test_saved_at_tp2_reloads_at_other_layouts(launched):
+    assert len(_ranks(launched, "save", 2, 1)) == 2
+    for tp, pp in ((1, 1), (1, 2), (2, 2)):
+        diffs = [r["logit_diff"] for r in _ranks(launched, "load", tp, pp) if "logit_diff" in r]
         assert diffs and max(diffs) <= 1e-5, (tp, pp, diffs)
-    err = _run(work, 1, 1, 1, "load-wrong")[0]["error"]
+    err = _ranks(launched, "load-wrong", 1, 1)[0]["error"]
     assert err and "linear_fc2.weight" in err and "different model shape" in err
 
 

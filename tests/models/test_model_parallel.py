@@ -17,8 +17,8 @@ from megatron_p2t.models.tiny import make_all
 pytestmark = pytest.mark.slow
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
-TP_CHECKS = ["esm", "text", "esm_lora", "llama_lora"]  # tensor parallel only, at TP=1 and TP=2
-CASES = [(what, tp, pp) for tp, pp in LAYOUTS for what in ("llama", "p2t")] + \
+TP_CHECKS = ["esm", "text", "esm_lora", "llama_lora", "resampler"]  # tensor parallel only, at TP=1 and TP=2
+CASES = [(what, tp, pp) for tp, pp in LAYOUTS for what in ("llama", "p2t", "p2t_resampler")] + \
         [(what, tp, 1) for tp in (1, 2) for what in TP_CHECKS]
 
 
@@ -108,3 +108,29 @@ def test_llama_lora_matches_peft_exports_its_layout_and_merges(launched, tp):
         assert r["export_diff"] == 0 and r["merge_diff"] <= 1e-5, r
     exported = set().union(*(r["exported"] for r in ranks))
     assert len(exported) == layers * projections * 2
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_resampler_matches_the_released_connector_and_masks_padding(launched, tp):
+    """Protein2Text's Perceiver resampler + mlp2x_gelu, loaded from the released names, on a padded batch of three
+    protein lengths: outputs and gradients equal the plain-torch reference run on each protein alone (fp32), at
+    TP=1 and with heads and feed-forward split over TP=2."""
+    for r in _ranks(launched, "resampler", tp):
+        assert r["out_shape"] == [3, 6, 64] and r["mask_all_true"], r
+        assert r["out_diff"] <= 1e-5 * max(1.0, r["out_scale"]) and r["alone_diff"] <= 1e-5, r
+        assert r["input_grad_diff"] <= 1e-5 and r["padding_grad"] == 0.0, r
+        assert r["grads_checked"] == r["params"] == 4 + 2 * 11 + 4, r
+        assert r["grad_diff"] <= 1e-5, r
+
+
+@pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
+def test_protein2text_matches_its_reference_at_every_layout(launched, tp, pp):
+    """The whole Protein2Text model (ESM layer -2 -> resampler + mlp2x_gelu -> LLaMA, 6 latents per protein in the
+    prompt) against HF ESM + the released connector run per protein + HF LLaMA: logits, losses and every
+    gradient at TP=1, TP=2, PP=2 and TP=2 x PP=2."""
+    ranks = _ranks(launched, "p2t_resampler", tp, pp)
+    for r in ranks:
+        if r["pp_rank"] == pp - 1:
+            assert r["logit_diff"] <= 1e-5 and max(r["loss_diff"]) <= 1e-5, r
+        assert r["grads_checked"] == r["params"] > 0 and r["grad_diff"] <= 1e-5, r
+    assert [r["trainable"] for r in ranks if r["pp_rank"] == 0][0] == ["connector"]

@@ -17,9 +17,8 @@ assert torch.empty(2, device=torch.device("cuda")).device.type == "cpu"
 torch.cuda.synchronize()
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
 from megatron.core import parallel_state as ps
-import os, torch.distributed as dist
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1")
-dist.init_process_group("gloo")
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
 ps.initialize_model_parallel(1, 1)
 model_parallel_cuda_manual_seed(7)
 torch.manual_seed(0)

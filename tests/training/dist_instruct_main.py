@@ -14,7 +14,7 @@ def main():
     ap.add_argument("--work")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
-    from megatron_p2t.checkpoint import llama_hf, projector_hf
+    from megatron_p2t.checkpoint import llama_hf, projector_hf, resampler_hf
     from megatron_p2t.checkpoint.hf_dir import TensorSource
     from megatron_p2t.config import load_config
     from megatron_p2t.data.loader import ProteinTextLoader
@@ -56,20 +56,21 @@ def main():
             if k in grads:
                 p.copy_(grads[k])
     tpr = layout.tp_rank
-    hf = {n: t for n, d, s0, s1, t in llama_hf.lora_hf_slices(model.llm, llama_cfg, tpr, a.tp)}
-    hf.update({"proj." + n: t for n, d, s0, s1, t in projector_hf.hf_slices(model.projector, pcfg, tpr, a.tp)})
-    spans = {n: (d, s0, s1) for n, d, s0, s1, t in llama_hf.lora_hf_slices(model.llm, llama_cfg, tpr, a.tp)}
-    spans.update({"proj." + n: (d, s0, s1) for n, d, s0, s1, t in projector_hf.hf_slices(model.projector, pcfg, tpr,
-                                                                                          a.tp)})
+    conn = projector_hf.hf_slices(model.projector, pcfg, tpr, a.tp) if cfg.model.connector == "mlp" else \
+        resampler_hf.hf_slices(model.connector, tpr, a.tp)
+    # (HF name, split dim, start, stop, tensor); one HF tensor may come in several slices (the resampler's to_kv)
+    slices = list(llama_hf.lora_hf_slices(model.llm, llama_cfg, tpr, a.tp)) + [("proj." + n, *r) for n, *r in conn]
     ref_path = os.path.join(a.work, "tp1_grads.pt")
     if a.tp == 1:
-        torch.save({"loss": res[False]["loss"], "grads": hf}, ref_path)
+        whole = {}
+        for n, d, s0, s1, t in sorted(slices, key=lambda x: (x[0], x[2])):
+            whole[n] = t if d is None or n not in whole else torch.cat([whole[n], t], d)
+        torch.save({"loss": res[False]["loss"], "grads": whole}, ref_path)
     else:
         ref = torch.load(ref_path)
         src = TensorSource(ref["grads"])
         diffs = []
-        for n, t in hf.items():
-            d, s0, s1 = spans[n]
+        for n, d, s0, s1, t in slices:
             want = src.get(n) if d is None else src.get(n, d, s0, s1)
             diffs.append(float((t - want).abs().max() / want.abs().max().clamp(min=1e-12)))
         out.update(vs_tp1_loss=abs(res[False]["loss"] - ref["loss"]), vs_tp1_grad=max(diffs), compared=len(diffs))

@@ -1,6 +1,7 @@
 """Stage 1 end to end on the shared sample's shards with tiny random models (CPU, gloo)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,21 +9,9 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, STAGE1_STEPS, free_port, losses as _losses, same_run
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, built_sample, tiny_tokenizer):
-    from megatron_p2t.cli import main
-    root = tmp_path_factory.mktemp("align")
-    assert main(["make-tiny-models", "--tokenizer", tiny_tokenizer, "--out", str(root / "tiny")]) == 0
-    out, _ = built_sample
-    overrides = [f"data.manifest={out}/manifest.json", f"data.text_tokenizer={tiny_tokenizer}",
-                 f"model.esm={root}/tiny/esm", f"model.llama={root}/tiny/llama", "data.batch_size=8",
-                 "train.steps=14", "train.save_every=4", "train.keep_last=5"]
-    return root, overrides
 
 
 def _align(nproc, overrides, *extra, background=False):
@@ -38,17 +27,10 @@ def _align(nproc, overrides, *extra, background=False):
     return r
 
 
-def _losses(d):
-    return [json.loads(l)["loss"] for l in open(os.path.join(d, "train_log.jsonl"))]
-
-
-def test_kill_9_then_resume_auto_continues_bit_exactly(setup):
-    root, ov = setup
-    _align(2, ov + [f"train.save_dir={root}/a"])
-    ref = _losses(root / "a")
-    assert len(ref) == 14
-    proc = _align(2, ov + [f"train.save_dir={root}/b"], background=True)
-    log = root / "b" / "train_log.jsonl"
+def test_kill_9_then_resume_auto_continues_bit_exactly(stage1_job, tmp_path):
+    root, ov = stage1_job
+    proc = _align(2, ov + [f"train.save_dir={tmp_path}/b"], background=True)
+    log = tmp_path / "b" / "train_log.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if log.exists() and len(log.read_text().splitlines()) >= 6:
@@ -56,23 +38,23 @@ def test_kill_9_then_resume_auto_continues_bit_exactly(setup):
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(_losses(root / "b")) < 14, "the kill came too late"
-    latest = (root / "b" / "latest").read_text()
-    assert latest.startswith("step") and not any(n.endswith(".tmp") and (root / "b" / n / "COMPLETE").exists()
-                                                 for n in os.listdir(root / "b"))
-    _align(2, ov + [f"train.save_dir={root}/b"], "--resume", "auto")
-    assert _losses(root / "b") == ref
-    summary = json.load(open(root / "b" / "summary.json"))
-    assert summary["resumed"] and summary["step"] == 14 and summary["eval"]["n"] == 44
+    assert len(_losses(tmp_path / "b")) < STAGE1_STEPS, "the kill came too late"
+    latest = (tmp_path / "b" / "latest").read_text()
+    assert latest.startswith("step") and not any(n.endswith(".tmp") and (tmp_path / "b" / n / "COMPLETE").exists()
+                                                 for n in os.listdir(tmp_path / "b"))
+    _align(2, ov + [f"train.save_dir={tmp_path}/b"], "--resume", "auto")
+    same_run(tmp_path / "b", root / "torchrun")
+    summary = json.load(open(tmp_path / "b" / "summary.json"))
+    assert summary["resumed"] and summary["step"] == STAGE1_STEPS and summary["eval"]["n"] == 44
 
 
-def test_resume_refuses_another_model_shape_or_world_size_before_training(setup, tmp_path):
-    root, ov = setup
-    ov = ov + ["train.steps=2", "train.save_every=2", f"train.save_dir={tmp_path}/r"]
-    _align(2, ov)
+def test_resume_refuses_another_model_shape_or_world_size_before_training(stage1_job, tmp_path):
+    root, ov = stage1_job
+    shutil.copytree(root / "torchrun", tmp_path / "r")   # a finished run's checkpoints, resumed for 4 more steps
+    ov = ov + [f"train.save_dir={tmp_path}/r"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     cmd = ["-m", "megatron_p2t", "align", "--resume", "auto", "--config",
-           os.path.join(ROOT, "configs", "align_tiny_cpu.yaml"), *ov, "train.steps=4"]
+           os.path.join(ROOT, "configs", "align_tiny_cpu.yaml"), *ov, f"train.steps={STAGE1_STEPS + 4}"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     r = subprocess.run(torchrun + cmd + ["model.projector.intermediate_dim=32"], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
@@ -83,12 +65,12 @@ def test_resume_refuses_another_model_shape_or_world_size_before_training(setup,
     r = subprocess.run(torchrun + cmd + ["train.global_batch=24"], env=env, cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode != 0 and "global_batch=24 is not a multiple of" in r.stderr, r.stderr[-3000:]
-    assert len(_losses(tmp_path / "r")) == 2  # the refused runs trained nothing
+    assert _losses(tmp_path / "r") == _losses(root / "torchrun")  # the refused runs trained nothing
 
 
-def test_a_dead_rank_ends_the_job_promptly_naming_it_and_resume_continues(setup, tmp_path):
+def test_a_dead_rank_ends_the_job_promptly_naming_it_and_resume_continues(stage1_job, tmp_path):
     import psutil
-    root, ov = setup
+    root, ov = stage1_job
     ov = ov + ["train.steps=400", "train.save_every=2", f"train.save_dir={tmp_path}/k"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -114,15 +96,15 @@ def test_a_dead_rank_ends_the_job_promptly_naming_it_and_resume_continues(setup,
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_preemption_signal_checkpoints_and_exits_cleanly(setup, sig):
-    root, ov = setup
+def test_preemption_signal_checkpoints_and_exits_cleanly(stage1_job, tmp_path, sig):
+    _, ov = stage1_job
     # the training process itself (a world of one): launchers' own agents exit non-zero when signalled
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     proc = subprocess.Popen([sys.executable, "-m", "megatron_p2t", "align", "--config",
                              os.path.join(ROOT, "configs", "align_tiny_cpu.yaml"), *ov,
-                             f"train.save_dir={root}/s{int(sig)}", "train.steps=400", "train.save_every=1000"],
+                             f"train.save_dir={tmp_path}/s", "train.steps=400", "train.save_every=1000"],
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    root = root / f"s{int(sig)}"
+    root = tmp_path / "s"
     log = root / "train_log.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
@@ -134,30 +116,28 @@ def test_preemption_signal_checkpoints_and_exits_cleanly(setup, sig):
     assert (root / tag / "COMPLETE").exists() and int(tag[4:]) >= 3 and "signal received" in err
 
 
-def test_deepspeed_launcher_runs_launch_align_sh_like_torchrun(setup):
+def test_deepspeed_launcher_runs_launch_align_sh_like_torchrun(stage1_job, tmp_path):
     """`deepspeed launch/align.sh` (the file is bash and Python at once) gives torchrun's losses exactly."""
-    root, ov = setup
-    ov = ov + ["train.steps=6", "train.save_every=3"]
-    _align(2, ov + [f"train.save_dir={root}/t"])
+    root, ov = stage1_job
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    r = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", "29561", "launch/align.sh", "--config",
-                        "configs/align_tiny_cpu.yaml", *ov, f"train.save_dir={root}/d"], env=env, cwd=ROOT,
+    r = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/align.sh",
+                        "--config", "configs/align_tiny_cpu.yaml", *ov, f"train.save_dir={tmp_path}/d"], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _losses(root / "d") == _losses(root / "t") and len(_losses(root / "t")) == 6
+    same_run(tmp_path / "d", root / "torchrun")
     r = subprocess.run(["bash", "launch/align.sh", "--config", "configs/align_tiny_cpu.yaml", *ov,
-                        "train.steps=2", f"train.save_dir={root}/one"], env=dict(env, PYTHON=sys.executable),
+                        "train.steps=2", f"train.save_dir={tmp_path}/one"], env=dict(env, PYTHON=sys.executable),
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len(_losses(root / "one")) == 2
+    assert len(_losses(tmp_path / "one")) == 2
 
 
-def test_held_out_retrieval_well_above_chance_when_the_text_is_in_the_sequence(setup, family_data, tmp_path):
+def test_held_out_retrieval_well_above_chance_when_the_text_is_in_the_sequence(stage1_job, family_data, tmp_path):
     """The whole stage (data_tools shards, DP=2 gathered negatives, trainer, validation retrieval) learns: on
     tests/synthetic.py's families, held-out members retrieve their family's text. Real held-out SwissProt
     entries are at chance with random towers (no homolog in train, no biology in the encoder): see the README."""
-    root, ov = setup
+    root, ov = stage1_job
     out, _ = family_data
     ov = [o for o in ov if not o.startswith(("data.manifest", "train.s"))]
     _align(2, ov + [f"data.manifest={out}/manifest.json", "train.steps=150", "train.save_every=1000",
@@ -167,11 +147,10 @@ def test_held_out_retrieval_well_above_chance_when_the_text_is_in_the_sequence(s
     assert ev["top1"] >= 0.4 and ev["top5"] >= 0.8, ev
 
 
-def test_zero_stage_2_gives_zero_stage_1_losses(setup):
+def test_zero_stage_2_gives_zero_stage_1_losses(stage1_job, tmp_path):
     """ZeRO-2 partitions gradients as well as optimizer state over the DP group; the update must not change."""
-    root, ov = setup
-    ov = ov + ["train.steps=5", "train.save_every=1000"]
-    _align(2, ov + [f"train.save_dir={root}/z1", "train.zero_stage=1"])
-    _align(2, ov + [f"train.save_dir={root}/z2", "train.zero_stage=2"])
+    root, ov = stage1_job
+    assert "zero_stage: 1" in open(os.path.join(ROOT, "configs", "align_tiny_cpu.yaml")).read()  # the reference's
+    _align(2, ov + [f"train.save_dir={tmp_path}/z2", "train.zero_stage=2", "train.save_every=1000"])
     import numpy as np
-    np.testing.assert_allclose(_losses(root / "z2"), _losses(root / "z1"), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(_losses(tmp_path / "z2"), _losses(root / "torchrun"), rtol=1e-6, atol=1e-7)

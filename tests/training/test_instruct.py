@@ -25,6 +25,18 @@ def setup(tmp_path_factory, built_sample, tiny_tokenizer):
     return root, overrides
 
 
+def _released_connector(out, latents):
+    """Protein2Text's connector at the tiny widths (ESM 48 -> LLaMA 64), saved under its released names."""
+    import torch
+    from safetensors.torch import save_file
+    from tests.models.resampler_reference import Connector
+    torch.manual_seed(7)
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in Connector(48, 64, latents=latents).released_state_dict().items()},
+              os.path.join(out, "model.safetensors"))
+    return str(out)
+
+
 def _torchrun(nproc, *args, timeout=900):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -33,15 +45,23 @@ def _torchrun(nproc, *args, timeout=900):
     return r
 
 
-def test_packed_equals_padded_and_tp2_equals_tp1(setup, tmp_path):
+@pytest.mark.parametrize("connector", ["mlp", "resampler"])
+def test_packed_equals_padded_and_tp2_equals_tp1(setup, tmp_path, connector):
+    """Prot2Text-V2's projector (one prompt slot per ESM token) and Protein2Text's resampler (a fixed number of
+    latents per protein, weights in the released names) on the same stage-2 path."""
     root, ov = setup
+    if connector == "resampler":
+        ov = [o for o in ov if not o.startswith("model.projector_weights=")] + [
+            "model.connector=resampler", "model.esm_output_layer=-2", "model.resampler.latents=8",
+            "model.resampler.heads=4", "model.resampler.head_dim=8",
+            f"model.projector_weights={_released_connector(tmp_path / 'connector', latents=8)}"]
     script = os.path.join(ROOT, "tests", "training", "dist_instruct_main.py")
     for tp in (1, 2):
         _torchrun(tp, script, "--tp", str(tp), "--work", str(tmp_path), *ov)
         for rank in range(tp):
             r = json.load(open(tmp_path / f"tp{tp}_rank{rank}.json"))
             assert r["rows"][0] == 6 and r["rows"][1] < 6, r           # packing really packed
-            assert r["trainable"] == ["lora", "projector"], r
+            assert r["trainable"] == sorted(["lora", "projector" if connector == "mlp" else "connector"]), r
             assert r["loss_diff"] <= 1e-6 * r["loss"] and r["grad_diff"] <= 1e-5, r   # fp32, relative
             if tp == 2:
                 assert r["vs_tp1_loss"] <= 1e-6 and r["vs_tp1_grad"] <= 1e-5 and r["compared"] > 25, r
