@@ -19,6 +19,8 @@ import json
 import os
 from typing import Dict, List, Optional
 
+from megatron_p2t.models.parts_config import protein_slots
+
 GIB = 1024 ** 3
 
 
@@ -135,6 +137,21 @@ def _lora_params(a: Arch, lora, tp: int) -> float:
     return n * a.layers
 
 
+def connector_params(model_cfg, esm_hidden: int, llm_hidden: int, tp: int) -> float:
+    """Parameters of the connector on one tensor-parallel rank (matrices split, norms and latents whole)."""
+    d, h = esm_hidden, llm_hidden
+    if model_cfg.connector == "mlp":
+        inter = model_cfg.projector.intermediate_dim
+        return (d * inter + inter + inter * h + h) / tp     # as the planner has always counted it
+    mlp2x = (d * h + h + h * h) / tp + h
+    if model_cfg.connector == "mlp2x_gelu":
+        return mlp2x
+    r = model_cfg.resampler
+    inner = r.heads * r.head_dim
+    layer = 3 * 2 * d + (3 * d * inner + inner * d + 2 * d * d * r.ff_mult) / tp   # 3 LayerNorms; q, kv, out, ff
+    return r.latents * d + d + 2 * d + r.depth * layer + mlp2x
+
+
 def prompt_tokens(cfg) -> int:
     """Stage 2's tokens around the placeholders and the answer (chat template, system prompt, name, taxon), from
     the configured tokenizer when it is on disk; else LLaMA-3's count for the default prompt."""
@@ -155,7 +172,7 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
     lt = cfg.data.max_text_tokens + 1
     zero = cfg.train.zero_stage
     inter = cfg.model.projector.intermediate_dim
-    proj = (esm.hidden * inter + inter + inter * llama.hidden + llama.hidden) / tp
+    proj = connector_params(cfg.model, esm.hidden, llama.hidden, tp)
 
     def tower(a: Arch, layers: int, embed: bool, head: bool) -> float:
         n = layers * (a.layer_matrix_params() / tp + a.layer_norm_params())
@@ -170,7 +187,8 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
     else:
         frozen += tower(llama, llama.layers, True, not llama.tied)
         trainable += _lora_params(llama, cfg.model.llm_lora, tp)
-        seq = lp + lt + prompt_tokens(cfg)   # loads the tokenizer: once per plan
+        slots = protein_slots(cfg.model.connector, cfg.model.resampler, cfg.data.max_protein_residues)
+        seq = slots + lt + prompt_tokens(cfg)   # loads the tokenizer: once per plan
         tokens = b * seq
 
     # AdamW: two fp32 moments, plus DeepSpeed's fp32 partition of the weights (the master copy in mixed precision)

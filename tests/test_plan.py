@@ -81,3 +81,19 @@ def test_memory_model_within_20_percent_of_the_measured_cpu_peak(stage, mid_mode
     measured, predicted = res["measured"], res["predicted_total"]
     print(f"{stage}: measured {measured / 2**20:.0f} MiB, predicted {predicted / 2**20:.0f} MiB")  # for docs/
     assert abs(predicted - measured) / measured < 0.2, res
+
+
+def test_the_connector_decides_the_prompt_length_and_its_own_parameters():
+    """Protein2Text's 128 latents in place of L + 2 = 1023 slots per protein: fewer activations and FLOPs in stage
+    2; the resampler's own parameters (at the ESM width, plus mlp2x_gelu) replace the projector's."""
+    from megatron_p2t.plan import connector_params
+    cfg = load_config(os.path.join(ROOT, "configs", "prot2text_v2.yaml"))
+    mlp = {p.tp: p for p in layouts(cfg, "instruct", 8, DEVICES["h100-80gb"])}
+    cfg.model.connector = "resampler"
+    res = {p.tp: p for p in layouts(cfg, "instruct", 8, DEVICES["h100-80gb"])}
+    assert res[1].memory["activations"] < 0.5 * mlp[1].memory["activations"]
+    assert res[1].flops_per_step < 0.6 * mlp[1].flops_per_step   # ESM still reads all 1,023 tokens
+    d, h = 2560, 4096
+    one_layer = 3 * 2 * d + 3 * d * 512 + 512 * d + 2 * d * d * 2
+    assert connector_params(cfg.model, d, h, 1) == 128 * d + 3 * d + 2 * one_layer + d * h + h + h * h + h
+    assert connector_params(cfg.model, d, h, 2) < connector_params(cfg.model, d, h, 1)

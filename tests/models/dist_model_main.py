@@ -236,13 +236,27 @@ def resampler_check(a, llama_dir, tp_rank):
     with torch.no_grad():
         alone = max(float((ours(states[i:i + 1, :n + 2], mask[i:i + 1, :n + 2])[0][0] - out[i]).abs().max())
                     for i, n in enumerate(lens))
+    # `mlp2x_gelu` on its own (one vector per ESM token), from the released mm_projector names
+    from megatron_p2t.models.resampler import MLP2xGelu
+    mlp = MLP2xGelu(48, 64, ours.config)
+    copy_into(mlp, resampler_hf.tensors(TensorSource(ref.released_state_dict()), mlp, tp_rank, a.tp), "mm_projector")
+    ref.zero_grad()
+    x = states.clone()
+    (ref.mm_projector(x) * states[..., :1]).sum().backward()
+    y = mlp(x)
+    (y * states[..., :1]).sum().backward()
+    want = resampler_hf.tensors(TensorSource({f"model.{k}": p.grad for k, p in ref.named_parameters()
+                                              if p.grad is not None}), mlp, tp_rank, a.tp)
+    mlp_grad = max(float((p.grad - want[k]).abs().max()) for k, p in mlp.named_parameters())
+    mlp_out = float((y - ref.mm_projector(x)).abs().max())
     with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump({"tp_rank": tp_rank, "out_shape": list(out.shape), "mask_all_true": bool(out_mask.all()),
                    "out_diff": float((out - out_ref).abs().max()), "out_scale": float(out_ref.abs().max()),
                    "input_grad_diff": float((x_ours.grad - x_ref.grad).abs().max()),
                    "padding_grad": float(x_ours.grad[~mask].abs().max()), "alone_diff": alone,
                    "params": len(got), "grads_checked": len(grad_diff), "grad_diff": max(grad_diff.values()),
-                   "worst_grad": max(grad_diff, key=grad_diff.get)}, f)
+                   "worst_grad": max(grad_diff, key=grad_diff.get), "mlp2x_gelu_out_diff": mlp_out,
+                   "mlp2x_gelu_grad_diff": mlp_grad, "mlp2x_gelu_params": len(want)}, f)
 
 
 def esm_check(a, esm_dir, tp_rank):

@@ -70,6 +70,9 @@ def test_matches_hf_reference(launched, what, tp, pp):
     for r in ranks:
         assert r["grads_checked"] == r["params"] > 0, "every parameter's gradient is compared"
         assert r["grad_diff"] <= 1e-5, r
+        # LLaVA's mlp2x_gelu alone (model.connector=mlp2x_gelu), the same mm_projector tensors
+        assert r["mlp2x_gelu_params"] == 4, r
+        assert r["mlp2x_gelu_out_diff"] <= 1e-5 and r["mlp2x_gelu_grad_diff"] <= 1e-5, r
     assert sum(r["params"] for r in ranks if r["tp_rank"] == 0) >= (27 if what == "llama" else 70)
     if what == "p2t":
         assert [r["trainable"] for r in ranks if r["pp_rank"] == 0][0] == ["projector"]
@@ -114,13 +117,16 @@ def test_llama_lora_matches_peft_exports_its_layout_and_merges(launched, tp):
 def test_resampler_matches_the_released_connector_and_masks_padding(launched, tp):
     """Protein2Text's Perceiver resampler + mlp2x_gelu, loaded from the released names, on a padded batch of three
     protein lengths: outputs and gradients equal the plain-torch reference run on each protein alone (fp32), at
-    TP=1 and with heads and feed-forward split over TP=2."""
+    TP=1 and with heads and feed-forward split over TP=2; and mlp2x_gelu alone."""
     for r in _ranks(launched, "resampler", tp):
         assert r["out_shape"] == [3, 6, 64] and r["mask_all_true"], r
         assert r["out_diff"] <= 1e-5 * max(1.0, r["out_scale"]) and r["alone_diff"] <= 1e-5, r
         assert r["input_grad_diff"] <= 1e-5 and r["padding_grad"] == 0.0, r
         assert r["grads_checked"] == r["params"] == 4 + 2 * 11 + 4, r
         assert r["grad_diff"] <= 1e-5, r
+        # LLaVA's mlp2x_gelu alone (model.connector=mlp2x_gelu), the same mm_projector tensors
+        assert r["mlp2x_gelu_params"] == 4, r
+        assert r["mlp2x_gelu_out_diff"] <= 1e-5 and r["mlp2x_gelu_grad_diff"] <= 1e-5, r
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
