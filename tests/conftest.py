@@ -28,6 +28,7 @@ def group_of(nodeid: str) -> str:
     return SHARED_GROUPS.get(path, path)
 
 
+@pytest.hookimpl(optionalhook=True)   # a plain pytest without xdist runs the suite in file order
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 

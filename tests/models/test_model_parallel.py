@@ -70,9 +70,6 @@ def test_matches_hf_reference(launched, what, tp, pp):
     for r in ranks:
         assert r["grads_checked"] == r["params"] > 0, "every parameter's gradient is compared"
         assert r["grad_diff"] <= 1e-5, r
-        # LLaVA's mlp2x_gelu alone (model.connector=mlp2x_gelu), the same mm_projector tensors
-        assert r["mlp2x_gelu_params"] == 4, r
-        assert r["mlp2x_gelu_out_diff"] <= 1e-5 and r["mlp2x_gelu_grad_diff"] <= 1e-5, r
     assert sum(r["params"] for r in ranks if r["tp_rank"] == 0) >= (27 if what == "llama" else 70)
     if what == "p2t":
         assert [r["trainable"] for r in ranks if r["pp_rank"] == 0][0] == ["projector"]
