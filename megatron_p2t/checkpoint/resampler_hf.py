@@ -27,50 +27,49 @@ def _layer(i: int):
             Entry(m + "linear_fc2.weight", (h + "1.3.weight",), 1, ("ff",)))
 
 
-def _tables(depth: int):
-    resampler = (Entry("resampler.latents", ("latents",)), Entry("resampler.media_pos", ("media_pos_emb",),
-                                                                 fuse="pos"),
-                 Entry("resampler.norm.weight", ("norm.weight",)), Entry("resampler.norm.bias", ("norm.bias",)),
-                 *[e for i in range(depth) for e in _layer(i)])
-    mlp = (Entry("linear_fc1.weight", ("0.weight",), 0, ("llm",)), Entry("linear_fc1.bias", ("0.bias",), 0, ("llm",)),
-           Entry("linear_fc2.weight", ("2.weight",), 1, ("llm",)), Entry("linear_fc2.bias", ("2.bias",)))
-    return resampler, mlp
+def _resampler_table(depth: int):
+    return (Entry("resampler.latents", ("latents",)), Entry("resampler.media_pos", ("media_pos_emb",), fuse="pos"),
+            Entry("resampler.norm.weight", ("norm.weight",)), Entry("resampler.norm.bias", ("norm.bias",)),
+            *[e for i in range(depth) for e in _layer(i)])
+
+
+MLP = (Entry("linear_fc1.weight", ("0.weight",), 0, ("llm",)), Entry("linear_fc1.bias", ("0.bias",), 0, ("llm",)),
+       Entry("linear_fc2.weight", ("2.weight",), 1, ("llm",)), Entry("linear_fc2.bias", ("2.bias",)))
 
 
 def _layout(connector, tp_rank: int, tp: int):
-    """(resampler table or None, the mlp's prefix in the module, spans, fusers) of a ResamplerConnector or a
-    lone MLP2xGelu (`mlp2x_gelu`: LLaVA's mm_projector without a resampler)."""
-    mlp = getattr(connector, "mlp", connector)
-    llm_dim, esm_dim = mlp.linear_fc2.weight.shape[0], mlp.linear_fc1.weight.shape[1]
+    """(resampler table or (), the mlp's prefix in the module, spans, fusers) of a ResamplerConnector or a lone
+    MLP2xGelu (`mlp2x_gelu`: LLaVA's mm_projector without a resampler)."""
     res = getattr(connector, "resampler", None)
-    cfg = res.cfg if res is not None else None
-    inner = cfg.heads * cfg.head_dim if cfg else 0
-    heads = span(inner, tp_rank, tp, "model.resampler heads x head_dim") if cfg else (0, 0)
-    spans = {"heads": heads, "k": heads, "v": (inner + heads[0], inner + heads[1]),
-             "ff": span(esm_dim * cfg.ff_mult, tp_rank, tp, "resampler feed-forward width") if cfg else (0, 0),
-             "llm": span(llm_dim, tp_rank, tp, "LLM hidden size")}
+    mlp = connector.mlp if res is not None else connector
+    llm_dim, esm_dim = mlp.linear_fc2.weight.shape[0], mlp.linear_fc1.weight.shape[1]
+    spans = {"llm": span(llm_dim, tp_rank, tp, "LLM hidden size")}
     # the released media_pos_emb is [rows, 1, dim] of which its forward adds row 0 (one "time" per protein);
     # written back as that row repeated llm_dim times (the released shape), which computes the same
     fusers = {"rows": (stack_rows, lambda t: list(t.chunk(2, 0))),
               "pos": (lambda parts: parts[0][0].reshape(-1),
                       lambda t: [t.reshape(1, 1, -1).expand(llm_dim, 1, -1).contiguous()])}
-    tables = _tables(cfg.depth) if cfg else (None, _tables(0)[1])
-    return tables[0], tables[1], "mlp." if res is not None else "", spans, fusers
+    if res is None:
+        return (), "", spans, fusers
+    cfg = res.cfg
+    inner = cfg.heads * cfg.head_dim
+    heads = span(inner, tp_rank, tp, "model.resampler heads x head_dim")
+    spans.update(heads=heads, k=heads, v=(inner + heads[0], inner + heads[1]),
+                 ff=span(esm_dim * cfg.ff_mult, tp_rank, tp, "resampler feed-forward width"))
+    return _resampler_table(cfg.depth), "mlp.", spans, fusers
 
 
 def tensors(src, connector, tp_rank: int, tp: int) -> Dict[str, torch.Tensor]:
     """This rank's tensors of `connector` (its shapes: ResamplerConnector or MLP2xGelu) from a directory (HFDir /
     TensorSource) in the released names."""
-    resampler, mlp, mlp_prefix, spans, fusers = _layout(connector, tp_rank, tp)
-    out = read(mlp, src, PROJECTOR, mlp_prefix, spans, fusers)
-    if resampler:
-        out.update(read(resampler, src, RESAMPLER, "", spans, fusers))
-    return out
+    resampler, mlp_prefix, spans, fusers = _layout(connector, tp_rank, tp)
+    return {**read(resampler, src, RESAMPLER, "", spans, fusers), **read(MLP, src, PROJECTOR, mlp_prefix, spans,
+                                                                          fusers)}
 
 
 def hf_slices(connector, tp_rank: int, tp: int) -> List[Slice]:
     """The inverse: this rank's share of the released tensors."""
-    resampler, mlp, mlp_prefix, spans, fusers = _layout(connector, tp_rank, tp)
+    resampler, mlp_prefix, spans, fusers = _layout(connector, tp_rank, tp)
     sd = connector.state_dict()
-    return (write(resampler, sd, RESAMPLER, "", spans, tp_rank, fusers) if resampler else []) + \
-        write(mlp, sd, PROJECTOR, mlp_prefix, spans, tp_rank, fusers)
+    return write(resampler, sd, RESAMPLER, "", spans, tp_rank, fusers) + write(MLP, sd, PROJECTOR, mlp_prefix,
+                                                                                spans, tp_rank, fusers)
