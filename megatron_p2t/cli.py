@@ -91,24 +91,33 @@ def cmd_quickstart(args) -> int:
     return _quickstart_model_stages(args, data_dir, tok_dir)
 
 
+# quickstart --recipe: (stage-1 config, stage-2 config, where its runs go under --out, tiny ESM init). Protein2Text
+# reads ESM's layer -2, before the final norm, where a tiny ESM at HF's init (std 0.02) has states too small for
+# the resampler's random position row (models/tiny.make_esm)
+RECIPES = {"prot2text_v2": ("align_tiny_cpu.yaml", "instruct_tiny_cpu.yaml", "", 0.02),
+           "protein2text": ("protein2text_tiny_cpu.yaml", "protein2text_tiny_cpu.yaml", "protein2text", 0.25)}
+
+
 def _quickstart_model_stages(args, data_dir: str, tok_dir: str) -> int:
-    """Tiny random models through both stages, export, generation and evaluation, each stage its own process
-    (as users run them): the machinery end to end, not a model worth using."""
+    """Tiny random models through both stages of the recipe, export, generation and evaluation, each stage its own
+    process (as users run them): the machinery end to end, not a model worth using."""
     import subprocess
     from megatron_p2t.parallel.launch_env import RENDEZVOUS
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}  # each stage is a job of its own
     env.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     data = [f"data.manifest={data_dir}/manifest.json", f"data.text_tokenizer={tok_dir}"]
-    tiny = os.path.join(args.out, "tiny")
+    stage1_cfg, stage2_cfg, sub, esm_std = RECIPES[args.recipe]
+    out = os.path.join(args.out, sub)
+    tiny = os.path.join(out, "tiny")
     models = [f"model.esm={tiny}/esm", f"model.llama={tiny}/llama"]
-    align, instruct = os.path.join(args.out, "align"), os.path.join(args.out, "instruct")
-    hf, report = os.path.join(args.out, "export"), os.path.join(args.out, "report")
-    preds = os.path.join(args.out, "predictions.jsonl")
+    align, instruct = os.path.join(out, "align"), os.path.join(out, "instruct")
+    hf, report = os.path.join(out, "export"), os.path.join(out, "report")
+    preds = os.path.join(out, "predictions.jsonl")
     steps = [
-        ["make-tiny-models", "--tokenizer", tok_dir, "--out", tiny],
-        ["align", "--config", os.path.join(REPO, "configs", "align_tiny_cpu.yaml"), *data, *models,
+        ["make-tiny-models", "--tokenizer", tok_dir, "--out", tiny, "--esm-init-std", str(esm_std)],
+        ["align", "--config", os.path.join(REPO, "configs", stage1_cfg), *data, *models,
          f"train.save_dir={align}", f"train.steps={args.align_steps}", "--resume", "auto"],
-        ["instruct", "--config", os.path.join(REPO, "configs", "instruct_tiny_cpu.yaml"), *data, *models,
+        ["instruct", "--config", os.path.join(REPO, "configs", stage2_cfg), *data, *models,
          f"instruct.init_from={align}", f"train.save_dir={instruct}", f"train.steps={args.instruct_steps}",
          "--resume", "auto"],
         ["export", "--checkpoint", instruct, "--out", hf, "--verify"],
@@ -146,7 +155,7 @@ def cmd_import_hf(args) -> int:
     model, llama_cfg, _, pcfg = load.build_model(cfg, layout)
     load.load_hf(model, cfg, llama_cfg, pcfg, layout)
     sharded.save(model, args.out)
-    sharded.write_run_info(args.out, cfg)
+    sharded.write_run_info(args.out, cfg, "import")
     if torch_rank() == 0:
         print(f"megatron checkpoint ({layout.tp} x {layout.pp}, reloadable at any layout) -> {args.out}")
     return 0
@@ -269,10 +278,15 @@ def cmd_evaluate(args) -> int:
 
 def cmd_cache_text(args) -> int:
     """Stage 1's frozen text side, computed once for every shard (run under the same launcher as align)."""
-    from megatron_p2t.config import load_config
+    from megatron_p2t.config import ConfigError, load_config
+    from megatron_p2t.models.parts_config import align_objective
     from megatron_p2t.parallel import state
     from megatron_p2t.training.text_cache import build_cache
     cfg = load_config(args.config, args.overrides)
+    if align_objective(cfg.align.objective, cfg.model.connector) != "hscale":
+        raise ConfigError(f"cache-text precomputes H-SCALE's text side; this config's stage 1 is feature alignment "
+                          f"(model.connector={cfg.model.connector}, align.objective={cfg.align.objective}), which "
+                          f"runs the decoder on the text itself: run `align` without a cache")
     res = build_cache(cfg, state.initialize(dataclasses.replace(cfg.parallel, pipeline=1)))
     if torch_rank() == 0:
         print(json.dumps(res))
@@ -297,7 +311,7 @@ def cmd_make_tiny_models(args) -> int:
     vocab += (-vocab) % 8  # divisible by any tensor-parallel size up to 8
     tiny.make_llama(os.path.join(args.out, "llama"), vocab=vocab, layers=args.llama_layers, hidden=args.llama_hidden,
                     max_shard_size="4MB")
-    tiny.make_esm(os.path.join(args.out, "esm"))
+    tiny.make_esm(os.path.join(args.out, "esm"), init_std=args.esm_init_std)
     print(f"tiny llama (vocab {vocab}, {args.llama_layers} x {args.llama_hidden}) and esm -> {args.out}")
     return 0
 
@@ -314,6 +328,9 @@ def main(argv=None) -> int:
                                           "export -> generate -> evaluate (tiny random models)")
     q.add_argument("--out", default=os.path.join(REPO, "runs", "quickstart"))
     q.add_argument("--input", help="a UniProt flat file (default: ../shared sample, else a REST download)")
+    q.add_argument("--recipe", choices=sorted(RECIPES), default="prot2text_v2",
+                   help="prot2text_v2: H-SCALE, then LoRA tuning with the projector; protein2text: feature alignment "
+                        "of the Perceiver resampler, then LoRA tuning (its runs under OUT/protein2text)")
     q.add_argument("--config", default=os.path.join(REPO, "configs", "sample_cpu.yaml"))
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-only", action="store_true", help="stop after the shards, tokenizer and streaming")
@@ -397,6 +414,8 @@ def main(argv=None) -> int:
     tm.add_argument("--llama-hidden", type=int, default=64,
                     help="width of the LLaMA; the stage-1 retrieval demo needs 512 (see README)")
     tm.add_argument("--llama-layers", type=int, default=4)
+    tm.add_argument("--esm-init-std", type=float, default=0.02,
+                    help="std of the ESM's random weights (HF's 0.02; 0.25 for a connector reading an inner layer)")
     args, extra = p.parse_known_args(argv)
     # argparse stops filling a positional list once an option follows it (`import-p2tv2 DIR --out O a=b`):
     # trailing section.key=value words still belong to it

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import typing
 from typing import Any, List, Optional
 
@@ -9,7 +11,8 @@ import yaml
 
 from megatron_p2t.data.instruct import InstructConfig
 from megatron_p2t.data.loader import LoaderConfig
-from megatron_p2t.models.parts_config import FreezeConfig, LoRAConfig, ProjectorConfig, ResamplerConfig, check_parts
+from megatron_p2t.models.parts_config import (FreezeConfig, LoRAConfig, ProjectorConfig, ResamplerConfig,
+                                             align_objective, check_parts)
 from megatron_p2t.parallel.layout import ParallelConfig
 
 
@@ -40,7 +43,9 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class AlignConfig:
-    """Stage 1 (H-SCALE)."""
+    """Stage 1. objective: auto (H-SCALE for model.connector=mlp, feature alignment for the others), hscale or
+    feature (parts_config.ALIGN_OBJECTIVES); the other keys are H-SCALE's."""
+    objective: str = "auto"
     text_layer: int = 16               # LLaMA layer whose states are pooled (16 of 32 in Prot2Text-V2)
     variant: str = "paper"             # paper: 0.7 mean + 0.3 std InfoNCE; concat: released code
     weights: List[float] = dataclasses.field(default_factory=lambda: [0.7, 0.3])
@@ -115,7 +120,11 @@ def _set(obj, dotted: str, raw: str) -> None:
     if not hasattr(obj, last):
         valid = [f.name for f in dataclasses.fields(obj)]
         raise ConfigError(f"override {dotted}: no key {last!r} (valid: {valid})")
-    setattr(obj, last, yaml.safe_load(raw) if raw != "" else None)
+    value = yaml.safe_load(raw) if raw != "" else None
+    current = getattr(obj, last)
+    if dataclasses.is_dataclass(current):       # a whole section (model.resampler={latents: 64, ...}): its keys
+        value = _build(type(current), value, f"{dotted}.")   # checked, the rest at their defaults, as in YAML
+    setattr(obj, last, value)
 
 
 def load_config(path: Optional[str], overrides: List[str] = ()) -> Config:
@@ -135,7 +144,11 @@ def config_from_dict(values: dict, overrides: List[str] = ()) -> Config:
             raise ConfigError(f"override {o!r}: expected section.key=value")
         _set(cfg, key.lstrip("-"), raw)
     try:
-        check_parts(cfg.model.encoder, cfg.model.connector, cfg.model.decoder)
+        check_parts(cfg.model.encoder, cfg.model.connector, cfg.model.decoder, cfg.model.resampler)
+        align_objective(cfg.align.objective, cfg.model.connector)
+        if cfg.model.p2tv2 and cfg.model.connector != "mlp":
+            raise ValueError(f"model.p2tv2={cfg.model.p2tv2} is a Prot2Text-V2 release, whose connector is its "
+                             f"projector (model.connector=mlp), not model.connector={cfg.model.connector}")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg
@@ -143,3 +156,41 @@ def config_from_dict(values: dict, overrides: List[str] = ()) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def recipe(cfg: Config) -> dict:
+    """What a checkpoint's tensors depend on beyond their shapes: the parts, the ESM layer the connector reads,
+    and the resampler's geometry."""
+    m = cfg.model
+    out = {"model.encoder": m.encoder, "model.connector": m.connector, "model.decoder": m.decoder,
+           "model.esm_output_layer": m.esm_output_layer}
+    if m.connector == "resampler":
+        out.update({f"model.resampler.{k}": v for k, v in dataclasses.asdict(m.resampler).items()})
+    return out
+
+
+def saved_run(path: str) -> Optional[dict]:
+    """The megatron_p2t.json a run, an import or an export directory keeps beside a checkpoint (in the directory
+    or, for a run's stepN directory, its parent); None when there is none."""
+    for d in (path, os.path.dirname(os.path.normpath(path))):
+        f = os.path.join(d, "megatron_p2t.json")
+        if os.path.exists(f):
+            with open(f) as fh:
+                return json.load(fh)
+    return None
+
+
+def check_same_recipe(path: str, cfg: Config, option: str) -> None:
+    """Refuse, before anything is built, a checkpoint written by another recipe than `cfg` (Prot2Text-V2's
+    projector into a resampler model, another ESM layer, ...): its tensors would not fit, or fit and mean
+    something else. `option` names where the path came from (--resume, instruct.init_from)."""
+    saved = saved_run(path)
+    if saved is None or "config" not in saved:
+        return
+    theirs, ours = recipe(config_from_dict(saved["config"])), recipe(cfg)
+    diff = [k for k in ours if theirs.get(k) != ours[k]]
+    if diff:
+        raise ConfigError(f"{option}={path}: written by a run of another recipe -- "
+                          + ", ".join(f"{k}={theirs.get(k)} there, {ours[k]} here" for k in diff)
+                          + "; set those options as the run had them to continue it, or start this recipe from "
+                            "its own stage 1 (or fresh)")

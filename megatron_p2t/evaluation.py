@@ -5,7 +5,8 @@ Metrics: corpus BLEU-2 / BLEU-4 (sacrebleu, 13a tokenisation), ROUGE-1/2/L F1 (r
 match (lowercased, punctuation and extra spaces removed), and BERTScore F1 when a local scoring model directory
 is given (greedy cosine matching of contextual token embeddings, as Zhang et al.). Per-length-bin scores go to a
 plot. Every system is scored by the same code on the same accessions; an empty prediction (no MMseqs2 hit) counts
-as a miss, never as a skipped sample.
+as a miss, never as a skipped sample. QA answers (Protein2Text-style conversations, one row per question) are
+scored apart by the same metrics, per templated question too, with yes/no accuracy where the reference is yes/no.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections import Counter
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from megatron_p2t.data import shards
@@ -127,25 +129,62 @@ def mmseqs_baseline(train: Iterable[tuple], queries: Iterable[tuple], out_path: 
     return {"queries": len(queries), "with_hit": len(best)}
 
 
+def yes_no(text: str) -> Optional[str]:
+    """"yes" / "no" when the answer starts with that word, else None."""
+    words = normalize(text).split()
+    return words[0] if words and words[0] in ("yes", "no") else None
+
+
 def evaluate(systems: Dict[str, str], out_dir: str, bertscore_model: Optional[str] = None) -> dict:
-    """systems: name -> predictions JSONL. Scores every system on the accessions all of them cover."""
+    """systems: name -> predictions JSONL. Function descriptions: every system on the accessions all of them
+    cover. QA answers (rows with a `question`, one per question): the systems that have them, on the questions
+    all of those cover, by the same metrics, plus yes/no accuracy where the reference answer is yes or no."""
     os.makedirs(out_dir, exist_ok=True)
     preds = {name: read_predictions(p) for name, p in systems.items()}
+    func = {n: {a: r for a, r in p.items() if "question" not in r} for n, p in preds.items()}
+    qa = {n: {a: r for a, r in p.items() if "question" in r} for n, p in preds.items()}
+    func = {n: p for n, p in func.items() if p}
+    qa = {n: p for n, p in qa.items() if p}
+    report: dict = {"files": {k: os.path.abspath(v) for k, v in systems.items()}}
+    if func:
+        report.update(_descriptions(func, bertscore_model))
+    if qa:
+        report["qa"] = _answers(qa, bertscore_model)
+    with open(os.path.join(out_dir, "scores.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, "scores.md"), "w") as f:
+        f.write(markdown(report))
+    if func:
+        _plot(report["by_length"], os.path.join(out_dir, "by_length.png"))
+    return report
+
+
+def _common(preds: Dict[str, Dict[str, dict]], what: str):
     common = sorted(set.intersection(*(set(p) for p in preds.values())))
     if not common:
-        raise ValueError(f"no accession is present in every file: {list(systems.values())}")
+        raise ValueError(f"no {what} is present in every file of {sorted(preds)}")
     first = preds[next(iter(preds))]
     if any("reference" not in first[a] for a in common):
         raise ValueError("predictions carry no 'reference' text; generate from shards (which hold the answer)")
+    return common, first
+
+
+def _score(hyp, refs, bertscore_model) -> dict:
+    out = scores(hyp, refs)
+    if bertscore_model:
+        out["bertscore_f1"] = bertscore_f1(hyp, refs, bertscore_model)
+    out["empty"] = sum(not h for h in hyp)
+    return out
+
+
+def _descriptions(preds: Dict[str, Dict[str, dict]], bertscore_model) -> dict:
+    common, first = _common(preds, "accession")
     refs = [first[a]["reference"] for a in common]
     lengths = [int(first[a].get("length", 0)) for a in common]
     table, by_bin = {}, {}
     for name, p in preds.items():
         hyp = [p[a]["prediction"] for a in common]
-        table[name] = scores(hyp, refs)
-        if bertscore_model:
-            table[name]["bertscore_f1"] = bertscore_f1(hyp, refs, bertscore_model)
-        table[name]["empty"] = sum(not h for h in hyp)
+        table[name] = _score(hyp, refs, bertscore_model)
         by_bin[name] = {}
         for lo, hi in zip(LENGTH_BINS[:-1], LENGTH_BINS[1:]):
             idx = [i for i, n in enumerate(lengths) if lo <= n < hi]
@@ -153,25 +192,56 @@ def evaluate(systems: Dict[str, str], out_dir: str, bertscore_model: Optional[st
                 s = scores([hyp[i] for i in idx], [refs[i] for i in idx])
                 by_bin[name][f"{lo}-{hi if hi < 10 ** 9 else ''}"] = {"n": len(idx), "rougeL": s["rougeL"],
                                                                       "bleu4": s["bleu4"]}
-    report = {"n": len(common), "systems": table, "by_length": by_bin,
-              "files": {k: os.path.abspath(v) for k, v in systems.items()}}
-    with open(os.path.join(out_dir, "scores.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(out_dir, "scores.md"), "w") as f:
-        f.write(markdown(report))
-    _plot(by_bin, os.path.join(out_dir, "by_length.png"))
-    return report
+    return {"n": len(common), "systems": table, "by_length": by_bin}
+
+
+def _answers(preds: Dict[str, Dict[str, dict]], bertscore_model, top_questions: int = 20) -> dict:
+    common, first = _common(preds, "question")
+    refs = [first[a]["reference"] for a in common]
+    asked = [first[a]["question"] for a in common]
+    kinds = Counter(normalize(q) for q in asked)
+    frequent = [q for q, n in kinds.most_common(top_questions) if n > 1]   # templated questions
+    yn = [i for i, r in enumerate(refs) if yes_no(r)]
+    table, by_question = {}, {}
+    for name, p in preds.items():
+        hyp = [p[a]["prediction"] for a in common]
+        table[name] = _score(hyp, refs, bertscore_model)
+        table[name]["yes_no_n"] = len(yn)
+        table[name]["yes_no_accuracy"] = (100.0 * sum(yes_no(hyp[i]) == yes_no(refs[i]) for i in yn) / len(yn)
+                                          if yn else None)
+        by_question[name] = {}
+        for q in frequent:
+            idx = [i for i, a in enumerate(asked) if normalize(a) == q]
+            s = scores([hyp[i] for i in idx], [refs[i] for i in idx])
+            by_question[name][q] = {"n": len(idx), "rougeL": s["rougeL"], "bleu4": s["bleu4"],
+                                    "exact_match": s["exact_match"]}
+    return {"n": len(common), "systems": table, "by_question": by_question}
 
 
 def markdown(report: dict) -> str:
+    parts = []
+    if "systems" in report:
+        parts.append([f"{report['n']} proteins scored by every system.", "", *_table(report["systems"])])
+    if "qa" in report:
+        qa = report["qa"]
+        parts.append([f"{qa['n']} questions (QA) scored by every system that answered them.", "",
+                      *_table(qa["systems"], yes_no_col=True)])
+    return "\n\n".join("\n".join(p) for p in parts) + "\n"
+
+
+def _table(systems: dict, yes_no_col: bool = False) -> List[str]:
     cols = ["bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "exact_match"]
-    if any("bertscore_f1" in s for s in report["systems"].values()):
+    if any("bertscore_f1" in s for s in systems.values()):
         cols.append("bertscore_f1")
-    lines = [f"{report['n']} proteins scored by every system.", "",
-             "| system | " + " | ".join(cols) + " | empty |", "|---" * (len(cols) + 2) + "|"]
-    for name, s in report["systems"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{s[c]:.2f}" for c in cols) + f" | {s['empty']} |")
-    return "\n".join(lines) + "\n"
+    extra = " yes/no acc (n) |" if yes_no_col else ""
+    lines = ["| system | " + " | ".join(cols) + " | empty |" + extra, "|---" * (len(cols) + 2 + yes_no_col) + "|"]
+    for name, s in systems.items():
+        row = f"| {name} | " + " | ".join(f"{s[c]:.2f}" for c in cols) + f" | {s['empty']} |"
+        if yes_no_col:
+            acc = s["yes_no_accuracy"]
+            row += f" {'-' if acc is None else f'{acc:.1f}'} ({s['yes_no_n']}) |"
+        lines.append(row)
+    return lines
 
 
 def _plot(by_bin: dict, path: str) -> None:

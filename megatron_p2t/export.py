@@ -5,7 +5,8 @@
   adapter/    the same adapters unmerged, in PEFT's layout (adapter_config.json + adapter_model.safetensors),
               for the original LLaMA checkpoint
   esm/        EsmModel (with stage 1's ESM LoRA merged when it had one)
-  projector/  fc1/fc2 + config.json
+  projector/  fc1/fc2 + config.json (Prot2Text-V2's projector, model.connector=mlp), or
+  connector/  the resampler and mlp2x_gelu in Protein2Text's released names + config.json (hf_connector.py)
   tokenizer/  the run's tokenizer, chat template included
   megatron_p2t.json, README.md
 
@@ -29,7 +30,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 
 from megatron_p2t.checkpoint import export_hf, llama_hf, load, p2t_hf, p2tv2, sharded
 from megatron_p2t.checkpoint.hf_dir import CheckpointError
-from megatron_p2t.config import ConfigError, config_from_dict
+from megatron_p2t.config import ConfigError, check_same_recipe, config_from_dict
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
 from megatron_p2t.hf_model import Prot2TextForGeneration
 from megatron_p2t.models.lora import apply_lora, merge_lora
@@ -71,7 +72,11 @@ def main(checkpoint: str, out: str, fmt: str = "megatron_p2t", verify_logits: bo
         return export_imported(checkpoint, out, overrides)
     step, run_dir = resolve(checkpoint)
     with open(os.path.join(run_dir, "megatron_p2t.json")) as f:
-        saved = json.load(f)["config"]
+        info = json.load(f)
+    if info.get("stage") == "align":
+        raise CheckpointError(f"{run_dir}: an H-SCALE stage-1 run (`align`) trains Prot2Text-V2's projector alone; "
+                              f"export the stage-2 run that continues it (instruct.init_from={run_dir})")
+    saved = info["config"]
     parallel = checkpoint_layout(step, int(saved.get("parallel", {}).get("pipeline", 1)))
     shards = parallel.tensor * parallel.pipeline
     if not launch_env.under_launcher() and shards > 1:  # one process per model-parallel shard of the checkpoint
@@ -87,11 +92,11 @@ def main(checkpoint: str, out: str, fmt: str = "megatron_p2t", verify_logits: bo
                          f"it starts them)")
     cfg = config_from_dict(saved, [*overrides, f"parallel.tensor={parallel.tensor}",
                                    f"parallel.pipeline={parallel.pipeline}"])
-    if cfg.model.connector != "mlp":
-        # the exported directory's reader (hf_model.Prot2TextForGeneration) knows Prot2Text-V2's projector only
-        raise ValueError(f"{step}: export of a model.connector={cfg.model.connector} run is not supported yet "
-                         f"(the Prot2Text-V2 projector, model.connector=mlp, is); its megatron checkpoint stays "
-                         f"usable for training and resuming")
+    check_same_recipe(step, cfg, "--checkpoint")     # an override of the parts would misread its tensors
+    if cfg.model.connector != "mlp" and fmt == "p2tv2":
+        raise ConfigError(f"{step}: --format p2tv2 is Prot2Text-V2's layout, which holds its projector only; a "
+                          f"model.connector={cfg.model.connector} run exports in the default format (connector/ "
+                          f"in the released Protein2Text names)")
     layout = state.initialize(cfg.parallel)
     res = export(cfg, step, out, layout, fmt=fmt)
     merged = torch.tensor([res["merged_lora_layers"]])  # each stage merged its own layers
@@ -136,17 +141,25 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t") 
                     source=p2tv2.source_layout(src) if src else None)
         return {"out": out, "merged_lora_layers": merged, "model": model}
     adapter_dir = os.path.join(out, "adapter")
-    export_hf.export({adapter_dir: llama_hf.lora_hf_slices(model.llm, llama_cfg, tpr, tp)}, out)
+    lora = cfg.model.llm_lora.r > 0        # r=0: a feature-alignment run, the decoder as it came
+    if lora:
+        export_hf.export({adapter_dir: llama_hf.lora_hf_slices(model.llm, llama_cfg, tpr, tp)}, out)
     merged = merge_lora(model.llm) + (merge_lora(model.esm) if model.pre_process else 0)
-    p2t_hf.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tpr, tp)
+    p2t_hf.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tpr, tp, cfg.model.resampler)
     if dist.get_rank() == 0:
-        llama_hf.finish_peft_adapter(adapter_dir, cfg.model.llm_lora, cfg.model.llama)
+        if lora:
+            llama_hf.finish_peft_adapter(adapter_dir, cfg.model.llm_lora, cfg.model.llama)
         load_text_tokenizer(cfg.data.text_tokenizer).save_pretrained(os.path.join(out, "tokenizer"))
         info = {"format": "megatron_p2t.export/1", "placeholder_token": cfg.model.placeholder_token,
                 "system_prompt": cfg.instruct.system_prompt, "missing_fields": cfg.instruct.missing_fields,
-                "esm_output_layer": cfg.model.esm_output_layer,
+                "esm_output_layer": cfg.model.esm_output_layer, "connector": cfg.model.connector,
+                # False: esm/ holds the layers up to the one read, whose output is taken before any final norm
+                "esm_final_norm": cfg.model.esm_output_layer % (esm_cfg.num_hidden_layers + 1)
+                == esm_cfg.num_hidden_layers,
                 "max_protein_residues": cfg.data.max_protein_residues, "checkpoint": os.path.abspath(step),
                 "lora_merged_layers": merged}
+        if cfg.model.connector == "resampler":
+            info["resampler"] = dataclasses.asdict(cfg.model.resampler)
         with open(os.path.join(out, "megatron_p2t.json"), "w") as f:
             json.dump(info, f, indent=1)
         with open(os.path.join(out, "README.md"), "w") as f:
@@ -179,15 +192,21 @@ def _has_esm_lora(step: str) -> bool:
     return any(k.startswith("esm.") and ".lora_" in k for k in sd)
 
 
+_CONNECTOR_WORDS = {"mlp": "nonlinear projector", "mlp2x_gelu": "Linear-GELU-Linear connector",
+                    "resampler": "Perceiver resampler + Linear-GELU-Linear connector (Protein2Text)"}
+
+
 def _model_card(cfg, step: str, lc) -> str:
+    tuned = (f"LoRA r={lc.r}, alpha={lc.alpha or 2 * lc.r} on {', '.join(lc.targets)}; merged in `llama/`, "
+             f"unmerged in `adapter/` (PEFT)" if lc.r > 0 else "the connector alone (feature alignment; the decoder "
+             "as it came)")
     return f"""# Prot2Text-style protein-to-text model (megatron_p2t export)
 
-ESM-2 encoder -> nonlinear projector -> LLaMA decoder. The decoder writes a protein's function from its
-sequence (and, when given, its name and taxon).
+ESM-2 encoder -> {_CONNECTOR_WORDS.get(cfg.model.connector, cfg.model.connector)} -> LLaMA decoder.
+The decoder writes a protein's function from its sequence (and, when given, its name and taxon).
 
 - ESM: `{cfg.model.esm}` (layer {cfg.model.esm_output_layer}); LLaMA: `{cfg.model.llama}`
-- stage 2: LoRA r={lc.r}, alpha={lc.alpha or 2 * lc.r} on {', '.join(lc.targets)}; merged in `llama/`,
-  unmerged in `adapter/` (PEFT)
+- trained: {tuned}
 - exported from `{os.path.abspath(step)}`
 
 ```python

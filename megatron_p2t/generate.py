@@ -1,6 +1,7 @@
 """`megatron-p2t generate`: descriptions for proteins from a FASTA file or a split of shards, with the exported
-model (transformers + torch). Output is JSONL, one row per protein, flushed per batch; a restart skips the
-proteins already written (a row cut short by a crash is dropped and redone)."""
+model (transformers + torch). Output is JSONL, one row per protein (per question for QA samples, which carry
+the question), flushed per batch; a restart skips the rows already written (a row cut short by a crash is
+dropped and redone)."""
 from __future__ import annotations
 
 import json
@@ -8,14 +9,29 @@ import os
 from typing import List, Tuple
 
 
+def questions(key: str, seq: str, meta: dict) -> List[Tuple[str, str, str, dict]]:
+    """A QA sample's questions, one item each (`KEY#qN`): the conversation up to the question (earlier answers
+    as the reference gives them), the reference answer, and the question itself in the meta."""
+    from megatron_p2t.data.instruct import ROLES
+    turns, out = meta["conversations"], []
+    for j, t in enumerate(turns):
+        if ROLES.get(t.get("from") or t.get("role")) == "assistant" and j:
+            q = turns[j - 1]
+            out.append((f"{key}#q{len(out) + 1}", seq, t.get("value", t.get("content", "")),
+                        {"conversations": turns[:j], "question": q.get("value", q.get("content", ""))}))
+    return out
+
+
 def inputs(path: str, split: str = "test") -> List[Tuple[str, str, str, dict]]:
-    """(id, sequence, reference or None, meta) from a FASTA file or a shards manifest.json."""
+    """(id, sequence, reference or None, meta) from a FASTA file or a shards manifest.json; a QA sample gives
+    one item per question."""
     if path.endswith(".json"):
         from megatron_p2t.evaluation import split_records
         rows = split_records(path, split)
         if not rows:
             raise ValueError(f"{path}: split {split!r} is empty")
-        return rows
+        return [item for k, s, t, m in rows
+                for item in (questions(k, s, m) if m.get("conversations") else [(k, s, t, m)])]
     from data_tools.records import check_sequence
     from data_tools.readers.rows import iter_fasta, parse_fasta_header
     out = []
@@ -63,11 +79,14 @@ def run(model_dir: str, input_path: str, out_path: str, split: str = "test", bat
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
             metas = [{k: v for k, v in m.items() if (k == "name" and with_name) or
-                      (k in ("organism", "taxon") and with_taxon) or k == "instruction"} for _, _, _, m in batch]
+                      (k in ("organism", "taxon") and with_taxon) or k in ("instruction", "conversations")}
+                     for _, _, _, m in batch]
             preds = model.generate([s for _, s, _, _ in batch], metas, num_beams=num_beams,
                                    max_new_tokens=max_new_tokens)
-            for (acc, seq, ref, _), p in zip(batch, preds):
+            for (acc, seq, ref, meta), p in zip(batch, preds):
                 row = {"accession": acc, "prediction": p, "length": len(seq)}
+                if "question" in meta:
+                    row["question"] = meta["question"]
                 if ref is not None:
                     row["reference"] = ref
                 f.write(json.dumps(row) + "\n")

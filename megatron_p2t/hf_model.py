@@ -1,11 +1,12 @@
 """The exported model, rebuilt with transformers + torch alone (no megatron-core, no DeepSpeed).
 
 `Prot2TextForGeneration.from_pretrained(dir)` reads what `megatron-p2t export` writes: esm/ (EsmModel),
-projector/ (fc1/fc2 + config), llama/ (LlamaForCausalLM with LoRA merged), tokenizer/ (with the chat template)
-and megatron_p2t.json (placeholder token, system prompt, ESM layer); or Prot2Text-V2's published layout
-(`from_p2tv2`: the released model, or `export --format p2tv2`). The protein's projected ESM states replace
-the placeholder tokens' embeddings; generation runs LLaMA's own KV-cached greedy or beam search on those
-embeddings.
+projector/ (fc1/fc2 + config) or connector/ (Protein2Text's resampler + mlp2x_gelu, hf_connector.py), llama/
+(LlamaForCausalLM with LoRA merged), tokenizer/ (with the chat template) and megatron_p2t.json (placeholder
+token, system prompt, ESM layer, connector); or Prot2Text-V2's published layout (`from_p2tv2`: the released
+model, or `export --format p2tv2`). The connector's vectors (one per ESM token for the projector, a fixed number
+of latents for the resampler) replace the placeholder tokens' embeddings; generation runs LLaMA's own KV-cached
+greedy or beam search on those embeddings.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_p2t import hf_connector
 from megatron_p2t.checkpoint import p2tv2
 from megatron_p2t.data import esm_alphabet
 from megatron_p2t.data.instruct import SYSTEM_PROMPT, InstructConfig, PromptBuilder
 from megatron_p2t.data.text_tokenizer import LLAMA3_SPECIAL_BASE, llama3_special_tokens
+from megatron_p2t.models.parts_config import ResamplerConfig, protein_slots
 
 _ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
 
@@ -44,9 +47,13 @@ def _is_p2tv2(path: str) -> bool:
 
 
 class Prot2TextForGeneration(nn.Module):
-    def __init__(self, esm, projector: Projector, llama, tokenizer, info: dict):
+    def __init__(self, esm, projector: nn.Module, llama, tokenizer, info: dict):
+        """projector: Prot2Text-V2's Projector, or an hf_connector.Connector (info["connector"] names it)."""
         super().__init__()
         self.esm, self.projector, self.llama, self.tokenizer, self.info = esm, projector, llama, tokenizer, info
+        if info.get("esm_final_norm") is False:
+            # export wrote the ESM layers up to the one the connector reads: their output, without the final norm
+            esm.encoder.emb_layer_norm_after = None
         self.placeholder_id = tokenizer.convert_tokens_to_ids(info["placeholder_token"])
         self.eot_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
         # the published model pads with <|reserved_special_token_0|> (LLaMA-3.1's 128002) and stops at <|eot_id|>
@@ -60,14 +67,26 @@ class Prot2TextForGeneration(nn.Module):
         from transformers import AutoTokenizer, EsmModel, LlamaForCausalLM
         if _is_p2tv2(path):
             return cls.from_p2tv2(path, dtype, device)
-        for part in ("esm", "projector", "llama", "tokenizer", "megatron_p2t.json"):
+        info_file = os.path.join(path, "megatron_p2t.json")
+        info = json.load(open(info_file)) if os.path.exists(info_file) else {}
+        mlp = info.get("connector", "mlp") == "mlp"         # exports made before model.connector: the projector
+        for part in ("esm", "projector" if mlp else "connector", "llama", "tokenizer", "megatron_p2t.json"):
             if not os.path.exists(os.path.join(path, part)):
                 raise FileNotFoundError(f"{path}: no {part} -- not a `megatron-p2t export` directory")
-        info = json.load(open(os.path.join(path, "megatron_p2t.json")))
-        esm = EsmModel.from_pretrained(os.path.join(path, "esm"), add_pooling_layer=False, dtype=dtype)
-        pcfg = json.load(open(os.path.join(path, "projector", "config.json")))
-        projector = Projector(**{k: v for k, v in pcfg.items() if k != "model_type"})
-        projector.load_state_dict(load_file(os.path.join(path, "projector", "model.safetensors")))
+        from transformers.utils import logging as hf_logging
+        before = hf_logging.get_verbosity()
+        if info.get("esm_final_norm") is False:   # esm/ has no final norm on purpose: no "missing weights" report
+            hf_logging.set_verbosity_error()
+        try:
+            esm = EsmModel.from_pretrained(os.path.join(path, "esm"), add_pooling_layer=False, dtype=dtype)
+        finally:
+            hf_logging.set_verbosity(before)
+        if mlp:
+            pcfg = json.load(open(os.path.join(path, "projector", "config.json")))
+            projector = Projector(**{k: v for k, v in pcfg.items() if k != "model_type"})
+            projector.load_state_dict(load_file(os.path.join(path, "projector", "model.safetensors")))
+        else:
+            projector = hf_connector.Connector.from_pretrained(os.path.join(path, "connector"))
         llama = LlamaForCausalLM.from_pretrained(os.path.join(path, "llama"), dtype=dtype)
         tok = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
         return cls(esm, projector.to(dtype), llama, tok, info).to(device).eval()
@@ -107,20 +126,29 @@ class Prot2TextForGeneration(nn.Module):
                 "esm_output_layer": -1, "format": "p2tv2"}
         return cls(esm.to(dtype), projector.to(dtype), llama.to(dtype), tok, info).to(device).eval()
 
-    def protein_states(self, protein_ids: torch.Tensor, protein_mask: torch.Tensor) -> torch.Tensor:
-        layer = int(self.info.get("esm_output_layer", -1))
+    def protein_states(self, protein_ids: torch.Tensor, protein_mask: torch.Tensor):
+        """(vectors [b, n, llm] for the prompt, mask [b, n]: the real ones)."""
+        layer = -1 if self.info.get("esm_final_norm") is False else int(self.info.get("esm_output_layer", -1))
         out = self.esm(input_ids=protein_ids, attention_mask=protein_mask.long(), output_hidden_states=layer != -1)
         h = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
-        return self.projector(h)
+        if isinstance(self.projector, Projector):
+            return self.projector(h), protein_mask.bool()
+        return self.projector(h, protein_mask)
+
+    def slots(self, residues: int) -> int:
+        """Prompt positions a protein of this many residues fills (the connector decides)."""
+        res = ResamplerConfig(**self.info["resampler"]) if "resampler" in self.info else ResamplerConfig()
+        return protein_slots(self.info.get("connector", "mlp"), res, residues)
 
     def embed(self, input_ids, protein_ids, protein_mask) -> torch.Tensor:
-        """Token embeddings with the placeholders replaced by the projected protein, proteins in the order their
-        placeholders appear (row-major)."""
+        """Token embeddings with the placeholders replaced by the connector's vectors, proteins in the order
+        their placeholders appear (row-major)."""
         emb = self.llama.get_input_embeddings()(input_ids)
         slots = input_ids == self.placeholder_id
-        prot = self.protein_states(protein_ids, protein_mask)[protein_mask.bool()].to(emb.dtype)
+        vectors, real = self.protein_states(protein_ids, protein_mask)
+        prot = vectors[real].to(emb.dtype)
         if int(slots.sum()) != prot.shape[0]:
-            raise ValueError(f"{int(slots.sum())} placeholder tokens for {prot.shape[0]} protein tokens")
+            raise ValueError(f"{int(slots.sum())} placeholder tokens for {prot.shape[0]} protein vectors")
         return emb.masked_scatter(slots.unsqueeze(-1).expand_as(emb), prot)
 
     def forward(self, input_ids, protein_ids, protein_mask, attention_mask=None, position_ids=None):
@@ -128,7 +156,8 @@ class Prot2TextForGeneration(nn.Module):
                           attention_mask=attention_mask, position_ids=position_ids).logits
 
     def prompts(self, sequences: Sequence[str], metas: Optional[Sequence[dict]] = None):
-        """Left-padded prompt ids + attention mask, and the ESM batch, for these sequences."""
+        """Left-padded prompt ids + attention mask, and the ESM batch, for these sequences. A meta with
+        `conversations` (turns ending with a question) asks that question; otherwise the function prompt."""
         # exports made before missing_fields existed were trained with absent fields left out
         icfg = InstructConfig(system_prompt=self.info["system_prompt"],
                               missing_fields=self.info.get("missing_fields", "omit"))
@@ -137,7 +166,8 @@ class Prot2TextForGeneration(nn.Module):
         metas = metas or [{} for _ in sequences]
         max_res = int(self.info.get("max_protein_residues", 1021))
         prots = [esm_alphabet.encode(s[:max_res]) for s in sequences]
-        ids = [builder.prompt_ids(m, "", len(p), train=False) for m, p in zip(metas, prots)]
+        ids = [builder.conversation_prompt_ids(m["conversations"], self.slots(len(p) - 2)) if m.get("conversations")
+               else builder.prompt_ids(m, "", self.slots(len(p) - 2), train=False) for m, p in zip(metas, prots)]
         width, plen = max(map(len, ids)), max(map(len, prots))
         pad = self.pad_id
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)

@@ -19,7 +19,7 @@ import json
 import os
 from typing import Dict, List, Optional
 
-from megatron_p2t.models.parts_config import protein_slots
+from megatron_p2t.models.parts_config import align_objective, protein_slots
 
 GIB = 1024 ** 3
 
@@ -152,6 +152,14 @@ def connector_params(model_cfg, esm_hidden: int, llm_hidden: int, tp: int) -> fl
     return r.latents * d + d + 2 * d + r.depth * layer + mlp2x
 
 
+def connector_split(model_cfg) -> int:
+    """What the connector splits over tensor-parallel ranks (heads for the resampler, the hidden width for the
+    projector; mlp2x_gelu splits the LLM width, as the decoder does)."""
+    if model_cfg.connector == "mlp":
+        return model_cfg.projector.intermediate_dim
+    return model_cfg.resampler.heads if model_cfg.connector == "resampler" else 0
+
+
 def prompt_tokens(cfg) -> int:
     """Stage 2's tokens around the placeholders and the answer (chat template, system prompt, name, taxon), from
     the configured tokenizer when it is on disk; else LLaMA-3's count for the default prompt."""
@@ -180,13 +188,16 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
 
     frozen = tower(esm, esm.layers, True, False)
     trainable = proj + _lora_params(esm, cfg.model.esm_lora, tp)
-    if stage == "align":
+    # feature alignment (Protein2Text's stage 1) is stage 2's step through the whole frozen decoder, without LoRA
+    hscale = stage == "align" and align_objective(cfg.align.objective, cfg.model.connector) == "hscale"
+    llm_lora = cfg.model.llm_lora if stage == "instruct" else dataclasses.replace(cfg.model.llm_lora, r=0)
+    if hscale:
         if not cfg.align.use_text_cache:
             frozen += tower(llama, cfg.align.text_layer, True, False)
         tokens = b * lp
     else:
         frozen += tower(llama, llama.layers, True, not llama.tied)
-        trainable += _lora_params(llama, cfg.model.llm_lora, tp)
+        trainable += _lora_params(llama, llm_lora, tp)
         slots = protein_slots(cfg.model.connector, cfg.model.resampler, cfg.data.max_protein_residues)
         seq = slots + lt + prompt_tokens(cfg)   # loads the tokenizer: once per plan
         tokens = b * seq
@@ -202,14 +213,14 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
     esm_transient = b * lp * (2 * esm.hidden + esm.ffn / tp) * wb + 2 * b * esm.heads / tp * lp * lp * wb
     esm_out = b * lp * esm.hidden * wb * 2
     proj_saved = b * lp * (esm.hidden + 2 * inter / tp + 2 * llama.hidden) * wb
-    if stage == "align":
+    if hscale:
         act = esm_transient + esm_out + proj_saved
         if not cfg.align.use_text_cache:
             act += b * lt * (2 * llama.hidden + 3 * llama.ffn / tp) * wb
     else:
         h, f, kvd = llama.hidden, llama.ffn, llama.kv_dim
         per_token_layer = wb * (6 * h + (h + 2 * kvd) / tp + h / tp + 4 * f / tp)
-        if cfg.model.llm_lora.r and cfg.model.llm_lora.dropout:
+        if llm_lora.r and llm_lora.dropout:
             per_token_layer += (wb + 1) * (3 * h + f / tp)
         logits = tokens * llama.vocab / tp * 4 * 2           # fp32 logits and their gradient
         act = tokens * llama.layers * per_token_layer + logits + esm_transient + esm_out + proj_saved
@@ -221,7 +232,7 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
     esm_params = esm.layers * esm.layer_matrix_params()
     flops = 2 * esm_params * b * lp + 4 * esm.layers * b * lp * lp * esm.hidden
     flops += 6 * (proj * tp) * b * lp
-    if stage == "align":
+    if hscale:
         if not cfg.align.use_text_cache:
             flops += 2 * cfg.align.text_layer * llama.layer_matrix_params() * b * lt
     else:
@@ -241,7 +252,7 @@ def layouts(cfg, stage: str, gpus: int, device: Device, mfu: float = 0.4) -> Lis
     for tp in (1, 2, 4, 8):
         if tp > min(gpus, device.gpus_per_node) or gpus % tp:
             continue  # TP stays inside a node (NVLink); across nodes it would be bandwidth-bound
-        if esm.heads % tp or llama.kv_heads % tp or (cfg.model.projector.intermediate_dim % tp):
+        if esm.heads % tp or llama.kv_heads % tp or connector_split(cfg.model) % tp:
             continue
         if cfg.train.global_batch and cfg.train.global_batch % ((cfg.data.batch_size or 1) * (gpus // tp)):
             continue  # the trainer refuses it (see training/trainer.resolve_grad_accum)

@@ -40,3 +40,25 @@ def write_families(out: str, texts: Sequence[str], families: int = 40, members: 
         with open(paths[split], "w") as f:
             f.write("\n".join(accs) + "\n")
     return paths
+
+
+def write_family_qa(out: str, fasta: str) -> str:
+    """Protein2Text-style conversations for write_families' proteins (same accessions, so the same split lists
+    apply), answers fixed by the family: "Is it an enzyme?" (yes for even families) and "Which family?"."""
+    import json
+    rows, acc = [], None
+    with open(fasta) as f:
+        for line in f:
+            if line.startswith(">"):
+                acc = line[1:].strip()
+                continue
+            fam = int(acc[3:6])
+            rows.append({"id": acc, "protein": line.strip(), "conversations": [
+                {"from": "human", "value": "<protein>\nIs it an enzyme?"},
+                {"from": "gpt", "value": "Yes." if fam % 2 == 0 else "No."},
+                {"from": "human", "value": "Which family is it from?"},
+                {"from": "gpt", "value": f"Family {fam}."}]})
+    path = os.path.join(out, "qa.json")
+    with open(path, "w") as f:
+        json.dump(rows, f)
+    return path

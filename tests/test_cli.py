@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,6 +25,20 @@ def test_quickstart_is_the_readme_main_job(tmp_path):
     passes = [json.loads(l.split(":", 1)[1]) for l in r.stdout.splitlines() if l.startswith("stream")]
     assert passes[0]["samples"] == 789 and passes[1]["batches"] == 50
     assert 0 < passes[1]["padding_fraction"] < passes[0]["padding_fraction"]
+    # the other recipe on the same data (reused): feature alignment of the resampler, LoRA tuning, the same report
+    r = subprocess.run([sys.executable, "-m", "megatron_p2t", "quickstart", "--out", str(tmp_path / "qs"),
+                        "--recipe", "protein2text", "--align-steps", "6", "--instruct-steps", "6"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reusing 877 cleaned records" in r.stdout + r.stderr
+    p2t = tmp_path / "qs" / "protein2text"
+    assert json.load(open(p2t / "align" / "megatron_p2t.json"))["stage"] == "align-feature"
+    rep = json.load(open(p2t / "report" / "scores.json"))
+    assert rep["n"] == 44 and set(rep["systems"]) == {"predictions", "mmseqs_nearest_neighbour"}
+    exported = [json.loads(l) for l in r.stdout.splitlines() if l.startswith('{"out"')][0]
+    assert exported["max_abs_logit_diff"] <= 1e-4
+    info = json.load(open(p2t / "export" / "megatron_p2t.json"))
+    assert info["connector"] == "resampler" and info["resampler"]["latents"] == 16
 
 
 def test_data_check_cli(built_sample, tiny_tokenizer):
@@ -61,3 +76,28 @@ def test_training_stages_accept_the_deepspeed_launchers_local_rank(tmp_path, sta
     r = subprocess.run([sys.executable, "-m", "megatron_p2t", stage, "--config", str(tmp_path / "none.yaml"),
                         "--local_rank=0"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 2 and "unrecognized arguments" not in r.stderr and "none.yaml" in r.stderr, r.stderr
+
+
+def test_commands_refuse_a_checkpoint_of_another_recipe_before_any_work(tmp_path, capsys):
+    """Protein2Text's config pointed at Prot2Text-V2's stage-1 run: stage 2 from it, resuming it, caching H-SCALE's
+    text side for a feature-alignment config, exporting an H-SCALE run -- each an `error:` line, exit code 2,
+    before a process group, a model or a run directory exists."""
+    from megatron_p2t.cli import main
+    from tests.test_config import _run_dir
+    hscale = _run_dir(tmp_path / "align", [], "align")
+    os.makedirs(os.path.join(hscale, "step00000005"))
+    open(os.path.join(hscale, "step00000005", "COMPLETE"), "w").close()
+    open(os.path.join(hscale, "latest"), "w").write("step00000005")
+    cfg = f"{ROOT}/configs/protein2text_tiny_cpu.yaml"
+    cases = [(["instruct", "--config", cfg, f"instruct.init_from={hscale}", f"train.save_dir={tmp_path}/run"],
+              "instruct.init_from=.*model.connector=mlp there, resampler here"),
+             (["align", "--config", cfg, f"train.save_dir={hscale}", "--resume", "auto"],
+              "--resume=.*model.connector=mlp there, resampler here"),
+             (["cache-text", "--config", cfg], "cache-text precomputes H-SCALE's text side.*feature alignment"),
+             (["export", "--checkpoint", hscale, "--out", str(tmp_path / "hf")],
+              "H-SCALE stage-1 run.*export the stage-2 run")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and re.search(message, err), (argv, err)
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "hf")

@@ -33,6 +33,11 @@ def test_unknown_keys_are_named(tmp_path):
         load_config(None, ["data.nope=1"])
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["data.batch_size"])
+    # a whole section from the command line is built as from YAML: its keys checked, the others at their defaults
+    cfg = load_config(None, ["model.resampler={latents: 64, heads: 4}"])
+    assert (cfg.model.resampler.latents, cfg.model.resampler.heads, cfg.model.resampler.depth) == (64, 4, 2)
+    with pytest.raises(ConfigError, match=r"model.resampler.: unknown key\(s\) \['laten'\]"):
+        load_config(None, ["model.resampler={laten: 64}"])
 
 
 def test_parts_are_chosen_by_name_and_an_unknown_one_is_refused_with_the_choices():
@@ -53,3 +58,66 @@ def test_a_protein_fills_as_many_prompt_slots_as_its_connector_gives():
     assert protein_slots("resampler", r, 350) == protein_slots("resampler", r, 12) == 128
     with pytest.raises(ValueError, match="choose one of"):
         protein_slots("qformer", r, 10)
+
+
+def test_stage_1_follows_the_recipe_and_hscale_without_the_projector_is_refused():
+    from megatron_p2t.models.parts_config import align_objective
+    p2t, p2tv2 = load_config(f"{ROOT}/configs/protein2text.yaml"), load_config(f"{ROOT}/configs/prot2text_v2.yaml")
+    assert align_objective(p2tv2.align.objective, p2tv2.model.connector) == "hscale"
+    assert align_objective(p2t.align.objective, p2t.model.connector) == "feature"
+    assert align_objective("auto", "mlp2x_gelu") == "feature" and align_objective("feature", "mlp") == "feature"
+    with pytest.raises(ConfigError, match=r"align.objective=hscale.*model.connector=resampler.*objective=feature"):
+        load_config(f"{ROOT}/configs/protein2text.yaml", ["align.objective=hscale"])
+    with pytest.raises(ConfigError, match=r"align.objective='contrastive'.*hscale.*feature"):
+        load_config(None, ["align.objective=contrastive"])
+
+
+def test_incompatible_parts_are_refused_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"model.p2tv2=.*Prot2Text-V2 release.*model.connector=mlp"):
+        load_config(f"{ROOT}/configs/protein2text.yaml", ["model.p2tv2=/models/Prot2Text-V2"])
+    for bad in ("0", "-2", "2.5", "true"):
+        with pytest.raises(ConfigError, match=r"model.resampler.latents=.*positive whole number"):
+            load_config(f"{ROOT}/configs/protein2text.yaml", [f"model.resampler.latents={bad}"])
+
+
+def test_more_prompt_slots_than_the_decoder_has_positions_are_refused():
+    from megatron_p2t.models.parts_config import ResamplerConfig, check_room
+    check_room("resampler", ResamplerConfig(latents=128), 1021, 512, 131072, "llama")
+    with pytest.raises(ValueError, match=r"model.resampler.latents=4000 .*data.max_text_tokens=512.*4096 positions"):
+        check_room("resampler", ResamplerConfig(latents=4000), 1021, 512, 4096, "/models/llama")
+    with pytest.raises(ValueError, match=r"data.max_protein_residues=1021 .*model.connector=mlp"):
+        check_room("mlp", ResamplerConfig(), 1021, 512, 1024, "/models/llama")
+
+
+def _run_dir(path, overrides, stage):
+    import dataclasses
+    import json
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "megatron_p2t.json"), "w") as f:
+        json.dump({"config": dataclasses.asdict(load_config(None, overrides)), "stage": stage}, f)
+    return str(path)
+
+
+def test_a_checkpoint_of_another_recipe_is_refused_naming_what_differs(tmp_path):
+    from megatron_p2t.config import check_same_recipe
+    hscale = _run_dir(tmp_path / "align", [], "align")               # Prot2Text-V2's stage 1
+    p2t = load_config(f"{ROOT}/configs/protein2text.yaml")
+    with pytest.raises(ConfigError, match=r"instruct.init_from=.*model.connector=mlp there, resampler here.*"
+                                          r"model.esm_output_layer=-1 there, -2 here"):
+        check_same_recipe(hscale, p2t, "instruct.init_from")
+    check_same_recipe(hscale, load_config(f"{ROOT}/configs/prot2text_v2.yaml"), "instruct.init_from")
+    feature = _run_dir(tmp_path / "p2t", ["model.connector=resampler", "model.esm_output_layer=-2"], "align-feature")
+    os.makedirs(tmp_path / "p2t" / "step00000040")
+    with pytest.raises(ConfigError, match=r"--resume=.*step00000040.*model.resampler.latents=128 there, 64 here"):
+        check_same_recipe(str(tmp_path / "p2t" / "step00000040"),
+                          load_config(f"{ROOT}/configs/protein2text.yaml", ["model.resampler.latents=64"]), "--resume")
+    check_same_recipe(feature, p2t, "instruct.init_from")
+    # a run saved before the parts had names (no encoder/connector/decoder keys) was Prot2Text-V2's
+    import json
+    old = json.load(open(os.path.join(hscale, "megatron_p2t.json")))
+    for k in ("encoder", "connector", "decoder", "resampler"):
+        del old["config"]["model"][k]
+    json.dump(old, open(os.path.join(hscale, "megatron_p2t.json"), "w"))
+    with pytest.raises(ConfigError, match="model.connector=mlp there, resampler here"):
+        check_same_recipe(hscale, p2t, "instruct.init_from")
+    check_same_recipe(str(tmp_path / "nothing_saved"), p2t, "--resume")   # nothing to compare with

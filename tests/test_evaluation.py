@@ -60,3 +60,33 @@ def test_bertscore_with_a_local_encoder(tmp_path):
     other = evaluation.bertscore_f1(["hydrolyzes atp"], ["binds dna ."], str(tmp_path / "enc"))
     empty = evaluation.bertscore_f1([""], ["binds dna ."], str(tmp_path / "enc"))
     assert same == pytest.approx(100.0, abs=1e-3) and other < same and empty == 0.0
+
+
+def test_qa_answers_are_scored_per_question_with_yes_no_accuracy_beside_the_descriptions(tmp_path):
+    from megatron_p2t.generate import questions
+    conv = [{"from": "human", "value": "<protein>\nIs it an enzyme?"}, {"from": "gpt", "value": "Yes, a kinase."},
+            {"from": "human", "value": "Where is it found?"}, {"from": "gpt", "value": "In the nucleus."}]
+    items = questions("P9", "MKV", {"conversations": conv})
+    assert [(k, ref, m["question"]) for k, _, ref, m in items] == [
+        ("P9#q1", "Yes, a kinase.", "<protein>\nIs it an enzyme?"), ("P9#q2", "In the nucleus.", "Where is it found?")]
+    assert items[1][3]["conversations"] == conv[:3]          # the history as the reference gives it
+    rows = [{"accession": "F1", "prediction": "Binds DNA.", "reference": "Binds DNA.", "length": 80}]
+    answers = {"Is it an enzyme?": ["Yes.", "No.", "Yes, it is.", "No."], "Where is it found?": ["In the nucleus."] * 4}
+    guesses = {"Is it an enzyme?": ["yes", "Yes.", "Yes", "it is not"], "Where is it found?": ["In the nucleus."] * 4}
+    for q in answers:
+        for i, (ref, hyp) in enumerate(zip(answers[q], guesses[q])):
+            rows.append({"accession": f"Q{i}#{q[:5]}", "question": q, "prediction": hyp, "reference": ref,
+                         "length": 80})
+    (tmp_path / "p2t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "nn.jsonl").write_text(json.dumps(rows[0]) + "\n")   # the baseline: descriptions only
+    rep = evaluation.evaluate({"p2t": str(tmp_path / "p2t.jsonl"), "nn": str(tmp_path / "nn.jsonl")},
+                              str(tmp_path / "rep"))
+    assert rep["n"] == 1 and set(rep["systems"]) == {"p2t", "nn"}            # descriptions: both systems
+    qa = rep["qa"]
+    assert qa["n"] == 8 and set(qa["systems"]) == {"p2t"}                   # answers: who gave them
+    s = qa["systems"]["p2t"]
+    assert s["yes_no_n"] == 4 and s["yes_no_accuracy"] == 50.0             # yes/yes no/yes yes/yes no/(none)
+    assert qa["by_question"]["p2t"]["where is it found"]["exact_match"] == 100.0
+    assert qa["by_question"]["p2t"]["is it an enzyme"]["n"] == 4
+    md = (tmp_path / "rep" / "scores.md").read_text()
+    assert "8 questions (QA)" in md and "50.0 (4)" in md

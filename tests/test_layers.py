@@ -15,7 +15,7 @@ LAYERS = [
     ["transformer"],
     ["models"],
     ["checkpoint"],
-    ["config", "hf_model"],
+    ["config", "hf_model", "hf_connector"],
     ["training"],
     ["export", "generate", "evaluation", "plan"],
     ["cli", "__main__"],

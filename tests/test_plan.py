@@ -97,3 +97,20 @@ def test_the_connector_decides_the_prompt_length_and_its_own_parameters():
     one_layer = 3 * 2 * d + 3 * d * 512 + 512 * d + 2 * d * d * 2
     assert connector_params(cfg.model, d, h, 1) == 128 * d + 3 * d + 2 * one_layer + d * h + h + h * h + h
     assert connector_params(cfg.model, d, h, 2) < connector_params(cfg.model, d, h, 1)
+
+
+def test_feature_alignment_is_planned_as_a_decoder_step_and_layouts_follow_the_resampler_heads():
+    """Stage 1 of Protein2Text backpropagates through the whole frozen decoder (no LoRA): its activations and
+    FLOPs are stage 2's without adapters, not H-SCALE's pooled projector; a TP size that does not divide the
+    resampler's heads is not offered."""
+    cfg = load_config(os.path.join(ROOT, "configs", "prot2text_v2.yaml"))
+    cfg.model.connector = "resampler"
+    feature = {p.tp: p for p in layouts(cfg, "align", 8, DEVICES["h100-80gb"])}
+    tuned = {p.tp: p for p in layouts(cfg, "instruct", 8, DEVICES["h100-80gb"])}
+    cfg.model.connector, cfg.align.use_text_cache = "mlp", False
+    hscale = {p.tp: p for p in layouts(cfg, "align", 8, DEVICES["h100-80gb"])}
+    assert feature[1].memory["activations"] > 5 * hscale[1].memory["activations"]
+    assert feature[1].memory["trainable_weights"] < tuned[1].memory["trainable_weights"]      # no adapters
+    assert feature[1].flops_per_step == tuned[1].flops_per_step                              # same tokens
+    cfg.model.connector, cfg.model.resampler.heads = "resampler", 6
+    assert sorted(p.tp for p in layouts(cfg, "instruct", 8, DEVICES["h100-80gb"])) == [1, 2]

@@ -17,7 +17,8 @@ import torch
 SHARD_BYTES = 2 << 30
 
 
-def _assemble(pieces):
+def assemble(pieces):
+    """One HF tensor from its (dim, start, stop, tensor) pieces, which must tile it."""
     if pieces[0][0] is None:
         return pieces[0][3].contiguous()
     dim = pieces[0][0]
@@ -76,7 +77,7 @@ def export(slices_by_dir: Dict[str, list], work_dir: str, shard_bytes: int = SHA
             for part in loaded:
                 for n, dim, a, b, t in part.get(out_dir, []):
                     pieces[n].append((dim, a, b, t))
-            write_safetensors_dir(out_dir, {n: _assemble(p) for n, p in pieces.items()}, shard_bytes)
+            write_safetensors_dir(out_dir, {n: assemble(p) for n, p in pieces.items()}, shard_bytes)
             if hf_configs and out_dir in hf_configs:
                 hf_configs[out_dir].save_pretrained(out_dir)
         shutil.rmtree(parts)

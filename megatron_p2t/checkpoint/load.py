@@ -15,7 +15,7 @@ from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
 from megatron_p2t.checkpoint.slicing import copy_into
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
 from megatron_p2t.models import build as model_build
-from megatron_p2t.models.parts_config import PROJECTOR_DROPOUT
+from megatron_p2t.models.parts_config import PROJECTOR_DROPOUT, check_room
 from megatron_p2t.models.text_side import TextPooler
 from megatron_p2t.parallel.layout import Layout
 
@@ -68,6 +68,11 @@ def placeholder_id(cfg) -> int:
 def build_model(cfg, layout: Layout):
     """(model for this rank, llama HF config, esm HF config, projector config), weights as initialised."""
     llama_cfg, esm_cfg, pcfg = hf_configs(cfg, say=layout.rank == 0)
+    try:
+        check_room(cfg.model.connector, cfg.model.resampler, cfg.data.max_protein_residues,
+                   cfg.data.max_text_tokens, llama_cfg.max_position_embeddings, cfg.model.p2tv2 or cfg.model.llama)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     model = model_build.build(cfg.model, layout, llama_cfg, esm_cfg, pcfg, placeholder_id(cfg))
     return model, llama_cfg, esm_cfg, pcfg
 

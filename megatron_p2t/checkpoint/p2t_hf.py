@@ -31,19 +31,33 @@ def megatron_tensors(model: Prot2TextModel, esm_src, llama_src, projector_src, l
 
 
 def hf_export(model: Prot2TextModel, out_dir: str, llama_hf_cfg, esm_hf_cfg, projector_cfg, tp_rank: int,
-              tp: int) -> None:
-    """Collective: write out_dir/{llama,esm,projector} in HF layout from any TP x PP layout."""
-    dirs = {k: os.path.join(out_dir, k) for k in ("llama", "esm", "projector")}
+              tp: int, resampler_cfg=None) -> None:
+    """Collective: write out_dir/{llama,esm,projector} in HF layout from any TP x PP layout; other connectors
+    than Prot2Text-V2's projector go to connector/ in the released Protein2Text / LLaVA names (hf_connector.py
+    reads them)."""
+    mlp = model.connector_name == "mlp"
+    dirs = {k: os.path.join(out_dir, k) for k in ("llama", "esm", "projector" if mlp else "connector")}
     slices = {dirs["llama"]: llama_hf.hf_slices(model.llm, llama_hf_cfg, tp_rank, tp)}
     if model.pre_process:
         slices[dirs["esm"]] = esm_hf.hf_slices(model.esm, tp_rank, tp)
-        slices[dirs["projector"]] = projector_hf.hf_slices(model.projector, projector_cfg, tp_rank, tp)
+        if mlp:
+            slices[dirs["projector"]] = projector_hf.hf_slices(model.projector, projector_cfg, tp_rank, tp)
+        else:
+            slices[dirs["connector"]] = resampler_hf.hf_slices(model.connector, tp_rank, tp)
     configs = None
     if torch.distributed.get_rank() == 0:
         esm_cfg = esm_hf_cfg.__class__.from_dict(esm_hf_cfg.to_dict())
         esm_cfg.architectures = ["EsmModel"]
+        if not model.esm.final_norm:   # an inner layer's states (Protein2Text: -2): the layers read, no final norm
+            esm_cfg.num_hidden_layers = model.esm.config.num_layers
         configs = {dirs["llama"]: llama_hf_cfg, dirs["esm"]: esm_cfg}
     export_hf.export(slices, out_dir, hf_configs=configs)
-    if torch.distributed.get_rank() == 0:
+    if torch.distributed.get_rank() != 0:
+        return
+    if mlp:
         with open(os.path.join(dirs["projector"], "config.json"), "w") as f:
             json.dump({"model_type": "megatron_p2t_projector", **dataclasses.asdict(projector_cfg)}, f, indent=1)
+    else:
+        with open(os.path.join(dirs["connector"], "config.json"), "w") as f:
+            json.dump(resampler_hf.config(model.connector_name, esm_hf_cfg.hidden_size, llama_hf_cfg.hidden_size,
+                                          resampler_cfg), f, indent=1)

@@ -126,7 +126,7 @@ def save_imported(model, cfg, source: str, out: str) -> None:
             if not cfg.data.text_tokenizer:  # the import's own tokenizer, recorded for the commands after it
                 data = dataclasses.replace(cfg.data, text_tokenizer=os.path.abspath(out))
                 cfg = dataclasses.replace(cfg, data=data)
-    sharded.write_run_info(out, cfg)
+    sharded.write_run_info(out, cfg, "import")
     torch.distributed.barrier()
 
 

@@ -3,13 +3,17 @@ PerceiverResampler -- and `model.mm_projector.{0,2}.*`) to and from models/resam
 tensor-parallel rank. One table serves both directions."""
 from __future__ import annotations
 
-from typing import Dict, List
+import dataclasses
+from collections import defaultdict
+from typing import Dict, List, Optional
 
 import torch
 
+from megatron_p2t.checkpoint.export_hf import assemble
 from megatron_p2t.checkpoint.slicing import Entry, Slice, read, span, stack_rows, write
 
 RESAMPLER, PROJECTOR = "model.mm_resampler.", "model.mm_projector."
+CONFIG_TYPE = "megatron_p2t_connector"     # connector/config.json's model_type (hf_connector.py reads it)
 
 
 def _layer(i: int):
@@ -67,9 +71,26 @@ def tensors(src, connector, tp_rank: int, tp: int) -> Dict[str, torch.Tensor]:
                                                                           fusers)}
 
 
-def hf_slices(connector, tp_rank: int, tp: int) -> List[Slice]:
-    """The inverse: this rank's share of the released tensors."""
+def hf_slices(connector, tp_rank: int, tp: int, sd: Optional[Dict[str, torch.Tensor]] = None) -> List[Slice]:
+    """The inverse: this rank's share of the released tensors; of `sd` (tensor-parallel rank tp_rank's state
+    dict of a connector shaped as this one, e.g. from a checkpoint) instead of the module's own when given."""
     resampler, mlp_prefix, spans, fusers = _layout(connector, tp_rank, tp)
-    sd = connector.state_dict()
+    sd = connector.state_dict() if sd is None else sd
     return write(resampler, sd, RESAMPLER, "", spans, tp_rank, fusers) + write(MLP, sd, PROJECTOR, mlp_prefix,
                                                                                 spans, tp_rank, fusers)
+
+
+def whole(shards: List[Dict[str, torch.Tensor]], connector) -> Dict[str, torch.Tensor]:
+    """The released tensors, whole, from the connector's state dicts of every tensor-parallel rank of a run
+    (its checkpoint's files, in rank order): what `tensors` then reads at another run's layout."""
+    pieces = defaultdict(list)
+    for rank, sd in enumerate(shards):
+        for s in hf_slices(connector, rank, len(shards), sd):
+            pieces[s.name].append((s.dim, s.start, s.stop, s.tensor))
+    return {n: assemble(p) for n, p in pieces.items()}
+
+
+def config(kind: str, esm_dim: int, llm_dim: int, resampler) -> dict:
+    """connector/config.json of an export: what hf_connector.Connector is rebuilt from."""
+    return {"model_type": CONFIG_TYPE, "connector": kind, "esm_dim": esm_dim, "llm_dim": llm_dim,
+            **({"resampler": dataclasses.asdict(resampler)} if kind == "resampler" else {})}

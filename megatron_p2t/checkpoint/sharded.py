@@ -14,11 +14,12 @@ from megatron.core.dist_checkpointing import ShardedTensor, load_tensors_metadat
 from megatron_p2t.checkpoint.hf_dir import CheckpointError
 
 
-def write_run_info(directory: str, cfg) -> None:
-    """What a checkpoint was made from, beside it, for the commands that read it later."""
+def write_run_info(directory: str, cfg, stage: str) -> None:
+    """What a checkpoint was made from, beside it, for the commands that read it later (config.check_same_recipe,
+    export): the run config and the stage that wrote it (align, align-feature, instruct, import)."""
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(directory, "megatron_p2t.json"), "w") as f:
-            json.dump({"config": dataclasses.asdict(cfg)}, f, indent=1, default=str)
+            json.dump({"config": dataclasses.asdict(cfg), "stage": stage}, f, indent=1, default=str)
 
 
 def save(model, directory: str) -> None:

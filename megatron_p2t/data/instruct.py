@@ -27,6 +27,7 @@ SYSTEM_PROMPT = ("You are a scientific assistant specialized in protein function
                  "professional language.")
 MISSING_FIELDS = ("unknown", "omit")
 PROTEIN_MARK = "<protein>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 @dataclasses.dataclass
@@ -112,11 +113,11 @@ class PromptBuilder:
         targets[:-1][learn_next] = ids_a[1:][learn_next]
         return Encoded(ids_a, targets, n_protein)
 
-    def _conversation(self, turns: List[dict], n_protein: int) -> Tuple[List[int], List[bool]]:
-        roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+    def _messages(self, turns: List[dict]) -> List[dict]:
+        """System message + the turns as chat messages, the protein placeholder in the first user turn."""
         msgs = [{"role": "system", "content": self.cfg.system_prompt}]
         for i, t in enumerate(turns):
-            role = roles.get(t.get("from") or t.get("role"))
+            role = ROLES.get(t.get("from") or t.get("role"))
             if role is None:
                 raise ValueError(f"conversation turn {i}: unknown speaker {t.get('from') or t.get('role')!r} "
                                  f"(human/gpt or user/assistant)")
@@ -125,6 +126,15 @@ class PromptBuilder:
                 prot = f"Sequence embeddings: {self.placeholder_text}"
                 text = text.replace(PROTEIN_MARK, prot) if PROTEIN_MARK in text else f"{prot}\n{text}"
             msgs.append({"role": role, "content": text})
+        return msgs
+
+    def conversation_prompt_ids(self, turns: List[dict], n_protein: int) -> List[int]:
+        """What generation answers the last (user) turn of a conversation from: the earlier turns as given,
+        then the assistant header."""
+        return self._expand(self._encode(self._render(self._messages(turns), True)), n_protein)
+
+    def _conversation(self, turns: List[dict], n_protein: int) -> Tuple[List[int], List[bool]]:
+        msgs = self._messages(turns)
         ids: List[int] = []
         learn: List[bool] = []
         done = ""

@@ -41,12 +41,50 @@ CONNECTORS = {
 }
 
 
-def check_parts(encoder: str, connector: str, decoder: str) -> None:
+def check_parts(encoder: str, connector: str, decoder: str, resampler: Optional[ResamplerConfig] = None) -> None:
     for key, name, known in (("encoder", encoder, ENCODERS), ("connector", connector, CONNECTORS),
                              ("decoder", decoder, DECODERS)):
         if name not in known:
             raise ValueError(f"model.{key}={name!r} is not a part this system has; choose one of "
                              + "; ".join(f"{k} ({v})" for k, v in known.items()))
+    if connector == "resampler" and resampler is not None:
+        for k, v in dataclasses.asdict(resampler).items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"model.resampler.{k}={v!r}: a positive whole number")
+
+
+def check_room(connector: str, resampler: ResamplerConfig, max_residues: int, max_text_tokens: int,
+               decoder_positions: int, decoder: str) -> None:
+    """The longest sample (the protein's prompt slots and the answer) must fit the decoder's positions."""
+    slots = protein_slots(connector, resampler, max_residues)
+    if slots + max_text_tokens >= decoder_positions:
+        what = (f"model.resampler.latents={resampler.latents}" if connector == "resampler" else
+                f"data.max_protein_residues={max_residues} (+2 slots, model.connector={connector})")
+        raise ValueError(f"{what} prompt slots + data.max_text_tokens={max_text_tokens} do not fit the decoder "
+                         f"{decoder}, which has {decoder_positions} positions (max_position_embeddings); lower "
+                         f"them")
+
+
+# align.objective: what stage 1 (`megatron-p2t align`) trains the connector with
+ALIGN_OBJECTIVES = {
+    "hscale": "Prot2Text-V2's H-SCALE: mean/std-pooled projector outputs against the frozen LLaMA's pooled text "
+              "states, InfoNCE with negatives gathered over data-parallel ranks (model.connector=mlp only)",
+    "feature": "LLaVA's feature alignment (Protein2Text's pretraining): next-token loss on the function text through "
+               "the frozen decoder, the connector alone trained",
+}
+
+
+def align_objective(objective: str, connector: str) -> str:
+    """align.objective resolved: `auto` is H-SCALE for Prot2Text-V2's projector, feature alignment otherwise."""
+    if objective == "auto":
+        return "hscale" if connector == "mlp" else "feature"
+    if objective not in ALIGN_OBJECTIVES:
+        raise ValueError(f"align.objective={objective!r}: choose auto or one of "
+                         + "; ".join(f"{k} ({v})" for k, v in ALIGN_OBJECTIVES.items()))
+    if objective == "hscale" and connector != "mlp":
+        raise ValueError(f"align.objective=hscale pools Prot2Text-V2's projector, which model.connector={connector} "
+                         f"does not have; use align.objective=feature (or auto), or model.connector=mlp")
+    return objective
 
 
 def protein_slots(connector: str, resampler: ResamplerConfig, residues: int) -> int:

@@ -23,13 +23,22 @@ from megatron_p2t.models.parts_config import ResamplerConfig
 from megatron_p2t.models.specs import norms_in
 
 
+def torch_default(fan_in: int):
+    """nn.Linear's own weight init, U(+-1/sqrt(fan_in)), as the released modules start (LLaVA's builder and
+    Flamingo's resampler use plain nn.Linear). fan_in is the whole matrix's: a row-parallel rank initialises a
+    slice of it. megatron's N(0, 0.02), scaled down again for output layers, leaves a fresh resampler's
+    contribution a few percent of its random latents, so the protein barely reaches the decoder at first."""
+    bound = fan_in ** -0.5
+    return lambda w: nn.init.uniform_(w, -bound, bound)
+
+
 def _column(n_in, n_out, config, bias):
-    return ColumnParallelLinear(n_in, n_out, config=config, init_method=config.init_method, bias=bias,
+    return ColumnParallelLinear(n_in, n_out, config=config, init_method=torch_default(n_in), bias=bias,
                                 gather_output=False)
 
 
 def _row(n_in, n_out, config, bias):
-    return RowParallelLinear(n_in, n_out, config=config, init_method=config.output_layer_init_method, bias=bias,
+    return RowParallelLinear(n_in, n_out, config=config, init_method=torch_default(n_in), bias=bias,
                              input_is_parallel=True, skip_bias_add=False)
 
 
@@ -74,8 +83,9 @@ class PerceiverResampler(MegatronModule):
         super().__init__(transformer_config)
         self.cfg = cfg
         self.latents = nn.Parameter(torch.randn(cfg.latents, dim, dtype=transformer_config.params_dtype))
-        # one learned vector added to every ESM state (the released code's media_pos_emb, of which one row is used)
-        self.media_pos = nn.Parameter(torch.zeros(dim, dtype=transformer_config.params_dtype))
+        # one learned vector added to every ESM state (the released code's media_pos_emb, of which one row is used);
+        # latents and this start from randn as there (biases, which megatron zeroes, are the one difference)
+        self.media_pos = nn.Parameter(torch.randn(dim, dtype=transformer_config.params_dtype))
         self.layers = nn.ModuleList(ResamplerLayer(cfg, dim, transformer_config) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(dim)
         norms_in(self, transformer_config.params_dtype)

@@ -30,13 +30,22 @@ def make_llama(path: str, vocab: int = 256, layers: int = 4, hidden: int = 64, s
     return path
 
 
-def make_esm(path: str, layers: int = 3, hidden: int = 48, seed: int = 1) -> str:
+def make_esm(path: str, layers: int = 3, hidden: int = 48, seed: int = 1, init_std: float = 0.02) -> str:
+    """init_std: as make_llama's. At HF's 0.02 the layer -2 states (before the final LayerNorm, where Protein2Text
+    reads) have norm ~0.2, and the resampler's randn position row added to them (norm ~7 at width 48) drowns the
+    protein; at 0.1 they have norm ~6, at 0.25 ~42 (measured on SwissProt-like lengths)."""
     from transformers import EsmConfig, EsmForMaskedLM
     torch.manual_seed(seed)
     cfg = EsmConfig(vocab_size=33, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                     intermediate_size=2 * hidden, position_embedding_type="rotary", token_dropout=True,
                     emb_layer_norm_before=False, pad_token_id=1, mask_token_id=32, max_position_embeddings=1026)
-    EsmForMaskedLM(cfg).save_pretrained(path)
+    model = EsmForMaskedLM(cfg)
+    if init_std != 0.02:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, init_std)
+    model.save_pretrained(path)
     return path
 
 

@@ -1,4 +1,5 @@
-"""`megatron-p2t align`: stage 1 (H-SCALE) on the configured data, model and layout."""
+"""`megatron-p2t align`: stage 1 on the configured data, model and layout -- H-SCALE for Prot2Text-V2's projector,
+LLaVA's feature alignment (run_instruct.feature_alignment) for the other connectors (align.objective)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,21 +8,24 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron_p2t.checkpoint import load, projector_hf
+from megatron_p2t.checkpoint import load, projector_hf, sharded
 from megatron_p2t.checkpoint.hf_dir import HFDir
 from megatron_p2t.checkpoint.slicing import copy_into
+from megatron_p2t.config import check_same_recipe
 from megatron_p2t.data.loader import ProteinTextLoader
 from megatron_p2t.models.align import AlignModel
 from megatron_p2t.models.build import dtype_of
 from megatron_p2t.models.esm import ESMConfig
 from megatron_p2t.models.lora import apply_lora
+from megatron_p2t.models.parts_config import align_objective
 from megatron_p2t.parallel import state
 from megatron_p2t.parallel.layout import Layout
 from megatron_p2t.parallel.state import collective_device
+from megatron_p2t.training import run_instruct
 from megatron_p2t.training.align import align_loss
 from megatron_p2t.training.loss import hscale_scores, rank_of_own
 from megatron_p2t.training.text_cache import cache_dir
-from megatron_p2t.training.trainer import Trainer, with_grad_accum
+from megatron_p2t.training.trainer import Trainer, resume_dir, with_grad_accum
 
 
 def _to_device(batch):
@@ -91,12 +95,16 @@ def retrieval_eval(model_module, cfg, layout: Layout) -> dict:
 
 
 def run(cfg, resume=None) -> dict:
+    if align_objective(cfg.align.objective, cfg.model.connector) == "feature":
+        return run_instruct.run(run_instruct.feature_alignment(cfg), resume)
     if cfg.parallel.pipeline != 1:
         raise ValueError("stage 1 runs tensor x data parallel (parallel.pipeline=1): its towers are the frozen ESM "
                          "and the first text_layer decoder layers, which TP already splits")
     if cfg.data.batch_size is None:
         raise ValueError("stage 1 needs fixed per-rank batches (data.batch_size): negatives are all-gathered "
                          "across data-parallel ranks, which needs equal batch sizes")
+    if resume:
+        check_same_recipe(resume_dir(cfg, resume), cfg, "--resume")
     cfg = use_cache_if_asked(cfg)
     layout = state.initialize(cfg.parallel)
     cfg = with_grad_accum(cfg, cfg.data.batch_size, layout.dp)
@@ -110,4 +118,5 @@ def run(cfg, resume=None) -> dict:
         return retrieval_eval(engine.module, cfg, layout)
 
     os.makedirs(cfg.train.save_dir, exist_ok=True)
+    sharded.write_run_info(cfg.train.save_dir, cfg, "align")
     return Trainer(model, cfg, loader, step_fn, layout, eval_fn, micro_batch=cfg.data.batch_size).run(resume)

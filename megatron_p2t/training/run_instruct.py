@@ -1,10 +1,12 @@
 """`megatron-p2t instruct`: stage 2, LoRA instruction tuning on the joined model.
 
-ESM frozen, the projector trained fully (from stage 1's), LoRA on the decoder's linears; loss on the answer
-tokens only, averaged over this micro-batch's answer tokens. Tensor x pipeline x data parallel on the shared
-trainer: with parallel.pipeline > 1 each optimizer step is one megatron-core 1F1B schedule over train.grad_accum
-micro-batches (use at least as many as there are stages, or the pipeline idles), the encoder and projector on
-the first stage.
+ESM frozen, the connector trained fully (from stage 1's), LoRA on the decoder's linears; loss on the answer
+tokens only, averaged over this micro-batch's answer tokens. With model.llm_lora.r=0 the same step is LLaVA's
+feature alignment (Protein2Text's stage 1, which `align` runs through `feature_alignment`): the decoder stays
+frozen without adapters and the connector alone learns from the next-token loss; stage 2 continues from it
+through instruct.init_from. Tensor x pipeline x data parallel on the shared trainer: with parallel.pipeline > 1
+each optimizer step is one megatron-core 1F1B schedule over train.grad_accum micro-batches (use at least as many
+as there are stages, or the pipeline idles), the encoder and connector on the first stage.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron_p2t.checkpoint import llama_hf, load, projector_hf, sharded
+from megatron_p2t.checkpoint import llama_hf, load, projector_hf, resampler_hf, sharded
 from megatron_p2t.checkpoint.hf_dir import CheckpointError, TensorSource
 from megatron_p2t.checkpoint.slicing import copy_into
+from megatron_p2t.config import check_same_recipe
 from megatron_p2t.data.instruct import InstructLoader, MixedLoader, PromptBuilder
 from megatron_p2t.data.loader import ProteinTextLoader
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
@@ -27,7 +30,7 @@ from megatron_p2t.models.parts_config import FreezeConfig, protein_slots
 from megatron_p2t.parallel import pipeline, state
 from megatron_p2t.parallel.layout import Layout
 from megatron_p2t.parallel.state import collective_device
-from megatron_p2t.training.trainer import Trainer, with_grad_accum
+from megatron_p2t.training.trainer import Trainer, resume_dir, with_grad_accum
 
 
 def _to_device(batch):
@@ -60,21 +63,43 @@ def stage1_tensors(path: str) -> dict:
                          for m in mods]}
 
 
+def connector_shards(path: str, connector: str) -> list:
+    """A run's trained connector (resampler / mlp2x_gelu), one state dict per tensor-parallel rank of that run:
+    the files of its first pipeline stage, which holds the connector."""
+    files = sorted(glob.glob(os.path.join(path, "mp_rank_*_model_states.pt")))
+    mods = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+    shards = [{k[len("connector."):]: v for k, v in m.items() if k.startswith("connector.")} for m in mods]
+    shards = [s for s in shards if s]
+    if not shards:
+        raise CheckpointError(f"{path}: no connector.* tensors, so nothing to start model.connector={connector} "
+                              f"from; instruct.init_from names a run that trained it (feature alignment: `instruct` "
+                              f"with model.llm_lora.r=0). An `align` run trains Prot2Text-V2's projector only")
+    return shards
+
+
 def imported(cfg) -> bool:
     """instruct.init_from names an `import-p2tv2` checkpoint (the whole model, continued with fresh LoRA)."""
     return bool(cfg.instruct.init_from) and os.path.exists(os.path.join(cfg.instruct.init_from, "metadata.json"))
 
 
+def feature_alignment(cfg):
+    """The run config of LLaVA's feature alignment (Protein2Text's stage 1, what `align` runs for
+    align.objective=feature): this command with the decoder frozen and no adapters (model.llm_lora is stage 2's),
+    on data.manifest's sequence-function pairs (instruct.mix is stage 2's), from a fresh connector at train.lr
+    (instruct.projector_lr is stage 2's)."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, llm_lora=dataclasses.replace(
+        cfg.model.llm_lora, r=0)), instruct=dataclasses.replace(cfg.instruct, mix=[], init_from=None,
+                                                                projector_lr=None))
+
+
 def stage2_config(cfg):
-    """The run config as stage 2 runs it: ESM and decoder frozen (LoRA trains on the decoder), the projector
-    trained; an imported checkpoint as instruct.init_from names the model's shapes too (model.p2tv2)."""
-    if cfg.model.llm_lora.r <= 0:
-        raise ValueError("stage 2 trains LoRA on the decoder: set model.llm_lora.r > 0")
+    """The run config as stage 2 runs it: ESM and decoder frozen (LoRA, when r > 0, trains on the decoder), the
+    connector trained; an imported checkpoint as instruct.init_from names the model's shapes too (model.p2tv2)."""
+    if cfg.model.llm_lora.r <= 0 and cfg.parallel.pipeline > 1:
+        raise ValueError("model.llm_lora.r=0 (feature alignment: the connector alone learns) leaves the later "
+                         "pipeline stages nothing to train; run it with parallel.pipeline=1 (tensor and data "
+                         "parallelism apply), or give the decoder adapters (model.llm_lora.r > 0)")
     model = dataclasses.replace(cfg.model, freeze=FreezeConfig(esm=True, projector=False, llm=True))
-    if cfg.instruct.init_from and not imported(cfg) and cfg.model.connector != "mlp":
-        raise ValueError(f"instruct.init_from={cfg.instruct.init_from}: a stage-1 (align) run trains Prot2Text-V2's "
-                         f"projector, which model.connector={cfg.model.connector} does not have; start from "
-                         f"model.projector_weights (a directory in the released Protein2Text names) or fresh")
     if imported(cfg):
         model = dataclasses.replace(model, p2tv2=cfg.instruct.init_from)
     return dataclasses.replace(cfg, model=model)
@@ -89,7 +114,11 @@ def build(cfg, layout: Layout):
     else:
         load.load_hf(model, cfg, llama_cfg, pcfg, layout)
     tp, tpr = layout.tp, layout.tp_rank
-    if cfg.instruct.init_from and not imported(cfg) and model.pre_process:  # the projector is on the first stage
+    if cfg.instruct.init_from and not imported(cfg) and model.pre_process and model.connector_name != "mlp":
+        src = stage1_dir(cfg.instruct.init_from)
+        whole = resampler_hf.whole(connector_shards(src, cfg.model.connector), model.connector)
+        copy_into(model.connector, resampler_hf.tensors(TensorSource(whole, src), model.connector, tpr, tp), src)
+    elif cfg.instruct.init_from and not imported(cfg) and model.pre_process:  # the projector is on the first stage
         src = stage1_dir(cfg.instruct.init_from)
         s1 = stage1_tensors(src)
         copy_into(model.projector, projector_hf.tensors(TensorSource(s1["projector"], src), pcfg, tpr, tp), src)
@@ -101,7 +130,7 @@ def build(cfg, layout: Layout):
             llama_hf.load_lora(model.esm, s1["esm_lora"][tpr], src)
             for p in model.esm.parameters():
                 p.requires_grad_(False)
-    apply_lora(model.llm, cfg.model.llm_lora, "llm")
+    apply_lora(model.llm, cfg.model.llm_lora, "llm")   # r=0: none, the decoder stays frozen
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model, llama_cfg, esm_cfg, pcfg
@@ -122,7 +151,8 @@ def param_groups(model, cfg):
         a = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_A" in n]
         b = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_B" in n]
         return [{"params": a, "lr": cfg.train.lr}, {"params": b, "lr": cfg.train.lr}]
-    return [{"params": lora, "lr": cfg.train.lr}, {"params": proj, "lr": cfg.instruct.projector_lr or cfg.train.lr}]
+    groups = [{"params": lora, "lr": cfg.train.lr}, {"params": proj, "lr": cfg.instruct.projector_lr or cfg.train.lr}]
+    return [g for g in groups if g["params"]]   # feature alignment (llm_lora.r=0): the connector's group only
 
 
 def _slots(connector: str, resampler, esm_tokens: int) -> int:
@@ -196,6 +226,10 @@ def valid_loss(model, cfg, layout: Layout) -> dict:
 
 
 def run(cfg, resume=None) -> dict:
+    if cfg.instruct.init_from:
+        check_same_recipe(cfg.instruct.init_from, cfg, "instruct.init_from")
+    if resume:
+        check_same_recipe(resume_dir(cfg, resume), cfg, "--resume")
     layout = state.initialize(cfg.parallel)
     cfg = with_grad_accum(stage2_config(cfg), cfg.data.batch_size, layout.dp)
     model, *_ = build(cfg, layout)
@@ -210,7 +244,7 @@ def run(cfg, resume=None) -> dict:
                 {"answer_tokens": sum(b["loss_mask"].sum() for b in batches)})
 
     os.makedirs(cfg.train.save_dir, exist_ok=True)
-    sharded.write_run_info(cfg.train.save_dir, cfg)
+    sharded.write_run_info(cfg.train.save_dir, cfg, "instruct" if cfg.model.llm_lora.r > 0 else "align-feature")
     trainer = Trainer(model, cfg, loader, whole_step_fn if layout.pp > 1 else step_fn, layout,
                       lambda engine: valid_loss(engine.module, cfg, layout), micro_batch=1,
                       param_groups=param_groups(model, cfg), whole_step=layout.pp > 1)

@@ -110,6 +110,11 @@ def resolve_grad_accum(tc, micro_batch: Optional[int], dp: int) -> int:
     return accum
 
 
+def resume_dir(cfg, spec: str) -> str:
+    """The directory a --resume spec reads: train.save_dir for `auto` or a bare tag, else the path given."""
+    return cfg.train.save_dir if spec == "auto" or os.sep not in spec.rstrip(os.sep) else spec
+
+
 def with_grad_accum(cfg, micro_batch: Optional[int], dp: int):
     """The run config with train.grad_accum resolved from train.global_batch (see resolve_grad_accum)."""
     accum = resolve_grad_accum(cfg.train, micro_batch, dp)

@@ -57,6 +57,11 @@ def test_mol_instructions_and_multi_turn_conversations(builder):
     assert "Sequence embeddings: " + PH * 6 + "\nIs it an enzyme?" in text and "Which class?" in text
     with pytest.raises(ValueError, match="unknown speaker"):
         builder.encode({"conversations": [{"from": "robot", "value": "x"}]}, "C2", [], 3, 0)
+    # generation asks each question from the same tokens training saw before that answer
+    for j in (1, 3):
+        prompt = builder.conversation_prompt_ids(conv[:j], 6)
+        assert e.ids[:len(prompt)].tolist() == prompt and e.targets[len(prompt) - 1] != -100
+        assert e.targets[len(prompt) - 2] == -100
 
 
 def test_pack_rows_first_fit_decreasing():

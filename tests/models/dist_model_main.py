@@ -249,8 +249,23 @@ def resampler_check(a, llama_dir, tp_rank):
                                               if p.grad is not None}), mlp, tp_rank, a.tp)
     mlp_grad = max(float((p.grad - want[k]).abs().max()) for k, p in mlp.named_parameters())
     mlp_out = float((y - ref.mm_projector(x)).abs().max())
+    # a run's checkpoint files (every rank's state dict) back to the released tensors, whole, as a later run at
+    # another layout reads them; and the exported reader (hf_connector: plain torch, batched) on the same batch
+    shards = [None] * a.tp
+    torch.distributed.all_gather_object(shards, ours.state_dict())   # as saved: megatron's _extra_state Nones too
+    whole, released = resampler_hf.whole(shards, ours), ref.released_state_dict()
+    pos = "model.mm_resampler.media_pos_emb"               # of which the model reads row 0
+    row = lambda k, t: t[0] if k == pos else t
+    whole_diff = max(float((row(k, whole[k]) - row(k, released[k])).abs().max()) for k in released)
+    from megatron_p2t import hf_connector
+    reader = hf_connector.Connector("resampler", 48, 64, cfg)
+    reader.load_state_dict({k[len("model."):]: v for k, v in whole.items()})
+    with torch.no_grad():
+        reader_out, reader_mask = reader(states, mask)
     with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
-        json.dump({"tp_rank": tp_rank, "out_shape": list(out.shape), "mask_all_true": bool(out_mask.all()),
+        json.dump({"whole_names": sorted(whole) == sorted(released), "whole_diff": whole_diff,
+                   "reader_diff": float((reader_out - out_ref).abs().max()), "reader_mask": bool(reader_mask.all()),
+                   "tp_rank": tp_rank, "out_shape": list(out.shape), "mask_all_true": bool(out_mask.all()),
                    "out_diff": float((out - out_ref).abs().max()), "out_scale": float(out_ref.abs().max()),
                    "input_grad_diff": float((x_ours.grad - x_ref.grad).abs().max()),
                    "padding_grad": float(x_ours.grad[~mask].abs().max()), "alone_diff": alone,

@@ -139,6 +139,17 @@ def test_tp2_run_exports_verified_with_a_peft_adapter_and_generates_resumably(se
     seqs = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "MSSILPFTPPIVKRL", "MAADIFAKHHHHKLLQPWGEE"]
     together = m.generate(seqs, max_new_tokens=10)
     assert together == [m.generate([s], max_new_tokens=10)[0] for s in seqs]  # left padding changes nothing
+    # an export made before model.connector existed: its megatron_p2t.json has none of the connector's keys
+    import shutil
+    shutil.copytree(tmp_path / "hf", tmp_path / "hf_before")
+    info = json.load(open(tmp_path / "hf" / "megatron_p2t.json"))
+    assert info["connector"] == "mlp" and info["esm_final_norm"] is True
+    before = ("format", "placeholder_token", "system_prompt", "missing_fields", "esm_output_layer",
+              "max_protein_residues", "checkpoint", "lora_merged_layers")        # export.py's keys at c090c33
+    with open(tmp_path / "hf_before" / "megatron_p2t.json", "w") as f:
+        json.dump({k: info[k] for k in before}, f)
+    assert Prot2TextForGeneration.from_pretrained(str(tmp_path / "hf_before")).generate(
+        seqs, max_new_tokens=10) == together
 
     from megatron_p2t import generate
     out = tmp_path / "preds.jsonl"
