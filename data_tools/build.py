@@ -20,7 +20,7 @@ from typing import List, Optional
 import numpy as np
 
 from data_tools import readers, shards, split as splitting
-from data_tools.clean import CleanOptions, clean_chunk, drop_table
+from data_tools.clean import CleanOptions, check_lm_text, clean_chunk, drop_table
 from data_tools.records import DataError
 
 VERSION = 1
@@ -100,7 +100,8 @@ def stage_records(opts: BuildOptions, work: str) -> dict:
 
     def tasks():
         for s in sources:
-            for c in readers.chunks(s["path"], s["format"], opts.annotations):
+            for c in readers.chunks(s["path"], s["format"], opts.annotations,
+                                    sequence_only=opts.clean.lm_text is not None):
                 yield c, opts.skip_bad, opts.clean
 
     pool = _pool(opts.processes)
@@ -287,6 +288,8 @@ def stage_shards(opts: BuildOptions, work: str, rec_report: dict, split_report: 
 def build(opts: BuildOptions, overwrite: bool = False) -> dict:
     if not opts.inputs:
         raise DataError("build", "no input files", kind="usage", fix="name at least one input file")
+    if opts.clean.lm_text is not None:
+        check_lm_text(opts.clean.lm_text)
     if overwrite and os.path.exists(opts.out):
         shutil.rmtree(opts.out)
     work = os.path.join(opts.out, "work")
@@ -300,7 +303,9 @@ def build(opts: BuildOptions, overwrite: bool = False) -> dict:
     shard_list = stage_shards(opts, work, rec, spl)
     manifest = {
         "format": "megatron_p2t.shards/1",
-        "sample": {"seq": "amino-acid sequence (ASCII)", "txt": "function text (UTF-8)", "json": "metadata"},
+        "sample": {"seq": "amino-acid sequence (ASCII)", "json": "metadata",
+                   "txt": "function text (UTF-8)" if opts.clean.lm_text is None else
+                   f"language-model text (UTF-8): {opts.clean.lm_text}"},
         "sources": rec["sources"],
         "options": json.loads(json.dumps(dataclasses.asdict(opts), default=str)),
         "records": {k: rec[k] for k in ("records_read", "bad_input", "dropped", "kept")},

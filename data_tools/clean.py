@@ -6,7 +6,7 @@ import re
 from collections import Counter
 from typing import Dict, List, Optional, Tuple
 
-from data_tools.records import ProteinRecord
+from data_tools.records import DataError, ProteinRecord
 
 _ECO = re.compile(r"\s*\{ECO:[^{}]*\}")
 # A parenthesised group made only of citations: (PubMed:123), (PubMed:1, PubMed:2), (PubMed:1, Ref.3)
@@ -22,6 +22,24 @@ class CleanOptions:
     max_length: int = 1024
     require_reviewed: bool = True
     require_function: bool = True
+    # language-model data (a decoder-only recipe): the text of every sample is this format of the record, e.g.
+    # ProLLaMA's "Seq=<{sequence}>"; function text is then neither needed nor kept. Fields: LM_FIELDS
+    lm_text: Optional[str] = None
+
+
+LM_FIELDS = ("sequence", "accession", "name", "organism", "taxon_id")
+
+
+def check_lm_text(fmt: str) -> None:
+    """A bad --lm-text fails before any input is read."""
+    try:
+        fmt.format_map({k: "" for k in LM_FIELDS})
+    except (KeyError, IndexError, ValueError) as e:
+        raise DataError("--lm-text", f"{fmt!r} is not a format of the fields {', '.join(LM_FIELDS)} ({e!r})",
+                        kind="usage", fix="e.g. --lm-text 'Seq=<{sequence}>' (ProLLaMA's)") from None
+    if "{sequence}" not in fmt:
+        raise DataError("--lm-text", f"{fmt!r} does not write the sequence", kind="usage",
+                        fix="include {sequence}, e.g. 'Seq=<{sequence}>'")
 
 
 def clean_function_text(text: str) -> str:
@@ -37,6 +55,13 @@ def clean(record: ProteinRecord, opts: CleanOptions) -> Tuple[Optional[ProteinRe
     """(cleaned record, "") or (None, drop reason)."""
     if opts.require_reviewed and record.reviewed is False:
         return None, "unreviewed"
+    if opts.lm_text is not None:
+        n = len(record.sequence)
+        if n < opts.min_length or n > opts.max_length:
+            return None, "too_short" if n < opts.min_length else "too_long"
+        fields = {k: getattr(record, k) or "" for k in LM_FIELDS}
+        return dataclasses.replace(record, function=opts.lm_text.format_map(fields),
+                                   name=_ECO.sub("", record.name).strip(), organism=record.organism.strip()), ""
     if opts.require_function and not record.function.strip():
         return None, "no_function"
     n = len(record.sequence)

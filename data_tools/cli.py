@@ -1,4 +1,4 @@
-"""python -m data_tools {build,verify,fetch-uniprot}"""
+"""python -m data_tools {build,verify,fetch-uniprot,superfamily-tasks}"""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--min-length", type=int, default=30)
     b.add_argument("--max-length", type=int, default=1024)
     b.add_argument("--keep-unreviewed", action="store_true", help="keep TrEMBL (unreviewed) entries")
+    b.add_argument("--lm-text", metavar="FORMAT", help="language-model data for a decoder-only recipe: each "
+                   "sample's text is FORMAT of its record, e.g. ProLLaMA's 'Seq=<{sequence}>' (fields: sequence, "
+                   "accession, name, organism, taxon_id); no function text needed (UniRef FASTA)")
     b.add_argument("--split", choices=("mmseqs", "lists", "source"), default="mmseqs",
                    help="mmseqs: cluster and assign whole clusters; lists: --split-list files; "
                         "source: the split stored in the data (Mol-Instructions)")
@@ -57,6 +60,19 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-hash and count every shard against manifest.json")
     v.add_argument("manifest")
 
+    t = sub.add_parser("superfamily-tasks", help="ProLLaMA's instruction set from UniProt records: Alpaca JSON "
+                                                 "rows [Generate by superfamily] / [Determine superfamily]")
+    t.add_argument("inputs", nargs="+", help="UniProt flat files (uniprot_sprot.dat[.gz]) or other record inputs")
+    t.add_argument("--out", required=True, help="the Alpaca JSON to write (then: build --format alpaca)")
+    t.add_argument("--label", choices=("supfam", "similarity", "interpro", "pfam"), default="supfam",
+                   help="supfam: SCOP superfamily names (DR SUPFAM); similarity: 'Belongs to the ... family'")
+    t.add_argument("--tasks", default="generate,determine", help="comma-separated: generate, determine")
+    t.add_argument("--min-members", type=int, default=1, help="leave out labels with fewer proteins (counted)")
+    t.add_argument("--min-length", type=int, default=30)
+    t.add_argument("--max-length", type=int, default=1024)
+    t.add_argument("--keep-unreviewed", action="store_true")
+    t.add_argument("--skip-bad", action="store_true")
+
     f = sub.add_parser("fetch-uniprot", help="download a slice of reviewed UniProtKB (flat file) from the REST API")
     f.add_argument("--out", required=True, help="e.g. data/uniprot_slice.dat.gz")
     f.add_argument("--limit", type=int, default=2000)
@@ -72,13 +88,17 @@ def main(argv=None) -> int:
                 inputs=args.inputs, out=args.out, format=args.format, annotations=args.annotations,
                 skip_bad=args.skip_bad,
                 clean=CleanOptions(min_length=args.min_length, max_length=args.max_length,
-                                   require_reviewed=not args.keep_unreviewed),
+                                   require_reviewed=not args.keep_unreviewed, lm_text=args.lm_text),
                 split=SplitOptions(mode=args.split, min_seq_id=args.min_seq_id, coverage=args.coverage,
                                    fractions=args.fractions, seed=args.seed, lists=dict(args.split_list) or None),
                 shard_size_mb=args.shard_size_mb, samples_per_shard=args.samples_per_shard, quiet=args.quiet)
             if args.processes:
                 opts.processes = args.processes
             build(opts, overwrite=args.overwrite)
+        elif args.cmd == "superfamily-tasks":
+            from data_tools.tasks import superfamily_tasks
+            superfamily_tasks(args.inputs, args.out, args.label, args.min_members, args.min_length, args.max_length,
+                              tuple(t for t in args.tasks.split(",") if t), args.skip_bad, args.keep_unreviewed)
         elif args.cmd == "verify":
             from data_tools.shards import verify
             rep = verify(args.manifest)

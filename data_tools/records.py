@@ -37,6 +37,14 @@ class ProteinRecord:
     instruction: str = ""               # instruction data: the question asked about the protein
     source_split: str = ""              # a split that came with the data (Mol-Instructions' metadata.split)
     conversations: Optional[list] = None  # multi-turn QA (Protein2Text style): [{"from": human|gpt, "value"}]
+    input: str = ""                     # instruction data (Alpaca rows): the input beside the instruction
+    representative: str = ""            # UniRef: the cluster's representative member (RepID)
+    cluster_size: Optional[int] = None  # UniRef: members in the cluster (n=)
+    # UniProt flat files: the SIMILARITY comment ("Belongs to the ... family.") and the family databases'
+    # cross-references {InterPro|Pfam|SUPFAM: [[id, name], ...]}, what `data_tools superfamily-tasks` labels from;
+    # not written into shards
+    similarity: str = ""
+    xrefs: Optional[dict] = None
 
     @property
     def key(self) -> str:

@@ -26,7 +26,8 @@ def sample_key(record: dict) -> str:
 
 def sample_members(record: dict) -> List[Tuple[str, bytes]]:
     key = sample_key(record)
-    meta = {k: v for k, v in record.items() if k not in ("sequence", "function") and v not in ("", None)}
+    meta = {k: v for k, v in record.items() if k not in ("sequence", "function", "similarity", "xrefs")
+            and v not in ("", None)}
     meta["length"] = len(record["sequence"])
     return [(f"{key}.seq", record["sequence"].encode()), (f"{key}.txt", record["function"].encode()),
             (f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())]

@@ -50,12 +50,12 @@ def write_fasta(path: str, items: Iterable[Tuple[str, str]]) -> int:
     return n
 
 
-def cluster(fasta: str, workdir: str, opts: SplitOptions) -> Dict[str, str]:
-    """member id -> representative id, from `mmseqs easy-cluster`."""
+def cluster(fasta: str, workdir: str, opts: SplitOptions, extra: Sequence[str] = ()) -> Dict[str, str]:
+    """member id -> representative id, from `mmseqs easy-cluster` (extra: more of its options)."""
     prefix = os.path.join(workdir, "clu")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         _run([mmseqs_binary(), "easy-cluster", fasta, prefix, tmp, "--min-seq-id", str(opts.min_seq_id),
-              "-c", str(opts.coverage), "--cov-mode", "0", "--threads", str(opts.threads), "-v", "1"], tmp)
+              "-c", str(opts.coverage), "--cov-mode", "0", "--threads", str(opts.threads), "-v", "1", *extra], tmp)
     members = {}
     with open(prefix + "_cluster.tsv") as f:
         for line in f:

@@ -196,6 +196,12 @@ def cmd_align(args) -> int:
     return _train_stage(args, run)
 
 
+def cmd_pretrain_lm(args) -> int:
+    """A decoder-only recipe's stage 1: continual pretraining on proteins written as text (ProLLaMA)."""
+    from megatron_p2t.training.run_instruct import run
+    return _train_stage(args, lambda cfg, resume: run(cfg, resume, documents=True))
+
+
 def cmd_instruct(args) -> int:
     """Stage 2: LoRA instruction tuning (ESM frozen, projector + decoder LoRA trained)."""
     from megatron_p2t.training.run_instruct import run
@@ -255,10 +261,31 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_generate_protein(args) -> int:
+    """Proteins (and answers) from a decoder-only model, checked as proteins."""
+    from megatron_p2t.generate_protein import run
+    print(json.dumps(run(args.model, args.out, input_path=args.input, prompt=args.prompt, split=args.split,
+                         only_tasks=args.tasks.split(",") if args.tasks else None, num_samples=args.num_samples, batch_size=args.batch_size, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, num_beams=args.beams, sample=not args.greedy,
+                         seed=args.seed, max_new_tokens=args.max_new_tokens,
+                         repetition_penalty=args.repetition_penalty, device=args.device)))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
-    """Score predictions (and the MMseqs2 nearest-neighbour baseline) against the references."""
-    from megatron_p2t import evaluation
+    """Score predictions (and the MMseqs2 nearest-neighbour baseline) against the references; or generated
+    proteins (generate-protein's rows) against the training set."""
+    from megatron_p2t import evaluate_proteins, evaluation
+    from megatron_p2t.config import ConfigError
     systems = {os.path.splitext(os.path.basename(p))[0]: p for p in args.predictions}
+    kinds = {evaluate_proteins.is_protein_file(p) for p in args.predictions}
+    if kinds == {True}:
+        report = evaluate_proteins.evaluate(systems, args.out, args.baseline_manifest)
+        print(evaluate_proteins.markdown(report))
+        return 0
+    if len(kinds) > 1:
+        raise ConfigError("evaluate scores one kind at a time: descriptions (generate) or proteins "
+                          "(generate-protein); these files mix them")
     if args.baseline_manifest:
         train = [(k, s, t) for k, s, t, _ in evaluation.split_records(args.baseline_manifest, "train")]
         first = evaluation.read_predictions(args.predictions[0])
@@ -361,6 +388,9 @@ def main(argv=None) -> int:
     ct.add_argument("--config", required=True)
     ct.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     ct.add_argument("overrides", nargs="*", help="section.key=value")
+    _stage_parser(sub, "pretrain-lm", "a decoder-only recipe's stage 1 (ProLLaMA): LoRA + embedding/output "
+                                      "layer on proteins as text, documents packed with their own attention "
+                                      "(`deepspeed launch/pretrain_lm.sh`)")
     _stage_parser(sub, "instruct", "stage 2: LoRA instruction tuning (`deepspeed launch/instruct.sh` / "
                                    "`bash launch/instruct.sh`); instruct.init_from names the stage-1 run")
     ex = sub.add_parser("export", help="a stage-2 checkpoint (any TP) -> one HF directory: merged LLaMA, PEFT "
@@ -392,11 +422,34 @@ def main(argv=None) -> int:
     ge.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ge.add_argument("--no-name", action="store_true", help="leave the protein name out of the prompt")
     ge.add_argument("--no-taxon", action="store_true", help="leave the taxon out of the prompt")
+    gp = sub.add_parser("generate-protein", help="sequences (and answers) from a decoder-only protein LM export "
+                                                 "(ProLLaMA-style prompts), checked as proteins; resumable")
+    gp.add_argument("--model", required=True, help="an `export` of a decoder-only run, or an HF LlamaForCausalLM "
+                                                   "directory with its tokenizer")
+    gp.add_argument("--prompt", help="one prompt, e.g. '[Generate by superfamily] Superfamily=<...>' or 'Seq=<'")
+    gp.add_argument("--input", help="tasks: JSONL or Alpaca JSON ({instruction, input[, output, id]}), or a "
+                                    "built Alpaca manifest.json (with --split)")
+    gp.add_argument("--split", default="test")
+    gp.add_argument("--tasks", help="only the rows of these tasks, comma-separated (e.g. determine_superfamily)")
+    gp.add_argument("--out", required=True, help="JSONL (appended to; rows already there are skipped)")
+    gp.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    gp.add_argument("--temperature", type=float, default=1.0)
+    gp.add_argument("--top-k", type=int, default=0, help="0: off")
+    gp.add_argument("--top-p", type=float, default=1.0)
+    gp.add_argument("--repetition-penalty", type=float, default=1.0, help="ProLLaMA's README uses 1.2")
+    gp.add_argument("--greedy", action="store_true", help="no sampling (greedy, or beam search with --beams)")
+    gp.add_argument("--beams", type=int, default=1)
+    gp.add_argument("--seed", type=int, default=0)
+    gp.add_argument("--max-new-tokens", type=int, default=512)
+    gp.add_argument("--batch-size", type=int, default=8)
+    gp.add_argument("--device", default=None)
     ev = sub.add_parser("evaluate", help="BLEU-2/4, ROUGE-1/2/L, exact match (+ BERTScore) of predictions, "
-                                         "next to the MMseqs2 nearest-neighbour baseline")
+                                         "next to the MMseqs2 nearest-neighbour baseline; for generate-protein "
+                                         "rows: validity, lengths, composition, novelty, diversity, accuracy")
     ev.add_argument("predictions", nargs="+", help="JSONL files from generate (one system each)")
     ev.add_argument("--out", required=True, help="directory for scores.md, scores.json, by_length.png")
-    ev.add_argument("--baseline-manifest", help="shards manifest: run the MMseqs2 baseline (train -> --split)")
+    ev.add_argument("--baseline-manifest", help="shards manifest: run the MMseqs2 baseline (train -> --split); for "
+                                                "generated proteins, the training set they are compared with")
     ev.add_argument("--split", default="test")
     ev.add_argument("--bertscore-model", help="a local HF encoder directory for BERTScore")
     pl = sub.add_parser("plan", help="memory per GPU and estimated step time of every TP x DP layout for a config")
@@ -431,8 +484,8 @@ def main(argv=None) -> int:
     try:
         return {"quickstart": cmd_quickstart, "data-check": cmd_data_check, "make-tokenizer": cmd_make_tokenizer,
                 "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "align": cmd_align,
-                "instruct": cmd_instruct, "export": cmd_export,
-                "generate": cmd_generate, "evaluate": cmd_evaluate,
+                "instruct": cmd_instruct, "export": cmd_export, "pretrain-lm": cmd_pretrain_lm,
+                "generate": cmd_generate, "evaluate": cmd_evaluate, "generate-protein": cmd_generate_protein,
                 "cache-text": cmd_cache_text, "make-tiny-models": cmd_make_tiny_models, "plan": cmd_plan,
                 "import-p2tv2": cmd_import_p2tv2}[args.cmd](args)
     except (DataError, ConfigError, FileNotFoundError, CheckpointError, LayoutError, PlanError) as e:

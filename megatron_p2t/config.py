@@ -11,8 +11,8 @@ import yaml
 
 from megatron_p2t.data.instruct import InstructConfig
 from megatron_p2t.data.loader import LoaderConfig
-from megatron_p2t.models.parts_config import (FreezeConfig, LoRAConfig, ProjectorConfig, ResamplerConfig,
-                                             align_objective, check_parts)
+from megatron_p2t.models.parts_config import (SAVABLE, FreezeConfig, LoRAConfig, ProjectorConfig,
+                                             ResamplerConfig, align_objective, check_parts)
 from megatron_p2t.parallel.layout import ParallelConfig
 
 
@@ -146,6 +146,13 @@ def config_from_dict(values: dict, overrides: List[str] = ()) -> Config:
     try:
         check_parts(cfg.model.encoder, cfg.model.connector, cfg.model.decoder, cfg.model.resampler)
         align_objective(cfg.align.objective, cfg.model.connector)
+        for key in ("esm_lora", "llm_lora"):
+            bad = set(getattr(cfg.model, key).modules_to_save) - set(SAVABLE)
+            if bad or (key == "esm_lora" and getattr(cfg.model, key).modules_to_save):
+                raise ValueError(f"model.{key}.modules_to_save={getattr(cfg.model, key).modules_to_save}: the "
+                                 f"decoder's {' and '.join(SAVABLE)} can be trained fully beside its adapters")
+        if cfg.model.encoder == "none" and cfg.instruct.template != "plain":
+            raise ValueError("model.encoder=none (decoder-only) prompts with text alone: set instruct.template=plain")
         if cfg.model.p2tv2 and cfg.model.connector != "mlp":
             raise ValueError(f"model.p2tv2={cfg.model.p2tv2} is a Prot2Text-V2 release, whose connector is its "
                              f"projector (model.connector=mlp), not model.connector={cfg.model.connector}")

@@ -93,26 +93,24 @@ def bertscore_f1(predictions: Sequence[str], references: Sequence[str], model_di
     return 100.0 * sum(f1s) / len(f1s)
 
 
-def mmseqs_baseline(train: Iterable[tuple], queries: Iterable[tuple], out_path: str, threads: int = 2,
-                    sensitivity: float = 7.5) -> dict:
-    """The nearest-neighbour baseline: each query gets the description of its best MMseqs2 hit in the training
-    set (highest bit score), or "" when nothing is found. train: (accession, sequence, text); queries:
-    (accession, sequence, reference). Writes JSONL like `generate`, with the hit and its identity."""
+def mmseqs_best_hits(queries: Sequence[tuple], targets: Sequence[tuple], threads: int = 2,
+                     sensitivity: float = 7.5, mask: bool = True) -> Dict[str, tuple]:
+    """query id -> (target id, identity, bit score) of its best MMseqs2 hit (highest bit score) among targets;
+    queries without a hit are absent. queries / targets: (id, sequence). mask=False turns off MMseqs2's
+    low-complexity masking (generated proteins may be all low-complexity, which would leave it no k-mer)."""
     from data_tools.split import mmseqs_binary, write_fasta
     exe = mmseqs_binary()
-    train, queries = list(train), list(queries)
-    text_of = {a: t for a, _, t in train}
-    tmp = tempfile.mkdtemp(prefix="p2t_nn_")
+    tmp = tempfile.mkdtemp(prefix="p2t_mmseqs_")
+    best: Dict[str, tuple] = {}
     try:
-        write_fasta(os.path.join(tmp, "train.fasta"), [(a, s) for a, s, _ in train])
-        write_fasta(os.path.join(tmp, "query.fasta"), [(a, s) for a, s, _ in queries])
+        write_fasta(os.path.join(tmp, "train.fasta"), targets)
+        write_fasta(os.path.join(tmp, "query.fasta"), queries)
         proc = subprocess.run([exe, "easy-search", "query.fasta", "train.fasta", "hits.m8", "work", "--threads",
-                               str(threads), "-s", str(sensitivity), "--format-output",
-                               "query,target,fident,bits,evalue"], cwd=tmp, stdout=subprocess.PIPE,
+                               str(threads), "-s", str(sensitivity), *([] if mask else ["--mask", "0"]),
+                               "--format-output", "query,target,fident,bits,evalue"], cwd=tmp, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
         if proc.returncode:
             raise RuntimeError(f"mmseqs easy-search failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
-        best: Dict[str, tuple] = {}
         with open(os.path.join(tmp, "hits.m8")) as f:
             for line in f:
                 q, t, ident, bits, _ = line.rstrip("\n").split("\t")
@@ -120,6 +118,17 @@ def mmseqs_baseline(train: Iterable[tuple], queries: Iterable[tuple], out_path: 
                     best[q] = (t, float(ident), float(bits))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return best
+
+
+def mmseqs_baseline(train: Iterable[tuple], queries: Iterable[tuple], out_path: str, threads: int = 2,
+                    sensitivity: float = 7.5) -> dict:
+    """The nearest-neighbour baseline: each query gets the description of its best MMseqs2 hit in the training
+    set (highest bit score), or "" when nothing is found. train: (accession, sequence, text); queries:
+    (accession, sequence, reference). Writes JSONL like `generate`, with the hit and its identity."""
+    train, queries = list(train), list(queries)
+    text_of = {a: t for a, _, t in train}
+    best = mmseqs_best_hits([(a, s) for a, s, _ in queries], [(a, s) for a, s, _ in train], threads, sensitivity)
     with open(out_path, "w") as f:
         for a, s, ref in queries:
             hit = best.get(a)

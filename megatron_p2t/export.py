@@ -97,8 +97,9 @@ def main(checkpoint: str, out: str, fmt: str = "megatron_p2t", verify_logits: bo
         raise ConfigError(f"{step}: --format p2tv2 is Prot2Text-V2's layout, which holds its projector only; a "
                           f"model.connector={cfg.model.connector} run exports in the default format (connector/ "
                           f"in the released Protein2Text names)")
+    documents = info.get("stage") == "pretrain-lm"       # its valid split is documents, not prompts
     layout = state.initialize(cfg.parallel)
-    res = export(cfg, step, out, layout, fmt=fmt)
+    res = export(cfg, step, out, layout, fmt=fmt, documents=documents)
     merged = torch.tensor([res["merged_lora_layers"]])  # each stage merged its own layers
     if layout.pp > 1:
         merged = merged.to(collective_device())
@@ -106,20 +107,21 @@ def main(checkpoint: str, out: str, fmt: str = "megatron_p2t", verify_logits: bo
     report = {"out": out, "tensor_parallel": layout.tp, "pipeline_parallel": layout.pp,
               "merged_lora_layers": int(merged)}
     if verify_logits:
-        report["max_abs_logit_diff"] = verify(res["model"], cfg, out, layout)
+        report["max_abs_logit_diff"] = verify(res["model"], cfg, out, layout, documents=documents)
     state.destroy()
     return report
 
 
-def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t") -> dict:
-    """Collective over the checkpoint's model-parallel ranks. fmt "p2tv2": Prot2Text-V2's own layout instead."""
+def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t", documents: bool = False) -> dict:
+    """Collective over the checkpoint's model-parallel ranks. fmt "p2tv2": Prot2Text-V2's own layout instead.
+    A decoder-only run (model.encoder=none) writes llama/, adapter/ (with its modules_to_save), tokenizer/."""
     tp, tpr = layout.tp, layout.tp_rank
     if not os.path.exists(os.path.join(cfg.instruct.init_from or "", "metadata.json")):
         # the projector comes from the checkpoint; an import-p2tv2 base stays
         cfg = dataclasses.replace(cfg, instruct=dataclasses.replace(cfg.instruct, init_from=None))
     model, llama_cfg, esm_cfg, pcfg = run_instruct.build(cfg, layout)
     cfg = run_instruct.stage2_config(cfg)
-    esm_lora = model.pre_process and cfg.model.esm_lora.r > 0 and _has_esm_lora(step)
+    esm_lora = model.pre_process and model.reads_protein and cfg.model.esm_lora.r > 0 and _has_esm_lora(step)
     if esm_lora:
         apply_lora(model.esm, cfg.model.esm_lora, "esm")
     state_dict = torch.load(os.path.join(step, f"mp_rank_{layout.mp_rank:02d}_model_states.pt"), map_location="cpu",
@@ -142,28 +144,36 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t") 
         return {"out": out, "merged_lora_layers": merged, "model": model}
     adapter_dir = os.path.join(out, "adapter")
     lora = cfg.model.llm_lora.r > 0        # r=0: a feature-alignment run, the decoder as it came
+    lc = cfg.model.llm_lora
     if lora:
-        export_hf.export({adapter_dir: llama_hf.lora_hf_slices(model.llm, llama_cfg, tpr, tp)}, out)
-    merged = merge_lora(model.llm) + (merge_lora(model.esm) if model.pre_process else 0)
+        slices = llama_hf.lora_hf_slices(model.llm, llama_cfg, tpr, tp)
+        slices += llama_hf.saved_module_slices(model.llm, llama_cfg, lc.modules_to_save, tpr, tp)
+        export_hf.export({adapter_dir: slices}, out)
+    merged = merge_lora(model.llm) + (merge_lora(model.esm) if model.pre_process and model.reads_protein else 0)
     p2t_hf.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tpr, tp, cfg.model.resampler)
     if dist.get_rank() == 0:
         if lora:
-            llama_hf.finish_peft_adapter(adapter_dir, cfg.model.llm_lora, cfg.model.llama)
-        load_text_tokenizer(cfg.data.text_tokenizer).save_pretrained(os.path.join(out, "tokenizer"))
-        info = {"format": "megatron_p2t.export/1", "placeholder_token": cfg.model.placeholder_token,
-                "system_prompt": cfg.instruct.system_prompt, "missing_fields": cfg.instruct.missing_fields,
-                "esm_output_layer": cfg.model.esm_output_layer, "connector": cfg.model.connector,
-                # False: esm/ holds the layers up to the one read, whose output is taken before any final norm
-                "esm_final_norm": cfg.model.esm_output_layer % (esm_cfg.num_hidden_layers + 1)
-                == esm_cfg.num_hidden_layers,
+            llama_hf.finish_peft_adapter(adapter_dir, lc, cfg.model.llama)
+        load_text_tokenizer(cfg.data.text_tokenizer, cfg.data.text_end).save_pretrained(os.path.join(out,
+                                                                                                      "tokenizer"))
+        info = {"format": "megatron_p2t.export/1", "system_prompt": cfg.instruct.system_prompt,
+                "missing_fields": cfg.instruct.missing_fields, "connector": cfg.model.connector,
                 "max_protein_residues": cfg.data.max_protein_residues, "checkpoint": os.path.abspath(step),
-                "lora_merged_layers": merged}
+                "lora_merged_layers": merged, "text_end": cfg.data.text_end, "template": cfg.instruct.template}
+        if model.reads_protein:
+            info.update({"placeholder_token": cfg.model.placeholder_token,
+                         "esm_output_layer": cfg.model.esm_output_layer,
+                         # False: esm/ holds the layers up to the one read, whose output is taken before any norm
+                         "esm_final_norm": cfg.model.esm_output_layer % (esm_cfg.num_hidden_layers + 1)
+                         == esm_cfg.num_hidden_layers})
+        else:
+            info["decoder_only"] = True
         if cfg.model.connector == "resampler":
             info["resampler"] = dataclasses.asdict(cfg.model.resampler)
         with open(os.path.join(out, "megatron_p2t.json"), "w") as f:
             json.dump(info, f, indent=1)
         with open(os.path.join(out, "README.md"), "w") as f:
-            f.write(_model_card(cfg, step, cfg.model.llm_lora))
+            f.write(_model_card(cfg, step, lc) if model.reads_protein else _lm_card(cfg, step, lc, documents))
     dist.barrier()
     return {"out": out, "merged_lora_layers": merged, "model": model}
 
@@ -219,13 +229,37 @@ nearest-neighbour baseline on the same split.
 """
 
 
-def verify(model, cfg, out: str, layout: Layout, max_batches: int = 1) -> float:
+def _lm_card(cfg, step: str, lc, documents: bool) -> str:
+    stage = ("stage 1: continual pretraining on proteins as text" if documents else
+             "stage 2: instruction tuning on Alpaca rows (`instruction input` -> output)")
+    return f"""# Protein language model (ProLLaMA-style, megatron_p2t export)
+
+A LLaMA decoder that reads and writes proteins as text (`Seq=<MKV...>`); {stage}.
+
+- base: `{cfg.model.llama}`; LoRA r={lc.r}, alpha={lc.alpha or 2 * lc.r} on {', '.join(lc.targets)}
+  {'and ' + ', '.join(lc.modules_to_save) + ' trained fully; ' if lc.modules_to_save else ''}merged in `llama/`,
+  unmerged in `adapter/` (PEFT)
+- exported from `{os.path.abspath(step)}`
+
+```python
+from transformers import AutoTokenizer, LlamaForCausalLM
+tok = AutoTokenizer.from_pretrained("<this directory>/tokenizer")
+lm = LlamaForCausalLM.from_pretrained("<this directory>/llama")
+ids = tok("[Generate by superfamily] Superfamily=<Globin-like superfamily>", return_tensors="pt").input_ids
+print(tok.decode(lm.generate(ids, do_sample=True, top_p=0.9, temperature=0.8, max_new_tokens=400)[0]))
+```
+Or `megatron-p2t generate-protein --model <this directory>` (sampling, checked sequences, resumable).
+"""
+
+
+def verify(model, cfg, out: str, layout: Layout, max_batches: int = 1, documents: bool = False) -> float:
     """Collective: the megatron model (LoRA merged) and the exported directory loaded by transformers score the
-    same validation prompts; returns the largest |logit difference| over real tokens (rank 0's figure)."""
+    same validation prompts (documents, for a decoder-only stage 1); returns the largest |logit difference| over
+    real tokens (rank 0's figure)."""
     cfg = dataclasses.replace(cfg, instruct=dataclasses.replace(cfg.instruct, pack=False))
     model.eval()
     batches = []
-    for b in run_instruct.make_loader(cfg, layout, "valid", train=False):
+    for b in run_instruct.make_loader(cfg, layout, "valid", train=False, documents=documents):
         if b is not None:
             batches.append(b)
         if len(batches) == max_batches:
@@ -241,10 +275,16 @@ def verify(model, cfg, out: str, layout: Layout, max_batches: int = 1) -> float:
     src = int(src)
     diff = torch.zeros(1)
     if dist.get_rank() == src:
-        hf = Prot2TextForGeneration.from_pretrained(out)
+        if model.reads_protein:
+            hf = Prot2TextForGeneration.from_pretrained(out)
+            score = lambda b: hf(b["input_ids"], b["protein_ids"], b["protein_mask"])
+        else:
+            from transformers import LlamaForCausalLM
+            hf = LlamaForCausalLM.from_pretrained(os.path.join(out, "llama")).eval()
+            score = lambda b: hf(input_ids=b["input_ids"]).logits
         with torch.no_grad():
             for b, mine in zip(batches, ours):
-                theirs = hf(b["input_ids"], b["protein_ids"], b["protein_mask"]).float()
+                theirs = score(b).float()
                 for i, n in enumerate(b["lengths"].tolist()):  # right-padded rows: their real tokens
                     diff = torch.maximum(diff, (theirs[i, :n] - mine[i, :n]).abs().max().reshape(1))
     diff = diff.to(collective_device())

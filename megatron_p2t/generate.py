@@ -42,7 +42,8 @@ def inputs(path: str, split: str = "test") -> List[Tuple[str, str, str, dict]]:
     return out
 
 
-def done_ids(out_path: str) -> set:
+def done_ids(out_path: str, key: str = "accession") -> set:
+    """The rows already in out_path (their `key`s), after dropping a last row cut short by a crash."""
     if not os.path.exists(out_path):
         return set()
     good, ids = [], set()
@@ -53,7 +54,7 @@ def done_ids(out_path: str) -> set:
             except json.JSONDecodeError:
                 break  # a row cut short by an interruption: everything before it stands
             good.append(line if line.endswith("\n") else line + "\n")
-            ids.add(row["accession"])
+            ids.add(row[key])
     with open(out_path + ".tmp", "w") as f:
         f.writelines(good)
     os.replace(out_path + ".tmp", out_path)

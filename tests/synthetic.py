@@ -62,3 +62,54 @@ def write_family_qa(out: str, fasta: str) -> str:
     with open(path, "w") as f:
         json.dump(rows, f)
     return path
+
+
+def family_members(families: int = 8, members: int = 12, substitution: float = 0.15, seed: int = 0,
+                   lengths=(40, 80)):
+    """[(family, member, sequence)] of write_families' kind: each family its own composition and ancestor."""
+    rng = random.Random(seed)
+    out = []
+    for f in range(families):
+        weights = [rng.gammavariate(0.5, 1.0) for _ in AMINO]
+        ancestor = rng.choices(AMINO, weights=weights, k=rng.randint(*lengths))
+        for m in range(members):
+            out.append((f, m, "".join(rng.choices(AMINO, weights=weights)[0] if rng.random() < substitution else a
+                                      for a in ancestor)))
+    return out
+
+
+def write_uniref(path: str, members, long_extra: int = 0) -> str:
+    """UniRef50-style gzipped FASTA of family_members' proteins (headers as UniProt writes them, 60 residues a
+    line); long_extra > 0 adds one protein of that many residues (longer than a row)."""
+    import gzip
+    rng = random.Random(1)
+    rows = [(f"UniRef50_F{f:03d}M{m:02d}", f"Family {f} protein", seq) for f, m, seq in members]
+    if long_extra:
+        rows.append(("UniRef50_LONG00001", "Titin-like protein", "".join(rng.choices(AMINO, k=long_extra))))
+    with gzip.open(path, "wt") as out:
+        for i, (cid, name, seq) in enumerate(rows):
+            out.write(f">{cid} {name} n={1 + i % 7} Tax=Homo sapiens TaxID=9606 RepID={cid[9:]}_HUMAN\n")
+            out.write("".join(seq[j:j + 60] + "\n" for j in range(0, len(seq), 60)))
+    return path
+
+
+def write_family_tasks(out: str, members, name=lambda f: f"Synthetic family {f} superfamily") -> Dict[str, str]:
+    """ProLLaMA's two tasks per protein (data_tools.tasks.rows_of) as Alpaca JSON, and split lists holding out
+    member 0 (valid) and member 1 (test) of every family."""
+    import json
+    from types import SimpleNamespace
+    from data_tools.tasks import rows_of
+    os.makedirs(out, exist_ok=True)
+    rows, lists = [], {"train": [], "valid": [], "test": []}
+    for f, m, seq in members:
+        acc = f"F{f:03d}M{m:02d}"
+        rows += rows_of(SimpleNamespace(sequence=seq, accession=acc), name(f), ("generate", "determine"))
+        lists["valid" if m == 0 else "test" if m == 1 else "train"].append(acc)
+    paths = {k: os.path.join(out, f"{k}.txt") for k in lists}
+    for k, accs in lists.items():
+        with open(paths[k], "w") as fh:
+            fh.write("\n".join(accs) + "\n")
+    paths["tasks"] = os.path.join(out, "tasks.json")
+    with open(paths["tasks"], "w") as fh:
+        json.dump(rows, fh)
+    return paths

@@ -121,3 +121,20 @@ def test_a_checkpoint_of_another_recipe_is_refused_naming_what_differs(tmp_path)
     with pytest.raises(ConfigError, match="model.connector=mlp there, resampler here"):
         check_same_recipe(hscale, p2t, "instruct.init_from")
     check_same_recipe(str(tmp_path / "nothing_saved"), p2t, "--resume")   # nothing to compare with
+
+
+def test_a_decoder_only_recipe_has_neither_encoder_nor_connector_and_builds_plain_prompts():
+    from megatron_p2t.models.parts_config import align_objective, protein_slots
+    cfg = load_config(f"{ROOT}/configs/prollama.yaml")
+    assert (cfg.model.encoder, cfg.model.connector, cfg.instruct.template) == ("none", "none", "plain")
+    assert align_objective(cfg.align.objective, cfg.model.connector) == "lm"
+    assert protein_slots("none", cfg.model.resampler, 500) == 0
+    assert cfg.model.llm_lora.modules_to_save == ["embedding", "output_layer"]
+    with pytest.raises(ConfigError, match=r"model.encoder=none with model.connector=mlp"):
+        load_config(None, ["model.encoder=none"])
+    with pytest.raises(ConfigError, match=r"set instruct.template=plain"):
+        load_config(f"{ROOT}/configs/prollama.yaml", ["instruct.template=chat"])
+    with pytest.raises(ConfigError, match=r"align.objective=lm with model.connector=mlp"):
+        load_config(None, ["align.objective=lm"])
+    with pytest.raises(ConfigError, match=r"modules_to_save=\['lm_head'\].*embedding and output_layer"):
+        load_config(f"{ROOT}/configs/prollama.yaml", ["model.llm_lora.modules_to_save=[lm_head]"])

@@ -17,7 +17,7 @@ LAYERS = [
     ["checkpoint"],
     ["config", "hf_model", "hf_connector"],
     ["training"],
-    ["export", "generate", "evaluation", "plan"],
+    ["export", "generate", "generate_protein", "evaluation", "evaluate_proteins", "plan"],
     ["cli", "__main__"],
 ]
 

@@ -9,7 +9,7 @@ from data_tools.readers._io import open_binary
 from data_tools.records import DataError
 
 FORMATS = ("uniprot-flat", "uniprot-json", "uniprot-jsonl", "tsv", "csv", "fasta", "mol-instructions",
-           "conversations")
+           "conversations", "alpaca")
 
 
 def detect_format(path) -> str:
@@ -32,6 +32,8 @@ def detect_format(path) -> str:
         return "fasta"
     if head.startswith(b"{") and b'"results"' in head:
         return "uniprot-json"
+    if head.startswith(b"[") and b'"instruction"' in head and b"Seq=<" in head:
+        return "alpaca"          # ProLLaMA-style rows: the protein written as Seq=<...> in the input or output
     if head.startswith(b"[") and b'"instruction"' in head:
         return "mol-instructions"
     if head.startswith(b"[") and b'"conversations"' in head:
@@ -40,7 +42,9 @@ def detect_format(path) -> str:
                     fix=f"pass --format, one of {', '.join(FORMATS)}")
 
 
-def chunks(path, fmt: Optional[str] = None, annotations: Optional[str] = None) -> Iterator[tuple]:
+def chunks(path, fmt: Optional[str] = None, annotations: Optional[str] = None,
+           sequence_only: bool = False) -> Iterator[tuple]:
+    """sequence_only: the records need no function text (language-model data: FASTA without annotations)."""
     fmt = fmt or detect_format(path)
     if fmt == "uniprot-flat":
         return (("uniprot-flat", c) for c in flatfile.chunks(path))
@@ -49,8 +53,8 @@ def chunks(path, fmt: Optional[str] = None, annotations: Optional[str] = None) -
     elif fmt in ("tsv", "csv"):
         it = rows.table_chunks(path, fmt)
     elif fmt == "fasta":
-        it = rows.fasta_chunks(path, fmt, annotations)
-    elif fmt in ("mol-instructions", "conversations"):
+        it = rows.fasta_chunks(path, fmt, annotations, sequence_only)
+    elif fmt in ("mol-instructions", "conversations", "alpaca"):
         it = rows.json_array_chunks(path, fmt)
     else:
         raise DataError(path, f"unknown format {fmt!r}", kind="usage", fix=f"use one of {', '.join(FORMATS)}")

@@ -16,6 +16,7 @@ MAX_RECORD_BYTES = 64 << 20  # the largest real entry (titin) is ~0.5 MB; more m
 _TAXID = re.compile(r"NCBI_TaxID=(\d+)")
 _SQ = re.compile(r"SQ   SEQUENCE\s+(\d+) AA;")
 _NAME_TAIL = re.compile(r"\s*\{ECO:[^}]*\}")
+FAMILY_DBS = ("InterPro", "Pfam", "SUPFAM")   # DR lines kept for family labels (`data_tools superfamily-tasks`)
 
 Chunk = Tuple[str, int, bytes]  # (path, line number of the chunk's first line, complete entries)
 
@@ -99,6 +100,7 @@ def _parse_entry(entry: str, path: str, line_no: int) -> ProteinRecord:
     seq_lines: List[str] = []
     seq_len = None
     in_seq = False
+    xrefs = {}
     for line in lines[1:]:
         if in_seq:
             if line.startswith("     "):
@@ -123,6 +125,11 @@ def _parse_entry(entry: str, path: str, line_no: int) -> ProteinRecord:
                     name = _NAME_TAIL.sub("", body.split("Full=", 1)[1]).rstrip(";").strip()
         elif code == "OS":
             organism.append(line[5:].strip())
+        elif code == "DR":
+            db, _, rest = line[5:].partition(";")
+            if db in FAMILY_DBS:   # `DR   SUPFAM; SSF48081; Methyl-coenzyme M reductase ... domain; 1.`
+                fields = [f.strip() for f in rest.rstrip(".").split(";")]
+                xrefs.setdefault(db, []).append([fields[0], fields[1] if len(fields) > 1 else ""])
         elif code == "OX" and taxon is None:
             m = _TAXID.search(line)
             taxon = int(m.group(1)) if m else None
@@ -146,9 +153,11 @@ def _parse_entry(entry: str, path: str, line_no: int) -> ProteinRecord:
                         kind="truncated_record" if len(seq) < seq_len else "malformed")
     seq = check_sequence(seq, path, record, line_no)
     functions = [_join_wrapped(c)[len("FUNCTION:"):].strip() for c in comments if c[0].startswith("FUNCTION:")]
+    similarity = [_join_wrapped(c)[len("SIMILARITY:"):].strip() for c in comments if c[0].startswith("SIMILARITY:")]
     org = " ".join(organism).rstrip(".")
     return ProteinRecord(accession=record, sequence=seq, function=" ".join(functions), name=name, organism=org,
-                         taxon_id=taxon, reviewed=reviewed, source=f"{path}:{line_no}")
+                         taxon_id=taxon, reviewed=reviewed, source=f"{path}:{line_no}",
+                         similarity=" ".join(similarity), xrefs=xrefs or None)
 
 
 def _join_wrapped(parts: List[str]) -> str:

@@ -154,6 +154,32 @@ def _mol_instructions_record(path, index: int, row: dict) -> ProteinRecord:
                          reviewed=True, source_split=meta.get("split", ""), source=f"{path}#{index}")
 
 
+# --- Alpaca rows with proteins as text (ProLLaMA) ---------------------------------------------------------------
+
+_SEQ_TEXT = re.compile(r"Seq=<([A-Za-z]*)>?")
+_TAG = re.compile(r"^\[([^\]]+)\]")
+
+
+def _alpaca_record(path, index: int, row: dict) -> ProteinRecord:
+    missing = [k for k in ("instruction", "input", "output") if not isinstance(row.get(k), str)]
+    if missing:
+        raise DataError(path, f"object lacks string field(s) {missing}", record=f"#{index}", kind="malformed",
+                        fix='Alpaca rows are {"instruction": ..., "input": ..., "output": ...}')
+    acc = str(row.get("accession") or row.get("id") or f"row{index}")
+    # the protein the row is about: written out by a generation task, read by an understanding task
+    m = _SEQ_TEXT.search(row["output"]) or _SEQ_TEXT.search(row["input"])
+    if not m or not m.group(1):
+        raise DataError(path, "no protein written as Seq=<...> in the output or the input", record=f"#{index} ({acc})",
+                        kind="malformed", fix="ProLLaMA-style rows write the protein as Seq=<MKV...>")
+    tag = _TAG.match(row["instruction"].strip())
+    task = str(row.get("task") or (re.sub(r"\W+", "_", tag.group(1).strip().lower()) if tag else "instruction"))
+    meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+    return ProteinRecord(accession=acc, sequence=check_sequence(m.group(1), path, f"#{index} ({acc})"),
+                         function=row["output"].strip(), instruction=row["instruction"].strip(),
+                         input=row["input"].strip(), task=task, reviewed=True,
+                         source_split=str(meta.get("split") or row.get("split") or ""), source=f"{path}#{index}")
+
+
 # --- Protein2Text-style multi-turn QA JSON ----------------------------------------------------------------------
 
 def _conversations_record(path, index: int, row: dict) -> ProteinRecord:
@@ -199,10 +225,32 @@ def iter_fasta(path) -> Iterator[Tuple[int, str, str]]:
 
 _OS = re.compile(r" OS=(.*?)(?= [A-Z]{2}=|$)")
 _OX = re.compile(r" OX=(\d+)")
+# UniRef50/90/100: `UniRef50_Q6GZX4 Putative transcription factor 001R n=2 Tax=Frog virus 3 TaxID=10493
+# RepID=001R_FRG3G`; the fields come in this order, Tax= may hold spaces, and any of them may be missing
+_UNIREF_FIELD = re.compile(r" (n|Tax|TaxID|RepID)=(.*?)(?= (?:n|Tax|TaxID|RepID)=|$)")
+
+
+def parse_uniref_header(header: str) -> dict:
+    first, _, rest = header.partition(" ")
+    rest = " " + rest
+    fields = dict(_UNIREF_FIELD.findall(rest))
+    m = _UNIREF_FIELD.search(rest)
+    out = {"accession": first, "reviewed": None, "name": (rest[:m.start()] if m else rest).strip()}
+    if fields.get("Tax"):
+        out["organism"] = fields["Tax"].strip()
+    for key, field in (("taxon_id", "TaxID"), ("cluster_size", "n")):
+        if fields.get(field, "").strip().isdigit():
+            out[key] = int(fields[field])
+    if fields.get("RepID"):
+        out["representative"] = fields["RepID"].strip()
+    return out
 
 
 def parse_fasta_header(header: str) -> dict:
-    """UniProt headers (`sp|P12345|NAME_HUMAN Full name OS=... OX=...`) or a bare accession."""
+    """UniProt headers (`sp|P12345|NAME_HUMAN Full name OS=... OX=...`), UniRef cluster headers, or a bare
+    accession."""
+    if header.startswith("UniRef"):
+        return parse_uniref_header(header)
     first = header.split()[0]
     parts = first.split("|")
     out = {"accession": parts[1] if len(parts) >= 3 else first, "reviewed": None}
@@ -217,10 +265,16 @@ def parse_fasta_header(header: str) -> dict:
     return out
 
 
-def fasta_chunks(path, fmt: str, annotations: Optional[str]) -> Iterator[Chunk]:
+def fasta_chunks(path, fmt: str, annotations: Optional[str], sequence_only: bool = False) -> Iterator[Chunk]:
+    """sequence_only: records without function text (language-model data, `build --lm-text`); an annotation
+    table, when given, still adds its function texts."""
+    if not annotations and sequence_only:
+        return _chunked(path, fmt, ((line, {**parse_fasta_header(header), "sequence": seq, "annotation": None,
+                                             "header": header}) for line, header, seq in iter_fasta(path)))
     if not annotations:
         raise DataError(path, "FASTA carries no function text", kind="usage",
-                        fix="pass --annotations TABLE.tsv|csv with accession and function columns")
+                        fix="pass --annotations TABLE.tsv|csv with accession and function columns, or --lm-text "
+                            "FORMAT to build language-model text from the sequences alone")
     delim = "\t" if annotations.endswith((".tsv", ".tsv.gz")) else ","
     cols, rows = iter_table(annotations, delim, required=("accession", "function"))
     table = {}
@@ -242,7 +296,8 @@ def _fasta_record(path, line: int, row: dict) -> ProteinRecord:
                          function=(ann.get("function") or "").strip(),
                          name=row.get("name") or _ALT_NAMES.sub("", (ann.get("name") or "").strip()),
                          organism=row.get("organism") or (ann.get("organism") or ""),
-                         taxon_id=row.get("taxon_id"), reviewed=row["reviewed"], source=f"{path}:{line}")
+                         taxon_id=row.get("taxon_id"), reviewed=row["reviewed"], source=f"{path}:{line}",
+                         representative=row.get("representative", ""), cluster_size=row.get("cluster_size"))
 
 
 # --- worker side ----------------------------------------------------------------------------------------------
@@ -252,7 +307,7 @@ _BUILDERS: Dict[str, Callable[[str, int, dict], ProteinRecord]] = {
     "uniprot-json": _uniprot_json_record, "uniprot-jsonl": _uniprot_json_record,
     "tsv": _table_record, "csv": _table_record,
     "mol-instructions": _mol_instructions_record, "fasta": _fasta_record,
-    "conversations": _conversations_record,
+    "conversations": _conversations_record, "alpaca": _alpaca_record,
 }
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
 from megatron_p2t.checkpoint.slicing import Entry, Slice, copy_into, read, span, stack_rows, write
 from megatron_p2t.models.lora import lora_layers
+from megatron_p2t.models.parts_config import SAVABLE
 
 
 # One decoder layer (megatron names under decoder.layers.<local>., HF names under model.layers.<global>.)
@@ -148,6 +149,16 @@ def lora_hf_slices(model, hf_cfg, tp_rank: int, tp: int, prefix: str = PEFT_PREF
     return out
 
 
+def saved_module_slices(model, hf_cfg, modules, tp_rank: int, tp: int, prefix: str = PEFT_PREFIX) -> List[Slice]:
+    """The decoder modules trained fully beside the adapters (LoRAConfig.modules_to_save: embedding, output_layer)
+    as PEFT stores its modules_to_save: whole tensors under their HF names (`base_model.model.model.embed_tokens.
+    weight`, `base_model.model.lm_head.weight`); this stage's, from this rank's vocabulary rows."""
+    spans, fusers = _geometry(hf_cfg, tp_rank, tp)
+    held = (FIRST if model.pre_process else ()) + (LAST if model.post_process else ())
+    table = [e for e in held if e.megatron.split(".")[0] in modules]
+    return write(table, model.state_dict(), prefix, "", spans, tp_rank, fusers)
+
+
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpg: int, hd: int) -> torch.Tensor:
     """Rows of q/k/v (this rank's groups) -> megatron's per-group [q heads; k; v] layout."""
     parts = []
@@ -180,12 +191,14 @@ def load_lora(model: nn.Module, tensors: Dict[str, torch.Tensor], source: str) -
 
 
 def finish_peft_adapter(adapter_dir: str, lora_cfg, base_model: str) -> None:
-    """Give exported adapter tensors (`lora_hf_slices` written to adapter_dir/model.safetensors) PEFT's file
-    name and its adapter_config.json, so `PeftModel.from_pretrained(llama, adapter_dir)` loads them."""
+    """Give exported adapter tensors (`lora_hf_slices`, and `saved_module_slices` for modules_to_save, written to
+    adapter_dir/model.safetensors) PEFT's file name and its adapter_config.json, so
+    `PeftModel.from_pretrained(llama, adapter_dir)` loads them."""
     os.replace(os.path.join(adapter_dir, "model.safetensors"), os.path.join(adapter_dir, "adapter_model.safetensors"))
     targets = sorted({h.split(".")[-1] for t in lora_cfg.targets for h in LORA_TARGETS[t]})
     with open(os.path.join(adapter_dir, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
                    "r": lora_cfg.r, "lora_alpha": lora_cfg.alpha or 2 * lora_cfg.r, "lora_dropout": lora_cfg.dropout,
                    "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+                   "modules_to_save": [SAVABLE[m] for m in lora_cfg.modules_to_save] or None,
                    "inference_mode": True}, f, indent=1)

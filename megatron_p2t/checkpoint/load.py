@@ -43,7 +43,10 @@ def hf_configs(cfg, say: bool = False):
         return llama_cfg, esm_cfg, dataclasses.replace(pcfg, input_dim=adapter["input_dim"],
                                                        intermediate_dim=adapter["intermediate_dim"],
                                                        output_dim=adapter["output_dim"], dropout=dropout)
-    llama_cfg, esm_cfg = hf_config(cfg.model.llama, "llama"), hf_config(cfg.model.esm, "esm")
+    llama_cfg = hf_config(cfg.model.llama, "llama")
+    if cfg.model.encoder == "none":        # decoder-only: no ESM, and the projector section is not used
+        return llama_cfg, None, pcfg
+    esm_cfg = hf_config(cfg.model.esm, "esm")
     return llama_cfg, esm_cfg, dataclasses.replace(
         pcfg, input_dim=pcfg.input_dim or esm_cfg.hidden_size, output_dim=pcfg.output_dim or llama_cfg.hidden_size,
         dropout=PROJECTOR_DROPOUT if pcfg.dropout is None else pcfg.dropout)
@@ -51,7 +54,9 @@ def hf_configs(cfg, say: bool = False):
 
 def placeholder_id(cfg) -> int:
     """The placeholder token's id, from the configured tokenizer (LLaMA-3.1: 128003), or the one a Prot2Text-V2
-    directory names."""
+    directory names; -1 for a decoder-only recipe, whose prompts hold no placeholder."""
+    if cfg.model.encoder == "none":
+        return -1
     published = int(p2tv2.read_config(cfg.model.p2tv2)["placeholder_id"]) if cfg.model.p2tv2 else None
     if not cfg.data.text_tokenizer:
         return 128003 if published is None else published
@@ -90,7 +95,8 @@ def load_hf(model, cfg, llama_cfg, pcfg, layout: Layout) -> None:
                   cfg.model.p2tv2)
         return
     proj = HFDir(cfg.model.projector_weights) if cfg.model.projector_weights else None
-    copy_into(model, p2t_hf.megatron_tensors(model, HFDir(cfg.model.esm), HFDir(cfg.model.llama), proj, llama_cfg,
+    esm = HFDir(cfg.model.esm) if model.reads_protein else None
+    copy_into(model, p2t_hf.megatron_tensors(model, esm, HFDir(cfg.model.llama), proj, llama_cfg,
                                              pcfg, tpr, tp),
               f"{cfg.model.esm} + {cfg.model.llama}", keep=() if proj else ("projector.", "connector."))
 

@@ -16,7 +16,7 @@ def megatron_tensors(model: Prot2TextModel, esm_src, llama_src, projector_src, l
     """This rank's expected state dict of the joined model, from HF-layout sources (directories or tensors)."""
     sd = {f"llm.{k}": v for k, v in
           llama_hf.megatron_tensors(model.llm, llama_src, llama_hf_cfg, tp_rank, tp, llama_prefix).items()}
-    if model.pre_process:
+    if model.pre_process and model.reads_protein:
         sd.update({f"esm.{k}": v for k, v in esm_hf.megatron_tensors(model.esm, esm_src, tp_rank, tp,
                                                                       esm_prefix).items()})
         if projector_src is None:      # the connector keeps its fresh initialisation
@@ -34,10 +34,14 @@ def hf_export(model: Prot2TextModel, out_dir: str, llama_hf_cfg, esm_hf_cfg, pro
               tp: int, resampler_cfg=None) -> None:
     """Collective: write out_dir/{llama,esm,projector} in HF layout from any TP x PP layout; other connectors
     than Prot2Text-V2's projector go to connector/ in the released Protein2Text / LLaVA names (hf_connector.py
-    reads them)."""
+    reads them). A decoder-only model writes llama/ alone."""
     mlp = model.connector_name == "mlp"
     dirs = {k: os.path.join(out_dir, k) for k in ("llama", "esm", "projector" if mlp else "connector")}
     slices = {dirs["llama"]: llama_hf.hf_slices(model.llm, llama_hf_cfg, tp_rank, tp)}
+    if not model.reads_protein:
+        export_hf.export(slices, out_dir, hf_configs={dirs["llama"]: llama_hf_cfg}
+                         if torch.distributed.get_rank() == 0 else None)
+        return
     if model.pre_process:
         slices[dirs["esm"]] = esm_hf.hf_slices(model.esm, tp_rank, tp)
         if mlp:

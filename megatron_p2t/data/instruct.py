@@ -7,7 +7,9 @@ Prompts go through the tokenizer's own chat template (LLaMA-3.1's). Three sample
   (`missing_fields: omit` leaves it out instead);
 - Mol-Instructions: the instruction, then `Sequence embeddings: <ph>*(L+2)`;
 - Protein2Text-style QA: a `conversations` list (human/gpt turns); the protein goes where the first human turn
-  says `<protein>` (or before it); every assistant turn is learned.
+  says `<protein>` (or before it); every assistant turn is learned;
+- decoder-only recipes (`instruct.template: plain`, ProLLaMA): no chat template and no placeholder, the prompt is
+  `<bos>instruction input` (Alpaca rows, the protein written in the text as `Seq=<...>`).
 The answer of single-turn samples is the loader's text tokens (function text + <|eot_id|>, already capped at
 max_text_tokens). Targets are shifted here: position t predicts token t+1, and the last token of a sample
 predicts nothing, so a sample's loss does not depend on what is packed after it.
@@ -26,6 +28,8 @@ SYSTEM_PROMPT = ("You are a scientific assistant specialized in protein function
                  "embeddings and other information of a protein, describe its function clearly and concisely in "
                  "professional language.")
 MISSING_FIELDS = ("unknown", "omit")
+TEMPLATES = {"chat": "the tokenizer's chat template, system prompt, protein placeholders",
+             "plain": "<bos>instruction input (ProLLaMA), no chat template, no placeholder"}
 PROTEIN_MARK = "<protein>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -43,6 +47,7 @@ class InstructConfig:
     main_weight: float = 1.0           # data.manifest's weight when mixing
     init_from: Optional[str] = None    # a stage-1 run directory (or step directory): its trained projector
     projector_lr: Optional[float] = None   # None: train.lr (which the LoRA adapters use)
+    template: str = "chat"             # chat: the tokenizer's chat template; plain: `<bos>instruction input`
 
 
 @dataclasses.dataclass
@@ -53,15 +58,25 @@ class Encoded:
 
 
 class PromptBuilder:
-    def __init__(self, tok, cfg: InstructConfig, placeholder_token: str, seed: int = 0):
+    def __init__(self, tok, cfg: InstructConfig, placeholder_token: Optional[str], seed: int = 0,
+                 end_token: str = "<|eot_id|>"):
+        """placeholder_token None: a decoder-only recipe (no protein slots). end_token: what ends every answer
+        (data.text_end)."""
         if cfg.missing_fields not in MISSING_FIELDS:
             raise ValueError(f"instruct.missing_fields={cfg.missing_fields!r}: choose one of {MISSING_FIELDS}")
+        if cfg.template not in TEMPLATES:
+            raise ValueError(f"instruct.template={cfg.template!r}: choose one of {sorted(TEMPLATES)}")
         self.tok, self.cfg, self.seed = tok, cfg, seed
-        self.placeholder = tok.convert_tokens_to_ids(placeholder_token)
-        if self.placeholder is None or self.placeholder == tok.unk_token_id:
-            raise ValueError(f"placeholder token {placeholder_token!r} is not in the tokenizer")
-        self.placeholder_text = placeholder_token
-        self.eot = tok.convert_tokens_to_ids("<|eot_id|>")
+        self.placeholder = self.placeholder_text = None
+        if placeholder_token is not None:
+            self.placeholder = tok.convert_tokens_to_ids(placeholder_token)
+            if self.placeholder is None or self.placeholder == tok.unk_token_id:
+                raise ValueError(f"placeholder token {placeholder_token!r} is not in the tokenizer")
+            self.placeholder_text = placeholder_token
+        elif cfg.template != "plain":
+            raise ValueError("a decoder-only recipe (no protein placeholder) builds plain prompts: set "
+                             "instruct.template=plain")
+        self.eot = tok.convert_tokens_to_ids(end_token)
 
     def _encode(self, text: str) -> List[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -92,13 +107,22 @@ class PromptBuilder:
         return ids[:at[0]] + [self.placeholder] * n_protein + ids[at[0] + 1:]
 
     def prompt_ids(self, meta: dict, key: str, n_protein: int, epoch: int = 0, train: bool = False) -> List[int]:
-        """System + user turn + the assistant header: what generation starts from."""
+        """System + user turn + the assistant header: what generation starts from. Plain: `<bos>instruction
+        input`, ProLLaMA's prompt (its Alpaca rows: `[Determine superfamily]` + ` Seq=<...>`)."""
+        if self.cfg.template == "plain":
+            text = " ".join(x for x in (meta.get("instruction"), meta.get("input")) if x)
+            if not text:
+                raise ValueError(f"sample {key}: the plain template needs an instruction (Alpaca rows: instruction, "
+                                 f"input, output)")
+            return [self.tok.bos_token_id] + self._encode(text)
         msgs = [{"role": "system", "content": self.cfg.system_prompt},
                 {"role": "user", "content": self.user_turn(meta, key, epoch, train)}]
         return self._expand(self._encode(self._render(msgs, True)), n_protein)
 
     def encode(self, meta: dict, key: str, answer_ids: Sequence[int], n_protein: int, epoch: int,
                train: bool = True) -> Encoded:
+        if meta.get("conversations") and self.cfg.template == "plain":
+            raise ValueError(f"sample {key}: conversations need the chat template (instruct.template=chat)")
         if meta.get("conversations"):
             ids, learn = self._conversation(meta["conversations"], n_protein)
         else:

@@ -41,6 +41,11 @@ class LoaderConfig:
     max_tokens: Optional[int] = None        # ... or a budget of padded protein + text tokens per batch
     max_protein_residues: int = 1021        # longer proteins: a random window (Prot2Text-V2's crop)
     max_text_tokens: int = 512
+    # the token that ends every text (LLaMA-3.1-Instruct: <|eot_id|>; a base model's eos, e.g. </s>); a text longer
+    # than max_text_tokens is cut: `tail` keeps its start and still ends it, `window` (set by the stage for
+    # language-model documents) takes a seeded random window of max_text_tokens, unended
+    text_end: str = "<|eot_id|>"
+    text_crop: str = "tail"
     shuffle_block: int = 1024
     chunk: int = 128
     num_workers: int = 2
@@ -69,9 +74,9 @@ class _ChunkStream(IterableDataset):
         k, n_workers = (info.id, info.num_workers) if info else (0, 1)
         tok = None
         if self.cfg.text_tokenizer:
-            from megatron_p2t.data.text_tokenizer import load_text_tokenizer
-            tok = load_text_tokenizer(self.cfg.text_tokenizer)
-            eot = tok.convert_tokens_to_ids("<|eot_id|>")
+            from megatron_p2t.data.text_tokenizer import end_token_id, load_text_tokenizer
+            tok = load_text_tokenizer(self.cfg.text_tokenizer, self.cfg.text_end)
+            eot = end_token_id(tok, self.cfg.text_end)
         cursor: Optional[ShardCursor] = None
         cursor_shard = cursor_epoch = None
         cache = None
@@ -97,11 +102,12 @@ class _ChunkStream(IterableDataset):
                     r = np.random.default_rng([self.cfg.seed, ch.epoch, pos, 0xC0])
                     a = int(r.integers(0, len(seq) - self.cfg.max_protein_residues + 1))
                     seq = seq[a:a + self.cfg.max_protein_residues]
+                cut = tok is not None and cache is None and len(t) + 1 > self.cfg.max_text_tokens
                 if tok is not None and cache is None:
-                    t = t[: self.cfg.max_text_tokens - 1] + [eot]
+                    t = _crop_text(t, eot, self.cfg, [self.cfg.seed, ch.epoch, pos, 0x7E47])
                 sample = {"key": s["__key__"], "protein": esm_alphabet.encode(seq),
                           "text": np.asarray(t, dtype=np.int64), "raw_text": texts[i],
-                          "meta": json.loads(s["json"]), "epoch": ch.epoch, "pos": pos}
+                          "meta": json.loads(s["json"]), "epoch": ch.epoch, "pos": pos, "cut": cut}
                 if cache is not None:
                     row = ch.start + i
                     if cache["keys"][row] != s["__key__"]:
@@ -111,6 +117,13 @@ class _ChunkStream(IterableDataset):
                     sample["text_mean"], sample["text_std"] = cache["mean"][row], cache["std"][row]
                 out.append(sample)
             yield ch.pos, out
+
+
+def _crop_text(t: List[int], end: int, cfg: LoaderConfig, seed) -> List[int]:
+    if cfg.text_crop == "window" and len(t) + 1 > cfg.max_text_tokens:
+        a = int(np.random.default_rng(seed).integers(0, len(t) - cfg.max_text_tokens + 1))
+        return t[a:a + cfg.max_text_tokens]
+    return t[: cfg.max_text_tokens - 1] + [end]
 
 
 def _load_cache(directory: str, shard_url: str) -> dict:
@@ -143,6 +156,7 @@ def collate(samples: List[dict], text_pad: int, valid: Optional[List[bool]] = No
             "text_mask": torch.from_numpy(np.arange(text.shape[1])[None, :] < tlen[:, None]),
             "valid": torch.tensor(valid if valid is not None else [True] * n),
             "keys": [s["key"] for s in samples], "epochs": [s["epoch"] for s in samples],
+            "cut": [s["cut"] for s in samples],   # texts longer than max_text_tokens (cropped per text_crop)
             "texts": [s["raw_text"] for s in samples], "meta": [s["meta"] for s in samples]}
 
 
@@ -178,6 +192,9 @@ class ProteinTextLoader:
         if cfg.max_tokens is not None and cfg.max_tokens < cfg.max_protein_residues + 2 + cfg.max_text_tokens:
             raise ValueError(f"max_tokens={cfg.max_tokens} cannot hold one sample of max_protein_residues+2 + "
                              f"max_text_tokens = {cfg.max_protein_residues + 2 + cfg.max_text_tokens} tokens")
+        if cfg.text_crop not in ("tail", "window"):
+            raise ValueError(f"data.text_crop={cfg.text_crop!r}: tail (keep the start, end it) or window (a random "
+                             f"window, for language-model documents)")
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
         self.manifest, self.urls, self.counts, shas = read_manifest(cfg.manifest, cfg.split)
         if sum(self.counts) < dp_size:
@@ -189,12 +206,15 @@ class ProteinTextLoader:
         self.per_epoch = order.rank_samples_per_epoch(self.counts, dp_rank, dp_size)
         self.fingerprint = hashlib.sha256(json.dumps(
             [shas, self.counts, cfg.split, cfg.seed, dp_rank, dp_size, self.block, cfg.batch_size, cfg.max_tokens,
-             cfg.max_protein_residues, cfg.max_text_tokens, cfg.chunk, cfg.epochs, cfg.text_tokenizer]).encode()
+             cfg.max_protein_residues, cfg.max_text_tokens, cfg.chunk, cfg.epochs, cfg.text_tokenizer]
+            # the defaults add nothing, so the positions saved by runs made before these options still resume
+            + ([cfg.text_end, cfg.text_crop] if (cfg.text_end, cfg.text_crop) != ("<|eot_id|>", "tail") else [])
+        ).encode()
         ).hexdigest()[:16]
         self.text_pad = 0
         if cfg.text_tokenizer:
             from megatron_p2t.data.text_tokenizer import load_text_tokenizer
-            tok = load_text_tokenizer(cfg.text_tokenizer)
+            tok = load_text_tokenizer(cfg.text_tokenizer, cfg.text_end)
             self.text_pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self._block, self._batch = 0, 0
         self.stats = {"real_tokens": 0, "padded_tokens": 0, "samples": 0, "batches": 0}

@@ -63,13 +63,22 @@ def build_llama3_style_tokenizer(texts: Iterable[str], out_dir: str, vocab_size:
     return load_text_tokenizer(out_dir)
 
 
-def load_text_tokenizer(path: str):
+def load_text_tokenizer(path: str, end_token: str = "<|eot_id|>"):
+    """end_token: what ends every answer and document (data.text_end): LLaMA-3.1-Instruct's <|eot_id|>, or the
+    base model's eos (ProLLaMA, on LLaMA-2: </s>); it must be one token of this tokenizer."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    if tok.convert_tokens_to_ids("<|eot_id|>") in (None, tok.unk_token_id):
-        raise ValueError(f"{path}: tokenizer has no <|eot_id|> token; a LLaMA-3 tokenizer is expected")
+    if end_token_id(tok, end_token) is None:
+        raise ValueError(f"{path}: the tokenizer has no {end_token!r} token to end texts with; set data.text_end to "
+                         f"one it has (its eos: {tok.eos_token!r})")
     return tok
+
+
+def end_token_id(tok, end_token: str):
+    """The id of `end_token` in `tok`, or None when it is not a token of it."""
+    i = tok.convert_tokens_to_ids(end_token)
+    return None if i is None or (i == tok.unk_token_id and end_token != tok.unk_token) else i
 
 
 def special_id(tok, llama3_id: int) -> int:

@@ -17,13 +17,16 @@ def dtype_of(cfg) -> torch.dtype:
 
 
 def build(model_cfg, layout: Layout, llama_cfg, esm_cfg, pcfg, placeholder_id: int) -> Prot2TextModel:
-    """Prot2TextModel for this rank: the encoder and projector on the first stage, this stage's decoder layers."""
-    model = Prot2TextModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, placeholder_id,
+    """Prot2TextModel for this rank: the encoder and connector (if the recipe has them) on the first stage, this
+    stage's decoder layers. esm_cfg is None for a decoder-only recipe."""
+    model = Prot2TextModel(ESMConfig.from_hf(esm_cfg) if esm_cfg is not None else None, llama_cfg, pcfg,
+                           placeholder_id,
                            pre_process=layout.first_stage, post_process=layout.last_stage,
                            esm_output_layer=model_cfg.esm_output_layer, freeze=model_cfg.freeze,
                            llm_config=llama_mod.transformer_config(llama_cfg, params_dtype=DTYPES[model_cfg.dtype],
                                                                    layout=layout),
-                           layout=layout, connector=model_cfg.connector, resampler=model_cfg.resampler)
+                           layout=layout, connector=model_cfg.connector, resampler=model_cfg.resampler,
+                           encoder=model_cfg.encoder)
     if torch.cuda.is_available():  # plain torch parts (the ESM embedding) are built on the CPU, as in Megatron-LM
         model.cuda(torch.cuda.current_device())
     return model

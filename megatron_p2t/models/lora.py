@@ -83,11 +83,15 @@ class LoRALinear(nn.Module):
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig, prefix: str = "") -> List[str]:
     """Wrap every submodule whose attribute name is in cfg.targets; returns the wrapped names. As PEFT does, every
-    existing parameter of `model` is frozen: its only trainable parameters are the new lora_A / lora_B."""
+    existing parameter of `model` is frozen: its only trainable parameters are the new lora_A / lora_B, and those
+    of the modules named in cfg.modules_to_save (this pipeline stage's, when it holds them), trained fully."""
     if cfg.r <= 0:
         return []
     for p in model.parameters():
         p.requires_grad_(False)
+    for name in cfg.modules_to_save:
+        for p in getattr(model, name).parameters() if getattr(model, name, None) is not None else ():
+            p.requires_grad_(True)
     wrapped = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):

@@ -1,4 +1,5 @@
-"""The joined model: ESM-2 encoder -> connector -> LLaMA decoder.
+"""The joined model: ESM-2 encoder -> connector -> LLaMA decoder, or the decoder alone (`model.encoder=none`, a
+decoder-only recipe such as ProLLaMA, which reads proteins as text).
 
 The connector (`model.connector`, parts_config.CONNECTORS) turns the ESM states into decoder inputs: Prot2Text-V2's
 projector (`mlp`, attribute `projector` as in its checkpoints) and `mlp2x_gelu` one vector per ESM token (<cls>
@@ -33,7 +34,7 @@ class Prot2TextModel(MegatronModule):
                  placeholder_id: int, pre_process: bool = True, post_process: bool = True,
                  esm_output_layer: int = -1, freeze: FreezeConfig = FreezeConfig(), llm_config=None,
                  layout: Layout | None = None, connector: str = "mlp",
-                 resampler: ResamplerConfig = ResamplerConfig()):
+                 resampler: ResamplerConfig = ResamplerConfig(), encoder: str = "esm2"):
         llm_config = llm_config or llama_mod.transformer_config(llama_hf_cfg, layout=layout)
         super().__init__(llm_config)  # self.config: what megatron's schedules read, with model_type below
         self.pre_process, self.post_process, self.placeholder_id = pre_process, post_process, placeholder_id
@@ -44,7 +45,8 @@ class Prot2TextModel(MegatronModule):
         if connector not in CONNECTORS:
             raise ValueError(f"model.connector={connector!r}: choose one of {sorted(CONNECTORS)}")
         self.connector_name = connector
-        if pre_process:
+        self.reads_protein = encoder != "none"      # decoder-only: the prompt is all text
+        if pre_process and self.reads_protein:
             self.esm = esm_mod.ESMEncoder(esm_cfg, output_layer=esm_output_layer,
                                           params_dtype=self.llm_config.params_dtype, layout=layout)
             if connector == "mlp":
@@ -106,7 +108,7 @@ class Prot2TextModel(MegatronModule):
     def forward(self, input_ids, position_ids, attention_mask=None, protein_ids=None, protein_mask=None,
                 labels: Optional[torch.Tensor] = None):
         decoder_input = None
-        if self.pre_process:
+        if self.pre_process and self.reads_protein:
             decoder_input = self.splice(input_ids, position_ids, protein_ids, protein_mask)
         return self.llm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                         decoder_input=decoder_input, labels=labels)

@@ -30,7 +30,8 @@ class ResamplerConfig:
 
 
 # model.encoder / model.decoder: the protein encoder and the language model (more come with later recipes)
-ENCODERS = {"esm2": "ESM-2 (facebook/esm2_*), hidden states of model.esm_output_layer"}
+ENCODERS = {"esm2": "ESM-2 (facebook/esm2_*), hidden states of model.esm_output_layer",
+            "none": "no protein encoder: a decoder-only recipe reads proteins as text (ProLLaMA's Seq=<...>)"}
 DECODERS = {"llama": "LLaMA-3 (meta-llama/Llama-3.1-8B-Instruct and its sizes)"}
 
 # model.connector: how the ESM states become decoder inputs, and so how many prompt slots a protein takes
@@ -38,6 +39,7 @@ CONNECTORS = {
     "mlp": "Prot2Text-V2's projector, per ESM token (L + 2 slots: residues, <cls>, <eos>)",
     "mlp2x_gelu": "LLaVA's Linear-GELU-Linear, per ESM token (L + 2 slots)",
     "resampler": "Protein2Text: Perceiver resampler over the residues, then mlp2x_gelu (model.resampler.latents slots)",
+    "none": "no connector (decoder-only, with model.encoder=none): no prompt slots",
 }
 
 
@@ -47,6 +49,9 @@ def check_parts(encoder: str, connector: str, decoder: str, resampler: Optional[
         if name not in known:
             raise ValueError(f"model.{key}={name!r} is not a part this system has; choose one of "
                              + "; ".join(f"{k} ({v})" for k, v in known.items()))
+    if (encoder == "none") != (connector == "none"):
+        raise ValueError(f"model.encoder={encoder} with model.connector={connector}: a decoder-only recipe sets both "
+                         f"to none, a recipe with a protein encoder neither")
     if connector == "resampler" and resampler is not None:
         for k, v in dataclasses.asdict(resampler).items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -65,22 +70,29 @@ def check_room(connector: str, resampler: ResamplerConfig, max_residues: int, ma
                          f"them")
 
 
-# align.objective: what stage 1 (`megatron-p2t align`) trains the connector with
+# align.objective: what stage 1 (`megatron-p2t align`) trains the connector (or, decoder-only, the decoder) with
 ALIGN_OBJECTIVES = {
     "hscale": "Prot2Text-V2's H-SCALE: mean/std-pooled projector outputs against the frozen LLaMA's pooled text "
               "states, InfoNCE with negatives gathered over data-parallel ranks (model.connector=mlp only)",
     "feature": "LLaVA's feature alignment (Protein2Text's pretraining): next-token loss on the function text through "
                "the frozen decoder, the connector alone trained",
+    "lm": "continual pretraining of the decoder on protein sequences as text (ProLLaMA's stage 1, `pretrain-lm`): "
+          "documents packed with attention confined to each, LoRA + model.llm_lora.modules_to_save",
 }
 
 
 def align_objective(objective: str, connector: str) -> str:
-    """align.objective resolved: `auto` is H-SCALE for Prot2Text-V2's projector, feature alignment otherwise."""
+    """align.objective resolved: `auto` is H-SCALE for Prot2Text-V2's projector, language modelling for a
+    decoder-only recipe, feature alignment otherwise."""
     if objective == "auto":
-        return "hscale" if connector == "mlp" else "feature"
+        return {"mlp": "hscale", "none": "lm"}.get(connector, "feature")
     if objective not in ALIGN_OBJECTIVES:
         raise ValueError(f"align.objective={objective!r}: choose auto or one of "
                          + "; ".join(f"{k} ({v})" for k, v in ALIGN_OBJECTIVES.items()))
+    if (objective == "lm") != (connector == "none"):
+        raise ValueError(f"align.objective={objective} with model.connector={connector}: language-model pretraining "
+                         f"is the decoder-only recipe's stage 1 (model.encoder=none, model.connector=none), and a "
+                         f"recipe with a connector aligns it (hscale or feature)")
     if objective == "hscale" and connector != "mlp":
         raise ValueError(f"align.objective=hscale pools Prot2Text-V2's projector, which model.connector={connector} "
                          f"does not have; use align.objective=feature (or auto), or model.connector=mlp")
@@ -92,6 +104,8 @@ def protein_slots(connector: str, resampler: ResamplerConfig, residues: int) -> 
     the planner ask instead of assuming L + 2."""
     if connector == "resampler":
         return resampler.latents
+    if connector == "none":
+        return 0
     if connector in CONNECTORS:
         return residues + 2
     raise ValueError(f"model.connector={connector!r}: choose one of {sorted(CONNECTORS)}")
@@ -104,6 +118,10 @@ class FreezeConfig:
     llm: bool = True
 
 
+# model.llm_lora.modules_to_save: the decoder modules that can be trained fully, and their names in PEFT's layout
+SAVABLE = {"embedding": "embed_tokens", "output_layer": "lm_head"}
+
+
 @dataclasses.dataclass
 class LoRAConfig:
     """Low-rank adapters on megatron-core linears, named by their attribute in the layer (linear_qkv,
@@ -113,6 +131,9 @@ class LoRAConfig:
     dropout: float = 0.1
     targets: List[str] = dataclasses.field(default_factory=lambda: ["linear_qkv", "linear_proj"])
     seed: int = 0                  # A's initial values, independent of the parallel layout
+    # modules trained fully beside the adapters (PEFT's modules_to_save): the decoder's `embedding` and
+    # `output_layer` (ProLLaMA's stage 1 trains embed_tokens and lm_head), vocabulary-parallel under TP
+    modules_to_save: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def scale(self) -> float:

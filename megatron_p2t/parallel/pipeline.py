@@ -31,7 +31,7 @@ def run(model, microbatches: List[Dict[str, torch.Tensor]], forward_only: bool =
         kw = {"input_ids": b["input_ids"], "position_ids": b["position_ids"],
               "attention_mask": b.get("attention_mask"),  # packed rows: segment ids (transformer/attention.py)
               "labels": None if collect_outputs else b["labels"]}
-        if hasattr(m, "splice"):  # the joined model also takes the protein
+        if getattr(m, "reads_protein", False):  # the joined model also takes the protein
             kw.update(protein_ids=b["protein_ids"], protein_mask=b["protein_mask"])
         out = m(**kw)
         if collect_outputs:

@@ -1,5 +1,6 @@
 """`megatron-p2t align`: stage 1 on the configured data, model and layout -- H-SCALE for Prot2Text-V2's projector,
-LLaVA's feature alignment (run_instruct.feature_alignment) for the other connectors (align.objective)."""
+LLaVA's feature alignment (run_instruct.feature_alignment) for the other connectors, language modelling on
+packed documents for a decoder-only recipe (`pretrain-lm`) (align.objective)."""
 from __future__ import annotations
 
 import dataclasses
@@ -95,8 +96,11 @@ def retrieval_eval(model_module, cfg, layout: Layout) -> dict:
 
 
 def run(cfg, resume=None) -> dict:
-    if align_objective(cfg.align.objective, cfg.model.connector) == "feature":
+    objective = align_objective(cfg.align.objective, cfg.model.connector)
+    if objective == "feature":
         return run_instruct.run(run_instruct.feature_alignment(cfg), resume)
+    if objective == "lm":
+        return run_instruct.run(cfg, resume, documents=True)
     if cfg.parallel.pipeline != 1:
         raise ValueError("stage 1 runs tensor x data parallel (parallel.pipeline=1): its towers are the frozen ESM "
                          "and the first text_layer decoder layers, which TP already splits")

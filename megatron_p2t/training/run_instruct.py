@@ -23,6 +23,7 @@ from megatron_p2t.checkpoint.hf_dir import CheckpointError, TensorSource
 from megatron_p2t.checkpoint.slicing import copy_into
 from megatron_p2t.config import check_same_recipe
 from megatron_p2t.data.instruct import InstructLoader, MixedLoader, PromptBuilder
+from megatron_p2t.data.lm import DocumentLoader
 from megatron_p2t.data.loader import ProteinTextLoader
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
 from megatron_p2t.models.lora import apply_lora
@@ -99,6 +100,11 @@ def stage2_config(cfg):
         raise ValueError("model.llm_lora.r=0 (feature alignment: the connector alone learns) leaves the later "
                          "pipeline stages nothing to train; run it with parallel.pipeline=1 (tensor and data "
                          "parallelism apply), or give the decoder adapters (model.llm_lora.r > 0)")
+    if cfg.model.encoder == "none" and cfg.instruct.init_from:
+        raise ValueError(f"instruct.init_from={cfg.instruct.init_from}: a decoder-only recipe continues from its "
+                         f"stage 1 through that run's export, as ProLLaMA continues from ProLLaMA_Stage_1: "
+                         f"`megatron-p2t export --checkpoint RUN --out EXPORT`, then model.llama=EXPORT/llama "
+                         f"(and instruct.init_from= empty)")
     model = dataclasses.replace(cfg.model, freeze=FreezeConfig(esm=True, projector=False, llm=True))
     if imported(cfg):
         model = dataclasses.replace(model, p2tv2=cfg.instruct.init_from)
@@ -137,18 +143,21 @@ def build(cfg, layout: Layout):
 
 
 def param_groups(model, cfg):
-    lora = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
+    """The adapters (with the decoder modules trained fully beside them, model.llm_lora.modules_to_save) at
+    train.lr, the connector at instruct.projector_lr."""
+    saved = tuple(f"llm.{m}." for m in cfg.model.llm_lora.modules_to_save)
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and (".lora_" in n or n.startswith(saved))]
     connector = ("projector.", "connector.")
     proj = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(connector)]
     other = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n
-             and not n.startswith(connector)]
+             and not n.startswith(connector + saved)]
     if other:
         raise ValueError(f"unexpected trainable parameters in stage 2: {other[:4]}")
     if not proj and cfg.parallel.pipeline > 1:
         # A later pipeline stage has no projector, but DeepSpeed all-reduces one gradient norm per parameter group
         # over the model-parallel group (tensor x pipeline): every stage must have as many groups as the first,
         # or the stages' collectives pair up wrongly and the step hangs. Its second group is the B halves.
-        a = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_A" in n]
+        a = [p for n, p in model.named_parameters() if p.requires_grad and (".lora_A" in n or n.startswith(saved))]
         b = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_B" in n]
         return [{"params": a, "lr": cfg.train.lr}, {"params": b, "lr": cfg.train.lr}]
     groups = [{"params": lora, "lr": cfg.train.lr}, {"params": proj, "lr": cfg.instruct.projector_lr or cfg.train.lr}]
@@ -159,27 +168,44 @@ def _slots(connector: str, resampler, esm_tokens: int) -> int:
     return protein_slots(connector, resampler, esm_tokens - 2)   # ESM tokens: residues + <cls> + <eos>
 
 
-def make_loader(cfg, layout: Layout, split: str = "train", train: bool = True):
+def stage_data(cfg, documents: bool):
+    """The data settings the stage reads with: language-model documents fill up to a row (less its <bos>), and a
+    longer one arrives as a random window of it; answers keep their start and their end token."""
+    if not documents:
+        return cfg.data
+    return dataclasses.replace(cfg.data, text_crop="window",
+                               max_text_tokens=(cfg.instruct.pack_length or cfg.data.max_text_tokens + 1) - 1)
+
+
+def make_loader(cfg, layout: Layout, split: str = "train", train: bool = True, documents: bool = False):
+    """Stage-2 prompts, or (documents) language-model documents for a decoder-only recipe's stage 1; drawn from
+    data.manifest and, by weight, instruct.mix."""
     if not cfg.data.text_tokenizer:
         raise ValueError("stage 2 needs data.text_tokenizer (the LLaMA tokenizer directory)")
-    builder = PromptBuilder(load_text_tokenizer(cfg.data.text_tokenizer), cfg.instruct, cfg.model.placeholder_token,
-                            seed=cfg.data.seed)
+    tok = load_text_tokenizer(cfg.data.text_tokenizer, cfg.data.text_end)
+    placeholder = cfg.model.placeholder_token if cfg.model.encoder != "none" else None
+    builder = PromptBuilder(tok, cfg.instruct, placeholder, seed=cfg.data.seed, end_token=cfg.data.text_end)
     slots = functools.partial(_slots, cfg.model.connector, cfg.model.resampler)
+
+    data = stage_data(cfg, documents)
+
+    def wrap(loader, train_):
+        if documents:
+            return DocumentLoader(loader, tok.bos_token_id, cfg.instruct.pack_length, cfg.instruct.pack)
+        return InstructLoader(loader, builder, cfg.instruct, train=train_, slots=slots)
+
     if not train:
-        dcfg = dataclasses.replace(cfg.data, split=split, epochs=1, num_workers=0)
-        return InstructLoader(ProteinTextLoader(dcfg, layout.dp_rank, layout.dp), builder, cfg.instruct, train=False,
-                              slots=slots)
-    main = InstructLoader(ProteinTextLoader(dataclasses.replace(cfg.data, split=split), layout.dp_rank, layout.dp),
-                          builder, cfg.instruct, slots=slots)
+        dcfg = dataclasses.replace(data, split=split, epochs=1, num_workers=0)
+        return wrap(ProteinTextLoader(dcfg, layout.dp_rank, layout.dp), False)
+    main = wrap(ProteinTextLoader(dataclasses.replace(data, split=split), layout.dp_rank, layout.dp), True)
     if not cfg.instruct.mix:
         return main
     loaders, weights = [main], [float(cfg.instruct.main_weight)]
     for m in cfg.instruct.mix:
         if set(m) - {"manifest", "weight"} or "manifest" not in m:
             raise ValueError(f"instruct.mix entries are {{manifest: PATH, weight: W}}, got {m}")
-        dcfg = dataclasses.replace(cfg.data, manifest=m["manifest"], split=split)
-        loaders.append(InstructLoader(ProteinTextLoader(dcfg, layout.dp_rank, layout.dp), builder, cfg.instruct,
-                                      slots=slots))
+        dcfg = dataclasses.replace(data, manifest=m["manifest"], split=split)
+        loaders.append(wrap(ProteinTextLoader(dcfg, layout.dp_rank, layout.dp), True))
         weights.append(float(m.get("weight", 1.0)))
     return MixedLoader(loaders, weights, seed=cfg.data.seed)
 
@@ -208,10 +234,11 @@ def pipeline_step(model, batches, layout: Layout, forward_only: bool = False) ->
     return from_last_stage(sum(float(o["loss"]) for o in out) / len(batches) if out else 0.0, layout)
 
 
-def valid_loss(model, cfg, layout: Layout) -> dict:
-    """Answer-token cross entropy over the whole validation split (token-weighted across ranks)."""
+def valid_loss(model, cfg, layout: Layout, documents: bool = False) -> dict:
+    """Answer-token (documents: every token's) cross entropy over the whole validation split (token-weighted
+    across ranks)."""
     total = torch.zeros(2, dtype=torch.float64)
-    for batch in make_loader(cfg, layout, "valid", train=False):
+    for batch in make_loader(cfg, layout, "valid", train=False, documents=documents):
         if batch is None:  # only padding rows: every stage of this pipeline reads the same batch and skips it
             continue
         n = batch["loss_mask"].sum()
@@ -225,7 +252,13 @@ def valid_loss(model, cfg, layout: Layout) -> dict:
     return {"loss": float(total[0] / total[1].clamp(min=1)), "answer_tokens": int(total[1])}
 
 
-def run(cfg, resume=None) -> dict:
+def run(cfg, resume=None, documents: bool = False) -> dict:
+    """Stage 2; with documents, a decoder-only recipe's stage 1 (`pretrain-lm`: language modelling on packed
+    documents, the same model step)."""
+    if documents and cfg.model.encoder != "none":
+        raise ValueError(f"language-model pretraining (`pretrain-lm`) trains a decoder-only recipe "
+                         f"(model.encoder=none, model.connector=none); this config has model.encoder="
+                         f"{cfg.model.encoder}")
     if cfg.instruct.init_from:
         check_same_recipe(cfg.instruct.init_from, cfg, "instruct.init_from")
     if resume:
@@ -233,7 +266,7 @@ def run(cfg, resume=None) -> dict:
     layout = state.initialize(cfg.parallel)
     cfg = with_grad_accum(stage2_config(cfg), cfg.data.batch_size, layout.dp)
     model, *_ = build(cfg, layout)
-    loader = make_loader(cfg, layout)
+    loader = make_loader(cfg, layout, documents=documents)
 
     def step_fn(engine, batch):
         loss, n = forward_loss(engine, batch)
@@ -244,8 +277,9 @@ def run(cfg, resume=None) -> dict:
                 {"answer_tokens": sum(b["loss_mask"].sum() for b in batches)})
 
     os.makedirs(cfg.train.save_dir, exist_ok=True)
-    sharded.write_run_info(cfg.train.save_dir, cfg, "instruct" if cfg.model.llm_lora.r > 0 else "align-feature")
+    sharded.write_run_info(cfg.train.save_dir, cfg, "pretrain-lm" if documents else
+                           "instruct" if cfg.model.llm_lora.r > 0 else "align-feature")
     trainer = Trainer(model, cfg, loader, whole_step_fn if layout.pp > 1 else step_fn, layout,
-                      lambda engine: valid_loss(engine.module, cfg, layout), micro_batch=1,
+                      lambda engine: valid_loss(engine.module, cfg, layout, documents), micro_batch=1,
                       param_groups=param_groups(model, cfg), whole_step=layout.pp > 1)
     return trainer.run(resume)

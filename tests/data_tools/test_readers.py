@@ -164,7 +164,7 @@ def test_plain_and_gzip_give_the_same_chunks(tmp_path, sample_path):
 
 def test_every_format_is_detectable_or_named():
     assert set(FORMATS) == {"uniprot-flat", "uniprot-json", "uniprot-jsonl", "tsv", "csv", "fasta",
-                            "mol-instructions", "conversations"}
+                            "mol-instructions", "conversations", "alpaca"}
 
 
 def test_protein2text_conversations_are_detected_by_their_first_bytes(tmp_path):
