@@ -39,7 +39,7 @@ def time_records(path, processes, work):
 
 def time_shards(work, processes, per_shard=2000):
     import numpy as np
-    offsets = np.load(os.path.join(work, "offsets.npy")).tolist()
+    offsets = np.load(os.path.join(work, "offsets.npy"))
     rp = os.path.join(work, "records.jsonl")
     out = os.path.join(work, f"shards{processes}")
     os.makedirs(out, exist_ok=True)

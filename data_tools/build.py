@@ -3,6 +3,10 @@
 Each stage leaves its output and a small done-file carrying a fingerprint of the inputs and options that
 produced it. A rerun with the same inputs and options resumes after the last finished stage (and, inside
 the shard stage, after the last finished shard); different options in the same --out are refused.
+
+Nothing holds the data in memory (UniRef50 is tens of GB): records stream to work/records.jsonl, and what the
+later stages need per record is a fixed-size number -- a 128-bit key digest for de-duplication (duplicates are
+found by sorting those, the first occurrence kept), its byte offset and length, a cluster index, a split code.
 """
 from __future__ import annotations
 
@@ -13,9 +17,11 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import threading
 import time
+from array import array
 from collections import Counter
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import numpy as np
 
@@ -76,10 +82,13 @@ def _source_info(path: str) -> dict:
 
 
 def _parse_and_clean(args):
+    """In a worker: a chunk's kept records as (dedup key, JSON line) -- encoded here, so the one writing process
+    only hashes and appends bytes."""
     chunk, skip_bad, clean_opts = args
     records, bad = readers.parse(chunk, skip_bad)
     kept, dropped = clean_chunk(records, clean_opts)
-    return [dataclasses.asdict(r) for r in kept], bad, dropped, len(records)
+    rows = [(r.key, (json.dumps(dataclasses.asdict(r), ensure_ascii=False) + "\n").encode()) for r in kept]
+    return rows, bad, dropped, len(records)
 
 
 def _pool(n: int):
@@ -94,33 +103,38 @@ def stage_records(opts: BuildOptions, work: str) -> dict:
         log(opts, f"[1/3] records: reusing {done['kept']:,} cleaned records from an earlier run")
         return done
     t0 = time.time()
-    read, bad, dropped, seen = 0, Counter(), Counter(), set()
-    offsets, kept = [], 0
+    read, bad, dropped = 0, Counter(), Counter()
+    offsets, digests = array("q"), array("Q")   # per record written: where it starts; its key's 128-bit digest
     out_path = os.path.join(work, "records.jsonl")
+
+    # Pool.imap reads its input ahead without bound: when writing here is slower than parsing in the workers, the
+    # parsed chunks would pile up in its result cache, the whole input at the end. The window bounds the chunks
+    # read but not yet written.
+    window = threading.BoundedSemaphore(2 * max(1, opts.processes) + 2)
 
     def tasks():
         for s in sources:
             for c in readers.chunks(s["path"], s["format"], opts.annotations,
                                     sequence_only=opts.clean.lm_text is not None):
+                window.acquire()
                 yield c, opts.skip_bad, opts.clean
 
     pool = _pool(opts.processes)
     try:
         results = pool.imap(_parse_and_clean, tasks()) if pool else map(_parse_and_clean, tasks())
+        end = 0      # tracked here: tell() on a buffered file flushes it, a system call per record
         with open(out_path + ".tmp", "wb") as out:
-            for recs, b, d, n in results:
+            for rows, b, d, n in results:
+                window.release()
                 read += n
                 bad.update(b)
                 dropped.update(d)
-                for r in recs:
-                    key = f"{r['accession']}/{r['task']}" if r["task"] else r["accession"]
-                    if key in seen:
-                        dropped["duplicate_accession"] += 1
-                        continue
-                    seen.add(key)
-                    offsets.append(out.tell())
-                    out.write((json.dumps(r, ensure_ascii=False) + "\n").encode())
-                    kept += 1
+                for key, line in rows:
+                    h = hashlib.blake2b(key.encode(), digest_size=16).digest()
+                    digests.extend((int.from_bytes(h[:8], "little"), int.from_bytes(h[8:], "little")))
+                    offsets.append(end)
+                    end += len(line)
+                out.write(b"".join(line for _, line in rows))
             out.flush()
             os.fsync(out.fileno())
     finally:
@@ -128,7 +142,15 @@ def stage_records(opts: BuildOptions, work: str) -> dict:
             pool.close()
             pool.join()
     os.replace(out_path + ".tmp", out_path)
-    np.save(os.path.join(work, "offsets.npy"), np.asarray(offsets, dtype=np.int64))
+    starts = np.frombuffer(offsets, dtype=np.int64) if len(offsets) else np.zeros(0, np.int64)
+    lengths = np.diff(np.append(starts, end))
+    keep = first_occurrences(np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2) if len(digests) else
+                             np.zeros((0, 2), np.uint64))
+    if len(keep) < len(starts):
+        dropped["duplicate_accession"] += len(starts) - len(keep)
+    kept = len(keep)
+    np.save(os.path.join(work, "offsets.npy"), starts[keep])
+    np.save(os.path.join(work, "lengths.npy"), lengths[keep])
     secs = time.time() - t0
     in_bytes = sum(s["bytes"] for s in sources)
     report = {"fingerprint": fp, "sources": sources, "records_read": read, "bad_input": dict(bad),
@@ -139,13 +161,28 @@ def stage_records(opts: BuildOptions, work: str) -> dict:
     return report
 
 
-def _load_records_field(work: str, fields) -> List[dict]:
-    out = []
+def first_occurrences(digests: np.ndarray) -> np.ndarray:
+    """Indices of the rows of digests [n, 2] (uint64) that occur first, in order: a stable sort groups equal
+    digests with the earliest first."""
+    if not len(digests):
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((digests[:, 1], digests[:, 0]))
+    s = digests[order]
+    new = np.ones(len(s), dtype=bool)
+    new[1:] = (s[1:] != s[:-1]).any(axis=1)
+    return np.sort(order[new])
+
+
+def iter_records(work: str, fields) -> Iterator[dict]:
+    """The kept records' `fields`, in order, read sequentially from records.jsonl (duplicates skipped)."""
+    offsets = np.load(os.path.join(work, "offsets.npy"), mmap_mode="r")
     with open(os.path.join(work, "records.jsonl"), "rb") as f:
-        for line in f:
-            r = json.loads(line)
-            out.append({k: r[k] for k in fields})
-    return out
+        for i in range(0, len(offsets), 1 << 16):          # a block of offsets at a time, not a list of all
+            for off in offsets[i:i + (1 << 16)].tolist():
+                if f.tell() != off:
+                    f.seek(off)
+                r = json.loads(f.readline())
+                yield {k: r[k] for k in fields}
 
 
 def stage_split(opts: BuildOptions, work: str, rec_report: dict) -> dict:
@@ -156,42 +193,43 @@ def stage_split(opts: BuildOptions, work: str, rec_report: dict) -> dict:
         log(opts, "[2/3] split: reusing the split from an earlier run")
         return done
     t0 = time.time()
-    recs = _load_records_field(work, ("accession", "sequence", "source_split"))
-    ids = [f"r{i}" for i in range(len(recs))]
-    seqs = {i: r["sequence"] for i, r in zip(ids, recs)}
+    n = rec_report["kept"]
+    sequences = lambda: ((i, r["sequence"]) for i, r in enumerate(iter_records(work, ("sequence",))))
     mode = opts.split.mode
     dropped = Counter()
     if mode == "mmseqs":
         fasta = os.path.join(work, "all.fa")
-        splitting.write_fasta(fasta, seqs.items())
-        members = splitting.cluster(fasta, work, opts.split)
-        n_clusters = len(set(members.values()))
-        assignment = splitting.assign_clusters(members, opts.split)
+        splitting.write_fasta(fasta, ((f"r{i}", seq) for i, seq in sequences()))
+        rep = splitting.cluster_indices(fasta, work, opts.split, n)
+        n_clusters = int(len(np.unique(rep)))
+        codes = splitting.assign_clusters(rep, opts.split)
     elif mode == "lists":
         if not opts.split.lists:
             raise DataError("--split lists", "no lists given", kind="usage", fix="pass --split-list train=FILE ...")
-        by_acc = splitting.assign_from_lists([r["accession"] for r in recs], opts.split.lists)
-        assignment = {i: by_acc[r["accession"]] for i, r in zip(ids, recs) if r["accession"] in by_acc}
-        dropped["not_in_split_lists"] = len(recs) - len(assignment)
+        which = splitting.read_lists(opts.split.lists)
+        codes = np.fromiter((which.get(r["accession"], -1) for r in iter_records(work, ("accession",))),
+                            dtype=np.int8, count=n)
+        dropped["not_in_split_lists"] = int((codes < 0).sum())
         n_clusters = None
     elif mode == "source":
-        alias = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "test": "test"}
-        missing = [r["accession"] for r in recs if r["source_split"] not in alias]
+        alias = {"train": 0, "valid": 1, "validation": 1, "val": 1, "test": 2}
+        codes = np.empty(n, dtype=np.int8)
+        missing, first = 0, None
+        for i, r in enumerate(iter_records(work, ("accession", "source_split"))):
+            codes[i] = alias.get(r["source_split"], -1)
+            if codes[i] < 0:
+                missing, first = missing + 1, first or r["accession"]
         if missing:
-            raise DataError(opts.inputs[0], f"{len(missing)} records carry no train/valid/test split "
-                            f"(first: {missing[0]})", kind="usage", fix="use --split mmseqs or --split lists")
-        assignment = {i: alias[r["source_split"]] for i, r in zip(ids, recs)}
+            raise DataError(opts.inputs[0], f"{missing} records carry no train/valid/test split (first: {first})",
+                            kind="usage", fix="use --split mmseqs or --split lists")
         n_clusters = None
     else:
         raise DataError("--split", f"unknown split mode {mode!r}", kind="usage", fix="mmseqs, lists or source")
-    check = splitting.homology_check(seqs, assignment, work, opts.split, fix=(mode == "mmseqs"))
-    counts = Counter(assignment.values())
-    per_record = [assignment.get(i, "") for i in ids]
-    report = {"fingerprint": fp, "mode": mode, "clusters": n_clusters, "counts": {s: counts.get(s, 0)
-              for s in splitting.SPLITS}, "dropped": dict(dropped), "homology_check": check,
-              "seconds": round(time.time() - t0, 3)}
-    with open(os.path.join(work, "split.json"), "w") as f:
-        json.dump(per_record, f)
+    check = splitting.homology_check(sequences, codes, work, opts.split, fix=(mode == "mmseqs"))
+    report = {"fingerprint": fp, "mode": mode, "clusters": n_clusters,
+              "counts": {s: int((codes == k).sum()) for k, s in enumerate(splitting.SPLITS)},
+              "dropped": dict(dropped), "homology_check": check, "seconds": round(time.time() - t0, 3)}
+    np.save(os.path.join(work, "split.npy"), codes)
     _atomic_json(done_path, report)
     log(opts, "[2/3] split: " + format_split_report(report))
     return report
@@ -224,10 +262,25 @@ def _write_shard_task(args):
     records_path, offsets, out_path = args
     recs = []
     with open(records_path, "rb") as f:
-        for off in offsets:
+        for off in offsets.tolist():
             f.seek(off)
             recs.append(json.loads(f.readline()))
     return shards.write_shard(out_path, recs)
+
+
+def _split_codes(work: str):
+    """(split code, offset, byte length) of every kept record; also from a work directory an earlier version of
+    this tool left (split.json of split names, no lengths.npy), so its build resumes."""
+    offsets = np.load(os.path.join(work, "offsets.npy"))
+    if os.path.exists(os.path.join(work, "lengths.npy")):
+        sizes = np.load(os.path.join(work, "lengths.npy"))
+    else:
+        sizes = np.diff(np.append(offsets, os.path.getsize(os.path.join(work, "records.jsonl"))))
+    if os.path.exists(os.path.join(work, "split.npy")):
+        return np.load(os.path.join(work, "split.npy")), offsets, sizes
+    with open(os.path.join(work, "split.json")) as f:
+        names = json.load(f)
+    return np.array([splitting.SPLITS.index(x) if x else -1 for x in names], dtype=np.int8), offsets, sizes
 
 
 def stage_shards(opts: BuildOptions, work: str, rec_report: dict, split_report: dict) -> List[dict]:
@@ -241,22 +294,18 @@ def stage_shards(opts: BuildOptions, work: str, rec_report: dict, split_report: 
                         fix="use a new --out directory, or --overwrite")
     with open(fp_path, "w") as f:
         f.write(fp)
-    with open(os.path.join(work, "split.json")) as f:
-        per_record = json.load(f)
-    offsets = np.load(os.path.join(work, "offsets.npy"))
-    ends = np.append(offsets[1:], os.path.getsize(os.path.join(work, "records.jsonl")))
-    sizes = ends - offsets
+    codes, offsets, sizes = _split_codes(work)
     plan = []  # (split, shard path, record offsets)
     rng = np.random.default_rng(opts.split.seed)
-    for s in splitting.SPLITS:
-        idx = np.array([i for i, x in enumerate(per_record) if x == s], dtype=np.int64)
+    for k, s in enumerate(splitting.SPLITS):
+        idx = np.flatnonzero(codes == k)
         if not len(idx):
             continue
         idx = idx[rng.permutation(len(idx))]
         per = opts.samples_per_shard or max(1, int(opts.shard_size_mb * 2**20 / float(sizes[idx].mean())))
         for j, start in enumerate(range(0, len(idx), per)):
             name = shards.SHARD_NAME.format(split=s, index=j)
-            plan.append((s, os.path.join(shard_dir, name), offsets[idx[start:start + per]].tolist()))
+            plan.append((s, os.path.join(shard_dir, name), offsets[idx[start:start + per]]))   # an array
     done = shards.read_journal(journal_path)
     todo = [p for p in plan if os.path.basename(p[1]) not in done or not os.path.exists(p[1])]
     for leftover in os.listdir(shard_dir):

@@ -7,8 +7,10 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections import Counter, defaultdict
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from collections import Counter
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from data_tools.records import DataError
 
@@ -52,16 +54,32 @@ def write_fasta(path: str, items: Iterable[Tuple[str, str]]) -> int:
 
 def cluster(fasta: str, workdir: str, opts: SplitOptions, extra: Sequence[str] = ()) -> Dict[str, str]:
     """member id -> representative id, from `mmseqs easy-cluster` (extra: more of its options)."""
+    out = {}
+    for mem, rep in _cluster_pairs(fasta, workdir, opts, extra):
+        out[mem] = rep
+    return out
+
+
+def cluster_indices(fasta: str, workdir: str, opts: SplitOptions, n: int) -> np.ndarray:
+    """For a FASTA of records named r0 .. r{n-1}: each record's representative's index (int64 [n]), without a
+    dictionary of names (UniRef50 has tens of millions of records)."""
+    rep = np.full(n, -1, dtype=np.int64)
+    for mem, r in _cluster_pairs(fasta, workdir, opts, ()):
+        rep[int(mem[1:])] = int(r[1:])
+    if (rep < 0).any():
+        raise RuntimeError(f"mmseqs easy-cluster left {int((rep < 0).sum())} of {n} records unclustered")
+    return rep
+
+
+def _cluster_pairs(fasta: str, workdir: str, opts: SplitOptions, extra: Sequence[str]):
     prefix = os.path.join(workdir, "clu")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         _run([mmseqs_binary(), "easy-cluster", fasta, prefix, tmp, "--min-seq-id", str(opts.min_seq_id),
               "-c", str(opts.coverage), "--cov-mode", "0", "--threads", str(opts.threads), "-v", "1", *extra], tmp)
-    members = {}
     with open(prefix + "_cluster.tsv") as f:
         for line in f:
             rep, mem = line.rstrip("\n").split("\t")
-            members[mem] = rep
-    return members
+            yield mem, rep
 
 
 def search(query_fa: str, target_fa: str, workdir: str, opts: SplitOptions) -> List[Tuple[str, str, float]]:
@@ -83,51 +101,52 @@ def _rank(name: str, seed: int) -> bytes:
     return hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
 
 
-def assign_clusters(members: Dict[str, str], opts: SplitOptions) -> Dict[str, str]:
-    """Whole clusters to splits, in a seeded order, each to the split furthest below its target share."""
-    by_rep = defaultdict(list)
-    for mem, rep in members.items():
-        by_rep[rep].append(mem)
-    total = len(members)
-    target = dict(zip(SPLITS, (f * total for f in opts.fractions)))
-    have = Counter()
-    out = {}
-    for rep in sorted(by_rep, key=lambda r: _rank(r, opts.seed)):
-        split = max(SPLITS, key=lambda s: (target[s] - have[s], -SPLITS.index(s)))
-        for m in by_rep[rep]:
-            out[m] = split
-        have[split] += len(by_rep[rep])
-    return out
+def assign_clusters(rep: np.ndarray, opts: SplitOptions) -> np.ndarray:
+    """Whole clusters to splits, in a seeded order (each cluster ranked by its representative's name, r<index>),
+    each to the split furthest below its target share. rep: cluster_indices' array; returns a split code per
+    record (an index into SPLITS)."""
+    reps, sizes = np.unique(rep, return_counts=True)
+    target = [f * len(rep) for f in opts.fractions]
+    have = [0.0, 0.0, 0.0]
+    code_of = np.zeros(len(reps), dtype=np.int8)
+    for j in sorted(range(len(reps)), key=lambda j: _rank(f"r{reps[j]}", opts.seed)):
+        k = max(range(len(SPLITS)), key=lambda k: (target[k] - have[k], -k))
+        code_of[j] = k
+        have[k] += int(sizes[j])
+    return code_of[np.searchsorted(reps, rep)]
 
 
-def homology_check(seqs: Dict[str, str], assignment: Dict[str, str], workdir: str, opts: SplitOptions,
-                   fix: bool) -> dict:
+def homology_check(sequences: Callable[[], Iterable[Tuple[int, str]]], codes: np.ndarray, workdir: str,
+                   opts: SplitOptions, fix: bool) -> dict:
     """Search valid+test against train; with fix, move every sequence with a train hit >= min_seq_id into train
-    and search again until none is left. Returns the report (and mutates assignment when fixing)."""
+    and search again until none is left. sequences(): (index, sequence) of every record, streamed; codes: each
+    record's split (an index into SPLITS; negative: in none), changed in place when fixing. Returns the report."""
     moved = Counter()
     for round_ in range(opts.max_fix_rounds + 1):
-        train = [k for k, s in assignment.items() if s == "train"]
-        held = [k for k, s in assignment.items() if s != "train"]
-        if not train or not held:
-            return {"searched": len(held), "violations": {}, "moved_to_train": dict(moved), "rounds": round_,
+        n_train, n_held = int((codes == 0).sum()), int((codes > 0).sum())
+        if not n_train or not n_held:
+            return {"searched": n_held, "violations": {}, "moved_to_train": dict(moved), "rounds": round_,
                     "max_identity": {}, "min_seq_id": opts.min_seq_id, "coverage": opts.coverage}
         q, t = os.path.join(workdir, "held.fa"), os.path.join(workdir, "train.fa")
-        write_fasta(q, ((k, seqs[k]) for k in held))
-        write_fasta(t, ((k, seqs[k]) for k in train))
-        best: Dict[str, float] = {}
+        with open(q, "w") as fq, open(t, "w") as ft:
+            for i, seq in sequences():
+                if codes[i] >= 0:
+                    (ft if codes[i] == 0 else fq).write(f">r{i}\n{seq}\n")
+        best: Dict[int, float] = {}
         for qq, _, ident in search(q, t, workdir, opts):
-            best[qq] = max(best.get(qq, 0.0), ident)
-        bad = {k for k, v in best.items() if v >= opts.min_seq_id}
+            i = int(qq[1:])
+            best[i] = max(best.get(i, 0.0), ident)
+        bad = sorted(i for i, v in best.items() if v >= opts.min_seq_id)
         if not bad or not fix:
-            per_split = Counter(assignment[k] for k in bad)
-            max_id = {s: max((best[k] for k in held if assignment[k] == s and k in best), default=0.0)
-                      for s in SPLITS[1:]}
-            return {"searched": len(held), "violations": dict(per_split), "moved_to_train": dict(moved),
+            per_split = Counter(SPLITS[codes[i]] for i in bad)
+            max_id = {s: max((v for i, v in best.items() if codes[i] == k), default=0.0)
+                      for k, s in enumerate(SPLITS) if k}
+            return {"searched": n_held, "violations": dict(per_split), "moved_to_train": dict(moved),
                     "rounds": round_, "max_identity": max_id, "min_seq_id": opts.min_seq_id,
                     "coverage": opts.coverage}
-        for k in bad:
-            moved[assignment[k]] += 1
-            assignment[k] = "train"
+        for i in bad:
+            moved[SPLITS[codes[i]]] += 1
+            codes[i] = 0
     raise RuntimeError(f"homology fix-up did not converge in {opts.max_fix_rounds} rounds")
 
 
@@ -141,13 +160,14 @@ def read_accession_list(path: str) -> List[str]:
         return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
-def assign_from_lists(accessions: Sequence[str], lists: Dict[str, str]) -> Dict[str, str]:
-    which = {}
+def read_lists(lists: Dict[str, str]) -> Dict[str, int]:
+    """accession -> split code, from one accession list per split."""
+    which: Dict[str, int] = {}
     for split, path in lists.items():
         if split not in SPLITS:
             raise DataError(path, f"unknown split {split!r}", kind="usage", fix=f"use {', '.join(SPLITS)}")
         for acc in read_accession_list(path):
-            if which.setdefault(acc, split) != split:
-                raise DataError(path, f"accession {acc} is listed in both {which[acc]} and {split}",
+            if which.setdefault(acc, SPLITS.index(split)) != SPLITS.index(split):
+                raise DataError(path, f"accession {acc} is listed in both {SPLITS[which[acc]]} and {split}",
                                 kind="usage", fix="a protein must be in one split only")
-    return {a: which[a] for a in accessions if a in which}
+    return which

@@ -4,6 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 export DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1
+# one thread per process when two workers share the two cores: OpenMP threads spin while they wait, so a second
+# thread per process beside the other worker burns CPU without progress (tests that want more take it from here)
+if [ "${TEST_WORKERS:-2}" != 0 ] && [ "${TEST_WORKERS:-2}" != 1 ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
 # as an activated venv: every process, launchers' children included, finds the same ninja (the venv's). DeepSpeed
 # JIT-builds its CPU shm op on first use; Debian's ninja 1.11 and the venv's 1.13 read each other's build log as
 # stale, so each switch between them rebuilt the op (~35 s on 2 cores; 4 times a suite run before this)

@@ -77,7 +77,9 @@ KNOWN = {
     "esm2_t33_650M_UR50D": Arch(33, 1280, 20, 20, 5120, 33, gated=False, bias=True),
     "Llama-3.1-8B-Instruct": Arch(32, 4096, 32, 8, 14336, 128256, gated=True, bias=False, tied=False),
     "Llama-3.2-1B-Instruct": Arch(16, 2048, 32, 8, 8192, 128256, gated=True, bias=False, tied=True),
+    "Llama-2-7b-hf": Arch(32, 4096, 32, 32, 11008, 32000, gated=True, bias=False, tied=False),   # ProLLaMA's base
 }
+NO_ENCODER = Arch(0, 0, 1, 1, 0, 0, gated=False, bias=False)   # a decoder-only recipe's (model.encoder=none)
 
 
 def arch_of(path: str) -> Arch:
@@ -173,10 +175,11 @@ def prompt_tokens(cfg) -> int:
 
 
 def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) -> Plan:
-    esm, llama = arch_of(cfg.model.esm), arch_of(cfg.model.llama)
+    decoder_only = cfg.model.encoder == "none"
+    esm, llama = encoder_arch(cfg), arch_of(cfg.model.llama)
     wb = _dtype_bytes(cfg.model.dtype)
     b = cfg.data.batch_size or 1
-    lp = cfg.data.max_protein_residues + 2
+    lp = 0 if decoder_only else cfg.data.max_protein_residues + 2
     lt = cfg.data.max_text_tokens + 1
     zero = cfg.train.zero_stage
     inter = cfg.model.projector.intermediate_dim
@@ -188,9 +191,11 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
 
     frozen = tower(esm, esm.layers, True, False)
     trainable = proj + _lora_params(esm, cfg.model.esm_lora, tp)
-    # feature alignment (Protein2Text's stage 1) is stage 2's step through the whole frozen decoder, without LoRA
-    hscale = stage == "align" and align_objective(cfg.align.objective, cfg.model.connector) == "hscale"
-    llm_lora = cfg.model.llm_lora if stage == "instruct" else dataclasses.replace(cfg.model.llm_lora, r=0)
+    # feature alignment (Protein2Text's stage 1) is stage 2's step through the whole frozen decoder, without LoRA;
+    # a decoder-only recipe's stage 1 (lm) trains its own LoRA and modules_to_save on documents up to a row long
+    objective = align_objective(cfg.align.objective, cfg.model.connector) if stage == "align" else None
+    hscale = objective == "hscale"
+    llm_lora = cfg.model.llm_lora if objective in (None, "lm") else dataclasses.replace(cfg.model.llm_lora, r=0)
     if hscale:
         if not cfg.align.use_text_cache:
             frozen += tower(llama, cfg.align.text_layer, True, False)
@@ -198,8 +203,15 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
     else:
         frozen += tower(llama, llama.layers, True, not llama.tied)
         trainable += _lora_params(llama, llm_lora, tp)
-        slots = protein_slots(cfg.model.connector, cfg.model.resampler, cfg.data.max_protein_residues)
-        seq = slots + lt + prompt_tokens(cfg)   # loads the tokenizer: once per plan
+        if llm_lora.r:   # the embedding / output layer trained fully, vocabulary-parallel
+            trainable += len(llm_lora.modules_to_save) * llama.vocab * llama.hidden / tp
+        if objective == "lm":
+            seq = cfg.instruct.pack_length or lt   # documents: a row at most (the planned bound)
+        elif decoder_only:
+            seq = 2 * lt                           # plain prompts hold a protein as text, about an answer long
+        else:
+            slots = protein_slots(cfg.model.connector, cfg.model.resampler, cfg.data.max_protein_residues)
+            seq = slots + lt + prompt_tokens(cfg)   # loads the tokenizer: once per plan
         tokens = b * seq
 
     # AdamW: two fp32 moments, plus DeepSpeed's fp32 partition of the weights (the master copy in mixed precision)
@@ -246,13 +258,17 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
                 sum(mem.values()) <= device.memory_gib * GIB)
 
 
+def encoder_arch(cfg) -> Arch:
+    return NO_ENCODER if cfg.model.encoder == "none" else arch_of(cfg.model.esm)
+
+
 def layouts(cfg, stage: str, gpus: int, device: Device, mfu: float = 0.4) -> List[Plan]:
-    esm, llama = arch_of(cfg.model.esm), arch_of(cfg.model.llama)
+    esm, llama = encoder_arch(cfg), arch_of(cfg.model.llama)
     out = []
     for tp in (1, 2, 4, 8):
         if tp > min(gpus, device.gpus_per_node) or gpus % tp:
             continue  # TP stays inside a node (NVLink); across nodes it would be bandwidth-bound
-        if esm.heads % tp or llama.kv_heads % tp or connector_split(cfg.model) % tp:
+        if (esm is not NO_ENCODER and esm.heads % tp) or llama.kv_heads % tp or connector_split(cfg.model) % tp:
             continue
         if cfg.train.global_batch and cfg.train.global_batch % ((cfg.data.batch_size or 1) * (gpus // tp)):
             continue  # the trainer refuses it (see training/trainer.resolve_grad_accum)

@@ -73,7 +73,7 @@ def test_memory_model_within_20_percent_of_the_measured_cpu_peak(stage, mid_mode
           "align.use_text_cache=false", "align.text_layer=3", "instruct.init_from=", "instruct.pack_length=512"]
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "plan_measure_main.py"), stage, "--config",
                         os.path.join(ROOT, "configs", cfg), *ov], cwd=ROOT, capture_output=True, text=True,
-                       timeout=900, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2",
+                       timeout=900, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
                                              DS_ACCELERATOR="cpu", MALLOC_MMAP_THRESHOLD_="65536",
                                              MALLOC_TRIM_THRESHOLD_="0"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -114,3 +114,16 @@ def test_feature_alignment_is_planned_as_a_decoder_step_and_layouts_follow_the_r
     assert feature[1].flops_per_step == tuned[1].flops_per_step                              # same tokens
     cfg.model.connector, cfg.model.resampler.heads = "resampler", 6
     assert sorted(p.tp for p in layouts(cfg, "instruct", 8, DEVICES["h100-80gb"])) == [1, 2]
+
+
+def test_a_decoder_only_recipe_plans_no_encoder_and_its_trained_embedding_and_output_layer():
+    """ProLLaMA: no ESM tower or connector; stage 1 trains LoRA r128 plus the embedding and output layer (2 x 32000 x
+    4096 parameters, split by TP) on documents bounded by a row."""
+    cfg = load_config(os.path.join(ROOT, "configs", "prollama.yaml"))
+    lm = {p.tp: p for p in layouts(cfg, "align", 8, DEVICES["h100-80gb"])}
+    assert sorted(lm) == [1, 2, 4, 8]                     # no encoder heads to divide
+    saved = 2 * 32000 * 4096 * 2                          # bf16 bytes, TP=1
+    assert lm[1].memory["trainable_weights"] > saved and lm[2].memory["trainable_weights"] < lm[1].memory[
+        "trainable_weights"]
+    assert lm[1].memory["frozen_weights"] / GIB == pytest.approx(12.55, abs=0.05)   # LLaMA-2-7B alone, bf16
+    assert lm[1].fits

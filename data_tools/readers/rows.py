@@ -203,39 +203,62 @@ def _conversations_record(path, index: int, row: dict) -> ProteinRecord:
 
 # --- FASTA (+ a table with the function texts) ----------------------------------------------------------------
 
+_LINE_BREAK = re.compile(r"[ \t]*\r?\n[ \t]*")   # a line end with the spaces around it: per-line strip
+
+
 def iter_fasta(path) -> Iterator[Tuple[int, str, str]]:
-    """(line of the header, header, sequence)."""
-    header, line0, seq = None, 0, []
-    for i, line in enumerate(open_text(path), 1):
-        line = line.rstrip("\r\n")
-        if line.startswith(">"):
-            if header is not None:
-                yield line0, header, "".join(seq)
-            header, line0, seq = line[1:].strip(), i, []
-        elif line.strip():
-            if header is None:
-                raise DataError(path, "sequence data before the first '>' header", line=i,
+    """(line of the header, header, sequence), streamed. Whole blocks of records at a time (a Python step per
+    line costs more than reading UniRef from disk): records are cut at newline-'>' and each sequence's lines
+    joined, stripping every line as a per-line reader would (a space inside a line stays, and the residue check
+    names it)."""
+    f = open_text(path)
+    line, pending, started, eof = 1, "", False, False
+    while not eof:
+        chunk = f.read(4 << 20)
+        eof = not chunk
+        pending += chunk
+        if not started:
+            at = pending.find(">")
+            head = pending if at < 0 else pending[:at]
+            if head.strip():
+                bad = len(head) - len(head.lstrip())
+                raise DataError(path, "sequence data before the first '>' header", line=line + head[:bad].count("\n"),
                                 fix="is this a FASTA file? pick the right --format", kind="malformed")
-            seq.append(line.strip())
-    if header is None:
+            if at < 0:
+                line, pending = line + pending.count("\n"), ""
+                continue
+            line, pending, started = line + head.count("\n"), pending[at:], True
+        cut = len(pending) if eof else pending.rfind("\n>") + 1    # complete records: up to the last header
+        if cut <= 0:
+            continue
+        block, pending = pending[:cut], pending[cut:]
+        pieces = block[1:].split("\n>")
+        for k, piece in enumerate(pieces):
+            header, _, body = piece.partition("\n")
+            # the regex only where a line could carry spaces or a carriage return; most FASTA has neither
+            seq = _LINE_BREAK.sub("", body) if " " in body or "\t" in body or "\r" in body else body.replace("\n", "")
+            yield line, header.strip(), seq.strip()
+            line += piece.count("\n") + (k < len(pieces) - 1)
+    if not started:
         raise DataError(path, "no FASTA records ('>' headers) found", fix="check the file and --format",
                         kind="malformed")
-    yield line0, header, "".join(seq)
 
 
 _OS = re.compile(r" OS=(.*?)(?= [A-Z]{2}=|$)")
 _OX = re.compile(r" OX=(\d+)")
 # UniRef50/90/100: `UniRef50_Q6GZX4 Putative transcription factor 001R n=2 Tax=Frog virus 3 TaxID=10493
 # RepID=001R_FRG3G`; the fields come in this order, Tax= may hold spaces, and any of them may be missing
-_UNIREF_FIELD = re.compile(r" (n|Tax|TaxID|RepID)=(.*?)(?= (?:n|Tax|TaxID|RepID)=|$)")
+_UNIREF_FIELDS = ("RepID", "TaxID", "Tax", "n")      # cut from the right, so a name may hold " n=" itself
 
 
 def parse_uniref_header(header: str) -> dict:
     first, _, rest = header.partition(" ")
-    rest = " " + rest
-    fields = dict(_UNIREF_FIELD.findall(rest))
-    m = _UNIREF_FIELD.search(rest)
-    out = {"accession": first, "reviewed": None, "name": (rest[:m.start()] if m else rest).strip()}
+    rest, fields = " " + rest, {}
+    for key in _UNIREF_FIELDS:
+        at = rest.rfind(f" {key}=")
+        if at >= 0:
+            fields[key], rest = rest[at + len(key) + 2:], rest[:at]
+    out = {"accession": first, "reviewed": None, "name": rest.strip()}
     if fields.get("Tax"):
         out["organism"] = fields["Tax"].strip()
     for key, field in (("taxon_id", "TaxID"), ("cluster_size", "n")):

@@ -228,17 +228,13 @@ def collate_instruct(encoded: List[Encoded], protein_ids: torch.Tensor, protein_
     return out
 
 
-class InstructLoader:
-    """A ProteinTextLoader's batches as stage-2 batches; its resumable position is the wrapped loader's.
-    Padding samples of a finite pass (valid=False) are dropped here, and counted by the loader."""
+class PackedLoader:
+    """A ProteinTextLoader's batches as rows of token sequences (`encode`: one sample of the batch), packed or one
+    per row; its resumable position is the wrapped loader's. Padding samples of a finite pass (valid=False) are
+    dropped here, and counted by the loader."""
 
-    def __init__(self, loader, builder: PromptBuilder, cfg: InstructConfig, train: bool = True,
-                 slots: Optional[Callable[[int], int]] = None):
-        """slots: prompt positions of a protein of n ESM tokens (the connector decides: models/parts_config.py's
-        protein_slots); None: one per ESM token."""
-        self.loader, self.builder, self.cfg, self.train = loader, builder, cfg, train
-        self.slots = slots or (lambda n: n)
-        self.pad_id = loader.text_pad
+    def __init__(self, loader):
+        self.loader, self.pad_id = loader, loader.text_pad
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
@@ -250,20 +246,44 @@ class InstructLoader:
         for b in self.loader:
             yield self.convert(b)
 
+    def encode(self, b: dict, i: int) -> Encoded:
+        raise NotImplementedError
+
     def convert(self, b: dict) -> Optional[dict]:
         keep = [i for i, v in enumerate(b["valid"].tolist()) if v]
         if not keep:
             return None
-        enc = []
-        for i in keep:
-            answer = b["text_ids"][i][b["text_mask"][i]].tolist()
-            enc.append(self.builder.encode(b["meta"][i], b["keys"][i], answer,
-                                           self.slots(int(b["protein_mask"][i].sum())), b["epochs"][i], self.train))
+        enc = [self.encode(b, i) for i in keep]
         idx = torch.tensor(keep)
-        out = collate_instruct(enc, b["protein_ids"][idx], b["protein_mask"][idx], self.pad_id, self.cfg.pack,
-                               self.cfg.pack_length)
+        out = collate_instruct(enc, b["protein_ids"][idx], b["protein_mask"][idx], self.pad_id, self.pack,
+                               self.pack_length)
         out["keys"] = [b["keys"][i] for i in keep]
         return out
+
+
+class InstructLoader(PackedLoader):
+    """Stage-2 batches: each sample's prompt (PromptBuilder) and its answer, the loader's text tokens."""
+
+    def __init__(self, loader, builder: PromptBuilder, cfg: InstructConfig, train: bool = True,
+                 slots: Optional[Callable[[int], int]] = None):
+        """slots: prompt positions of a protein of n ESM tokens (the connector decides: models/parts_config.py's
+        protein_slots); None: one per ESM token."""
+        super().__init__(loader)
+        self.builder, self.cfg, self.train = builder, cfg, train
+        self.slots = slots or (lambda n: n)
+
+    @property
+    def pack(self) -> bool:          # the config's, read at each batch (tests switch it between batches)
+        return self.cfg.pack
+
+    @property
+    def pack_length(self) -> Optional[int]:
+        return self.cfg.pack_length
+
+    def encode(self, b: dict, i: int) -> Encoded:
+        answer = b["text_ids"][i][b["text_mask"][i]].tolist()
+        return self.builder.encode(b["meta"][i], b["keys"][i], answer, self.slots(int(b["protein_mask"][i].sum())),
+                                   b["epochs"][i], self.train)
 
 
 class MixedLoader:

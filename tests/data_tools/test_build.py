@@ -64,19 +64,18 @@ def test_no_test_sequence_has_a_train_neighbour(built_sample, tmp_path):
 
 def test_check_would_catch_a_leak(tmp_path, sample_records):
     """Put near-identical copies on both sides: the homology check must report and fix them."""
+    import numpy as np
     from data_tools.split import homology_check
     recs = [r for r in sample_records if 30 <= len(r.sequence) <= 400][:60]
-    seqs = {f"a{i}": r.sequence for i, r in enumerate(recs)}
-    seqs.update({f"b{i}": r.sequence[:-3] + "WWW" for i, r in enumerate(recs[:5])})
-    assignment = {k: "train" for k in seqs}
-    for i in range(5):
-        assignment[f"b{i}"] = "test"
-    rep = homology_check(seqs, dict(assignment), str(tmp_path), SplitOptions(), fix=False)
+    seqs = [r.sequence for r in recs] + [r.sequence[:-3] + "WWW" for r in recs[:5]]
+    codes = np.zeros(len(seqs), dtype=np.int8)           # all train ...
+    codes[60:] = 2                                       # ... but the five near-copies in test
+    rep = homology_check(lambda: enumerate(seqs), codes.copy(), str(tmp_path), SplitOptions(), fix=False)
     assert rep["violations"] == {"test": 5}
-    fixed = dict(assignment)
-    rep = homology_check(seqs, fixed, str(tmp_path), SplitOptions(), fix=True)
+    fixed = codes.copy()
+    rep = homology_check(lambda: enumerate(seqs), fixed, str(tmp_path), SplitOptions(), fix=True)
     assert rep["violations"] == {} and rep["moved_to_train"] == {"test": 5}
-    assert all(v == "train" for v in fixed.values())
+    assert (fixed == 0).all()
 
 
 def _shas(manifest):

@@ -190,7 +190,7 @@ def test_stage2_learns_when_the_text_is_in_the_sequence(tiny_tokenizer, sample_r
     vocab = len(load_text_tokenizer(tiny_tokenizer))
     tiny.make_llama(str(tmp_path / "llama"), vocab=vocab + (-vocab) % 8, init_std=0.25)
     tiny.make_esm(str(tmp_path / "esm"))
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2", DS_ACCELERATOR="cpu")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), DS_ACCELERATOR="cpu")
     run = lambda *a: subprocess.run([sys.executable, "-m", "megatron_p2t", *a], env=env, cwd=ROOT,
                                     capture_output=True, text=True, timeout=900)
     r = run("instruct", "--config", os.path.join(ROOT, "configs", "instruct_tiny_cpu.yaml"),

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def _cli(*args, timeout=900):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2", DS_ACCELERATOR="cpu")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), DS_ACCELERATOR="cpu")
     r = subprocess.run([sys.executable, "-m", "megatron_p2t", *args], env=env, cwd=ROOT, capture_output=True,
                        text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -114,20 +114,20 @@ def test_pretrain_tune_generate_by_family_and_classify_held_out_members(families
     _cli("generate-protein", "--model", f"{tmp_path}/hf", "--input", f"{families}/tasks/manifest.json", "--split",
          "test", "--tasks", "generate_by_superfamily", "--num-samples", "4", "--temperature", "0.5",
          "--max-new-tokens", "100", "--out", str(gen))
+    # the rest in this process (each CLI start imports the whole stack)
+    from megatron_p2t import evaluate_proteins, generate_protein
     rows = gen.read_text().splitlines()
     gen.write_text("\n".join(rows[:10]) + "\n" + rows[10][:25])                  # cut mid-row
-    again = json.loads(_cli("generate-protein", "--model", f"{tmp_path}/hf", "--input",
-                            f"{families}/tasks/manifest.json", "--split", "test", "--tasks", "generate_by_superfamily",
-                            "--num-samples", "4", "--temperature", "0.5", "--max-new-tokens", "100", "--out",
-                            str(gen)).stdout.strip().splitlines()[-1])
+    again = generate_protein.run(f"{tmp_path}/hf", str(gen), input_path=f"{families}/tasks/manifest.json",
+                                 split="test", only_tasks=["generate_by_superfamily"], num_samples=4,
+                                 temperature=0.5, max_new_tokens=100)
     assert again["samples"] == 32 and again["generated"] == 22, again
     assert gen.read_text().splitlines() == rows       # the rows redone are the ones the whole run wrote
     for split in ("valid", "test"):
-        _cli("generate-protein", "--model", f"{tmp_path}/hf", "--input", f"{families}/tasks/manifest.json",
-             "--split", split, "--tasks", "determine_superfamily", "--greedy", "--max-new-tokens", "30",
-             "--out", str(det))
-    _cli("evaluate", str(gen), str(det), "--baseline-manifest", f"{families}/tasks/manifest.json", "--out",
-         f"{tmp_path}/report")
+        generate_protein.run(f"{tmp_path}/hf", str(det), input_path=f"{families}/tasks/manifest.json", split=split,
+                             only_tasks=["determine_superfamily"], sample=False, max_new_tokens=30)
+    evaluate_proteins.evaluate({"gen": str(gen), "det": str(det)}, f"{tmp_path}/report",
+                               f"{families}/tasks/manifest.json")
     rep = json.load(open(tmp_path / "report" / "scores.json"))["systems"]
     g, u = rep["gen"]["generation"], rep["det"]["understanding"]
     assert g["n"] == 32 and g["valid_rate"] >= 0.8 and g["composition_js_bits"] < 0.05, g

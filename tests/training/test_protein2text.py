@@ -41,7 +41,7 @@ def test_resampler_recipe_learns_function_text_and_answers_from_the_sequence(tin
     vocab = len(load_text_tokenizer(tiny_tokenizer))
     tiny.make_llama(str(tmp_path / "llama"), vocab=vocab + (-vocab) % 8, init_std=0.25)
     tiny.make_esm(str(tmp_path / "esm"), init_std=0.25)
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2", DS_ACCELERATOR="cpu")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), DS_ACCELERATOR="cpu")
     run = lambda *a: subprocess.run([sys.executable, "-m", "megatron_p2t", *a], env=env, cwd=ROOT,
                                     capture_output=True, text=True, timeout=900)
     common = ["--config", os.path.join(ROOT, "configs", "protein2text_tiny_cpu.yaml"),
