@@ -25,7 +25,7 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
-from data_tools import readers, shards, split as splitting
+from data_tools import readers, shards, split as splitting, structures as structures_mod
 from data_tools.clean import CleanOptions, check_lm_text, clean_chunk, drop_table
 from data_tools.records import DataError
 
@@ -45,6 +45,11 @@ class BuildOptions:
     samples_per_shard: Optional[int] = None    # overrides shard_size_mb
     processes: int = max(1, os.cpu_count() or 1)
     quiet: bool = False
+    # 3D structures (data_tools/structures.py): a directory or tar of PDB/mmCIF/AlphaFold files named by accession,
+    # or a map file of accession<TAB>path[<TAB>chain]
+    structures: Optional[str] = None
+    structure_map: Optional[str] = None
+    structure_min_identity: float = structures_mod.MIN_IDENTITY
 
 
 def log(opts: BuildOptions, msg: str) -> None:
@@ -258,6 +263,34 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
+_STRUCTURES = None   # (StructureSource, min identity, skip_bad), set before the shard workers fork
+
+
+def _structure_members(recs: List[dict]):
+    """Each record's structure members and the counts: full / partial coverage, none found, bad (by kind)."""
+    source, min_identity, skip_bad = _STRUCTURES
+    extra, counts = [], Counter()
+    for r in recs:
+        found = source.find(r["accession"])
+        if found is None:
+            extra.append([])
+            counts["none"] += 1
+            continue
+        data, where, chain = found
+        try:
+            st = structures_mod.read_structure(data, where, r["accession"], r["sequence"], chain, min_identity)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            extra.append([])    # the record trains sequence-only; the structure is counted, not silently lost
+            counts[f"bad_{e.kind}"] += 1
+            continue
+        extra.append(structures_mod.sample_members(shards.sample_key(r), st))
+        counts["full" if st.mask.all() else "partial"] += 1
+        counts["plddt"] += st.plddt is not None
+    return extra, dict(counts)
+
+
 def _write_shard_task(args):
     records_path, offsets, out_path = args
     recs = []
@@ -265,7 +298,10 @@ def _write_shard_task(args):
         for off in offsets.tolist():
             f.seek(off)
             recs.append(json.loads(f.readline()))
-    return shards.write_shard(out_path, recs)
+    if _STRUCTURES is None:
+        return shards.write_shard(out_path, recs)
+    extra, counts = _structure_members(recs)
+    return dict(shards.write_shard(out_path, recs, extra), structures=counts)
 
 
 def _split_codes(work: str):
@@ -287,7 +323,10 @@ def stage_shards(opts: BuildOptions, work: str, rec_report: dict, split_report: 
     shard_dir = os.path.join(opts.out, "shards")
     os.makedirs(shard_dir, exist_ok=True)
     journal_path = os.path.join(shard_dir, ".journal.jsonl")
-    fp = _fingerprint(split_report["fingerprint"], opts.shard_size_mb, opts.samples_per_shard)
+    structure_opts = ([opts.structures, opts.structure_map, opts.structure_min_identity]
+                      if opts.structures or opts.structure_map else [])
+    fp = _fingerprint(split_report["fingerprint"], opts.shard_size_mb, opts.samples_per_shard,
+                      *([structure_opts, opts.skip_bad] if structure_opts else []))
     fp_path = os.path.join(shard_dir, ".fingerprint")
     if os.path.exists(fp_path) and _read_text(fp_path) != fp:
         raise DataError(shard_dir, "shards from other options are here", kind="usage",
@@ -315,6 +354,11 @@ def stage_shards(opts: BuildOptions, work: str, rec_report: dict, split_report: 
     log(opts, f"[3/3] shards: {len(plan)} planned, {len(plan) - len(todo)} already done, writing {len(todo)} "
               f"with {min(opts.processes, max(1, len(todo)))} process(es)")
     rp = os.path.join(work, "records.jsonl")
+    global _STRUCTURES
+    if structure_opts and todo:
+        source = structures_mod.StructureSource(opts.structures, opts.structure_map)
+        log(opts, f"[3/3] structures: {len(source.index):,} files indexed in {opts.structure_map or opts.structures}")
+        _STRUCTURES = (source, opts.structure_min_identity, opts.skip_bad)
     pool = _pool(min(opts.processes, len(todo)))
     try:
         tasks = [(rp, offs, path) for _, path, offs in todo]
@@ -323,6 +367,7 @@ def stage_shards(opts: BuildOptions, work: str, rec_report: dict, split_report: 
             shards.append_journal(journal_path, entry)
             done[entry["name"]] = entry
     finally:
+        _STRUCTURES = None
         if pool:
             pool.close()
             pool.join()
@@ -332,6 +377,14 @@ def stage_shards(opts: BuildOptions, work: str, rec_report: dict, split_report: 
         out.append({"path": os.path.join("shards", e.pop("name")), "split": s, **e})
     log(opts, f"[3/3] shards: {len(todo)} written in {time.time() - t0:.1f} s")
     return out
+
+
+def structure_counts(shard_list: List[dict]) -> dict:
+    """Records with full, partial and no structure, and structures skipped as bad (by kind), over all shards."""
+    total = Counter({"full": 0, "partial": 0, "none": 0})
+    for e in shard_list:
+        total.update(e.get("structures", {}))
+    return dict(total)
 
 
 def build(opts: BuildOptions, overwrite: bool = False) -> dict:
@@ -363,6 +416,12 @@ def build(opts: BuildOptions, overwrite: bool = False) -> dict:
                        "shards": sum(1 for x in shard_list if x["split"] == s)} for s in splitting.SPLITS},
         "shards": shard_list,
     }
+    if opts.structures or opts.structure_map:
+        manifest["sample"].update({"coords.npy": "C-alpha coordinates, float32 [L, 3] (0 where missing)",
+                                   "coords_mask.npy": "bool [L]: the residue has coordinates",
+                                   "plddt.npy": "AlphaFold pLDDT, float32 [L] (NaN where missing)"})
+        manifest["structures"] = structure_counts(shard_list)
+        log(opts, "structures: " + ", ".join(f"{k} {v:,}" for k, v in manifest["structures"].items()))
     manifest["options"].pop("quiet", None)
     _atomic_json(manifest_path, manifest)
     log(opts, f"manifest: {manifest_path} ({len(shard_list)} shards: " +

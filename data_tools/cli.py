@@ -54,6 +54,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--shard-size-mb", type=float, default=32.0)
     b.add_argument("--samples-per-shard", type=int)
     b.add_argument("--processes", type=int, default=None, help="worker processes (default: all cores)")
+    b.add_argument("--structures", metavar="DIR|TAR", help="3D structures for the structure-aware encoder: PDB/mmCIF/"
+                   "AlphaFold DB files named by accession (ACC.pdb.gz, AF-ACC-F1-model_v4.cif, ...), in a directory "
+                   "or a tar; shards gain KEY.coords.npy + KEY.coords_mask.npy (+ KEY.plddt.npy)")
+    b.add_argument("--structure-map", metavar="TSV", help="accession<TAB>path[<TAB>chain] rows instead of names")
+    b.add_argument("--structure-min-identity", type=float, default=0.9,
+                   help="a structure's aligned residues must match the record's sequence this well")
     b.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
     b.add_argument("--quiet", action="store_true")
 
@@ -91,7 +97,9 @@ def main(argv=None) -> int:
                                    require_reviewed=not args.keep_unreviewed, lm_text=args.lm_text),
                 split=SplitOptions(mode=args.split, min_seq_id=args.min_seq_id, coverage=args.coverage,
                                    fractions=args.fractions, seed=args.seed, lists=dict(args.split_list) or None),
-                shard_size_mb=args.shard_size_mb, samples_per_shard=args.samples_per_shard, quiet=args.quiet)
+                shard_size_mb=args.shard_size_mb, samples_per_shard=args.samples_per_shard, quiet=args.quiet,
+                structures=args.structures, structure_map=args.structure_map,
+                structure_min_identity=args.structure_min_identity)
             if args.processes:
                 opts.processes = args.processes
             build(opts, overwrite=args.overwrite)

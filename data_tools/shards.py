@@ -1,4 +1,5 @@
-"""WebDataset tar shards. Each sample: KEY.seq (residues), KEY.txt (function text), KEY.json (metadata).
+"""WebDataset tar shards. Each sample: KEY.seq (residues), KEY.txt (function text), KEY.json (metadata), and with
+--structures KEY.coords.npy (float32 [L, 3]), KEY.coords_mask.npy (bool [L]), KEY.plddt.npy (AlphaFold models).
 
 Bytes are deterministic (fixed mtime/owner, seeded order) so a rebuild, or a resumed build, reproduces the
 checksums of an uninterrupted one. A shard appears under its final name only after it is fully written and
@@ -12,7 +13,7 @@ import json
 import os
 import re
 import tarfile
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 SHARD_NAME = "{split}-{index:06d}.tar"
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -39,12 +40,13 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(path: str, records: List[dict]) -> Dict:
+def write_shard(path: str, records: List[dict], extra: Optional[List[List[Tuple[str, bytes]]]] = None) -> Dict:
+    """extra[i]: more members of record i (its structure: KEY.coords.npy, ...)."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for r in records:
-                for name, data in sample_members(r):
+            for i, r in enumerate(records):
+                for name, data in sample_members(r) + (extra[i] if extra else []):
                     _add(tar, name, data)
         f.flush()
         os.fsync(f.fileno())

@@ -12,7 +12,7 @@ import yaml
 from megatron_p2t.data.instruct import InstructConfig
 from megatron_p2t.data.loader import LoaderConfig
 from megatron_p2t.models.parts_config import (SAVABLE, FreezeConfig, LoRAConfig, ProjectorConfig,
-                                             ResamplerConfig, align_objective, check_parts)
+                                             ResamplerConfig, StructureConfig, align_objective, check_parts)
 from megatron_p2t.parallel.layout import ParallelConfig
 
 
@@ -23,6 +23,7 @@ class ModelConfig:
     connector: str = "mlp"                           # mlp (Prot2Text-V2), mlp2x_gelu, resampler (Protein2Text)
     decoder: str = "llama"
     resampler: ResamplerConfig = dataclasses.field(default_factory=ResamplerConfig)
+    structure: StructureConfig = dataclasses.field(default_factory=StructureConfig)   # encoder=esm2_structure
     esm: str = "facebook/esm2_t36_3B_UR50D"          # local HF directories (EsmModel / EsmForMaskedLM ...)
     llama: str = "meta-llama/Llama-3.1-8B-Instruct"  # ... and LlamaForCausalLM)
     projector: ProjectorConfig = dataclasses.field(default_factory=lambda: ProjectorConfig(input_dim=0, output_dim=0))
@@ -144,7 +145,8 @@ def config_from_dict(values: dict, overrides: List[str] = ()) -> Config:
             raise ConfigError(f"override {o!r}: expected section.key=value")
         _set(cfg, key.lstrip("-"), raw)
     try:
-        check_parts(cfg.model.encoder, cfg.model.connector, cfg.model.decoder, cfg.model.resampler)
+        check_parts(cfg.model.encoder, cfg.model.connector, cfg.model.decoder, cfg.model.resampler,
+                    cfg.model.structure)
         align_objective(cfg.align.objective, cfg.model.connector)
         for key in ("esm_lora", "llm_lora"):
             bad = set(getattr(cfg.model, key).modules_to_save) - set(SAVABLE)
@@ -173,6 +175,8 @@ def recipe(cfg: Config) -> dict:
            "model.esm_output_layer": m.esm_output_layer}
     if m.connector == "resampler":
         out.update({f"model.resampler.{k}": v for k, v in dataclasses.asdict(m.resampler).items()})
+    if m.encoder == "esm2_structure":
+        out["model.structure.kernels"] = m.structure.kernels
     return out
 
 

@@ -92,8 +92,8 @@ def megatron_tensors(enc, ck, tp_rank: int, tp: int, prefix: str | None = None) 
     return sd
 
 
-def load_into(enc, ck: HFDir, tp_rank: int, tp: int, prefix: str | None = None) -> None:
-    copy_into(enc, megatron_tensors(enc, ck, tp_rank, tp, prefix), ck.path)
+def load_into(enc, ck: HFDir, tp_rank: int, tp: int, prefix: str | None = None, keep=()) -> None:
+    copy_into(enc, megatron_tensors(enc, ck, tp_rank, tp, prefix), ck.path, keep)
 
 
 def hf_slices(enc, tp_rank: int, tp: int, prefix: str = "") -> List[Slice]:

@@ -9,7 +9,8 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_p2t.models import llama as llama_mod
-from megatron_p2t.models.esm import ESMEncoder
+from megatron_p2t.models.p2t import encode, make_encoder
+from megatron_p2t.models.parts_config import StructureConfig
 from megatron_p2t.models.pooling import masked_mean_std
 from megatron_p2t.models.projector import Projector
 from megatron_p2t.models.text_side import TextPooler
@@ -27,12 +28,13 @@ def temperature_of(p: Optional[torch.nn.Parameter], fixed: float) -> torch.Tenso
 
 class AlignModel(MegatronModule):
     def __init__(self, esm_cfg, llama_hf_cfg, projector_cfg, align_cfg, esm_output_layer: int = -1,
-                 params_dtype=torch.float32, text_side: bool = True, layout: Layout | None = None):
+                 params_dtype=torch.float32, text_side: bool = True, layout: Layout | None = None,
+                 encoder: str = "esm2", structure: StructureConfig = StructureConfig()):
         config = llama_mod.transformer_config(llama_hf_cfg, params_dtype=params_dtype, layout=layout,
                                               pipeline_model_parallel_size=1)
         super().__init__(config)
         self.align_cfg = align_cfg
-        self.esm = ESMEncoder(esm_cfg, output_layer=esm_output_layer, params_dtype=params_dtype, layout=layout)
+        self.esm = make_encoder(encoder, esm_cfg, esm_output_layer, params_dtype, layout, structure)
         self.projector = Projector(projector_cfg, config)
         self.text = TextPooler(llama_hf_cfg, layer=align_cfg.text_layer, params_dtype=params_dtype,
                                layout=layout) if text_side else None
@@ -41,7 +43,8 @@ class AlignModel(MegatronModule):
         self.log_inv_temp = learnable_temperature(align_cfg.temperature) if align_cfg.learnable_temperature else None
 
     def protein_vectors(self, batch):
-        h = self.projector(self.esm(batch["protein_ids"], batch["protein_mask"]))
+        h = self.projector(encode(self.esm, batch["protein_ids"], batch["protein_mask"], batch.get("protein_coords"),
+                                  batch.get("coords_mask")))
         return masked_mean_std(h.float(), batch["protein_mask"])
 
     def text_vectors(self, batch):

@@ -26,7 +26,7 @@ def build(model_cfg, layout: Layout, llama_cfg, esm_cfg, pcfg, placeholder_id: i
                            llm_config=llama_mod.transformer_config(llama_cfg, params_dtype=DTYPES[model_cfg.dtype],
                                                                    layout=layout),
                            layout=layout, connector=model_cfg.connector, resampler=model_cfg.resampler,
-                           encoder=model_cfg.encoder)
+                           encoder=model_cfg.encoder, structure=model_cfg.structure)
     if torch.cuda.is_available():  # plain torch parts (the ESM embedding) are built on the CPU, as in Megatron-LM
         model.cuda(torch.cuda.current_device())
     return model

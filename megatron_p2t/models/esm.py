@@ -82,7 +82,7 @@ class ESMEncoder(MegatronModule):
     """
 
     def __init__(self, cfg: ESMConfig, output_layer: int = -1, params_dtype=torch.float32,
-                 layout: Layout | None = None, **config_overrides):
+                 layout: Layout | None = None, layer_spec=None, **config_overrides):
         n = cfg.num_layers
         k = output_layer % (n + 1)
         super().__init__(transformer_config(cfg, k, params_dtype, layout, **config_overrides))
@@ -91,8 +91,8 @@ class ESMEncoder(MegatronModule):
                                             dtype=params_dtype)
         self.rotary = RotaryEmbedding(kv_channels=self.config.kv_channels, rotary_percent=1.0,
                                       rotary_base=cfg.rotary_base, use_cpu_initialization=True)
-        self.block = norms_in(TransformerBlock(self.config, encoder_layer_spec(), post_layer_norm=self.final_norm),
-                              params_dtype)
+        self.block = norms_in(TransformerBlock(self.config, layer_spec or encoder_layer_spec(),
+                                               post_layer_norm=self.final_norm), params_dtype)
 
     def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(ids)
@@ -104,9 +104,12 @@ class ESMEncoder(MegatronModule):
         return x * mask.unsqueeze(-1).to(x.dtype)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids, mask).transpose(0, 1).contiguous()           # [s, b, h]
+        return self.run_block(self.embed(ids, mask).transpose(0, 1).contiguous(), ids, mask)
+
+    def run_block(self, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, **block_kw) -> torch.Tensor:
+        """The layers over embeddings x [s, b, h] -> [b, s, h]."""
         rope = self.rotary(ids.shape[1]).to(x.device)
         # megatron's padding mask: True where attention is NOT allowed, shaped [b, 1, 1, s]
         attn_mask = (~mask.bool())[:, None, None, :]
-        y = self.block(hidden_states=x, attention_mask=attn_mask, rotary_pos_emb=rope)
+        y = self.block(hidden_states=x, attention_mask=attn_mask, rotary_pos_emb=rope, **block_kw)
         return y.transpose(0, 1)

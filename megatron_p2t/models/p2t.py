@@ -23,10 +23,27 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_p2t.models import esm as esm_mod
 from megatron_p2t.models import llama as llama_mod
-from megatron_p2t.models.parts_config import CONNECTORS, FreezeConfig, ProjectorConfig, ResamplerConfig
+from megatron_p2t.models.parts_config import (CONNECTORS, FreezeConfig, ProjectorConfig, ResamplerConfig,
+                                             StructureConfig)
 from megatron_p2t.models.projector import Projector
 from megatron_p2t.models.resampler import MLP2xGelu, ResamplerConnector
 from megatron_p2t.parallel.layout import Layout
+
+
+def make_encoder(name: str, esm_cfg, output_layer: int, params_dtype, layout, structure: StructureConfig):
+    """The protein encoder part by its name (parts_config.ENCODERS)."""
+    if name == "esm2_structure":
+        from megatron_p2t.models.esm_structure import StructureESMEncoder
+        return StructureESMEncoder(esm_cfg, structure, output_layer=output_layer, params_dtype=params_dtype,
+                                   layout=layout)
+    return esm_mod.ESMEncoder(esm_cfg, output_layer=output_layer, params_dtype=params_dtype, layout=layout)
+
+
+def encode(esm, ids, mask, coords=None, coords_mask=None):
+    """ESM states; the structure-aware encoder also gets the coordinates (a batch built without them gives none)."""
+    if coords is not None and hasattr(esm, "structure"):
+        return esm(ids, mask, coords, coords_mask)
+    return esm(ids, mask)
 
 
 class Prot2TextModel(MegatronModule):
@@ -34,7 +51,8 @@ class Prot2TextModel(MegatronModule):
                  placeholder_id: int, pre_process: bool = True, post_process: bool = True,
                  esm_output_layer: int = -1, freeze: FreezeConfig = FreezeConfig(), llm_config=None,
                  layout: Layout | None = None, connector: str = "mlp",
-                 resampler: ResamplerConfig = ResamplerConfig(), encoder: str = "esm2"):
+                 resampler: ResamplerConfig = ResamplerConfig(), encoder: str = "esm2",
+                 structure: StructureConfig = StructureConfig()):
         llm_config = llm_config or llama_mod.transformer_config(llama_hf_cfg, layout=layout)
         super().__init__(llm_config)  # self.config: what megatron's schedules read, with model_type below
         self.pre_process, self.post_process, self.placeholder_id = pre_process, post_process, placeholder_id
@@ -47,8 +65,8 @@ class Prot2TextModel(MegatronModule):
         self.connector_name = connector
         self.reads_protein = encoder != "none"      # decoder-only: the prompt is all text
         if pre_process and self.reads_protein:
-            self.esm = esm_mod.ESMEncoder(esm_cfg, output_layer=esm_output_layer,
-                                          params_dtype=self.llm_config.params_dtype, layout=layout)
+            self.esm = make_encoder(encoder, esm_cfg, esm_output_layer, self.llm_config.params_dtype, layout,
+                                    structure)
             if connector == "mlp":
                 self.projector = Projector(projector_cfg, self.llm_config)
             elif connector == "mlp2x_gelu":
@@ -70,20 +88,20 @@ class Prot2TextModel(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.llm.set_input_tensor(input_tensor)
 
-    def protein_vectors(self, protein_ids, protein_mask):
+    def protein_vectors(self, protein_ids, protein_mask, coords=None, coords_mask=None):
         """(vectors [b, n, h] for the prompt, mask [b, n]: the real ones) from the connector."""
-        states = self.esm(protein_ids, protein_mask)
+        states = encode(self.esm, protein_ids, protein_mask, coords, coords_mask)
         if self.connector_name == "mlp":
             return self.projector(states), protein_mask.bool()
         if self.connector_name == "mlp2x_gelu":
             return self.connector(states), protein_mask.bool()
         return self.connector(states, protein_mask)
 
-    def splice(self, input_ids, position_ids, protein_ids, protein_mask) -> torch.Tensor:
+    def splice(self, input_ids, position_ids, protein_ids, protein_mask, coords=None, coords_mask=None) -> torch.Tensor:
         """Token embeddings [s, b, h] with the placeholders replaced by the connector's protein vectors."""
         emb = self.llm.embedding(input_ids=input_ids, position_ids=position_ids)   # [s, b, h]
         slots = input_ids == self.placeholder_id                                    # [b, s]
-        prot, prot_mask = self.protein_vectors(protein_ids, protein_mask)          # [b, n, h], [b, n]
+        prot, prot_mask = self.protein_vectors(protein_ids, protein_mask, coords, coords_mask)  # [b, n, h], [b, n]
         what = (f"{self.connector_name} connector: one per ESM token, residues + <cls> + <eos>"
                 if self.connector_name != "resampler" else f"resampler: {prot.shape[1]} latents")
         if protein_ids.shape[0] != input_ids.shape[0]:  # packed rows: proteins in placeholder order
@@ -106,9 +124,10 @@ class Prot2TextModel(MegatronModule):
         return out.transpose(0, 1).contiguous()
 
     def forward(self, input_ids, position_ids, attention_mask=None, protein_ids=None, protein_mask=None,
-                labels: Optional[torch.Tensor] = None):
+                labels: Optional[torch.Tensor] = None, protein_coords=None, coords_mask=None):
         decoder_input = None
         if self.pre_process and self.reads_protein:
-            decoder_input = self.splice(input_ids, position_ids, protein_ids, protein_mask)
+            decoder_input = self.splice(input_ids, position_ids, protein_ids, protein_mask, protein_coords,
+                                        coords_mask)
         return self.llm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                         decoder_input=decoder_input, labels=labels)

@@ -29,8 +29,21 @@ class ResamplerConfig:
     ff_mult: int = 2
 
 
+@dataclasses.dataclass
+class StructureConfig:
+    """The structure-aware encoder's distance bias (models/esm_structure.py), model.encoder=esm2_structure."""
+    kernels: int = 128             # Gaussian basis kernels over C-alpha distances
+    max_distance: float = 32.0     # initial kernel centres spread over 0..max_distance angstrom
+    embed_scale: float = 0.01      # the summed distance features' weight in the token embeddings
+    dropout: float = 0.15          # training: a protein's structure is left out with this probability
+    chunk: int = 128               # query rows of the [L, L, kernels] expansion computed at a time
+    noise_std: float = 1.0         # warm-up: angstrom of Gaussian noise the denoising head predicts
+
+
 # model.encoder / model.decoder: the protein encoder and the language model (more come with later recipes)
 ENCODERS = {"esm2": "ESM-2 (facebook/esm2_*), hidden states of model.esm_output_layer",
+            "esm2_structure": "ESM-2 with C-alpha distances as per-head attention biases (SEPIT; model.structure), "
+                              "reading KEY.coords.npy from shards built with --structures; plain ESM-2 without them",
             "none": "no protein encoder: a decoder-only recipe reads proteins as text (ProLLaMA's Seq=<...>)"}
 DECODERS = {"llama": "LLaMA-3 (meta-llama/Llama-3.1-8B-Instruct and its sizes)"}
 
@@ -43,7 +56,8 @@ CONNECTORS = {
 }
 
 
-def check_parts(encoder: str, connector: str, decoder: str, resampler: Optional[ResamplerConfig] = None) -> None:
+def check_parts(encoder: str, connector: str, decoder: str, resampler: Optional[ResamplerConfig] = None,
+                structure: Optional[StructureConfig] = None) -> None:
     for key, name, known in (("encoder", encoder, ENCODERS), ("connector", connector, CONNECTORS),
                              ("decoder", decoder, DECODERS)):
         if name not in known:
@@ -52,6 +66,14 @@ def check_parts(encoder: str, connector: str, decoder: str, resampler: Optional[
     if (encoder == "none") != (connector == "none"):
         raise ValueError(f"model.encoder={encoder} with model.connector={connector}: a decoder-only recipe sets both "
                          f"to none, a recipe with a protein encoder neither")
+    if structure is not None and encoder == "esm2_structure":
+        for k in ("kernels", "chunk"):
+            if not isinstance(getattr(structure, k), int) or getattr(structure, k) < 1:
+                raise ValueError(f"model.structure.{k}={getattr(structure, k)!r}: a positive whole number")
+        if not 0.0 <= structure.dropout < 1.0:
+            raise ValueError(f"model.structure.dropout={structure.dropout}: a probability in [0, 1)")
+        if structure.max_distance <= 0 or structure.noise_std < 0:
+            raise ValueError("model.structure.max_distance must be positive and noise_std non-negative")
     if connector == "resampler" and resampler is not None:
         for k, v in dataclasses.asdict(resampler).items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -32,7 +32,8 @@ def run(model, microbatches: List[Dict[str, torch.Tensor]], forward_only: bool =
               "attention_mask": b.get("attention_mask"),  # packed rows: segment ids (transformer/attention.py)
               "labels": None if collect_outputs else b["labels"]}
         if getattr(m, "reads_protein", False):  # the joined model also takes the protein
-            kw.update(protein_ids=b["protein_ids"], protein_mask=b["protein_mask"])
+            kw.update(protein_ids=b["protein_ids"], protein_mask=b["protein_mask"],
+                      protein_coords=b.get("protein_coords"), coords_mask=b.get("coords_mask"))
         out = m(**kw)
         if collect_outputs:
             return out, lambda o, non_loss_data=True: o.detach()

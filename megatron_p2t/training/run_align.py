@@ -39,7 +39,8 @@ def build(cfg, layout: Layout):
     llama_cfg, esm_cfg, pcfg = load.hf_configs(cfg)
     torch.manual_seed(cfg.train.seed)  # the fresh projector's initial weights
     model = AlignModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, cfg.align, cfg.model.esm_output_layer,
-                       dtype_of(cfg), text_side=not cfg.align.use_text_cache, layout=layout)
+                       dtype_of(cfg), text_side=not cfg.align.use_text_cache, layout=layout,
+                       encoder=cfg.model.encoder, structure=cfg.model.structure)
     load.load_esm(model.esm, cfg, layout)
     apply_lora(model.esm, cfg.model.esm_lora, "esm")  # after loading: the adapters wrap the loaded layers
     if model.text is not None:

@@ -32,7 +32,7 @@ def reference_inputs(seed=3, micro=2, mb=2, seq=24, vocab=256, placeholder=250, 
     return out
 
 
-CHECKS = ["llama", "p2t", "p2t_resampler", "esm", "esm_lora", "llama_lora", "text", "resampler"]
+CHECKS = ["llama", "p2t", "p2t_resampler", "esm", "esm_lora", "llama_lora", "text", "resampler", "esm_structure"]
 LATENTS = 6   # the tiny resampler's, tests/models/resampler_reference.py's Connector
 
 
@@ -90,6 +90,8 @@ def run_case(a):
         return text_check(a, llama_dir, tp_rank)
     if a.what == "resampler":
         return resampler_check(a, llama_dir, tp_rank)
+    if a.what == "esm_structure":
+        return structure_check(a, esm_dir, tp_rank)
     hf_llama = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation="eager")
     resampled = a.what == "p2t_resampler"    # Protein2Text: ESM layer -2 -> resampler + mlp2x_gelu -> LLaMA
     batches = reference_inputs(slots=LATENTS if resampled else None)
@@ -417,6 +419,111 @@ def llama_lora_check(a, llama_dir, tp_rank):
         json.dump({"tp_rank": tp_rank, "loss_diff": abs(float(loss) - float(ref_loss)), "grad_diff": grad_diff,
                    "grads": len(want), "trainable": trainable, "export_diff": export_diff,
                    "exported": sorted({n for n, *_ in slices}), "merge_diff": float((after - before).abs().max())}, f)
+
+
+def random_fold(n, g):
+    """C-alpha trace [n, 3]: a random walk of 3.8 A steps, turning at most ~60 degrees."""
+    steps = [torch.randn(3, generator=g)]
+    for _ in range(n - 1):
+        v = steps[-1] + 1.2 * torch.randn(3, generator=g)
+        steps.append(v)
+    steps = torch.stack(steps)
+    return torch.cumsum(3.8 * steps / steps.norm(dim=1, keepdim=True), 0)
+
+
+def reference_bias(coords, known, w, heads):
+    """The distance bias in plain torch: Gaussian kernels of C-alpha distances -> Linear -> GELU -> Linear (one value
+    per head); the summed kernel features -> Linear -> x embed_scale; zero wherever a residue has no coordinates."""
+    pair = (known[:, :, None] & known[:, None, :]).float()
+    d = torch.cdist(coords, coords)
+    std = w["stds"].abs() + 1e-5
+    phi = torch.exp(-0.5 * ((d[..., None] - w["means"]) / std) ** 2) / ((2 * torch.pi) ** 0.5 * std)
+    phi = phi * pair[..., None]
+    h = F.gelu(phi @ w["fc1.weight"].T + w["fc1.bias"])
+    bias = (h @ w["heads.weight"].T + w["heads.bias"]) * pair[..., None]
+    extra = (phi.sum(2) @ w["embed.weight"].T + w["embed.bias"]) * w["scale"] * known[..., None].float()
+    return bias.permute(0, 3, 1, 2), extra
+
+
+def structure_check(a, esm_dir, tp_rank):
+    """The structure-aware encoder (models/esm_structure.py) against HF's EsmModel fed the plain-torch distance bias
+    as its additive attention mask and the feature term on its embeddings: outputs and every structure gradient,
+    with rows chunked; without coordinates it must equal ESMEncoder bit for bit, alone and inside a mixed batch."""
+    from transformers import EsmModel
+
+    from megatron_p2t.checkpoint import esm_hf
+    from megatron_p2t.checkpoint.hf_dir import HFDir
+    from megatron_p2t.models.esm import ESMConfig, ESMEncoder
+    from megatron_p2t.models.esm_structure import StructureESMEncoder
+    from megatron_p2t.models.parts_config import StructureConfig
+    seqs = open(a.sequences).read().split()[:3]
+    ids, mask = _esm_batch(seqs)
+    g = torch.Generator().manual_seed(5)
+    coords = torch.zeros(*ids.shape, 3)
+    known = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, s in enumerate(seqs[:2]):                    # the third protein has no structure
+        coords[i, 1:len(s) + 1] = random_fold(len(s), g)
+        known[i, 1:len(s) + 1] = True
+    known[0, 5:9] = False                               # residues the structure does not cover
+    coords = coords.requires_grad_(False)
+    k, scfg = 16, StructureConfig(kernels=16, chunk=5, embed_scale=0.05)
+    hf = EsmModel.from_pretrained(esm_dir, add_pooling_layer=False, attn_implementation="eager").eval()
+    H, hidden = hf.config.num_attention_heads, hf.config.hidden_size
+    w = {"means": torch.linspace(0, 20, k) + 0.1 * torch.randn(k, generator=g),
+         "stds": 1.0 + torch.rand(k, generator=g), "fc1.weight": torch.randn(k, k, generator=g) * 0.3,
+         "fc1.bias": torch.randn(k, generator=g) * 0.1, "heads.weight": torch.randn(H, k, generator=g) * 0.5,
+         "heads.bias": torch.randn(H, generator=g) * 0.1, "embed.weight": torch.randn(hidden, k, generator=g) * 0.1,
+         "embed.bias": torch.randn(hidden, generator=g) * 0.1}
+    w = {n: t.clone().requires_grad_(True) for n, t in w.items()}
+    w["scale"] = scfg.embed_scale
+    bias, extra = reference_bias(coords, known & mask, w, H)
+    emb = hf.embeddings(input_ids=ids, attention_mask=mask.long()) + extra
+    additive = bias + (~mask)[:, None, None, :].float() * torch.finfo(torch.float32).min
+    rope = hf.rotary_embeddings(emb, torch.arange(ids.shape[1])[None])
+    ref = hf.encoder(emb, attention_mask=additive, position_embeddings=rope).last_hidden_state
+    out_w = torch.randn(ref.shape, generator=g)
+    (ref * out_w)[mask].sum().backward()
+
+    enc = StructureESMEncoder(ESMConfig.from_hf(hf.config), scfg, output_layer=-1, layout=a.layout)
+    plain = ESMEncoder(ESMConfig.from_hf(hf.config), output_layer=-1, layout=a.layout)
+    esm_hf.load_into(plain, HFDir(esm_dir), tp_rank, a.tp)
+    esm_hf.load_into(enc, HFDir(esm_dir), tp_rank, a.tp, keep=("structure.",))
+    h0, h1 = tp_rank * H // a.tp, (tp_rank + 1) * H // a.tp
+    mine = {"means": w["means"], "stds": w["stds"], "linear_fc1.weight": w["fc1.weight"],
+            "linear_fc1.bias": w["fc1.bias"], "linear_heads.weight": w["heads.weight"][h0:h1],
+            "linear_heads.bias": w["heads.bias"][h0:h1], "linear_embed.weight": w["embed.weight"],
+            "linear_embed.bias": w["embed.bias"]}
+    with torch.no_grad():
+        for n, p in enc.structure.named_parameters():
+            p.copy_(mine[n])
+    for p in enc.parameters():
+        p.requires_grad_(True)
+    out = enc(ids, mask, coords, known)
+    (out * out_w)[mask].sum().backward()
+    want = {n: w[_REF[n]].grad[h0:h1] if "heads" in n else w[_REF[n]].grad for n, _ in enc.structure.named_parameters()}
+    # relative to each gradient's own size: the kernel centres' and widths' sum over every pair and reach ~1e2
+    grads = {n: float((p.grad - want[n]).abs().max() / max(1.0, float(want[n].abs().max())))
+             for n, p in enc.structure.named_parameters()}
+    with torch.no_grad():
+        my_bias, _ = enc.structure(coords, known & mask)
+        base = plain(ids, mask)
+        no_coords = enc(ids, mask)
+        none_known = enc(ids, mask, coords, torch.zeros_like(known))
+        mixed = enc(ids, mask, coords, known)
+    res = {"tp_rank": tp_rank, "out_diff": float((out - ref)[mask].abs().max()),
+           "bias_diff": float((my_bias - bias[:, h0:h1]).abs().max()), "bias_scale": float(bias.abs().max()),
+           "structure_effect": float((mixed - base)[:2][mask[:2]].abs().max()),
+           "grad_diff": max(grads.values()), "grads": len(grads),
+           "grad_scale": min(float(p.grad.abs().max()) for p in enc.structure.parameters()),
+           "no_coords_equal": bool(torch.equal(no_coords, base)), "none_known_equal": bool(torch.equal(none_known, base)),
+           "mixed_row_equal": bool(torch.equal(mixed[2], base[2]))}
+    with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
+        json.dump(res, f)
+
+
+_REF = {"means": "means", "stds": "stds", "linear_fc1.weight": "fc1.weight", "linear_fc1.bias": "fc1.bias",
+        "linear_heads.weight": "heads.weight", "linear_heads.bias": "heads.bias",
+        "linear_embed.weight": "embed.weight", "linear_embed.bias": "embed.bias"}
 
 
 def _esm_batch(seqs):
