@@ -257,7 +257,7 @@ def cmd_generate(args) -> int:
     from megatron_p2t.generate import run
     print(json.dumps(run(args.model, args.input, args.out, split=args.split, batch_size=args.batch_size,
                          num_beams=args.beams, max_new_tokens=args.max_new_tokens, device=args.device,
-                         with_name=not args.no_name, with_taxon=not args.no_taxon)))
+                         with_name=not args.no_name, with_taxon=not args.no_taxon, structures=args.structures)))
     return 0
 
 
@@ -422,6 +422,8 @@ def main(argv=None) -> int:
     ge.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ge.add_argument("--no-name", action="store_true", help="leave the protein name out of the prompt")
     ge.add_argument("--no-taxon", action="store_true", help="leave the taxon out of the prompt")
+    ge.add_argument("--structures", metavar="DIR|TAR", help="a structure-aware model with a FASTA input: the "
+                    "proteins' PDB/mmCIF/AlphaFold files named by accession (shards carry their own)")
     gp = sub.add_parser("generate-protein", help="sequences (and answers) from a decoder-only protein LM export "
                                                  "(ProLLaMA-style prompts), checked as proteins; resumable")
     gp.add_argument("--model", required=True, help="an `export` of a decoder-only run, or an HF LlamaForCausalLM "

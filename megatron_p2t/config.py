@@ -160,6 +160,8 @@ def config_from_dict(values: dict, overrides: List[str] = ()) -> Config:
                              f"projector (model.connector=mlp), not model.connector={cfg.model.connector}")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.model.encoder == "esm2_structure":
+        cfg.data.structure = True     # the loader then reads each sample's coordinates beside its sequence
     return cfg
 
 

@@ -170,6 +170,8 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t", 
             info["decoder_only"] = True
         if cfg.model.connector == "resampler":
             info["resampler"] = dataclasses.asdict(cfg.model.resampler)
+        if cfg.model.encoder == "esm2_structure":
+            info["encoder"] = "esm2_structure"      # structure/ beside esm/ (hf_structure.py)
         with open(os.path.join(out, "megatron_p2t.json"), "w") as f:
             json.dump(info, f, indent=1)
         with open(os.path.join(out, "README.md"), "w") as f:
@@ -277,7 +279,8 @@ def verify(model, cfg, out: str, layout: Layout, max_batches: int = 1, documents
     if dist.get_rank() == src:
         if model.reads_protein:
             hf = Prot2TextForGeneration.from_pretrained(out)
-            score = lambda b: hf(b["input_ids"], b["protein_ids"], b["protein_mask"])
+            score = lambda b: hf(b["input_ids"], b["protein_ids"], b["protein_mask"], coords=b.get("protein_coords"),
+                                 known=b.get("coords_mask"))
         else:
             from transformers import LlamaForCausalLM
             hf = LlamaForCausalLM.from_pretrained(os.path.join(out, "llama")).eval()

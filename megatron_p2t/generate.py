@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 
 def questions(key: str, seq: str, meta: dict) -> List[Tuple[str, str, str, dict]]:
@@ -61,9 +61,34 @@ def done_ids(out_path: str, key: str = "accession") -> set:
     return ids
 
 
+def structures_for(items, input_path: str, split: str, structures: Optional[str]) -> dict:
+    """id -> (coords [L, 3], mask [L]) for a structure-aware model: from the shards' KEY.coords.npy (a manifest
+    input), or read from `structures` (a directory or tar of PDB/mmCIF/AlphaFold files, data_tools/structures.py)
+    for a FASTA. A protein without one is described from its sequence alone (counted)."""
+    from data_tools import structures as st
+    out = {}
+    if input_path.endswith(".json"):
+        from megatron_p2t.data.shards import split_samples
+        for s in split_samples(input_path, split):
+            if "coords.npy" in s:
+                out[s["__key__"]] = (st.load_npy(s["coords.npy"]), st.load_npy(s["coords_mask.npy"]))
+        return {k: out.get(k.split("#")[0]) for k, *_ in items}
+    if structures is None:
+        return {}
+    source = st.StructureSource(structures)
+    for acc, seq, _, _ in items:
+        found = source.find(acc)
+        if found is not None:
+            s = st.read_structure(found[0], found[1], acc, seq, found[2])
+            out[acc] = (s.coords, s.mask)
+    return out
+
+
 def run(model_dir: str, input_path: str, out_path: str, split: str = "test", batch_size: int = 8,
         num_beams: int = 1, max_new_tokens: int = 256, device=None, with_name: bool = True,
-        with_taxon: bool = True) -> dict:
+        with_taxon: bool = True, structures: Optional[str] = None) -> dict:
+    """structures: for a model with the structure-aware encoder and a FASTA input, the directory (or tar) of
+    structure files named by accession; shards carry their own."""
     import torch
     from tqdm import tqdm
 
@@ -74,6 +99,11 @@ def run(model_dir: str, input_path: str, out_path: str, split: str = "test", bat
     todo = [x for x in items if x[0] not in done]
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = Prot2TextForGeneration.from_pretrained(model_dir, dtype=dtype, device=device)
+    reads_structure = hasattr(model.esm, "structure")
+    if structures is not None and not reads_structure:
+        raise ValueError(f"--structures {structures}: {model_dir} has no structure-aware encoder "
+                         f"(model.encoder=esm2_structure) to read them")
+    found = structures_for(todo, input_path, split, structures) if reads_structure else {}
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     todo.sort(key=lambda x: len(x[1]))  # similar lengths per batch: less padding
     with open(out_path, "a") as f, tqdm(total=len(items), initial=len(items) - len(todo), unit="protein") as bar:
@@ -83,9 +113,12 @@ def run(model_dir: str, input_path: str, out_path: str, split: str = "test", bat
                       (k in ("organism", "taxon") and with_taxon) or k in ("instruction", "conversations")}
                      for _, _, _, m in batch]
             preds = model.generate([s for _, s, _, _ in batch], metas, num_beams=num_beams,
-                                   max_new_tokens=max_new_tokens)
+                                   max_new_tokens=max_new_tokens,
+                                   structures=[found.get(k) for k, *_ in batch] if reads_structure else None)
             for (acc, seq, ref, meta), p in zip(batch, preds):
                 row = {"accession": acc, "prediction": p, "length": len(seq)}
+                if reads_structure:
+                    row["structure"] = found.get(acc) is not None
                 if "question" in meta:
                     row["question"] = meta["question"]
                 if ref is not None:
@@ -94,4 +127,7 @@ def run(model_dir: str, input_path: str, out_path: str, split: str = "test", bat
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(batch))
-    return {"proteins": len(items), "generated": len(todo), "skipped_already_done": len(items) - len(todo)}
+    out = {"proteins": len(items), "generated": len(todo), "skipped_already_done": len(items) - len(todo)}
+    if reads_structure:
+        out["without_structure"] = sum(found.get(k) is None for k, *_ in todo)
+    return out

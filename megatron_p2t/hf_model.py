@@ -81,6 +81,9 @@ class Prot2TextForGeneration(nn.Module):
             esm = EsmModel.from_pretrained(os.path.join(path, "esm"), add_pooling_layer=False, dtype=dtype)
         finally:
             hf_logging.set_verbosity(before)
+        if info.get("encoder") == "esm2_structure":
+            from megatron_p2t.hf_structure import DistanceBias
+            esm.structure = DistanceBias.from_pretrained(os.path.join(path, "structure"), esm.config.hidden_size)
         if mlp:
             pcfg = json.load(open(os.path.join(path, "projector", "config.json")))
             projector = Projector(**{k: v for k, v in pcfg.items() if k != "model_type"})
@@ -126,11 +129,17 @@ class Prot2TextForGeneration(nn.Module):
                 "esm_output_layer": -1, "format": "p2tv2"}
         return cls(esm.to(dtype), projector.to(dtype), llama.to(dtype), tok, info).to(device).eval()
 
-    def protein_states(self, protein_ids: torch.Tensor, protein_mask: torch.Tensor):
-        """(vectors [b, n, llm] for the prompt, mask [b, n]: the real ones)."""
+    def protein_states(self, protein_ids: torch.Tensor, protein_mask: torch.Tensor, coords=None, known=None):
+        """(vectors [b, n, llm] for the prompt, mask [b, n]: the real ones). coords [b, n, 3] / known [b, n] per
+        ESM token: the structure-aware encoder's input (None: sequence only)."""
         layer = -1 if self.info.get("esm_final_norm") is False else int(self.info.get("esm_output_layer", -1))
-        out = self.esm(input_ids=protein_ids, attention_mask=protein_mask.long(), output_hidden_states=layer != -1)
-        h = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+        if hasattr(self.esm, "structure") and coords is not None:
+            from megatron_p2t.hf_structure import run_esm
+            h = run_esm(self.esm, self.esm.structure, protein_ids, protein_mask, coords, known)
+        else:
+            out = self.esm(input_ids=protein_ids, attention_mask=protein_mask.long(),
+                           output_hidden_states=layer != -1)
+            h = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
         if isinstance(self.projector, Projector):
             return self.projector(h), protein_mask.bool()
         return self.projector(h, protein_mask)
@@ -140,19 +149,20 @@ class Prot2TextForGeneration(nn.Module):
         res = ResamplerConfig(**self.info["resampler"]) if "resampler" in self.info else ResamplerConfig()
         return protein_slots(self.info.get("connector", "mlp"), res, residues)
 
-    def embed(self, input_ids, protein_ids, protein_mask) -> torch.Tensor:
+    def embed(self, input_ids, protein_ids, protein_mask, coords=None, known=None) -> torch.Tensor:
         """Token embeddings with the placeholders replaced by the connector's vectors, proteins in the order
         their placeholders appear (row-major)."""
         emb = self.llama.get_input_embeddings()(input_ids)
         slots = input_ids == self.placeholder_id
-        vectors, real = self.protein_states(protein_ids, protein_mask)
+        vectors, real = self.protein_states(protein_ids, protein_mask, coords, known)
         prot = vectors[real].to(emb.dtype)
         if int(slots.sum()) != prot.shape[0]:
             raise ValueError(f"{int(slots.sum())} placeholder tokens for {prot.shape[0]} protein vectors")
         return emb.masked_scatter(slots.unsqueeze(-1).expand_as(emb), prot)
 
-    def forward(self, input_ids, protein_ids, protein_mask, attention_mask=None, position_ids=None):
-        return self.llama(inputs_embeds=self.embed(input_ids, protein_ids, protein_mask),
+    def forward(self, input_ids, protein_ids, protein_mask, attention_mask=None, position_ids=None, coords=None,
+                known=None):
+        return self.llama(inputs_embeds=self.embed(input_ids, protein_ids, protein_mask, coords, known),
                           attention_mask=attention_mask, position_ids=position_ids).logits
 
     def prompts(self, sequences: Sequence[str], metas: Optional[Sequence[dict]] = None):
@@ -180,10 +190,20 @@ class Prot2TextForGeneration(nn.Module):
 
     @torch.no_grad()
     def generate(self, sequences: Sequence[str], metas: Optional[Sequence[dict]] = None, num_beams: int = 1,
-                 max_new_tokens: int = 256) -> List[str]:
+                 max_new_tokens: int = 256, structures: Optional[Sequence] = None) -> List[str]:
+        """structures: per sequence (coords [L, 3], mask [L]) or None, for a structure-aware encoder."""
         dev = next(self.parameters()).device
         input_ids, attn, pids, pmask = (x.to(dev) for x in self.prompts(sequences, metas))
-        embeds = self.embed(input_ids, pids, pmask)
+        coords = known = None
+        if structures is not None and any(s is not None for s in structures):
+            coords = torch.zeros(*pids.shape, 3, device=dev)
+            known = torch.zeros(pids.shape, dtype=torch.bool, device=dev)
+            for i, st in enumerate(structures):
+                if st is not None:
+                    n = min(len(st[0]), pids.shape[1] - 2)     # cropped as the sequence
+                    coords[i, 1:1 + n] = torch.as_tensor(st[0][:n], device=dev)
+                    known[i, 1:1 + n] = torch.as_tensor(st[1][:n], device=dev)
+        embeds = self.embed(input_ids, pids, pmask, coords, known)
         out = self.llama.generate(inputs_embeds=embeds, attention_mask=attn, num_beams=num_beams,
                                   do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.eot_id,
                                   pad_token_id=self.pad_id)

@@ -113,3 +113,60 @@ def write_family_tasks(out: str, members, name=lambda f: f"Synthetic family {f} 
     with open(paths["tasks"], "w") as fh:
         json.dump(rows, fh)
     return paths
+
+
+# Folds of tests/synthetic.write_folds: (turn per residue in degrees, rise per residue, radius), all with C-alpha
+# neighbours ~3.8 A apart. The i,i+3 distances differ (alpha 5.0 A, 3-10 6.0 A, strand 10 A).
+FOLDS = {"alpha helix": (100.0, 1.5, 2.3), "3-10 helix": (120.0, 2.0, 1.9), "beta strand": (180.0, 3.2, 1.0)}
+
+
+def fold_coords(fold: str, n: int, rng: random.Random, noise: float = 0.2):
+    """C-alpha trace [n, 3] of a regular fold (a helix of the FOLDS geometry), randomly rotated and placed."""
+    import numpy as np
+    turn, rise, radius = FOLDS[fold]
+    t = np.radians(turn) * np.arange(n)
+    xyz = np.stack([radius * np.cos(t), radius * np.sin(t), rise * np.arange(n)], 1)
+    q, _ = np.linalg.qr(np.array([[rng.gauss(0, 1) for _ in range(3)] for _ in range(3)]))
+    nr = np.random.default_rng(rng.randrange(1 << 30))
+    return (xyz @ q.T + nr.normal(0, 20, 3) + nr.normal(0, noise, (n, 3))).astype(np.float32)
+
+
+def write_pdb(path: str, accession: str, sequence: str, coords, plddt=None) -> None:
+    """A C-alpha-only model in AlphaFold DB's PDB layout (TITLE, pLDDT in the B-factor column, END)."""
+    import gemmi
+    lines = [f"TITLE     ALPHAFOLD MONOMER V2.0 PREDICTION FOR {accession}"]
+    for i, (aa, (x, y, z)) in enumerate(zip(sequence, coords)):
+        name = gemmi.expand_one_letter(aa, gemmi.ResidueKind.AA) or "UNK"
+        b = 90.0 if plddt is None else float(plddt[i])
+        lines.append(f"ATOM  {i + 1:5d}  CA  {name} A{i + 1:4d}    {x:8.3f}{y:8.3f}{z:8.3f}  1.00{b:6.2f}           C")
+    lines += ["TER", "END"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_folds(out: str, texts: Sequence[str], per_fold: int = 24, seed: int = 0, lengths=(30, 50)):
+    """Proteins whose function text is fixed by their fold alone: every sequence is drawn from one amino-acid
+    composition, each fold (FOLDS) has its own text, and each protein an AlphaFold-style model file of its fold.
+    Per fold, members 0-3 are held out as valid, 4-7 as test. Returns build inputs: fasta, annotations, the
+    structure directory, split lists."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out, "structures"), exist_ok=True)
+    paths = {k: os.path.join(out, f"{k}.txt") for k in ("train", "valid", "test")}
+    paths.update(fasta=os.path.join(out, "folds.fasta"), annotations=os.path.join(out, "folds.tsv"),
+                 structures=os.path.join(out, "structures"))
+    lists: Dict[str, List[str]] = {"train": [], "valid": [], "test": []}
+    with open(paths["fasta"], "w") as fa, open(paths["annotations"], "w") as ann:
+        ann.write("accession\tfunction\n")
+        for f, (fold, text) in enumerate(zip(FOLDS, texts)):
+            for m in range(per_fold):
+                acc = f"F{f}X{m:03d}"
+                seq = "".join(rng.choices(AMINO, k=rng.randint(*lengths)))
+                fa.write(f">{acc}\n{seq}\n")
+                ann.write(f"{acc}\t{text}\n")
+                write_pdb(os.path.join(paths["structures"], f"AF-{acc}-F1-model_v4.pdb"), acc, seq,
+                          fold_coords(fold, len(seq), rng))
+                lists["valid" if m < 4 else "test" if m < 8 else "train"].append(acc)
+    for split, accs in lists.items():
+        with open(paths[split], "w") as f:
+            f.write("\n".join(accs) + "\n")
+    return paths

@@ -82,6 +82,11 @@ def build_model(cfg, layout: Layout):
     return model, llama_cfg, esm_cfg, pcfg
 
 
+# parts no HF checkpoint has: the structure-aware encoder's distance bias starts fresh on a plain ESM-2 (an
+# instruct.init_from / --resume of a run that trained it restores it)
+FRESH = ("esm.structure.",)
+
+
 def load_hf(model, cfg, llama_cfg, pcfg, layout: Layout) -> None:
     """ESM and LLaMA from their HF directories; the connector from model.projector_weights when given (a
     directory with fc1/fc2 tensors for `mlp`, Protein2Text's model.mm_resampler.* / model.mm_projector.* for the
@@ -92,17 +97,18 @@ def load_hf(model, cfg, llama_cfg, pcfg, layout: Layout) -> None:
         ck = p2tv2.check(cfg.model.p2tv2)
         copy_into(model, p2t_hf.megatron_tensors(model, ck, ck, ck, llama_cfg, pcfg, tpr, tp, esm_prefix=p2tv2.ESM,
                                                  llama_prefix=p2tv2.LLAMA, projector_prefix=p2tv2.ADAPTER),
-                  cfg.model.p2tv2)
+                  cfg.model.p2tv2, keep=FRESH)
         return
     proj = HFDir(cfg.model.projector_weights) if cfg.model.projector_weights else None
     esm = HFDir(cfg.model.esm) if model.reads_protein else None
     copy_into(model, p2t_hf.megatron_tensors(model, esm, HFDir(cfg.model.llama), proj, llama_cfg,
                                              pcfg, tpr, tp),
-              f"{cfg.model.esm} + {cfg.model.llama}", keep=() if proj else ("projector.", "connector."))
+              f"{cfg.model.esm} + {cfg.model.llama}", keep=FRESH + (() if proj else ("projector.", "connector.")))
 
 
 def load_esm(esm, cfg, layout: Layout) -> None:
-    copy_into(esm, esm_hf.megatron_tensors(esm, HFDir(cfg.model.esm), layout.tp_rank, layout.tp), cfg.model.esm)
+    copy_into(esm, esm_hf.megatron_tensors(esm, HFDir(cfg.model.esm), layout.tp_rank, layout.tp), cfg.model.esm,
+              keep=("structure.",))
 
 
 def load_text_side(text: TextPooler, cfg, llama_cfg, layout: Layout) -> None:

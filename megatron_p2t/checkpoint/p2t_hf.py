@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from megatron_p2t.checkpoint import esm_hf, export_hf, llama_hf, projector_hf, resampler_hf
+from megatron_p2t.checkpoint import esm_hf, esm_structure_hf, export_hf, llama_hf, projector_hf, resampler_hf
 from megatron_p2t.models.p2t import Prot2TextModel
 
 def megatron_tensors(model: Prot2TextModel, esm_src, llama_src, projector_src, llama_hf_cfg, projector_cfg,
@@ -48,6 +48,9 @@ def hf_export(model: Prot2TextModel, out_dir: str, llama_hf_cfg, esm_hf_cfg, pro
             slices[dirs["projector"]] = projector_hf.hf_slices(model.projector, projector_cfg, tp_rank, tp)
         else:
             slices[dirs["connector"]] = resampler_hf.hf_slices(model.connector, tp_rank, tp)
+        if hasattr(model.esm, "structure"):       # the structure-aware encoder's distance bias: beside esm/
+            slices[os.path.join(out_dir, "structure")] = esm_structure_hf.hf_slices(
+                model.esm.structure, esm_hf_cfg.num_attention_heads, tp_rank, tp)
     configs = None
     if torch.distributed.get_rank() == 0:
         esm_cfg = esm_hf_cfg.__class__.from_dict(esm_hf_cfg.to_dict())
@@ -58,6 +61,9 @@ def hf_export(model: Prot2TextModel, out_dir: str, llama_hf_cfg, esm_hf_cfg, pro
     export_hf.export(slices, out_dir, hf_configs=configs)
     if torch.distributed.get_rank() != 0:
         return
+    if hasattr(getattr(model, "esm", None), "structure"):
+        with open(os.path.join(out_dir, "structure", "config.json"), "w") as f:
+            json.dump(esm_structure_hf.config(model.esm.structure.cfg, esm_hf_cfg.num_attention_heads), f, indent=1)
     if mlp:
         with open(os.path.join(dirs["projector"], "config.json"), "w") as f:
             json.dump({"model_type": "megatron_p2t_projector", **dataclasses.asdict(projector_cfg)}, f, indent=1)

@@ -197,7 +197,8 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> List[List[int]]:
 
 
 def collate_instruct(encoded: List[Encoded], protein_ids: torch.Tensor, protein_mask: torch.Tensor, pad_id: int,
-                     pack: bool, pack_length: Optional[int] = None) -> Dict[str, torch.Tensor]:
+                     pack: bool, pack_length: Optional[int] = None, structure: Optional[tuple] = None
+                     ) -> Dict[str, torch.Tensor]:
     """Rows of prompts+answers. Packed: several samples per row, `attention_mask` = segment ids (1.. per
     sample, 0 padding), positions restart per sample. Padded: one sample per row, `attention_mask` None.
     Proteins are reordered to the order their placeholders appear in (row-major), as the splice reads them."""
@@ -225,6 +226,8 @@ def collate_instruct(encoded: List[Encoded], protein_ids: torch.Tensor, protein_
            "protein_ids": protein_ids[order_t], "protein_mask": protein_mask[order_t], "order": order_t,
            "attention_mask": torch.from_numpy(seg) if pack else None,
            "lengths": torch.tensor([sum(lengths[i] for i in row) for row in rows])}
+    if structure is not None:         # (coords, mask) per ESM token, in the proteins' order
+        out["protein_coords"], out["coords_mask"] = structure[0][order_t], structure[1][order_t]
     return out
 
 
@@ -255,8 +258,9 @@ class PackedLoader:
             return None
         enc = [self.encode(b, i) for i in keep]
         idx = torch.tensor(keep)
+        structure = (b["protein_coords"][idx], b["coords_mask"][idx]) if "protein_coords" in b else None
         out = collate_instruct(enc, b["protein_ids"][idx], b["protein_mask"][idx], self.pad_id, self.pack,
-                               self.pack_length)
+                               self.pack_length, structure)
         out["keys"] = [b["keys"][i] for i in keep]
         return out
 

@@ -53,6 +53,10 @@ class LoaderConfig:
     seed: int = 0
     epochs: Optional[int] = None            # None: endless (training); n: a finite pass of n epochs
     text_cache: Optional[str] = None        # a cache-text directory: attach precomputed text vectors
+    # 3D structure (model.encoder=esm2_structure sets it): batches carry protein_coords [b, s, 3] and coords_mask
+    # [b, s] per ESM token; a protein whose shard has no KEY.coords.npy trains sequence-only
+    structure: bool = False
+    structure_dropout: float = 0.0          # set for training by the stages (model.structure.dropout)
 
 
 def encode_texts(tok, texts: List[str]) -> List[List[int]]:
@@ -98,16 +102,21 @@ class _ChunkStream(IterableDataset):
             for i, (s, t) in enumerate(zip(raw, text_ids)):
                 pos = ch.pos + i
                 seq = s["seq"]
+                coords = _structure(s, self.cfg, [self.cfg.seed, ch.epoch, pos, 0x5D]) if self.cfg.structure else None
                 if len(seq) > self.cfg.max_protein_residues:
                     r = np.random.default_rng([self.cfg.seed, ch.epoch, pos, 0xC0])
                     a = int(r.integers(0, len(seq) - self.cfg.max_protein_residues + 1))
                     seq = seq[a:a + self.cfg.max_protein_residues]
+                    if coords is not None:    # the same window of the structure
+                        coords = tuple(x[a:a + self.cfg.max_protein_residues] for x in coords)
                 cut = tok is not None and cache is None and len(t) + 1 > self.cfg.max_text_tokens
                 if tok is not None and cache is None:
                     t = _crop_text(t, eot, self.cfg, [self.cfg.seed, ch.epoch, pos, 0x7E47])
                 sample = {"key": s["__key__"], "protein": esm_alphabet.encode(seq),
                           "text": np.asarray(t, dtype=np.int64), "raw_text": texts[i],
                           "meta": json.loads(s["json"]), "epoch": ch.epoch, "pos": pos, "cut": cut}
+                if self.cfg.structure:
+                    sample["coords"] = coords
                 if cache is not None:
                     row = ch.start + i
                     if cache["keys"][row] != s["__key__"]:
@@ -117,6 +126,21 @@ class _ChunkStream(IterableDataset):
                     sample["text_mean"], sample["text_std"] = cache["mean"][row], cache["std"][row]
                 out.append(sample)
             yield ch.pos, out
+
+
+def _structure(s: dict, cfg: LoaderConfig, seed):
+    """(coords [L, 3] float32, mask [L] bool) of a sample, or None: no structure in its shard, or left out by the
+    structure dropout (drawn from the sample's position, so a resumed run leaves out the same ones)."""
+    if "coords.npy" not in s:
+        return None
+    if cfg.structure_dropout and np.random.default_rng(seed).random() < cfg.structure_dropout:
+        return None
+    from data_tools.structures import load_npy
+    coords, mask = load_npy(s["coords.npy"]), load_npy(s["coords_mask.npy"])
+    if coords.shape != (len(s["seq"]), 3) or mask.shape != (len(s["seq"]),):
+        raise ShardError(f"{s.get('__url__', '')}: sample {s['__key__']} has coords {coords.shape} and mask "
+                         f"{mask.shape} for {len(s['seq'])} residues; rebuild the shards with data_tools")
+    return coords.astype(np.float32), mask.astype(bool)
 
 
 def _crop_text(t: List[int], end: int, cfg: LoaderConfig, seed) -> List[int]:
@@ -150,6 +174,14 @@ def collate(samples: List[dict], text_pad: int, valid: Optional[List[bool]] = No
     if "text_mean" in samples[0]:
         extra = {"text_mean": torch.from_numpy(np.stack([s["text_mean"] for s in samples])),
                  "text_std": torch.from_numpy(np.stack([s["text_std"] for s in samples]))}
+    if "coords" in samples[0]:       # per ESM token: <cls> (position 0) and <eos> have no coordinates
+        xyz = np.zeros(prot.shape + (3,), dtype=np.float32)
+        known = np.zeros(prot.shape, dtype=bool)
+        for i, s in enumerate(samples):
+            if s["coords"] is not None:
+                c, m = s["coords"]
+                xyz[i, 1:1 + len(c)], known[i, 1:1 + len(m)] = c, m
+        extra.update(protein_coords=torch.from_numpy(xyz), coords_mask=torch.from_numpy(known))
     return {**extra, "protein_ids": torch.from_numpy(prot),
             "protein_mask": torch.from_numpy(np.arange(prot.shape[1])[None, :] < plen[:, None]),
             "text_ids": torch.from_numpy(text),
@@ -209,6 +241,7 @@ class ProteinTextLoader:
              cfg.max_protein_residues, cfg.max_text_tokens, cfg.chunk, cfg.epochs, cfg.text_tokenizer]
             # the defaults add nothing, so the positions saved by runs made before these options still resume
             + ([cfg.text_end, cfg.text_crop] if (cfg.text_end, cfg.text_crop) != ("<|eot_id|>", "tail") else [])
+            + ([cfg.structure, cfg.structure_dropout] if cfg.structure else [])
         ).encode()
         ).hexdigest()[:16]
         self.text_pad = 0

@@ -29,7 +29,8 @@ def temperature_of(p: Optional[torch.nn.Parameter], fixed: float) -> torch.Tenso
 class AlignModel(MegatronModule):
     def __init__(self, esm_cfg, llama_hf_cfg, projector_cfg, align_cfg, esm_output_layer: int = -1,
                  params_dtype=torch.float32, text_side: bool = True, layout: Layout | None = None,
-                 encoder: str = "esm2", structure: StructureConfig = StructureConfig()):
+                 encoder: str = "esm2", structure: StructureConfig = StructureConfig(),
+                 train_structure: bool = True):
         config = llama_mod.transformer_config(llama_hf_cfg, params_dtype=params_dtype, layout=layout,
                                               pipeline_model_parallel_size=1)
         super().__init__(config)
@@ -40,6 +41,8 @@ class AlignModel(MegatronModule):
                                layout=layout) if text_side else None
         for p in self.esm.parameters():
             p.requires_grad_(False)
+        for p in getattr(self.esm, "structure", torch.nn.Module()).parameters():
+            p.requires_grad_(train_structure)     # a fresh distance bias learns with the projector
         self.log_inv_temp = learnable_temperature(align_cfg.temperature) if align_cfg.learnable_temperature else None
 
     def protein_vectors(self, batch):

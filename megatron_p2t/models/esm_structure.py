@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.module import MegatronModule
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -80,11 +81,11 @@ def gaussian_kernels(d: torch.Tensor, means: torch.Tensor, stds: torch.Tensor) -
     return torch.exp(-0.5 * z * z) / (math.sqrt(2 * math.pi) * std)
 
 
-class DistanceBias(nn.Module):
+class DistanceBias(MegatronModule):
     """coords [b, s, 3], known [b, s] -> (attention bias [b, heads on this rank, s, s], embedding term [b, s, h])."""
 
     def __init__(self, cfg: StructureConfig, esm_cfg: ESMConfig, config):
-        super().__init__()
+        super().__init__(config)   # a MegatronModule: its checkpoint keeps linear_heads split by heads
         tp = config.tensor_model_parallel_size or 1
         if esm_cfg.num_attention_heads % tp:
             raise ValueError(f"{esm_cfg.num_attention_heads} ESM attention heads do not divide over tensor-parallel "

@@ -84,6 +84,10 @@ class Prot2TextModel(MegatronModule):
             if part is not None:
                 for p in part.parameters():
                     p.requires_grad_(not frozen)
+        structure = getattr(getattr(self, "esm", None), "structure", None)
+        if structure is not None:
+            for p in structure.parameters():
+                p.requires_grad_(not freeze.structure)
 
     def set_input_tensor(self, input_tensor) -> None:
         self.llm.set_input_tensor(input_tensor)

@@ -138,6 +138,8 @@ class FreezeConfig:
     esm: bool = True
     projector: bool = False
     llm: bool = True
+    # the structure-aware encoder's distance bias (no pretrained ESM-2 has one): trained with the connector
+    structure: bool = False
 
 
 # model.llm_lora.modules_to_save: the decoder modules that can be trained fully, and their names in PEFT's layout

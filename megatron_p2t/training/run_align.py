@@ -40,7 +40,8 @@ def build(cfg, layout: Layout):
     torch.manual_seed(cfg.train.seed)  # the fresh projector's initial weights
     model = AlignModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, cfg.align, cfg.model.esm_output_layer,
                        dtype_of(cfg), text_side=not cfg.align.use_text_cache, layout=layout,
-                       encoder=cfg.model.encoder, structure=cfg.model.structure)
+                       encoder=cfg.model.encoder, structure=cfg.model.structure,
+                       train_structure=not cfg.model.freeze.structure)
     load.load_esm(model.esm, cfg, layout)
     apply_lora(model.esm, cfg.model.esm_lora, "esm")  # after loading: the adapters wrap the loaded layers
     if model.text is not None:
@@ -114,7 +115,7 @@ def run(cfg, resume=None) -> dict:
     layout = state.initialize(cfg.parallel)
     cfg = with_grad_accum(cfg, cfg.data.batch_size, layout.dp)
     model = build(cfg, layout)
-    loader = ProteinTextLoader(cfg.data, layout.dp_rank, layout.dp)
+    loader = ProteinTextLoader(run_instruct.training_data(cfg, cfg.data), layout.dp_rank, layout.dp)
 
     def step_fn(engine, batch):
         return align_loss(engine, _to_device(batch), cfg.align, layout.dp_group)

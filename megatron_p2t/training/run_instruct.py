@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import glob
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,35 @@ def stage1_tensors(path: str) -> dict:
                          for m in mods]}
 
 
+def structure_tensors(path: str, mods: Optional[list] = None) -> Optional[dict]:
+    """A stage-1 run's trained distance bias (model.encoder=esm2_structure), whole: the per-head layer gathered
+    from its tensor-parallel ranks, the rest as rank 0 has it; None when the run has none."""
+    if mods is None:
+        files = sorted(glob.glob(os.path.join(path, "mp_rank_*_model_states.pt")))
+        mods = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+    pre = "esm.structure."
+    mods = [m for m in mods if any(k.startswith(pre) for k in m)]
+    if not mods:
+        return None
+    return {k[len(pre):]: (torch.cat([m[k] for m in mods], 0) if ".linear_heads." in k else v)
+            for k, v in mods[0].items() if k.startswith(pre) and torch.is_tensor(v)}
+
+
+def load_structure(model, src: str, tp_rank: int, tp: int) -> None:
+    """Stage 1's distance bias into this rank's structure-aware encoder (its heads of the per-head layer)."""
+    whole = structure_tensors(src)
+    if whole is None:
+        raise CheckpointError(f"{src}: no esm.structure.* tensors; model.encoder=esm2_structure continues from a "
+                              f"stage-1 run of the structure-aware encoder")
+    mine = {}
+    for k, v in whole.items():
+        if k.startswith("linear_heads."):
+            n = v.shape[0] // tp
+            v = v[tp_rank * n:(tp_rank + 1) * n]
+        mine[k] = v
+    copy_into(model.esm.structure, mine, src)
+
+
 def connector_shards(path: str, connector: str) -> list:
     """A run's trained connector (resampler / mlp2x_gelu), one state dict per tensor-parallel rank of that run:
     the files of its first pipeline stage, which holds the connector."""
@@ -105,7 +135,8 @@ def stage2_config(cfg):
                          f"stage 1 through that run's export, as ProLLaMA continues from ProLLaMA_Stage_1: "
                          f"`megatron-p2t export --checkpoint RUN --out EXPORT`, then model.llama=EXPORT/llama "
                          f"(and instruct.init_from= empty)")
-    model = dataclasses.replace(cfg.model, freeze=FreezeConfig(esm=True, projector=False, llm=True))
+    model = dataclasses.replace(cfg.model, freeze=FreezeConfig(esm=True, projector=False, llm=True,
+                                                               structure=cfg.model.freeze.structure))
     if imported(cfg):
         model = dataclasses.replace(model, p2tv2=cfg.instruct.init_from)
     return dataclasses.replace(cfg, model=model)
@@ -136,6 +167,9 @@ def build(cfg, layout: Layout):
             llama_hf.load_lora(model.esm, s1["esm_lora"][tpr], src)
             for p in model.esm.parameters():
                 p.requires_grad_(False)
+    if cfg.instruct.init_from and not imported(cfg) and model.pre_process and hasattr(model.esm, "structure"):
+        load_structure(model, stage1_dir(cfg.instruct.init_from), tpr, tp)
+    model.set_freeze(cfg.model.freeze)   # after stage 1's ESM adapters: frozen with ESM, the distance bias trained
     apply_lora(model.llm, cfg.model.llm_lora, "llm")   # r=0: none, the decoder stays frozen
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
@@ -147,7 +181,7 @@ def param_groups(model, cfg):
     train.lr, the connector at instruct.projector_lr."""
     saved = tuple(f"llm.{m}." for m in cfg.model.llm_lora.modules_to_save)
     lora = [p for n, p in model.named_parameters() if p.requires_grad and (".lora_" in n or n.startswith(saved))]
-    connector = ("projector.", "connector.")
+    connector = ("projector.", "connector.", "esm.structure.")   # the distance bias learns at the connector's rate
     proj = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(connector)]
     other = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n
              and not n.startswith(connector + saved)]
@@ -177,6 +211,11 @@ def stage_data(cfg, documents: bool):
                                max_text_tokens=(cfg.instruct.pack_length or cfg.data.max_text_tokens + 1) - 1)
 
 
+def training_data(cfg, data):
+    """Training reads leave a protein's structure out with model.structure.dropout (evaluation reads keep all)."""
+    return dataclasses.replace(data, structure_dropout=cfg.model.structure.dropout) if data.structure else data
+
+
 def make_loader(cfg, layout: Layout, split: str = "train", train: bool = True, documents: bool = False):
     """Stage-2 prompts, or (documents) language-model documents for a decoder-only recipe's stage 1; drawn from
     data.manifest and, by weight, instruct.mix."""
@@ -197,6 +236,7 @@ def make_loader(cfg, layout: Layout, split: str = "train", train: bool = True, d
     if not train:
         dcfg = dataclasses.replace(data, split=split, epochs=1, num_workers=0)
         return wrap(ProteinTextLoader(dcfg, layout.dp_rank, layout.dp), False)
+    data = training_data(cfg, data)
     main = wrap(ProteinTextLoader(dataclasses.replace(data, split=split), layout.dp_rank, layout.dp), True)
     if not cfg.instruct.mix:
         return main
