@@ -147,7 +147,7 @@ def write_pdb(path: str, accession: str, sequence: str, coords, plddt=None) -> N
 def write_folds(out: str, texts: Sequence[str], per_fold: int = 24, seed: int = 0, lengths=(30, 50)):
     """Proteins whose function text is fixed by their fold alone: every sequence is drawn from one amino-acid
     composition, each fold (FOLDS) has its own text, and each protein an AlphaFold-style model file of its fold.
-    Per fold, members 0-3 are held out as valid, 4-7 as test. Returns build inputs: fasta, annotations, the
+    Per fold, members 0-3 are held out as valid, 4-11 as test. Returns build inputs: fasta, annotations, the
     structure directory, split lists."""
     rng = random.Random(seed)
     os.makedirs(os.path.join(out, "structures"), exist_ok=True)
@@ -165,7 +165,7 @@ def write_folds(out: str, texts: Sequence[str], per_fold: int = 24, seed: int = 
                 ann.write(f"{acc}\t{text}\n")
                 write_pdb(os.path.join(paths["structures"], f"AF-{acc}-F1-model_v4.pdb"), acc, seq,
                           fold_coords(fold, len(seq), rng))
-                lists["valid" if m < 4 else "test" if m < 8 else "train"].append(acc)
+                lists["valid" if m < 4 else "test" if m < 12 else "train"].append(acc)
     for split, accs in lists.items():
         with open(paths[split], "w") as f:
             f.write("\n".join(accs) + "\n")
