@@ -21,7 +21,7 @@ SHARED_GROUPS = {"tests/training/test_align.py": "stage1_job", "tests/launch/tes
                  "tests/launch/test_slurm.py": "stage1_job"}
 LONGEST_FIRST = ("stage1_job", "tests/training/test_instruct.py", "tests/models/test_model_parallel.py",
                  "tests/test_cli.py", "tests/checkpoint/test_p2tv2.py", "tests/training/test_protein2text.py",
-                 "tests/checkpoint/test_p2tv2_authors.py")
+                 "tests/training/test_structure_encoder.py", "tests/checkpoint/test_p2tv2_authors.py")
 
 
 def group_of(nodeid: str) -> str:

@@ -15,7 +15,7 @@ LAYERS = [
     ["transformer"],
     ["models"],
     ["checkpoint"],
-    ["config", "hf_model", "hf_connector"],
+    ["config", "hf_model", "hf_connector", "hf_structure"],
     ["training"],
     ["export", "generate", "generate_protein", "evaluation", "evaluate_proteins", "plan"],
     ["cli", "__main__"],
