@@ -196,6 +196,12 @@ def cmd_align(args) -> int:
     return _train_stage(args, run)
 
 
+def cmd_warmup_structure(args) -> int:
+    """SEPIT's warm-up of the structure-aware encoder: contrastive vs a frozen text encoder + MLM + denoising."""
+    from megatron_p2t.training.run_warmup import run
+    return _train_stage(args, run)
+
+
 def cmd_pretrain_lm(args) -> int:
     """A decoder-only recipe's stage 1: continual pretraining on proteins written as text (ProLLaMA)."""
     from megatron_p2t.training.run_instruct import run
@@ -344,8 +350,12 @@ def cmd_make_tiny_models(args) -> int:
 
 
 def torch_rank() -> int:
+    """This process's rank, also after a command has left its process group (export destroys it before the
+    report): every rank printing it once interleaved two reports on one line."""
     import torch
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def main(argv=None) -> int:
@@ -388,6 +398,10 @@ def main(argv=None) -> int:
     ct.add_argument("--config", required=True)
     ct.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     ct.add_argument("overrides", nargs="*", help="section.key=value")
+    _stage_parser(sub, "warmup-structure", "SEPIT's warm-up of the structure-aware encoder (model.encoder="
+                                           "esm2_structure): pooled states vs a frozen text encoder (warmup."
+                                           "text_encoder), masked residues, coordinate denoising; then stage 1 "
+                                           "with model.structure_init=RUN")
     _stage_parser(sub, "pretrain-lm", "a decoder-only recipe's stage 1 (ProLLaMA): LoRA + embedding/output "
                                       "layer on proteins as text, documents packed with their own attention "
                                       "(`deepspeed launch/pretrain_lm.sh`)")
@@ -487,6 +501,7 @@ def main(argv=None) -> int:
         return {"quickstart": cmd_quickstart, "data-check": cmd_data_check, "make-tokenizer": cmd_make_tokenizer,
                 "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "align": cmd_align,
                 "instruct": cmd_instruct, "export": cmd_export, "pretrain-lm": cmd_pretrain_lm,
+                "warmup-structure": cmd_warmup_structure,
                 "generate": cmd_generate, "evaluate": cmd_evaluate, "generate-protein": cmd_generate_protein,
                 "cache-text": cmd_cache_text, "make-tiny-models": cmd_make_tiny_models, "plan": cmd_plan,
                 "import-p2tv2": cmd_import_p2tv2}[args.cmd](args)

@@ -24,6 +24,8 @@ class ModelConfig:
     decoder: str = "llama"
     resampler: ResamplerConfig = dataclasses.field(default_factory=ResamplerConfig)
     structure: StructureConfig = dataclasses.field(default_factory=StructureConfig)   # encoder=esm2_structure
+    # a `warmup-structure` run: its trained distance bias starts this stage (stage 1, or stage 2 without init_from)
+    structure_init: Optional[str] = None
     esm: str = "facebook/esm2_t36_3B_UR50D"          # local HF directories (EsmModel / EsmForMaskedLM ...)
     llama: str = "meta-llama/Llama-3.1-8B-Instruct"  # ... and LlamaForCausalLM)
     projector: ProjectorConfig = dataclasses.field(default_factory=lambda: ProjectorConfig(input_dim=0, output_dim=0))
@@ -55,6 +57,19 @@ class AlignConfig:
     symmetric: bool = False            # protein->text only, as the paper; True adds text->protein
     gather_negatives: bool = True      # negatives from every data-parallel rank
     use_text_cache: bool = False       # read `megatron-p2t cache-text` vectors; the decoder is not built
+
+
+@dataclasses.dataclass
+class WarmupConfig:
+    """`megatron-p2t warmup-structure` (SEPIT's first stage, model.encoder=esm2_structure): contrastive loss of
+    pooled encoder states against a frozen text encoder (negatives gathered over data-parallel ranks), masked
+    residues, coordinate denoising; the weights of the three."""
+    text_encoder: str = ""             # a BERT-family HF directory (AutoModel + AutoTokenizer)
+    dim: int = 256                     # the shared space of the contrastive loss
+    temperature: float = 0.07
+    gather_negatives: bool = True
+    mask_fraction: float = 0.15        # residues masked for the MLM loss (80% <mask>, 10% random, 10% kept)
+    weights: List[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0, 1.0])  # contrastive, mlm, denoise
 
 
 @dataclasses.dataclass
@@ -90,6 +105,7 @@ class Config:
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
     instruct: InstructConfig = dataclasses.field(default_factory=InstructConfig)
+    warmup: WarmupConfig = dataclasses.field(default_factory=WarmupConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 

@@ -191,6 +191,10 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
 
     frozen = tower(esm, esm.layers, True, False)
     trainable = proj + _lora_params(esm, cfg.model.esm_lora, tp)
+    structure_trained = cfg.model.encoder == "esm2_structure" and not cfg.model.freeze.structure
+    if structure_trained:   # the distance bias: kernels, Linear k->k, the per-head layer (split), the embedding term
+        k = cfg.model.structure.kernels
+        trainable += 2 * k + k * k + k + (k + 1) * esm.heads / tp + (k + 1) * esm.hidden
     # feature alignment (Protein2Text's stage 1) is stage 2's step through the whole frozen decoder, without LoRA;
     # a decoder-only recipe's stage 1 (lm) trains its own LoRA and modules_to_save on documents up to a row long
     objective = align_objective(cfg.align.objective, cfg.model.connector) if stage == "align" else None
@@ -236,6 +240,11 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
             per_token_layer += (wb + 1) * (3 * h + f / tp)
         logits = tokens * llama.vocab / tp * 4 * 2           # fp32 logits and their gradient
         act = tokens * llama.layers * per_token_layer + logits + esm_transient + esm_out + proj_saved
+    if cfg.model.encoder == "esm2_structure":
+        # the distance bias: [heads / tp, L, L] kept per protein (and its gradient when trained), plus one
+        # checkpointed chunk of the [rows, L, kernels] expansion and its MLP (about five such tensors, fp32)
+        k, rows = cfg.model.structure.kernels, min(cfg.model.structure.chunk, lp)
+        act += b * esm.heads / tp * lp * lp * wb * (2 if structure_trained else 1) + 5 * b * rows * lp * k * 4
     mem["activations"] = act
     mem["overhead"] = device.overhead_gib * GIB
 

@@ -138,3 +138,23 @@ def test_a_decoder_only_recipe_has_neither_encoder_nor_connector_and_builds_plai
         load_config(None, ["align.objective=lm"])
     with pytest.raises(ConfigError, match=r"modules_to_save=\['lm_head'\].*embedding and output_layer"):
         load_config(f"{ROOT}/configs/prollama.yaml", ["model.llm_lora.modules_to_save=[lm_head]"])
+
+
+def test_structure_encoder_options_are_checked_and_its_loaders_read_coordinates():
+    cfg = load_config(f"{ROOT}/configs/sepit.yaml")
+    assert cfg.model.encoder == "esm2_structure" and cfg.data.structure and cfg.model.structure.kernels == 128
+    assert not load_config(f"{ROOT}/configs/prot2text_v2.yaml").data.structure
+    for bad, words in (("model.structure.kernels=0", "model.structure.kernels"),
+                       ("model.structure.dropout=1.5", "model.structure.dropout"),
+                       ("model.encoder=esm3", "esm2_structure")):
+        with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+            load_config(f"{ROOT}/configs/sepit.yaml", [bad])
+
+
+def test_warmup_refuses_before_any_work():
+    from megatron_p2t.training.run_warmup import check
+    for overrides, words in ((["model.encoder=esm2"], "model.encoder=esm2_structure"),
+                             (["warmup.text_encoder="], "warmup.text_encoder"),
+                             (["warmup.text_encoder=x", "warmup.weights=[1.0, 1.0]"], "three non-negative")):
+        with pytest.raises(ConfigError, match=words):
+            check(load_config(f"{ROOT}/configs/sepit_tiny_cpu.yaml", overrides))

@@ -127,3 +127,21 @@ def test_a_decoder_only_recipe_plans_no_encoder_and_its_trained_embedding_and_ou
         "trainable_weights"]
     assert lm[1].memory["frozen_weights"] / GIB == pytest.approx(12.55, abs=0.05)   # LLaMA-2-7B alone, bf16
     assert lm[1].fits
+
+
+def test_the_structure_encoder_adds_its_bias_to_the_plan():
+    """model.encoder=esm2_structure: the [heads, L, L] bias kept per protein (and its gradient), one checkpointed
+    chunk of the kernel expansion, and the bias's own trained parameters; a smaller chunk plans less."""
+    cfg = load_config(os.path.join(ROOT, "configs", "prot2text_v2.yaml"))
+    plain = {p.tp: p for p in layouts(cfg, "align", 8, DEVICES["h100-80gb"])}
+    cfg.model.encoder = "esm2_structure"
+    biased = {p.tp: p for p in layouts(cfg, "align", 8, DEVICES["h100-80gb"])}
+    L, heads, b = cfg.data.max_protein_residues + 2, 40, cfg.data.batch_size
+    kept = b * heads * L * L * 2 * 2                      # bf16 bias + its gradient, TP=1
+    extra = biased[1].memory["activations"] - plain[1].memory["activations"]
+    assert kept < extra < kept + 5 * b * 128 * L * 128 * 4 + 1
+    assert biased[2].memory["activations"] - plain[2].memory["activations"] < extra   # heads split over TP
+    assert biased[1].memory["optimizer"] > plain[1].memory["optimizer"]
+    cfg.model.structure.chunk = 16
+    small = {p.tp: p for p in layouts(cfg, "align", 8, DEVICES["h100-80gb"])}
+    assert small[1].memory["activations"] < biased[1].memory["activations"]

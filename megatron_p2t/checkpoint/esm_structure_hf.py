@@ -4,11 +4,14 @@ both directions; the per-head layer is split by rows (heads) over tensor-paralle
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List
+import glob
+import os
+from typing import Dict, List, Optional
 
 import torch
 
-from megatron_p2t.checkpoint.slicing import Slice, span
+from megatron_p2t.checkpoint.hf_dir import CheckpointError
+from megatron_p2t.checkpoint.slicing import Slice, copy_into, span
 
 # megatron name -> exported name, and whether its rows are split by attention heads
 NAMES = {"means": ("means", False), "stds": ("stds", False),
@@ -37,3 +40,33 @@ def tensors(src, heads: int, tp_rank: int, tp: int) -> Dict[str, torch.Tensor]:
 
 def config(structure_cfg, heads: int) -> dict:
     return {"model_type": MODEL_TYPE, "heads": heads, **dataclasses.asdict(structure_cfg)}
+
+
+def structure_tensors(path: str, mods: Optional[list] = None) -> Optional[dict]:
+    """A run's trained distance bias (model.encoder=esm2_structure), whole: the per-head layer gathered
+    from its tensor-parallel ranks, the rest as rank 0 has it; None when the run has none."""
+    if mods is None:
+        files = sorted(glob.glob(os.path.join(path, "mp_rank_*_model_states.pt")))
+        mods = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+    pre = "esm.structure."
+    mods = [m for m in mods if any(k.startswith(pre) for k in m)]
+    if not mods:
+        return None
+    return {k[len(pre):]: (torch.cat([m[k] for m in mods], 0) if ".linear_heads." in k else v)
+            for k, v in mods[0].items() if k.startswith(pre) and torch.is_tensor(v)}
+
+
+def load_run(esm, src: str, tp_rank: int, tp: int) -> None:
+    """A run's trained distance bias (warm-up or stage 1) into this rank's structure-aware encoder (its heads of the
+    per-head layer)."""
+    whole = structure_tensors(src)
+    if whole is None:
+        raise CheckpointError(f"{src}: no esm.structure.* tensors; name a warmup-structure, align or instruct run of "
+                              f"the structure-aware encoder (model.encoder=esm2_structure)")
+    mine = {}
+    for k, v in whole.items():
+        if k.startswith("linear_heads."):
+            n = v.shape[0] // tp
+            v = v[tp_rank * n:(tp_rank + 1) * n]
+        mine[k] = v
+    copy_into(esm.structure, mine, src)

@@ -111,6 +111,20 @@ def load_esm(esm, cfg, layout: Layout) -> None:
               keep=("structure.",))
 
 
+def load_lm_head(head, cfg) -> None:
+    """ESM-2's masked-LM head from model.esm when it is an EsmForMaskedLM checkpoint (facebook/esm2_* are), else
+    it stays fresh (said on stderr)."""
+    ck = HFDir(cfg.model.esm)
+    names = {"dense.weight": "lm_head.dense.weight", "dense.bias": "lm_head.dense.bias",
+             "layer_norm.weight": "lm_head.layer_norm.weight", "layer_norm.bias": "lm_head.layer_norm.bias",
+             "bias": "lm_head.bias"}
+    if not all(ck.has(n) for n in names.values()):
+        print(f"{cfg.model.esm}: no lm_head (an EsmModel, not EsmForMaskedLM): the masked-residue head starts fresh",
+              file=sys.stderr, flush=True)
+        return
+    copy_into(head, {k: ck.get(n) for k, n in names.items()}, cfg.model.esm)
+
+
 def load_text_side(text: TextPooler, cfg, llama_cfg, layout: Layout) -> None:
     copy_into(text.llm, llama_hf.megatron_tensors(text.llm, HFDir(cfg.model.llama), llama_cfg, layout.tp_rank,
                                                   layout.tp), cfg.model.llama)

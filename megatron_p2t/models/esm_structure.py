@@ -155,23 +155,29 @@ class StructureESMEncoder(ESMEncoder):
 
 class DenoisingHead(nn.Module):
     """The warm-up's coordinate denoising: from the encoder's last states and the noised coordinates, predict the
-    noise added to each residue, as a sum of unit pair directions weighted by per-head attention of the states
-    (Transformer-M's 3D position head): rotating the input rotates the prediction."""
+    noise added to each residue, as a sum of unit pair directions weighted by per-head attention (Transformer-M's
+    3D position head): logits from the states plus a bias from the pair's noised distance (its own few Gaussian
+    kernels), so a head can attend to spatial neighbours. Rotating and moving the input rotates the prediction."""
 
-    def __init__(self, hidden: int, heads: int, dtype=torch.float32):
+    def __init__(self, hidden: int, heads: int, dtype=torch.float32, kernels: int = 16, max_distance: float = 32.0):
         super().__init__()
         self.heads, self.head_dim = heads, hidden // heads
         self.linear_qk = nn.Linear(hidden, 2 * hidden, dtype=dtype)
+        self.means = nn.Parameter(torch.linspace(0.0, max_distance, kernels, dtype=dtype))
+        self.stds = nn.Parameter(torch.full((kernels,), max_distance / kernels, dtype=dtype))
+        self.linear_pair = nn.Linear(kernels, heads, dtype=dtype)
         self.linear_out = nn.Linear(heads, 1, bias=False, dtype=dtype)
 
     def forward(self, states, noisy, known):
         """states [b, s, h], noisy [b, s, 3], known [b, s] -> predicted noise [b, s, 3]."""
-        b, s, _ = states.shape
         q, k = self.linear_qk(states).float().unflatten(-1, (2 * self.heads, self.head_dim)).chunk(2, dim=2)
         logits = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(self.head_dim)
+        delta = noisy.float()[:, :, None] - noisy.float()[:, None, :]                           # [b, s, s, 3]
+        dist = delta.norm(dim=-1)
+        pair_bias = self.linear_pair(gaussian_kernels(dist, self.means, self.stds).to(self.linear_pair.weight.dtype))
+        logits = logits + pair_bias.float().permute(0, 3, 1, 2)
         pair = known[:, None, :, None] & known[:, None, None, :]
         attn = torch.softmax(logits.masked_fill(~pair, -1e4), -1) * pair                       # [b, h, s, s]
-        delta = noisy.float()[:, :, None] - noisy.float()[:, None, :]                           # [b, s, s, 3]
-        unit = delta / (delta.norm(dim=-1, keepdim=True) + 1e-2)
+        unit = delta / (dist.unsqueeze(-1) + 1e-2)
         vec = torch.einsum("bhij,bijc->bich", attn, unit)                                       # [b, s, 3, h]
         return self.linear_out(vec.to(self.linear_out.weight.dtype)).squeeze(-1)

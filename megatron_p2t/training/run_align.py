@@ -9,7 +9,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron_p2t.checkpoint import load, projector_hf, sharded
+from megatron_p2t.checkpoint import esm_structure_hf, load, projector_hf, sharded
 from megatron_p2t.checkpoint.hf_dir import HFDir
 from megatron_p2t.checkpoint.slicing import copy_into
 from megatron_p2t.config import check_same_recipe
@@ -43,6 +43,9 @@ def build(cfg, layout: Layout):
                        encoder=cfg.model.encoder, structure=cfg.model.structure,
                        train_structure=not cfg.model.freeze.structure)
     load.load_esm(model.esm, cfg, layout)
+    if cfg.model.structure_init and hasattr(model.esm, "structure"):      # a warmup-structure run's distance bias
+        esm_structure_hf.load_run(model.esm, run_instruct.stage1_dir(cfg.model.structure_init), layout.tp_rank,
+                                  layout.tp)
     apply_lora(model.esm, cfg.model.esm_lora, "esm")  # after loading: the adapters wrap the loaded layers
     if model.text is not None:
         load.load_text_side(model.text, cfg, llama_cfg, layout)

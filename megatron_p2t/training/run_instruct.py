@@ -14,12 +14,11 @@ import dataclasses
 import functools
 import glob
 import os
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_p2t.checkpoint import llama_hf, load, projector_hf, resampler_hf, sharded
+from megatron_p2t.checkpoint import esm_structure_hf, llama_hf, load, projector_hf, resampler_hf, sharded
 from megatron_p2t.checkpoint.hf_dir import CheckpointError, TensorSource
 from megatron_p2t.checkpoint.slicing import copy_into
 from megatron_p2t.config import check_same_recipe
@@ -63,35 +62,6 @@ def stage1_tensors(path: str) -> dict:
                           "fc2.weight": cat("fc2.weight", 1), "fc2.bias": mods[0]["projector.fc2.bias"]},
             "esm_lora": [{k[len("esm."):]: v for k, v in m.items() if k.startswith("esm.") and ".lora_" in k}
                          for m in mods]}
-
-
-def structure_tensors(path: str, mods: Optional[list] = None) -> Optional[dict]:
-    """A stage-1 run's trained distance bias (model.encoder=esm2_structure), whole: the per-head layer gathered
-    from its tensor-parallel ranks, the rest as rank 0 has it; None when the run has none."""
-    if mods is None:
-        files = sorted(glob.glob(os.path.join(path, "mp_rank_*_model_states.pt")))
-        mods = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
-    pre = "esm.structure."
-    mods = [m for m in mods if any(k.startswith(pre) for k in m)]
-    if not mods:
-        return None
-    return {k[len(pre):]: (torch.cat([m[k] for m in mods], 0) if ".linear_heads." in k else v)
-            for k, v in mods[0].items() if k.startswith(pre) and torch.is_tensor(v)}
-
-
-def load_structure(model, src: str, tp_rank: int, tp: int) -> None:
-    """Stage 1's distance bias into this rank's structure-aware encoder (its heads of the per-head layer)."""
-    whole = structure_tensors(src)
-    if whole is None:
-        raise CheckpointError(f"{src}: no esm.structure.* tensors; model.encoder=esm2_structure continues from a "
-                              f"stage-1 run of the structure-aware encoder")
-    mine = {}
-    for k, v in whole.items():
-        if k.startswith("linear_heads."):
-            n = v.shape[0] // tp
-            v = v[tp_rank * n:(tp_rank + 1) * n]
-        mine[k] = v
-    copy_into(model.esm.structure, mine, src)
 
 
 def connector_shards(path: str, connector: str) -> list:
@@ -168,7 +138,9 @@ def build(cfg, layout: Layout):
             for p in model.esm.parameters():
                 p.requires_grad_(False)
     if cfg.instruct.init_from and not imported(cfg) and model.pre_process and hasattr(model.esm, "structure"):
-        load_structure(model, stage1_dir(cfg.instruct.init_from), tpr, tp)
+        esm_structure_hf.load_run(model.esm, stage1_dir(cfg.instruct.init_from), tpr, tp)
+    elif cfg.model.structure_init and model.pre_process and hasattr(model.esm, "structure"):
+        esm_structure_hf.load_run(model.esm, stage1_dir(cfg.model.structure_init), tpr, tp)
     model.set_freeze(cfg.model.freeze)   # after stage 1's ESM adapters: frozen with ESM, the distance bias trained
     apply_lora(model.llm, cfg.model.llm_lora, "llm")   # r=0: none, the decoder stays frozen
     if torch.cuda.is_available():

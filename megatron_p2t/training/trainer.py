@@ -354,7 +354,9 @@ class Trainer:
                 on_step(self.step, lv)
             if self.rank == 0:
                 with open(os.path.join(tc.save_dir, "train_log.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": self.step, "loss": lv, "lr": self.engine.get_lr()[0]}) + "\n")
+                    # the stage's own metrics too (this rank's last micro-batch): the parts of a summed loss
+                    f.write(json.dumps({"step": self.step, "loss": lv, "lr": self.engine.get_lr()[0],
+                                        **{k: float(v) for k, v in metrics.items()}}) + "\n")
                 rate = samples / max(1e-9, time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{lv:.4f}", samples_s=f"{rate:.0f}")
                 bar.update(1)
