@@ -76,6 +76,18 @@ def test_structure_encoder_learns_what_only_the_fold_tells(tiny_tokenizer, tmp_p
             assert r.returncode == 0, r.stderr[-3000:]
             from_files = {json.loads(l)["accession"]: json.loads(l)["prediction"] for l in open(d / "fasta_preds.jsonl")}
             assert from_files == {r["accession"]: r["prediction"] for r in rows}
+    # the same encoder under Protein2Text's resampler (ESM layer -2): feature alignment, stage 2, export
+    common = ["--config", os.path.join(ROOT, "configs", "protein2text_tiny_cpu.yaml"), "model.encoder=esm2_structure",
+              f"data.manifest={tmp_path}/data/manifest.json", f"data.text_tokenizer={tiny_tokenizer}",
+              f"model.esm={tmp_path}/esm", f"model.llama={tmp_path}/llama", "train.steps=5", "train.save_every=5"]
+    for args in (["align", f"train.save_dir={tmp_path}/p2t_align"],
+                 ["instruct", f"instruct.init_from={tmp_path}/p2t_align", f"train.save_dir={tmp_path}/p2t_run"]):
+        r = run(args[0], *common, *args[1:])
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = run("export", "--checkpoint", f"{tmp_path}/p2t_run", "--out", f"{tmp_path}/p2t_hf", "--verify")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["max_abs_logit_diff"] <= 1e-4
+    assert os.path.exists(tmp_path / "p2t_hf" / "structure" / "model.safetensors")
     print("held-out fold named:", accuracy)
     assert accuracy["esm2_structure"] >= 0.9, accuracy
     assert accuracy["esm2"] <= 0.6, accuracy
