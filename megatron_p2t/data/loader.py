@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_tools.structures import load_npy
 from megatron_p2t.data import esm_alphabet, order
 from megatron_p2t.data.shards import ShardCursor, ShardError, read_manifest
 
@@ -135,7 +136,6 @@ def _structure(s: dict, cfg: LoaderConfig, seed):
         return None
     if cfg.structure_dropout and np.random.default_rng(seed).random() < cfg.structure_dropout:
         return None
-    from data_tools.structures import load_npy
     coords, mask = load_npy(s["coords.npy"]), load_npy(s["coords_mask.npy"])
     if coords.shape != (len(s["seq"]), 3) or mask.shape != (len(s["seq"]),):
         raise ShardError(f"{s.get('__url__', '')}: sample {s['__key__']} has coords {coords.shape} and mask "

@@ -14,7 +14,7 @@ Tensor parallelism: the bias MLP's last layer is column-parallel over heads, so 
 of the heads it owns (megatron's all-reduce of that layer's input gradient keeps the replicated kernels and
 first layer in step across ranks).
 
-Memory: the [L, L, kernels] expansion is 534 MB at L=1021 in fp32 per protein, more than the rest of a layer.
+Memory: the [L, L, kernels] expansion is 509 MiB at L=1021 in fp32 per protein, more than the rest of a layer.
 It is computed for `model.structure.chunk` query rows at a time under activation checkpointing, so only one
 chunk's expansion is alive, in the forward and again in the backward; what is kept is the bias itself, [heads, L,
 L], the size of one layer's attention scores.
