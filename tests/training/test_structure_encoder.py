@@ -91,3 +91,40 @@ def test_structure_encoder_learns_what_only_the_fold_tells(tiny_tokenizer, tmp_p
     print("held-out fold named:", accuracy)
     assert accuracy["esm2_structure"] >= 0.9, accuracy
     assert accuracy["esm2"] <= 0.6, accuracy
+
+
+def test_a_resumed_structure_run_leaves_out_the_same_structures(tiny_tokenizer, tmp_path):
+    """Stage 2 with the structure-aware encoder and structure dropout 0.5, resumed from its step-3 checkpoint, ends
+    bit-identical to the uninterrupted run: the crops, the structures left out and the batches are functions of
+    the sample's position, not of the process's history."""
+    import shutil
+    from data_tools.build import BuildOptions, build
+    from data_tools.clean import CleanOptions
+    from data_tools.split import SplitOptions
+    from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+    from megatron_p2t.models import tiny
+    from tests.conftest import same_run
+    from tests.synthetic import write_folds
+    src = write_folds(str(tmp_path / "src"), TEXTS, per_fold=16)
+    build(BuildOptions(inputs=[src["fasta"]], annotations=src["annotations"], out=str(tmp_path / "data"), quiet=True,
+                       samples_per_shard=16, processes=1, structures=src["structures"], clean=CleanOptions(min_length=10),
+                       split=SplitOptions(mode="lists", lists={k: src[k] for k in ("train", "valid", "test")})))
+    vocab = len(load_text_tokenizer(tiny_tokenizer))
+    tiny.make_llama(str(tmp_path / "llama"), vocab=vocab + (-vocab) % 8)
+    tiny.make_esm(str(tmp_path / "esm"))
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    common = ["--config", os.path.join(ROOT, "configs", "sepit_tiny_cpu.yaml"), f"data.text_tokenizer={tiny_tokenizer}",
+              f"data.manifest={tmp_path}/data/manifest.json", f"model.esm={tmp_path}/esm", "instruct.init_from=",
+              f"model.llama={tmp_path}/llama", "model.structure.dropout=0.5", "data.max_protein_residues=24",
+              "train.steps=6", "train.save_every=3", "train.keep_last=3", "train.tensorboard=false"]
+    run = lambda *a: subprocess.run([sys.executable, "-m", "megatron_p2t", "instruct", *common, *a], env=env,
+                                    cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = run(f"train.save_dir={tmp_path}/ref")
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.copytree(tmp_path / "ref", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "step00000006")
+    (tmp_path / "b" / "latest").write_text("step00000003")
+    r = run(f"train.save_dir={tmp_path}/b", "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(tmp_path / "b" / "summary.json"))["resumed"]
+    same_run(tmp_path / "b", tmp_path / "ref")
