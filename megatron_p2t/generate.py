@@ -101,7 +101,8 @@ def run(model_dir: str, input_path: str, out_path: str, split: str = "test", bat
     model = Prot2TextForGeneration.from_pretrained(model_dir, dtype=dtype, device=device)
     reads_structure = hasattr(model.esm, "structure")
     if structures is not None and not reads_structure:
-        raise ValueError(f"--structures {structures}: {model_dir} has no structure-aware encoder "
+        from megatron_p2t.config import ConfigError
+        raise ConfigError(f"--structures {structures}: {model_dir} has no structure-aware encoder "
                          f"(model.encoder=esm2_structure) to read them")
     found = structures_for(todo, input_path, split, structures) if reads_structure else {}
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

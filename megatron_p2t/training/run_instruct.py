@@ -137,9 +137,10 @@ def build(cfg, layout: Layout):
             llama_hf.load_lora(model.esm, s1["esm_lora"][tpr], src)
             for p in model.esm.parameters():
                 p.requires_grad_(False)
-    if cfg.instruct.init_from and not imported(cfg) and model.pre_process and hasattr(model.esm, "structure"):
+    structured = hasattr(getattr(model, "esm", None), "structure")    # this stage holds a structure-aware encoder
+    if cfg.instruct.init_from and not imported(cfg) and structured:
         esm_structure_hf.load_run(model.esm, stage1_dir(cfg.instruct.init_from), tpr, tp)
-    elif cfg.model.structure_init and model.pre_process and hasattr(model.esm, "structure"):
+    elif cfg.model.structure_init and structured:
         esm_structure_hf.load_run(model.esm, stage1_dir(cfg.model.structure_init), tpr, tp)
     model.set_freeze(cfg.model.freeze)   # after stage 1's ESM adapters: frozen with ESM, the distance bias trained
     apply_lora(model.llm, cfg.model.llm_lora, "llm")   # r=0: none, the decoder stays frozen
