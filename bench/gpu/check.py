@@ -9,7 +9,10 @@ code paths at toy shapes on the CPU (a test does, so the script works when a GPU
    on every linear, projector trained, packed 4096-token rows) beside the plain Hugging Face + PEFT step the
    official code takes (padded batch, SDPA attention) on the same samples: real tokens/s, model TFLOP/s, MFU;
 4. stage 1: the H-SCALE step on ESM-2-3B + projector with cached text vectors, and with the text side (LLaMA's
-   first 16 layers) computed, on the same proteins.
+   first 16 layers) computed, on the same proteins;
+5. structure: the structure-aware encoder (C-alpha distance bias, 128 kernels) in bf16 against fp32 on the same
+   weights, and its forward+backward at ESM-2-3B's shape on 1,021-residue proteins with vs without coordinates
+   (the bias's cost and peak memory, same run).
 Weights are random (nothing can be downloaded there); the shapes are the real ones. Every figure goes to
 check.json and check.md in --out.
 """
@@ -355,6 +358,76 @@ def check_attention(shapes: Shapes) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- 5. structure
+
+def _structure_encoder(esm: dict, dtype, chunk: int = 128):
+    from megatron_p2t.models.esm import ESMConfig
+    from megatron_p2t.models.esm_structure import StructureESMEncoder
+    from megatron_p2t.models.parts_config import StructureConfig
+    cfg = ESMConfig(esm["num_hidden_layers"], esm["hidden_size"], esm["num_attention_heads"], esm["intermediate_size"])
+    return StructureESMEncoder(cfg, StructureConfig(kernels=128, chunk=chunk), params_dtype=dtype).to(device())
+
+
+def _folded_batch(b: int, length: int, seed: int = 0):
+    import random as _random
+    from tests.synthetic import fold_coords
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 24, (b, length + 2), generator=g)
+    ids[:, 0], ids[:, -1] = 0, 2
+    coords = torch.zeros(b, length + 2, 3)
+    known = torch.zeros(b, length + 2, dtype=torch.bool)
+    rng = _random.Random(seed)
+    for i in range(b):
+        coords[i, 1:-1] = torch.from_numpy(fold_coords("alpha helix", length, rng))
+        known[i, 1:-1] = True
+    known[:, 5:9] = False                       # a gap in the structures
+    dev = device()
+    return ids.to(dev), torch.ones_like(ids, dtype=torch.bool).to(dev), coords.to(dev), known.to(dev)
+
+
+def check_structure(shapes: Shapes) -> dict:
+    out = {}
+    # precision: the check model's width, two proteins of twice the median length
+    ids, mask, coords, known = _folded_batch(2, 2 * shapes.protein_median, seed=1)
+    ref = None
+    # a fixed random direction: the squared mean of LayerNorm-ed states is ~1 whatever the input, with no gradient
+    w = torch.randn(*ids.shape, shapes.check_esm["hidden_size"], generator=torch.Generator().manual_seed(5))
+    w = w.to(device())
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        enc = _structure_encoder(shapes.check_esm, dtype)
+        if ref is not None:
+            enc.load_state_dict(ref["state"])
+        y = enc(ids, mask, coords, known)
+        (y.float() * w).mean().backward()
+        grads = torch.cat([p.grad.float().flatten().cpu() for p in enc.structure.parameters()])
+        if ref is None:
+            ref = {"state": {k: v.detach().clone() for k, v in enc.state_dict().items() if torch.is_tensor(v)},
+                   "out": y.detach().float().cpu(), "grads": grads}
+        else:
+            out["precision"] = {"out_rel_error": rel(y.detach().float().cpu(), ref["out"]),
+                                "grads_rel_error": rel(grads, ref["grads"])}
+        enc = y = None
+        free()
+    # cost at the real shape: forward+backward, every weight trained (the warm-up's setting), bf16 on a GPU
+    dt = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    length = 1021 if shapes is REAL else 2 * shapes.protein_median
+    ids, mask, coords, known = _folded_batch(2, length, seed=2)
+    torch.manual_seed(0)
+    enc = _structure_encoder(shapes.esm, dt)
+    for name, kw in (("plain", {}), ("bias", {"coords": coords, "coords_mask": known})):
+        free()
+
+        def step():
+            enc(ids, mask, **kw).float().square().mean().backward()
+            enc.zero_grad(set_to_none=True)
+        times = timed_steps(step, shapes)
+        out[name] = {"step_s": float(np.median(times)), "peak_gb": peak_gb()}
+    out.update(dtype=str(dt).replace("torch.", ""), proteins=2, residues=length,
+               bias_time_ratio=out["bias"]["step_s"] / out["plain"]["step_s"])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- 3. stage 2
 
 def stage2_ours(shapes: Shapes, cfg, batch, counts) -> dict:
@@ -605,6 +678,15 @@ def markdown(res: dict) -> str:
         lines.append(f"| {k.replace('_', ' ')} | {r['step_s']:.3f} | {r['samples_per_s']:,.1f} | "
                      f"{f(r['model_tflops'])} | {pct(r['mfu'])} | {f(r['peak_gb'])} |")
     lines += ["", f"Ratio: text cache / computed = {s1['cache_speedup']:.2f}x samples/s.", ""]
+    st = res.get("structure")
+    if st:
+        lines += [f"Structure-aware encoder (128 kernels): bf16 vs fp32 output rel. error "
+                  f"{st['precision']['out_rel_error']:.2e}, distance-bias gradients {st['precision']['grads_rel_error']:.2e}; "
+                  f"forward+backward at {st['proteins']} x {st['residues']} residues ({st['dtype']})", "",
+                  "| encoder | step s | peak GB |", "|---|---|---|",
+                  f"| ESM-2 (no coordinates) | {st['plain']['step_s']:.3f} | {f(st['plain']['peak_gb'])} |",
+                  f"| ESM-2 + distance bias | {st['bias']['step_s']:.3f} | {f(st['bias']['peak_gb'])} |", "",
+                  f"Ratio: with / without the bias = {st['bias_time_ratio']:.2f}x step time.", ""]
     return "\n".join(lines)
 
 
@@ -612,7 +694,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="toy shapes on whatever device there is (CPU in tests)")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "runs", "gpu_check"))
-    ap.add_argument("--only", nargs="*", default=["precision", "attention", "stage2", "stage1"])
+    ap.add_argument("--only", nargs="*", default=["precision", "attention", "stage2", "stage1", "structure"])
     a = ap.parse_args(argv)
     if not a.tiny and not torch.cuda.is_available():
         ap.error("no GPU here: the real shapes need one (use --tiny for the toy run)")
@@ -632,7 +714,8 @@ def main(argv=None) -> int:
             shapes = dataclasses.replace(shapes, llama=dict(shapes.llama, vocab_size=len(t)),
                                          check_llama=dict(shapes.check_llama, vocab_size=len(t)))
         for name, fn in (("precision", check_precision), ("attention", lambda s, w, t: check_attention(s)),
-                         ("stage2", stage2), ("stage1", stage1)):
+                         ("stage2", stage2), ("stage1", stage1),
+                         ("structure", lambda s, w, t: check_structure(s))):
             if name not in a.only:
                 continue
             t0 = time.perf_counter()
