@@ -59,13 +59,8 @@ def reading(files: int, length: int, tmp: str) -> list:
         for f in sorted(os.listdir(SHARED)):
             p = os.path.join(SHARED, f)
             data = open(p, "rb").read()
-            st = S.parse_structure(data, p)
-            for ch in st[0]:
-                pol = ch.get_polymer()
-                ent = st.get_entity_of(pol) if len(pol) else None
-                if ent is not None and ent.full_sequence and pol.check_polymer_type() in S._peptide_types():
-                    seq = "".join(S.residue_letter(x.split(",")[0]) for x in ent.full_sequence)
-                    shared.append((data, p, f, seq, ch.name))
+            for name, seq in S.seqres_chains(S.parse_structure(data, p)):
+                shared.append((data, p, f, seq, name))
     rows = []
     for what, items in (("AlphaFold-style PDB, %d residues" % length, af), ("shared PDB/mmCIF chains (gz)", shared)):
         if not items:

@@ -229,8 +229,7 @@ def read_structure(data: bytes, where: str, accession: str, sequence: str, chain
                    min_identity: float = MIN_IDENTITY) -> Structure:
     st = parse_structure(data, where, accession)
     model = st[0]
-    chains = [ch for ch in model if len(ch.get_polymer()) and ch.get_polymer().check_polymer_type()
-              in (_peptide_types())]
+    chains = protein_chains(model)
     if chain is not None:
         chains = [ch for ch in chains if ch.name == chain]
         if not chains:
@@ -269,9 +268,21 @@ def read_structure(data: bytes, where: str, accession: str, sequence: str, chain
     return Structure(coords, mask, plddt, name, ident, where)
 
 
-def _peptide_types():
+def protein_chains(model) -> list:
+    """The chains of a gemmi model whose polymer is a peptide (DNA/RNA chains and ligand-only chains left out)."""
     import gemmi
-    return (gemmi.PolymerType.PeptideL, gemmi.PolymerType.PeptideD, gemmi.PolymerType.Unknown)
+    peptide = (gemmi.PolymerType.PeptideL, gemmi.PolymerType.PeptideD, gemmi.PolymerType.Unknown)
+    return [ch for ch in model if len(ch.get_polymer()) and ch.get_polymer().check_polymer_type() in peptide]
+
+
+def seqres_chains(st) -> list:
+    """(chain name, SEQRES one-letter sequence) of every protein chain of model 1 whose entity has a SEQRES."""
+    out = []
+    for ch in protein_chains(st[0]):
+        ent = st.get_entity_of(ch.get_polymer())
+        if ent is not None and ent.full_sequence:
+            out.append((ch.name, "".join(residue_letter(x.split(",")[0]) for x in ent.full_sequence)))
+    return out
 
 
 def check_coordinates(coords, mask, plddt, where: str, accession: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -32,28 +32,21 @@ def hf_slices(bias, heads: int, tp_rank: int, tp: int) -> List[Slice]:
             for meg, (hf, split) in NAMES.items()]
 
 
-def tensors(src, heads: int, tp_rank: int, tp: int) -> Dict[str, torch.Tensor]:
-    """This rank's tensors from an exported structure/ directory (a TensorSource / HFDir)."""
-    h0, h1 = _rows(heads, tp_rank, tp)
-    return {meg: src.get(hf, 0, h0, h1) if split else src.get(hf) for meg, (hf, split) in NAMES.items()}
-
-
 def config(structure_cfg, heads: int) -> dict:
     return {"model_type": MODEL_TYPE, "heads": heads, **dataclasses.asdict(structure_cfg)}
 
 
-def structure_tensors(path: str, mods: Optional[list] = None) -> Optional[dict]:
-    """A run's trained distance bias (model.encoder=esm2_structure), whole: the per-head layer gathered
-    from its tensor-parallel ranks, the rest as rank 0 has it; None when the run has none."""
-    if mods is None:
-        files = sorted(glob.glob(os.path.join(path, "mp_rank_*_model_states.pt")))
-        mods = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+def structure_tensors(path: str) -> Optional[dict]:
+    """A run's trained distance bias (model.encoder=esm2_structure), whole, by megatron name: the per-head layer
+    gathered from its tensor-parallel ranks, the rest as the first of them has it; None when the run has none."""
+    files = sorted(glob.glob(os.path.join(path, "mp_rank_*_model_states.pt")))
     pre = "esm.structure."
-    mods = [m for m in mods if any(k.startswith(pre) for k in m)]
+    mods = [m for m in (torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files)
+            if any(k.startswith(pre) for k in m)]
     if not mods:
         return None
-    return {k[len(pre):]: (torch.cat([m[k] for m in mods], 0) if ".linear_heads." in k else v)
-            for k, v in mods[0].items() if k.startswith(pre) and torch.is_tensor(v)}
+    return {meg: torch.cat([m[pre + meg] for m in mods], 0) if split else mods[0][pre + meg]
+            for meg, (_, split) in NAMES.items()}
 
 
 def load_run(esm, src: str, tp_rank: int, tp: int) -> None:
@@ -63,10 +56,6 @@ def load_run(esm, src: str, tp_rank: int, tp: int) -> None:
     if whole is None:
         raise CheckpointError(f"{src}: no esm.structure.* tensors; name a warmup-structure, align or instruct run of "
                               f"the structure-aware encoder (model.encoder=esm2_structure)")
-    mine = {}
-    for k, v in whole.items():
-        if k.startswith("linear_heads."):
-            n = v.shape[0] // tp
-            v = v[tp_rank * n:(tp_rank + 1) * n]
-        mine[k] = v
-    copy_into(esm.structure, mine, src)
+    h0, h1 = _rows(whole["linear_heads.weight"].shape[0], tp_rank, tp)
+    copy_into(esm.structure, {meg: whole[meg][h0:h1] if split else whole[meg] for meg, (_, split) in NAMES.items()},
+              src)

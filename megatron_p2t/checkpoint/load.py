@@ -108,7 +108,7 @@ def load_hf(model, cfg, llama_cfg, pcfg, layout: Layout) -> None:
 
 def load_esm(esm, cfg, layout: Layout) -> None:
     copy_into(esm, esm_hf.megatron_tensors(esm, HFDir(cfg.model.esm), layout.tp_rank, layout.tp), cfg.model.esm,
-              keep=("structure.",))
+              keep=tuple(k[len("esm."):] for k in FRESH))
 
 
 def load_lm_head(head, cfg) -> None:

@@ -27,16 +27,9 @@ def _shared():
 
 
 def _chains_with_seqres(path):
-    """(chain name, SEQRES one-letter sequence) of every protein chain of model 1, from gemmi's entities."""
+    """The parsed file and (chain name, SEQRES one-letter sequence) of every protein chain of model 1."""
     st = S.parse_structure(open(path, "rb").read(), path)
-    out = []
-    for ch in st[0]:
-        pol = ch.get_polymer()
-        ent = st.get_entity_of(pol) if len(pol) else None
-        if ent is None or not ent.full_sequence or pol.check_polymer_type() not in S._peptide_types():
-            continue
-        out.append((ch.name, "".join(S.residue_letter(x.split(",")[0]) for x in ent.full_sequence)))
-    return st, out
+    return st, S.seqres_chains(st)
 
 
 def test_real_files_align_to_their_seqres_with_the_parsers_own_coordinates():
