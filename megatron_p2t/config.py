@@ -11,8 +11,9 @@ import yaml
 
 from megatron_p2t.data.instruct import InstructConfig
 from megatron_p2t.data.loader import LoaderConfig
-from megatron_p2t.models.parts_config import (SAVABLE, FreezeConfig, LoRAConfig, ProjectorConfig,
-                                             ResamplerConfig, StructureConfig, align_objective, check_parts)
+from megatron_p2t.models.parts_config import (SAVABLE, FreezeConfig, LoRAConfig, MoEConfig, ProjectorConfig,
+                                             ResamplerConfig, StructureConfig, align_objective, check_moe,
+                                             check_parts)
 from megatron_p2t.parallel.layout import ParallelConfig
 
 
@@ -24,6 +25,7 @@ class ModelConfig:
     decoder: str = "llama"
     resampler: ResamplerConfig = dataclasses.field(default_factory=ResamplerConfig)
     structure: StructureConfig = dataclasses.field(default_factory=StructureConfig)   # encoder=esm2_structure
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)                     # decoder=llama_moe
     # a `warmup-structure` run: its trained distance bias starts this stage (stage 1, or stage 2 without init_from)
     structure_init: Optional[str] = None
     esm: str = "facebook/esm2_t36_3B_UR50D"          # local HF directories (EsmModel / EsmForMaskedLM ...)
@@ -164,6 +166,11 @@ def config_from_dict(values: dict, overrides: List[str] = ()) -> Config:
         check_parts(cfg.model.encoder, cfg.model.connector, cfg.model.decoder, cfg.model.resampler,
                     cfg.model.structure)
         align_objective(cfg.align.objective, cfg.model.connector)
+        if cfg.model.decoder == "llama_moe":
+            check_moe(cfg.model.moe, cfg.parallel.expert)
+        elif cfg.parallel.expert != 1:
+            raise ValueError(f"parallel.expert={cfg.parallel.expert} splits experts, and model.decoder="
+                             f"{cfg.model.decoder} has none: set parallel.expert=1 or model.decoder=llama_moe")
         for key in ("esm_lora", "llm_lora"):
             bad = set(getattr(cfg.model, key).modules_to_save) - set(SAVABLE)
             if bad or (key == "esm_lora" and getattr(cfg.model, key).modules_to_save):
@@ -195,6 +202,8 @@ def recipe(cfg: Config) -> dict:
         out.update({f"model.resampler.{k}": v for k, v in dataclasses.asdict(m.resampler).items()})
     if m.encoder == "esm2_structure":
         out["model.structure.kernels"] = m.structure.kernels
+    if m.decoder == "llama_moe":
+        out["model.moe.experts"] = m.moe.experts
     return out
 
 
@@ -218,6 +227,9 @@ def check_same_recipe(path: str, cfg: Config, option: str) -> None:
         return
     theirs, ours = recipe(config_from_dict(saved["config"])), recipe(cfg)
     diff = [k for k in ours if theirs.get(k) != ours[k]]
+    if saved.get("stage") in ("align", "align-feature") and theirs["model.decoder"] == "llama":
+        # a stage 1 that kept the dense decoder frozen holds none of it: an MoE stage 2 upcycles model.llama
+        diff = [k for k in diff if not k.startswith(("model.decoder", "model.moe."))]
     if diff:
         raise ConfigError(f"{option}={path}: written by a run of another recipe -- "
                           + ", ".join(f"{k}={theirs.get(k)} there, {ours[k]} here" for k in diff)

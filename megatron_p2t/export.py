@@ -33,11 +33,13 @@ from megatron_p2t.checkpoint.hf_dir import CheckpointError
 from megatron_p2t.config import ConfigError, check_same_recipe, config_from_dict
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
 from megatron_p2t.hf_model import Prot2TextForGeneration
+from megatron_p2t.models.build import moe_of
+from megatron_p2t.models.llama_moe import is_expert_param
 from megatron_p2t.models.lora import apply_lora, merge_lora
 from megatron_p2t.parallel import launch_env, pipeline, state
 from megatron_p2t.parallel.layout import Layout, ParallelConfig
 from megatron_p2t.parallel.state import collective_device
-from megatron_p2t.training import run_instruct
+from megatron_p2t.training import experts, run_instruct
 
 
 def resolve(checkpoint: str):
@@ -49,16 +51,16 @@ def resolve(checkpoint: str):
     return step, run_dir
 
 
-def checkpoint_layout(step: str, pp: int) -> ParallelConfig:
+def checkpoint_layout(step: str, pp: int, ep: int = 1) -> ParallelConfig:
     """The layout a checkpoint with one mp_rank_* file per model-parallel rank was written at, by a run at
-    pipeline size `pp` (its config says)."""
+    pipeline size `pp` and expert-parallel size `ep` (its config says)."""
     n = len(glob.glob(os.path.join(step, "mp_rank_*_model_states.pt")))
     if not n:
         raise CheckpointError(f"{step}: no mp_rank_*_model_states.pt files")
     if n % pp:
         raise CheckpointError(f"{step}: {n} model-parallel shards, which the run's parallel.pipeline={pp} does not "
                               f"divide; is megatron_p2t.json beside it from another run?")
-    return ParallelConfig(tensor=n // pp, pipeline=pp)
+    return ParallelConfig(tensor=n // pp, pipeline=pp, expert=ep)
 
 
 def main(checkpoint: str, out: str, fmt: str = "megatron_p2t", verify_logits: bool = False,
@@ -77,8 +79,9 @@ def main(checkpoint: str, out: str, fmt: str = "megatron_p2t", verify_logits: bo
         raise CheckpointError(f"{run_dir}: an H-SCALE stage-1 run (`align`) trains Prot2Text-V2's projector alone; "
                               f"export the stage-2 run that continues it (instruct.init_from={run_dir})")
     saved = info["config"]
-    parallel = checkpoint_layout(step, int(saved.get("parallel", {}).get("pipeline", 1)))
-    shards = parallel.tensor * parallel.pipeline
+    parallel = checkpoint_layout(step, int(saved.get("parallel", {}).get("pipeline", 1)),
+                                 int(saved.get("parallel", {}).get("expert", 1)))
+    shards = parallel.tensor * parallel.pipeline * parallel.expert   # expert-parallel ranks: their own experts
     if not launch_env.under_launcher() and shards > 1:  # one process per model-parallel shard of the checkpoint
         rc = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                               f"--nproc_per_node={shards}", "-m", "megatron_p2t", *(argv or sys.argv[1:])])
@@ -88,10 +91,10 @@ def main(checkpoint: str, out: str, fmt: str = "megatron_p2t", verify_logits: bo
     launch_env.discover()
     if int(os.environ["WORLD_SIZE"]) != shards:
         raise ValueError(f"{step} has {shards} model-parallel shards (tensor {parallel.tensor} x pipeline "
-                         f"{parallel.pipeline}); export with {shards} processes (or run it without a launcher and "
-                         f"it starts them)")
+                         f"{parallel.pipeline} x expert {parallel.expert}); export with {shards} processes (or run "
+                         f"it without a launcher and it starts them)")
     cfg = config_from_dict(saved, [*overrides, f"parallel.tensor={parallel.tensor}",
-                                   f"parallel.pipeline={parallel.pipeline}"])
+                                   f"parallel.pipeline={parallel.pipeline}", f"parallel.expert={parallel.expert}"])
     check_same_recipe(step, cfg, "--checkpoint")     # an override of the parts would misread its tensors
     if cfg.model.connector != "mlp" and fmt == "p2tv2":
         raise ConfigError(f"{step}: --format p2tv2 is Prot2Text-V2's layout, which holds its projector only; a "
@@ -132,6 +135,12 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t", 
     if missing or unexpected:
         raise CheckpointError(f"{step}: the checkpoint does not fit the configured model: missing {missing[:4]}, "
                               f"unexpected {unexpected[:4]}")
+    moe = moe_of(cfg.model)
+    if moe is not None and layout.ep > 1:   # the module file holds the first data-parallel rank's experts
+        experts.load_weights({n: p for n, p in model.named_parameters() if is_expert_param(p)}, step, layout)
+    if moe is not None and fmt == "p2tv2":
+        raise ConfigError(f"{step}: --format p2tv2 is Prot2Text-V2's layout, whose decoder is a dense LLaMA; a "
+                          f"model.decoder=llama_moe run exports in the default format (llama/ in Qwen2-MoE's layout)")
     if fmt == "p2tv2":
         merged = merge_lora(model.llm) + (merge_lora(model.esm) if model.pre_process else 0)
         src = cfg.model.p2tv2
@@ -143,14 +152,17 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t", 
                     source=p2tv2.source_layout(src) if src else None)
         return {"out": out, "merged_lora_layers": merged, "model": model}
     adapter_dir = os.path.join(out, "adapter")
-    lora = cfg.model.llm_lora.r > 0        # r=0: a feature-alignment run, the decoder as it came
+    # r=0: a feature-alignment run, the decoder as it came. An MoE decoder's adapters sit beside experts that no
+    # base checkpoint has, so it is exported merged only
+    lora = cfg.model.llm_lora.r > 0 and moe is None
     lc = cfg.model.llm_lora
     if lora:
         slices = llama_hf.lora_hf_slices(model.llm, llama_cfg, tpr, tp)
         slices += llama_hf.saved_module_slices(model.llm, llama_cfg, lc.modules_to_save, tpr, tp)
         export_hf.export({adapter_dir: slices}, out)
     merged = merge_lora(model.llm) + (merge_lora(model.esm) if model.pre_process and model.reads_protein else 0)
-    p2t_hf.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tpr, tp, cfg.model.resampler)
+    p2t_hf.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tpr, tp, cfg.model.resampler, moe=moe,
+                     ep_rank=layout.ep_rank)
     if dist.get_rank() == 0:
         if lora:
             llama_hf.finish_peft_adapter(adapter_dir, lc, cfg.model.llama)
@@ -172,6 +184,8 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t", 
             info["resampler"] = dataclasses.asdict(cfg.model.resampler)
         if cfg.model.encoder == "esm2_structure":
             info["encoder"] = "esm2_structure"      # structure/ beside esm/ (hf_structure.py)
+        if moe is not None:
+            info["decoder"] = "llama_moe"           # llama/ holds a Qwen2MoeForCausalLM (checkpoint/llama_moe_hf.py)
         with open(os.path.join(out, "megatron_p2t.json"), "w") as f:
             json.dump(info, f, indent=1)
         with open(os.path.join(out, "README.md"), "w") as f:
@@ -282,8 +296,8 @@ def verify(model, cfg, out: str, layout: Layout, max_batches: int = 1, documents
             score = lambda b: hf(b["input_ids"], b["protein_ids"], b["protein_mask"], coords=b.get("protein_coords"),
                                  known=b.get("coords_mask"))
         else:
-            from transformers import LlamaForCausalLM
-            hf = LlamaForCausalLM.from_pretrained(os.path.join(out, "llama")).eval()
+            from transformers import AutoModelForCausalLM
+            hf = AutoModelForCausalLM.from_pretrained(os.path.join(out, "llama")).eval()
             score = lambda b: hf(input_ids=b["input_ids"]).logits
         with torch.no_grad():
             for b, mine in zip(batches, ours):

@@ -64,7 +64,7 @@ class Prot2TextForGeneration(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         from safetensors.torch import load_file
-        from transformers import AutoTokenizer, EsmModel, LlamaForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer, EsmModel
         if _is_p2tv2(path):
             return cls.from_p2tv2(path, dtype, device)
         info_file = os.path.join(path, "megatron_p2t.json")
@@ -90,7 +90,8 @@ class Prot2TextForGeneration(nn.Module):
             projector.load_state_dict(load_file(os.path.join(path, "projector", "model.safetensors")))
         else:
             projector = hf_connector.Connector.from_pretrained(os.path.join(path, "connector"))
-        llama = LlamaForCausalLM.from_pretrained(os.path.join(path, "llama"), dtype=dtype)
+        # LlamaForCausalLM, or Qwen2MoeForCausalLM for a mixture-of-experts decoder (model.decoder=llama_moe)
+        llama = AutoModelForCausalLM.from_pretrained(os.path.join(path, "llama"), dtype=dtype)
         tok = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
         return cls(esm, projector.to(dtype), llama, tok, info).to(device).eval()
 

@@ -9,6 +9,11 @@ Memory per GPU, in the model's dtype where not said otherwise:
   saving anything) plus the largest transient of a frozen layer (unfused attention scores for ESM); stage 2 keeps
   every decoder layer's inputs for backward (LoRA needs the gradient through all of them) and fp32 logits;
 - a fixed overhead per device (CUDA context, NCCL buffers, allocator slack).
+A mixture-of-experts decoder (model.decoder=llama_moe): each layer's dense MLP becomes model.moe.experts trained
+experts (split over parallel.expert data-parallel ranks, then over TP) and a router; experts' optimizer state is
+per expert-parallel rank (not ZeRO-partitioned when parallel.expert > 1, training/experts.py); a token's MLP
+activations and FLOPs count top_k experts, times TP (without sequence parallelism every TP rank's experts see all
+tokens, models/llama_moe.py).
 Step time: the step's FLOPs (2/token/parameter forward, twice that backward through the decoder, attention
 quadratic terms) over the device's dense bf16 peak times a stated MFU.
 """
@@ -104,6 +109,7 @@ class Plan:
     tp: int
     pp: int
     dp: int
+    ep: int
     micro_batch: int
     global_batch: int
     memory: Dict[str, float]      # bytes per device, by part
@@ -174,8 +180,15 @@ def prompt_tokens(cfg) -> int:
     return len(builder.prompt_ids({"name": "Uncharacterized protein", "organism": "Homo sapiens (Human)"}, "k", 0))
 
 
+def _attention_only(lora):
+    """An MoE decoder's adapters: its MLPs are experts, trained fully (models/lora.py leaves them unadapted)."""
+    return dataclasses.replace(lora, targets=[t for t in lora.targets if t not in ("linear_fc1", "linear_fc2")])
+
+
 def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) -> Plan:
     decoder_only = cfg.model.encoder == "none"
+    moe = cfg.model.moe if cfg.model.decoder == "llama_moe" else None
+    ep = cfg.parallel.expert if moe is not None else 1
     esm, llama = encoder_arch(cfg), arch_of(cfg.model.llama)
     wb = _dtype_bytes(cfg.model.dtype)
     b = cfg.data.batch_size or 1
@@ -206,7 +219,7 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
         tokens = b * lp
     else:
         frozen += tower(llama, llama.layers, True, not llama.tied)
-        trainable += _lora_params(llama, llm_lora, tp)
+        trainable += _lora_params(llama, llm_lora if moe is None else _attention_only(llm_lora), tp)
         if llm_lora.r:   # the embedding / output layer trained fully, vocabulary-parallel
             trainable += len(llm_lora.modules_to_save) * llama.vocab * llama.hidden / tp
         if objective == "lm":
@@ -218,12 +231,21 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
             seq = slots + lt + prompt_tokens(cfg)   # loads the tokenizer: once per plan
         tokens = b * seq
 
-    # AdamW: two fp32 moments, plus DeepSpeed's fp32 partition of the weights (the master copy in mixed precision)
+    experts = 0.0
+    if moe is not None and not hscale:   # the dense MLPs give way to trained experts and routers
+        mlp = (3 if llama.gated else 2) * llama.hidden * llama.ffn
+        frozen -= llama.layers * mlp / tp
+        experts = llama.layers * (moe.experts / ep * mlp / tp + moe.experts * llama.hidden)
+        if not llm_lora.r:                # feature alignment: the decoder, experts included, stays frozen
+            frozen, experts = frozen + experts, 0.0
+    # AdamW: two fp32 moments, plus DeepSpeed's fp32 partition of the weights (the master copy in mixed precision);
+    # experts under expert parallelism keep theirs whole on each rank (training/experts.py)
     opt_bytes = 12
+    opt_dp = dp if zero >= 1 else 1
     mem = {"frozen_weights": frozen * wb,
-           "trainable_weights": trainable * wb / (dp if zero >= 3 else 1),
-           "gradients": trainable * wb / (dp if zero >= 2 else 1),
-           "optimizer": trainable * opt_bytes / (dp if zero >= 1 else 1)}
+           "trainable_weights": (trainable + experts) * wb / (dp if zero >= 3 else 1),
+           "gradients": (trainable + experts) * wb / (dp if zero >= 2 and ep == 1 else 1),
+           "optimizer": trainable * opt_bytes / opt_dp + experts * opt_bytes / (opt_dp if ep == 1 else 1)}
 
     # activations of one micro-batch
     esm_transient = b * lp * (2 * esm.hidden + esm.ffn / tp) * wb + 2 * b * esm.heads / tp * lp * lp * wb
@@ -238,6 +260,8 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
         per_token_layer = wb * (6 * h + (h + 2 * kvd) / tp + h / tp + 4 * f / tp)
         if llm_lora.r and llm_lora.dropout:
             per_token_layer += (wb + 1) * (3 * h + f / tp)
+        if moe is not None:                                   # top_k experts per token, tp copies of it
+            per_token_layer += wb * 4 * f / tp * (moe.top_k * tp - 1) + wb * 2 * moe.experts
         logits = tokens * llama.vocab / tp * 4 * 2           # fp32 logits and their gradient
         act = tokens * llama.layers * per_token_layer + logits + esm_transient + esm_out + proj_saved
     if cfg.model.encoder == "esm2_structure":
@@ -260,10 +284,13 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
         dec = llama.layers * llama.layer_matrix_params() + (0 if llama.tied else llama.vocab * llama.hidden)
         attn = 2 * llama.layers * b * seq * seq * llama.hidden        # causal: half of 4 s^2 h
         flops += 2 * dec * tokens + attn + 2 * (dec * tokens + attn)   # backward: input gradients only
+        if moe is not None:     # top_k experts per token (their weights trained: 6 per parameter) and the router
+            mlp = (3 if llama.gated else 2) * llama.hidden * llama.ffn
+            flops += llama.layers * tokens * (mlp * (6 * moe.top_k * tp - 4) + 6 * moe.experts * llama.hidden)
     flops *= accum
     step_s = flops / (tp * device.peak_tflops * 1e12 * mfu)           # a replica is tp devices
     global_batch = b * dp * accum
-    return Plan(stage, tp, 1, dp, b, global_batch, mem, flops * dp, step_s, global_batch / step_s,
+    return Plan(stage, tp, 1, dp, ep, b, global_batch, mem, flops * dp, step_s, global_batch / step_s,
                 sum(mem.values()) <= device.memory_gib * GIB)
 
 
@@ -281,6 +308,8 @@ def layouts(cfg, stage: str, gpus: int, device: Device, mfu: float = 0.4) -> Lis
             continue
         if cfg.train.global_batch and cfg.train.global_batch % ((cfg.data.batch_size or 1) * (gpus // tp)):
             continue  # the trainer refuses it (see training/trainer.resolve_grad_accum)
+        if (gpus // tp) % cfg.parallel.expert:
+            continue  # experts split over data-parallel ranks (parallel/layout.check_layout)
         out.append(plan(cfg, stage, tp, gpus // tp, device, mfu))
     return out
 
@@ -289,12 +318,12 @@ def table(plans: List[Plan], stage: str, device_name: str, gpus: int, mfu: float
     if not plans:
         return f"{gpus} x {device_name}, stage {stage}: no layout divides the GPUs, heads and global batch"
     rows = [f"{gpus} x {device_name}, stage {stage}, MFU {mfu:.0%} assumed", "",
-            "| TP | PP | DP | global batch | frozen w | trainable w | grads | optimizer | activations | overhead "
+            "| TP | PP | DP | EP | global batch | frozen w | trainable w | grads | optimizer | activations | overhead "
             "| total GiB/GPU | fits | step s | samples/s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in plans:
         m = {k: v / GIB for k, v in p.memory.items()}
-        rows.append(f"| {p.tp} | {p.pp} | {p.dp} | {p.global_batch} | {m['frozen_weights']:.2f} | "
+        rows.append(f"| {p.tp} | {p.pp} | {p.dp} | {p.ep} | {p.global_batch} | {m['frozen_weights']:.2f} | "
                     f"{m['trainable_weights']:.3f} | {m['gradients']:.3f} | {m['optimizer']:.3f} | "
                     f"{m['activations']:.2f} | {m['overhead']:.1f} | {p.total / GIB:.2f} | "
                     f"{'yes' if p.fits else 'NO'} | {p.step_s:.3f} | {p.samples_s:.1f} |")

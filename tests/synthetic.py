@@ -170,3 +170,35 @@ def write_folds(out: str, texts: Sequence[str], per_fold: int = 24, seed: int = 
         with open(paths[split], "w") as f:
             f.write("\n".join(accs) + "\n")
     return paths
+
+
+def make_llama_moe(path: str, experts: int = 4, top_k: int = 1, seed: int = 5, init_std: float = 0.1,
+                   **llama_kw) -> str:
+    """A tiny mixture-of-experts decoder in the Qwen2-MoE layout our export writes (checkpoint/llama_moe_hf.py),
+    with every expert and the router drawn at random, so experts differ (an upcycled one's are all alike, and a
+    mistake in which rank holds which expert would not show)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    from megatron_p2t.checkpoint.llama_moe_hf import hf_config
+    from megatron_p2t.models.parts_config import MoEConfig
+    from megatron_p2t.models.tiny import make_llama
+    dense = make_llama(os.path.join(path, "dense"), seed=seed, init_std=init_std, max_shard_size="50MB", **llama_kw)
+    cfg = hf_config(AutoConfig.from_pretrained(dense), MoEConfig(experts=experts, top_k=top_k))
+    tensors = {k: v for k, v in load_file(os.path.join(dense, "model.safetensors")).items() if ".mlp." not in k}
+    g = torch.Generator().manual_seed(seed + 1)
+    h, f = cfg.hidden_size, cfg.moe_intermediate_size
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}.mlp."
+        tensors[p + "gate.weight"] = torch.randn(experts, h, generator=g) * init_std
+        for e in range(experts):
+            for name, shape in (("gate_proj", (f, h)), ("up_proj", (f, h)), ("down_proj", (h, f))):
+                tensors[f"{p}experts.{e}.{name}.weight"] = torch.randn(*shape, generator=g) * init_std
+        tensors[p + "shared_expert.gate_proj.weight"] = torch.zeros(0, h)
+        tensors[p + "shared_expert.up_proj.weight"] = torch.zeros(0, h)
+        tensors[p + "shared_expert.down_proj.weight"] = torch.zeros(h, 0)
+        tensors[p + "shared_expert_gate.weight"] = torch.zeros(1, h)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(path)
+    return path

@@ -158,3 +158,18 @@ def test_warmup_refuses_before_any_work():
                              (["warmup.text_encoder=x", "warmup.weights=[1.0, 1.0]"], "three non-negative")):
         with pytest.raises(ConfigError, match=words):
             check(load_config(f"{ROOT}/configs/sepit_tiny_cpu.yaml", overrides))
+
+
+def test_moe_decoder_options_are_checked_before_any_work():
+    cfg = load_config(f"{ROOT}/configs/sepit.yaml")
+    assert cfg.model.decoder == "llama_moe" and cfg.model.moe.experts == 4 and cfg.parallel.expert == 4
+    for bad, words in ((["parallel.expert=3"], "model.moe.experts=4 is not divisible by parallel.expert=3"),
+                       (["model.moe.top_k=5"], "top_k=5 is more than model.moe.experts=4"),
+                       (["model.moe.experts=1", "parallel.expert=1"], "at least 2 experts"),
+                       (["model.moe.capacity_factor=0"], "capacity_factor=0"),
+                       (["model.moe.dispatcher=flex"], "auto, alltoall or allgather"),
+                       (["model.decoder=llama"], "parallel.expert=4 splits experts")):
+        with pytest.raises(ConfigError, match=words.replace(".", r"\.").replace("(", r"\(")):
+            load_config(f"{ROOT}/configs/sepit.yaml", bad)
+    assert load_config(f"{ROOT}/configs/sepit.yaml", ["model.moe.capacity_factor=null"]).model.moe.capacity_factor \
+        is None

@@ -145,3 +145,22 @@ def test_the_structure_encoder_adds_its_bias_to_the_plan():
     cfg.model.structure.chunk = 16
     small = {p.tp: p for p in layouts(cfg, "align", 8, DEVICES["h100-80gb"])}
     assert small[1].memory["activations"] < biased[1].memory["activations"]
+
+
+def test_moe_decoder_planned_with_its_experts():
+    """Stage 2 with SEPIT's decoder: four experts per layer trained fully (their optimizer state whole per rank
+    under expert parallelism), the dense MLPs no longer frozen; expert parallelism divides the experts."""
+    dense = load_config(os.path.join(ROOT, "configs", "sepit.yaml"), ["model.decoder=llama", "parallel.expert=1"])
+    moe1 = load_config(os.path.join(ROOT, "configs", "sepit.yaml"), ["parallel.expert=1"])
+    moe4 = load_config(os.path.join(ROOT, "configs", "sepit.yaml"))
+    h100 = DEVICES["h100-80gb"]
+    d, m1, m4 = ({p.tp: p for p in layouts(c, "instruct", 8, h100)} for c in (dense, moe1, moe4))
+    mlp = 32 * 3 * 4096 * 14336      # LLaMA-3.1-8B's MLP parameters
+    assert d[2].memory["frozen_weights"] - m1[2].memory["frozen_weights"] == pytest.approx(mlp / 2 * 2, rel=1e-6)
+    experts = 32 * (4 * 3 * 4096 * 14336 / 2 + 4 * 4096)          # per TP=2 rank, bf16 weights below
+    assert m1[2].memory["trainable_weights"] - d[2].memory["trainable_weights"] > experts * 2 * 0.9
+    assert sorted(m4) == [1, 2] and all(p.ep == 4 for p in m4.values())   # TP=4, 8 leave DP < 4
+    assert m4[2].memory["trainable_weights"] < m1[2].memory["trainable_weights"] / 3
+    assert m4[2].step_s > d[2].step_s                             # router + tp copies of each token's expert
+    assert "| EP |" in __import__("megatron_p2t.plan", fromlist=["table"]).table(list(m4.values()), "instruct",
+                                                                              "h100-80gb", 8, 0.4)

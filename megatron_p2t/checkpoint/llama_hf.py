@@ -20,16 +20,20 @@ from megatron_p2t.models.lora import lora_layers
 from megatron_p2t.models.parts_config import SAVABLE
 
 
-# One decoder layer (megatron names under decoder.layers.<local>., HF names under model.layers.<global>.)
-LAYER = (
+# One decoder layer (megatron names under decoder.layers.<local>., HF names under model.layers.<global>.): what a
+# mixture-of-experts layer shares with a dense one, then the dense MLP
+ATTENTION = (
     Entry("input_layernorm.weight", ("input_layernorm.weight",)),
     Entry("self_attention.linear_qkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
                                                "self_attn.v_proj.weight"), 0, ("q", "kv", "kv"), "qkv"),
     Entry("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), 1, ("attention",)),
     Entry("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",)),
+)
+MLP = (
     Entry("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), 0, ("ffn", "ffn"), "gate_up"),
     Entry("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), 1, ("ffn",)),
 )
+LAYER = ATTENTION + MLP
 FIRST = (Entry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), 0, ("vocab",)),)
 LAST = (Entry("decoder.final_layernorm.weight", ("model.norm.weight",)),
         Entry("output_layer.weight", ("lm_head.weight",), 0, ("vocab",)))
@@ -50,10 +54,11 @@ def _geometry(hf_cfg, tp_rank: int, tp: int):
     return spans, fusers
 
 
-def _tables(model):
-    """(table, megatron prefix, HF prefix) for each part this GPTModel stage holds."""
+def _tables(model, mlp: bool = True):
+    """(table, megatron prefix, HF prefix) for each part this GPTModel stage holds; mlp=False leaves the MLPs
+    out (a mixture of experts: llama_moe_hf's)."""
     out = [(FIRST, "", "")] if model.pre_process else []
-    out += [(LAYER, f"decoder.layers.{i}.", f"model.layers.{layer.layer_number - 1}.")
+    out += [(LAYER if mlp else ATTENTION, f"decoder.layers.{i}.", f"model.layers.{layer.layer_number - 1}.")
             for i, layer in enumerate(model.decoder.layers)]
     return out + ([(LAST, "", "")] if model.post_process else [])
 
@@ -64,11 +69,12 @@ def layer_tensors(ck: HFDir, hf_cfg, layer: int, tp_rank: int, tp: int, prefix: 
     return read(LAYER, ck, f"{prefix}model.layers.{layer}.", "", spans, fusers)
 
 
-def megatron_tensors(model, ck, hf_cfg, tp_rank: int, tp: int, prefix: str = "") -> Dict[str, torch.Tensor]:
+def megatron_tensors(model, ck, hf_cfg, tp_rank: int, tp: int, prefix: str = "",
+                     mlp: bool = True) -> Dict[str, torch.Tensor]:
     """What this GPTModel stage's state dict must hold: this rank's TP slice of this stage's layers."""
     spans, fusers = _geometry(hf_cfg, tp_rank, tp)
     sd = {}
-    for table, meg, hf in _tables(model):
+    for table, meg, hf in _tables(model, mlp):
         sd.update(read(table, ck, prefix + hf, meg, spans, fusers))
     return sd
 
@@ -77,12 +83,12 @@ def load_into(model, ck: HFDir, hf_cfg, tp_rank: int, tp: int, prefix: str = "")
     copy_into(model, megatron_tensors(model, ck, hf_cfg, tp_rank, tp, prefix), ck.path)
 
 
-def hf_slices(model, hf_cfg, tp_rank: int, tp: int, prefix: str = "") -> List[Slice]:
+def hf_slices(model, hf_cfg, tp_rank: int, tp: int, prefix: str = "", mlp: bool = True) -> List[Slice]:
     """The inverse of megatron_tensors: this stage's local tensors as slices of the HF tensors."""
     spans, fusers = _geometry(hf_cfg, tp_rank, tp)
     sd = model.state_dict()
     out = []
-    for table, meg, hf in _tables(model):
+    for table, meg, hf in _tables(model, mlp):
         out += write(table, sd, prefix + hf, meg, spans, tp_rank, fusers)
     return out
 

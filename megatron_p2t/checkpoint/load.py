@@ -10,7 +10,7 @@ import sys
 import torch
 from transformers import AutoConfig
 
-from megatron_p2t.checkpoint import esm_hf, llama_hf, p2t_hf, p2tv2
+from megatron_p2t.checkpoint import esm_hf, llama_hf, llama_moe_hf, p2t_hf, p2tv2
 from megatron_p2t.checkpoint.hf_dir import CheckpointError, HFDir
 from megatron_p2t.checkpoint.slicing import copy_into
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
@@ -44,12 +44,25 @@ def hf_configs(cfg, say: bool = False):
                                                        intermediate_dim=adapter["intermediate_dim"],
                                                        output_dim=adapter["output_dim"], dropout=dropout)
     llama_cfg = hf_config(cfg.model.llama, "llama")
+    check_decoder(cfg, llama_cfg)
     if cfg.model.encoder == "none":        # decoder-only: no ESM, and the projector section is not used
         return llama_cfg, None, pcfg
     esm_cfg = hf_config(cfg.model.esm, "esm")
     return llama_cfg, esm_cfg, dataclasses.replace(
         pcfg, input_dim=pcfg.input_dim or esm_cfg.hidden_size, output_dim=pcfg.output_dim or llama_cfg.hidden_size,
         dropout=PROJECTOR_DROPOUT if pcfg.dropout is None else pcfg.dropout)
+
+
+def check_decoder(cfg, llama_cfg) -> None:
+    """model.llama against model.decoder: a mixture of experts (our export's Qwen2-MoE layout) is not a dense
+    LLaMA, and an MoE decoder reads one with the configured experts or upcycles a dense one."""
+    if llama_moe_hf.is_moe_dir(llama_cfg) and cfg.model.decoder != "llama_moe":
+        raise CheckpointError(f"model.llama={cfg.model.llama} is a mixture of {llama_cfg.num_experts} experts "
+                              f"({llama_cfg.model_type}), and model.decoder={cfg.model.decoder} is dense: set "
+                              f"model.decoder=llama_moe (model.moe.experts={llama_cfg.num_experts}, top_k="
+                              f"{llama_cfg.num_experts_per_tok}) to continue it")
+    if cfg.model.decoder == "llama_moe":
+        llama_moe_hf.check_source(llama_cfg, cfg.model.moe, cfg.model.llama)
 
 
 def placeholder_id(cfg) -> int:
@@ -96,13 +109,14 @@ def load_hf(model, cfg, llama_cfg, pcfg, layout: Layout) -> None:
     if cfg.model.p2tv2:
         ck = p2tv2.check(cfg.model.p2tv2)
         copy_into(model, p2t_hf.megatron_tensors(model, ck, ck, ck, llama_cfg, pcfg, tpr, tp, esm_prefix=p2tv2.ESM,
-                                                 llama_prefix=p2tv2.LLAMA, projector_prefix=p2tv2.ADAPTER),
+                                                 llama_prefix=p2tv2.LLAMA, projector_prefix=p2tv2.ADAPTER,
+                                                 moe=model_build.moe_of(cfg.model)),
                   cfg.model.p2tv2, keep=FRESH)
         return
     proj = HFDir(cfg.model.projector_weights) if cfg.model.projector_weights else None
     esm = HFDir(cfg.model.esm) if model.reads_protein else None
     copy_into(model, p2t_hf.megatron_tensors(model, esm, HFDir(cfg.model.llama), proj, llama_cfg,
-                                             pcfg, tpr, tp),
+                                             pcfg, tpr, tp, moe=model_build.moe_of(cfg.model)),
               f"{cfg.model.esm} + {cfg.model.llama}", keep=FRESH + (() if proj else ("projector.", "connector.")))
 
 

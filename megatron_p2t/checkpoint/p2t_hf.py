@@ -8,14 +8,25 @@ import os
 
 import torch
 
-from megatron_p2t.checkpoint import esm_hf, esm_structure_hf, export_hf, llama_hf, projector_hf, resampler_hf
+from megatron_p2t.checkpoint import (esm_hf, esm_structure_hf, export_hf, llama_hf, llama_moe_hf, projector_hf,
+                                     resampler_hf)
 from megatron_p2t.models.p2t import Prot2TextModel
 
+
+def decoder_tensors(model: Prot2TextModel, llama_src, llama_hf_cfg, tp_rank: int, tp: int, prefix: str = "",
+                    moe=None):
+    """The decoder's tensors: LLaMA's, or (moe: model.decoder=llama_moe) an MoE's, read or upcycled."""
+    if moe is None:
+        return llama_hf.megatron_tensors(model.llm, llama_src, llama_hf_cfg, tp_rank, tp, prefix)
+    return llama_moe_hf.megatron_tensors(model.llm, llama_src, llama_hf_cfg, moe, tp_rank, tp, prefix)
+
+
 def megatron_tensors(model: Prot2TextModel, esm_src, llama_src, projector_src, llama_hf_cfg, projector_cfg,
-                     tp_rank: int, tp: int, esm_prefix=None, llama_prefix: str = "", projector_prefix: str = ""):
+                     tp_rank: int, tp: int, esm_prefix=None, llama_prefix: str = "", projector_prefix: str = "",
+                     moe=None):
     """This rank's expected state dict of the joined model, from HF-layout sources (directories or tensors)."""
     sd = {f"llm.{k}": v for k, v in
-          llama_hf.megatron_tensors(model.llm, llama_src, llama_hf_cfg, tp_rank, tp, llama_prefix).items()}
+          decoder_tensors(model, llama_src, llama_hf_cfg, tp_rank, tp, llama_prefix, moe).items()}
     if model.pre_process and model.reads_protein:
         sd.update({f"esm.{k}": v for k, v in esm_hf.megatron_tensors(model.esm, esm_src, tp_rank, tp,
                                                                       esm_prefix).items()})
@@ -31,13 +42,21 @@ def megatron_tensors(model: Prot2TextModel, esm_src, llama_src, projector_src, l
 
 
 def hf_export(model: Prot2TextModel, out_dir: str, llama_hf_cfg, esm_hf_cfg, projector_cfg, tp_rank: int,
-              tp: int, resampler_cfg=None) -> None:
-    """Collective: write out_dir/{llama,esm,projector} in HF layout from any TP x PP layout; other connectors
-    than Prot2Text-V2's projector go to connector/ in the released Protein2Text / LLaVA names (hf_connector.py
-    reads them). A decoder-only model writes llama/ alone."""
+              tp: int, resampler_cfg=None, moe=None, ep_rank: int = 0) -> None:
+    """Collective: write out_dir/{llama,esm,projector} in HF layout from any TP x PP (x EP) layout; other
+    connectors than Prot2Text-V2's projector go to connector/ in the released Protein2Text / LLaVA names
+    (hf_connector.py reads them). A decoder-only model writes llama/ alone. An MoE decoder (moe) goes to llama/ in
+    Qwen2-MoE's layout (llama_moe_hf); expert-parallel ranks other than the first give their experts only."""
     mlp = model.connector_name == "mlp"
     dirs = {k: os.path.join(out_dir, k) for k in ("llama", "esm", "projector" if mlp else "connector")}
-    slices = {dirs["llama"]: llama_hf.hf_slices(model.llm, llama_hf_cfg, tp_rank, tp)}
+    if moe is not None:
+        slices = {dirs["llama"]: llama_moe_hf.hf_slices(model.llm, llama_hf_cfg, tp_rank, tp, ep_rank)}
+        llama_hf_cfg = llama_moe_hf.hf_config(llama_hf_cfg, moe)
+    else:
+        slices = {dirs["llama"]: llama_hf.hf_slices(model.llm, llama_hf_cfg, tp_rank, tp)}
+    if ep_rank:                         # the first expert-parallel rank writes everything but other experts
+        export_hf.export(slices, out_dir)
+        return
     if not model.reads_protein:
         export_hf.export(slices, out_dir, hf_configs={dirs["llama"]: llama_hf_cfg}
                          if torch.distributed.get_rank() == 0 else None)

@@ -33,7 +33,8 @@ def rope_settings(hf) -> dict:
 
 
 def transformer_config(hf, num_layers: int | None = None, params_dtype=torch.float32, layout: Layout | None = None,
-                       **overrides):
+                       moe=None, **overrides):
+    """moe: a MoEConfig for model.decoder=llama_moe (each MLP a mixture of experts of the same width)."""
     kw = dict(
         num_layers=num_layers or hf.num_hidden_layers, hidden_size=hf.hidden_size,
         num_attention_heads=hf.num_attention_heads, num_query_groups=hf.num_key_value_heads,
@@ -45,6 +46,10 @@ def transformer_config(hf, num_layers: int | None = None, params_dtype=torch.flo
         bias_activation_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, pipeline_dtype=params_dtype)
     kw.update(parallel_sizes(layout))
+    if moe is not None:
+        from megatron_p2t.models import llama_moe
+        kw.update(llama_moe.config_overrides(moe, hf.intermediate_size),
+                  expert_model_parallel_size=layout.ep if layout is not None else 1)
     kw.update(overrides)
     return TransformerConfig(**kw)
 
@@ -55,7 +60,12 @@ def build(hf, pre_process: bool = True, post_process: bool = True, config=None, 
     if getattr(hf, "tie_word_embeddings", False):
         raise ValueError("tied input/output embeddings: LLaMA-3.1-8B unties them; this builder expects that")
     cfg = config or transformer_config(hf, layout=layout, **config_overrides)
-    model = GPTModel(cfg, decoder_layer_spec(), vocab_size=hf.vocab_size,
+    if cfg.num_moe_experts:
+        from megatron_p2t.models import llama_moe
+        spec = llama_moe.layer_spec(cfg.num_moe_experts)
+    else:
+        spec = decoder_layer_spec()
+    model = GPTModel(cfg, spec, vocab_size=hf.vocab_size,
                      max_sequence_length=hf.max_position_embeddings, pre_process=pre_process,
                      post_process=post_process, parallel_output=True, share_embeddings_and_output_weights=False,
                      position_embedding_type="rope", **rope_settings(hf))

@@ -94,6 +94,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, prefix: str = "") -> List[str]
             p.requires_grad_(True)
     wrapped = []
     for name, module in list(model.named_modules()):
+        if ".experts." in f".{name}.":   # a mixture of experts' MLPs train fully (models/llama_moe.py), unadapted
+            continue
         for child_name, child in list(module.named_children()):
             if child_name in cfg.targets and not isinstance(child, LoRALinear):
                 full = ".".join(p for p in (prefix, name, child_name) if p)

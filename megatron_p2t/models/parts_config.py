@@ -40,12 +40,31 @@ class StructureConfig:
     noise_std: float = 1.0         # warm-up: angstrom of Gaussian noise the denoising head predicts
 
 
+@dataclasses.dataclass
+class MoEConfig:
+    """model.decoder=llama_moe: megatron-core's MoE layer in place of each decoder MLP (models/llama_moe.py).
+    Routing is Switch-style top-k over softmax scores taken before the top-k (megatron-core requires this for
+    top-1: renormalising one score would give 1 and leave the router without a gradient from the loss)."""
+    experts: int = 4
+    top_k: int = 1
+    capacity_factor: Optional[float] = 1.25   # training only (tokens over capacity dropped); None: no dropping
+    aux_loss: float = 0.01                    # load-balancing loss coefficient (Switch / GShard)
+    # upcycling: router weights ~ N(0, router_init_std^2). Small, so every score is 1/experts within ~1e-7 and the
+    # upcycled layer (experts' down projections x experts) computes the dense MLP; not zero, so tokens still
+    # spread over the experts (equal scores would send every token to expert 0 and drop most of them)
+    router_init_std: float = 1e-7
+    seed: int = 0                             # the router's initial values, independent of the parallel layout
+    dispatcher: str = "auto"                  # megatron token dispatcher: auto (alltoall on GPU, allgather on CPU)
+
+
 # model.encoder / model.decoder: the protein encoder and the language model (more come with later recipes)
 ENCODERS = {"esm2": "ESM-2 (facebook/esm2_*), hidden states of model.esm_output_layer",
             "esm2_structure": "ESM-2 with C-alpha distances as per-head attention biases (SEPIT; model.structure), "
                               "reading KEY.coords.npy from shards built with --structures; plain ESM-2 without them",
             "none": "no protein encoder: a decoder-only recipe reads proteins as text (ProLLaMA's Seq=<...>)"}
-DECODERS = {"llama": "LLaMA-3 (meta-llama/Llama-3.1-8B-Instruct and its sizes)"}
+DECODERS = {"llama": "LLaMA-3 (meta-llama/Llama-3.1-8B-Instruct and its sizes)",
+            "llama_moe": "LLaMA-3 with every MLP a mixture of experts (SEPIT; model.moe), upcycled from the dense "
+                         "model.llama or read from an exported MoE (Qwen2-MoE layout)"}
 
 # model.connector: how the ESM states become decoder inputs, and so how many prompt slots a protein takes
 CONNECTORS = {
@@ -54,6 +73,32 @@ CONNECTORS = {
     "resampler": "Protein2Text: Perceiver resampler over the residues, then mlp2x_gelu (model.resampler.latents slots)",
     "none": "no connector (decoder-only, with model.encoder=none): no prompt slots",
 }
+
+
+def check_moe(moe: MoEConfig, expert_parallel: int = 1) -> None:
+    """The MoE settings alone and against parallel.expert: refused before anything is built."""
+    for k in ("experts", "top_k"):
+        v = getattr(moe, k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"model.moe.{k}={v!r}: a positive whole number")
+    if moe.experts < 2:
+        raise ValueError(f"model.moe.experts={moe.experts}: a mixture needs at least 2 experts (or use "
+                         f"model.decoder=llama)")
+    if moe.top_k > moe.experts:
+        raise ValueError(f"model.moe.top_k={moe.top_k} is more than model.moe.experts={moe.experts}: a token cannot go "
+                         f"to more experts than there are; lower top_k or add experts")
+    if moe.capacity_factor is not None and not moe.capacity_factor > 0:
+        raise ValueError(f"model.moe.capacity_factor={moe.capacity_factor}: positive (1.25 drops tokens beyond 1.25x "
+                         f"an even share), or null for no dropping")
+    if moe.aux_loss < 0 or moe.router_init_std < 0:
+        raise ValueError("model.moe.aux_loss and model.moe.router_init_std must be non-negative")
+    if moe.dispatcher not in ("auto", "alltoall", "allgather"):
+        raise ValueError(f"model.moe.dispatcher={moe.dispatcher!r}: auto, alltoall or allgather")
+    if moe.experts % expert_parallel:
+        lower = [d for d in range(1, moe.experts + 1) if moe.experts % d == 0 and d <= expert_parallel]
+        raise ValueError(f"model.moe.experts={moe.experts} is not divisible by parallel.expert={expert_parallel}: each "
+                         f"expert-parallel rank holds the same number of experts; set parallel.expert to a divisor "
+                         f"of {moe.experts} (e.g. {lower[-1]}) or model.moe.experts to a multiple of {expert_parallel}")
 
 
 def check_parts(encoder: str, connector: str, decoder: str, resampler: Optional[ResamplerConfig] = None,

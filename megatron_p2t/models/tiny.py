@@ -63,3 +63,4 @@ def make_projector(path: str, esm_hidden: int = 48, inter: int = 32, out: int = 
 def make_all(root: str, vocab: int = 256) -> dict:
     return {"llama": make_llama(os.path.join(root, "llama"), vocab=vocab), "esm": make_esm(os.path.join(root, "esm")),
             "projector": make_projector(os.path.join(root, "projector"))}
+

@@ -12,6 +12,9 @@ from typing import Any, Optional
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
+    # expert parallelism (model.decoder=llama_moe): the experts of each MoE layer split over this many
+    # data-parallel ranks; must divide the data-parallel size and the number of experts
+    expert: int = 1
     seed: int = 1234
     # a collective that waits longer than this fails the rank instead of hanging the job (a dead or stuck
     # peer under NCCL otherwise blocks the others until the launcher notices, or forever)
@@ -36,6 +39,11 @@ class Layout:
     mp_group: Optional[Any] = dataclasses.field(default=None, compare=False, repr=False)  # tensor x pipeline
     tp_src_rank: int = 0               # global rank of this tensor group's first member
     mp_rank: int = 0                   # rank in the tensor x pipeline group (DeepSpeed names its files by it)
+    ep: int = 1                        # expert-parallel size (over data-parallel ranks)
+    ep_rank: int = 0
+    ep_group: Optional[Any] = dataclasses.field(default=None, compare=False, repr=False)
+    # the ranks holding the same experts (data-parallel size / ep): expert gradients are reduced over these
+    expert_dp_group: Optional[Any] = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def first_stage(self) -> bool:
@@ -54,11 +62,17 @@ class LayoutError(ValueError):
     pass
 
 
-def check_layout(world_size: int, tp: int, pp: int) -> int:
-    """The data-parallel size, or a clear error when tp x pp does not divide the world."""
-    if tp < 1 or pp < 1:
-        raise LayoutError(f"tensor_parallel={tp} and pipeline_parallel={pp} must be >= 1")
+def check_layout(world_size: int, tp: int, pp: int, ep: int = 1) -> int:
+    """The data-parallel size, or a clear error when tp x pp does not divide the world or the expert-parallel
+    size does not divide the data-parallel one."""
+    if tp < 1 or pp < 1 or ep < 1:
+        raise LayoutError(f"tensor_parallel={tp}, pipeline_parallel={pp} and expert_parallel={ep} must be >= 1")
     if world_size % (tp * pp):
         raise LayoutError(f"tensor_parallel x pipeline_parallel = {tp} x {pp} = {tp * pp} does not divide the "
                           f"world size {world_size}; launch a multiple of {tp * pp} processes or change the layout")
-    return world_size // (tp * pp)
+    dp = world_size // (tp * pp)
+    if dp % ep:
+        raise LayoutError(f"parallel.expert={ep} does not divide the data-parallel size {dp} (world {world_size} / "
+                          f"tensor {tp} / pipeline {pp}): experts are split over data-parallel ranks; launch "
+                          f"{tp * pp * ep} x n processes or lower parallel.expert")
+    return dp

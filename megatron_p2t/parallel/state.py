@@ -26,10 +26,13 @@ def initialize(parallel: ParallelConfig, backend: str | None = None) -> Layout:
                                    timeout=datetime.timedelta(minutes=parallel.timeout_minutes))
     if not torch.cuda.is_available():
         keep_freed_memory()
-    check_layout(torch.distributed.get_world_size(), parallel.tensor, parallel.pipeline)
+    check_layout(torch.distributed.get_world_size(), parallel.tensor, parallel.pipeline, parallel.expert)
     if not ps.model_parallel_is_initialized():
+        # experts are split over data-parallel ranks and, inside each expert, over the tensor-parallel ones
+        # (megatron-core's default expert_tensor_parallel_size = tensor_model_parallel_size)
         ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor,
-                                     pipeline_model_parallel_size=parallel.pipeline)
+                                     pipeline_model_parallel_size=parallel.pipeline,
+                                     expert_model_parallel_size=parallel.expert)
     model_parallel_cuda_manual_seed(parallel.seed)
     return current()
 
@@ -46,7 +49,10 @@ def current() -> Layout:
                   pp_last_rank=ps.get_pipeline_model_parallel_last_rank(),
                   tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group(),
                   dp_group=ps.get_data_parallel_group(), mp_group=mp,
-                  tp_src_rank=ps.get_tensor_model_parallel_src_rank(), mp_rank=torch.distributed.get_rank(mp))
+                  tp_src_rank=ps.get_tensor_model_parallel_src_rank(), mp_rank=torch.distributed.get_rank(mp),
+                  ep=ps.get_expert_model_parallel_world_size(), ep_rank=ps.get_expert_model_parallel_rank(),
+                  ep_group=ps.get_expert_model_parallel_group(),
+                  expert_dp_group=ps.get_expert_data_parallel_group())
 
 
 def keep_freed_memory() -> None:

@@ -26,6 +26,7 @@ from megatron_p2t.data.instruct import InstructLoader, MixedLoader, PromptBuilde
 from megatron_p2t.data.lm import DocumentLoader
 from megatron_p2t.data.loader import ProteinTextLoader
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
+from megatron_p2t.models import llama_moe
 from megatron_p2t.models.lora import apply_lora
 from megatron_p2t.models.parts_config import FreezeConfig, protein_slots
 from megatron_p2t.parallel import pipeline, state
@@ -144,15 +145,18 @@ def build(cfg, layout: Layout):
         esm_structure_hf.load_run(model.esm, stage1_dir(cfg.model.structure_init), tpr, tp)
     model.set_freeze(cfg.model.freeze)   # after stage 1's ESM adapters: frozen with ESM, the distance bias trained
     apply_lora(model.llm, cfg.model.llm_lora, "llm")   # r=0: none, the decoder stays frozen
+    if cfg.model.decoder == "llama_moe" and cfg.model.llm_lora.r > 0:
+        llama_moe.train_experts(model.llm)             # routers and experts train fully beside the adapters
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model, llama_cfg, esm_cfg, pcfg
 
 
 def param_groups(model, cfg):
-    """The adapters (with the decoder modules trained fully beside them, model.llm_lora.modules_to_save) at
-    train.lr, the connector at instruct.projector_lr."""
+    """The adapters (with the decoder modules trained fully beside them, model.llm_lora.modules_to_save, and a
+    mixture of experts' routers and experts) at train.lr, the connector at instruct.projector_lr."""
     saved = tuple(f"llm.{m}." for m in cfg.model.llm_lora.modules_to_save)
+    saved += tuple(n + "." for n, m in model.named_modules() if isinstance(m, llama_moe.DecoderMoELayer))
     lora = [p for n, p in model.named_parameters() if p.requires_grad and (".lora_" in n or n.startswith(saved))]
     connector = ("projector.", "connector.", "esm.structure.")   # the distance bias learns at the connector's rate
     proj = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(connector)]

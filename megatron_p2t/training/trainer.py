@@ -38,8 +38,10 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from megatron_p2t.models.llama_moe import is_expert_param, take_router_stats
 from megatron_p2t.parallel.layout import Layout
 from megatron_p2t.parallel.state import collective_device
+from megatron_p2t.training.experts import ExpertOptimizer, register_groups
 
 
 class MegatronMPU:
@@ -182,6 +184,20 @@ class Trainer:
             raise ValueError(f"pipeline-parallel training reduces gradients through ZeRO: set train.zero_stage to 1 "
                              f"or 2 (it is {self.tc.zero_stage})")
         self.rank = dist.get_rank()
+        self.experts = None
+        experts = [(n, p) for n, p in model.named_parameters() if p.requires_grad and is_expert_param(p)]
+        if experts:    # expert parallelism: experts stepped beside the engine (training/experts.py)
+            if self.tc.zero_stage not in (1, 2):
+                raise ValueError(f"expert parallelism (parallel.expert={layout.ep}) trains experts beside ZeRO: set "
+                                 f"train.zero_stage to 1 or 2 (it is {self.tc.zero_stage})")
+            ids = {id(p) for _, p in experts}
+            register_groups(layout, [p for _, p in experts])
+            self.experts = ExpertOptimizer(experts, self.tc, layout, lr_lambda(self.tc.steps, self.tc.warmup_fraction,
+                                                                             self.tc.min_lr_ratio))
+            if param_groups:
+                param_groups = [dict(g, params=[p for p in g["params"] if id(p) not in ids]) for g in param_groups]
+            else:
+                param_groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids]}]
         params = param_groups or [p for p in model.parameters() if p.requires_grad]
         if not params or (param_groups and not any(g["params"] for g in param_groups)):
             raise ValueError("nothing to train: every parameter is frozen (see model.freeze)")
@@ -222,8 +238,10 @@ class Trainer:
         self.engine.save_checkpoint(d, tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True,
                                     client_state={"step": self.step, "nonfinite_total": self.nonfinite_total})
         torch.save({"loader": self.loader.state_dict(), "rng": rng_state(), "nonfinite": self.nonfinite,
-                    "shapes": self._shapes()},
+                    "shapes": self._shapes(), "experts": self.experts.state_dict() if self.experts else None},
                    os.path.join(d, tmp_tag, f"extra_rank{self.rank:05d}.pt"))
+        if self.experts:
+            self.experts.save_weights(os.path.join(d, tmp_tag))
         dist.barrier()
         if self.rank == 0:
             open(os.path.join(d, tmp_tag, "COMPLETE"), "w").close()
@@ -282,6 +300,9 @@ class Trainer:
                                     f"saving?); pass another tag or --resume auto")
         extra = self._check_compatible(os.path.join(d, tag))
         _, client = self.engine.load_checkpoint(d, tag=tag, load_module_strict=False)  # frozen ones: see save()
+        if self.experts:      # after the engine, whose module file holds the first data-parallel rank's experts
+            self.experts.load_weights(os.path.join(d, tag))
+            self.experts.load_state_dict(extra["experts"])
         self.loader.load_state_dict(extra["loader"])
         set_rng_state(extra["rng"])
         self.step, self.nonfinite = client["step"], extra["nonfinite"]
@@ -342,6 +363,8 @@ class Trainer:
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 self.engine.backward(loss)
                 self.engine.step()
+                if boundary and self.experts:
+                    self.experts.step()
                 micro_losses.append(float(loss.detach()))
                 samples += _samples(batch)
                 if not boundary:
@@ -350,6 +373,10 @@ class Trainer:
                 micro_losses = []
             self.step += 1
             history.append(lv)
+            # router counts of a mixture-of-experts decoder (collective: every rank, every step)
+            metrics = {**metrics, **take_router_stats(self.engine.module, self.layout)}
+            if self.experts:
+                metrics["expert_grad_norm"] = self.experts.last_norm
             if on_step:
                 on_step(self.step, lv)
             if self.rank == 0:
@@ -400,6 +427,8 @@ class Trainer:
                 return None
         self.nonfinite = 0
         self.engine.step()
+        if self.experts:
+            self.experts.step()
         return loss, metrics, sum(_samples(b) for b in batches)
 
     def _eval(self) -> Dict:
