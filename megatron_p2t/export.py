@@ -96,6 +96,9 @@ def main(checkpoint: str, out: str, fmt: str = "megatron_p2t", verify_logits: bo
     cfg = config_from_dict(saved, [*overrides, f"parallel.tensor={parallel.tensor}",
                                    f"parallel.pipeline={parallel.pipeline}", f"parallel.expert={parallel.expert}"])
     check_same_recipe(step, cfg, "--checkpoint")     # an override of the parts would misread its tensors
+    if cfg.model.decoder == "llama_moe" and fmt == "p2tv2":
+        raise ConfigError(f"{step}: --format p2tv2 is Prot2Text-V2's layout, whose decoder is a dense LLaMA; a "
+                          f"model.decoder=llama_moe run exports in the default format (llama/ in Qwen2-MoE's layout)")
     if cfg.model.connector != "mlp" and fmt == "p2tv2":
         raise ConfigError(f"{step}: --format p2tv2 is Prot2Text-V2's layout, which holds its projector only; a "
                           f"model.connector={cfg.model.connector} run exports in the default format (connector/ "
@@ -138,9 +141,6 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t", 
     moe = moe_of(cfg.model)
     if moe is not None and layout.ep > 1:   # the module file holds the first data-parallel rank's experts
         experts.load_weights({n: p for n, p in model.named_parameters() if is_expert_param(p)}, step, layout)
-    if moe is not None and fmt == "p2tv2":
-        raise ConfigError(f"{step}: --format p2tv2 is Prot2Text-V2's layout, whose decoder is a dense LLaMA; a "
-                          f"model.decoder=llama_moe run exports in the default format (llama/ in Qwen2-MoE's layout)")
     if fmt == "p2tv2":
         merged = merge_lora(model.llm) + (merge_lora(model.esm) if model.pre_process else 0)
         src = cfg.model.p2tv2

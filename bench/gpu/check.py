@@ -12,7 +12,10 @@ code paths at toy shapes on the CPU (a test does, so the script works when a GPU
    first 16 layers) computed, on the same proteins;
 5. structure: the structure-aware encoder (C-alpha distance bias, 128 kernels) in bf16 against fp32 on the same
    weights, and its forward+backward at ESM-2-3B's shape on 1,021-residue proteins with vs without coordinates
-   (the bias's cost and peak memory, same run).
+   (the bias's cost and peak memory, same run);
+6. moe: the mixture-of-experts decoder (4 experts, top-1) in bf16 against fp32, and two layers at LLaMA-3.1-8B's
+   width dense vs MoE on one packed row (megatron-core's alltoall dispatcher, SequentialMLP experts: grouped GEMM
+   needs Transformer Engine or the grouped_gemm package).
 Weights are random (nothing can be downloaded there); the shapes are the real ones. Every figure goes to
 check.json and check.md in --out.
 """
@@ -428,6 +431,64 @@ def check_structure(shapes: Shapes) -> dict:
     return out
 
 
+def _decoder(llama: dict, dtype, moe=None, layers: int | None = None):
+    from transformers import LlamaConfig
+
+    from megatron_p2t.models import llama as llama_mod
+    shape = dict(llama, num_hidden_layers=layers or llama["num_hidden_layers"])
+    hf = LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+    return llama_mod.build(hf, params_dtype=dtype, moe=moe).to(device())
+
+
+def check_moe(shapes: Shapes) -> dict:
+    """The mixture-of-experts decoder (4 experts, top-1): bf16 vs fp32 on the check model (no capacity, so both
+    route every token), and forward+backward of two layers at LLaMA-3.1-8B's width, dense vs MoE, on one packed
+    row (every weight trained)."""
+    from megatron_p2t.models.parts_config import MoEConfig
+    out = {}
+    moe = MoEConfig(capacity_factor=None, router_init_std=0.02)
+    vocab = shapes.check_llama["vocab_size"]
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (2, 256), generator=g).to(device())
+    pos = torch.arange(256, device=device()).expand(2, -1)
+    ref = None
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        m = _decoder(shapes.check_llama, dtype, moe)
+        if ref is not None:
+            m.load_state_dict(ref["state"])
+        logits = m(input_ids=ids, position_ids=pos, attention_mask=None).float()
+        F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+        grads = torch.cat([p.grad.float().flatten().cpu() for n, p in m.named_parameters() if ".mlp." in n])
+        if ref is None:
+            ref = {"state": {k: v.detach().clone() for k, v in m.state_dict().items() if torch.is_tensor(v)},
+                   "logits": logits.detach().cpu(), "grads": grads}
+        else:
+            out["precision"] = {"logits_rel_error": rel(logits.detach().cpu(), ref["logits"]),
+                                "expert_grads_rel_error": rel(grads, ref["grads"])}
+        m = logits = None
+        free()
+    dt = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    tokens = shapes.pack_length
+    ids = torch.randint(0, shapes.llama["vocab_size"], (1, tokens), generator=g).to(device())
+    pos = torch.arange(tokens, device=device())[None]
+    for name, cfg in (("dense", None), ("moe", MoEConfig())):
+        free()
+        torch.manual_seed(0)
+        m = _decoder(shapes.llama, dt, cfg, layers=2)
+
+        def step():
+            m(input_ids=ids, position_ids=pos, attention_mask=None, labels=ids).float().mean().backward()
+            m.zero_grad(set_to_none=True)
+        times = timed_steps(step, shapes)
+        out[name] = {"step_s": float(np.median(times)), "peak_gb": peak_gb(),
+                     "params": sum(p.numel() for p in m.parameters())}
+        m = None
+    out.update(dtype=str(dt).replace("torch.", ""), tokens=tokens, layers=2,
+               moe_time_ratio=out["moe"]["step_s"] / out["dense"]["step_s"])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- 3. stage 2
 
 def stage2_ours(shapes: Shapes, cfg, batch, counts) -> dict:
@@ -687,6 +748,16 @@ def markdown(res: dict) -> str:
                   f"| ESM-2 (no coordinates) | {st['plain']['step_s']:.3f} | {f(st['plain']['peak_gb'])} |",
                   f"| ESM-2 + distance bias | {st['bias']['step_s']:.3f} | {f(st['bias']['peak_gb'])} |", "",
                   f"Ratio: with / without the bias = {st['bias_time_ratio']:.2f}x step time.", ""]
+    mo = res.get("moe")
+    if mo:
+        lines += [f"Mixture-of-experts decoder (4 experts, top-1): bf16 vs fp32 logits rel. error "
+                  f"{mo['precision']['logits_rel_error']:.2e}, MLP gradients {mo['precision']['expert_grads_rel_error']:.2e}; "
+                  f"forward+backward of {mo['layers']} layers at LLaMA-3.1-8B's width, {mo['tokens']} tokens "
+                  f"({mo['dtype']})", "", "| decoder | parameters | step s | peak GB |", "|---|---|---|---|",
+                  f"| dense | {mo['dense']['params']:,} | {mo['dense']['step_s']:.3f} | {f(mo['dense']['peak_gb'])} |",
+                  f"| 4 experts, top-1 | {mo['moe']['params']:,} | {mo['moe']['step_s']:.3f} | "
+                  f"{f(mo['moe']['peak_gb'])} |", "",
+                  f"Ratio: MoE / dense = {mo['moe_time_ratio']:.2f}x step time.", ""]
     return "\n".join(lines)
 
 
@@ -694,7 +765,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="toy shapes on whatever device there is (CPU in tests)")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "runs", "gpu_check"))
-    ap.add_argument("--only", nargs="*", default=["precision", "attention", "stage2", "stage1", "structure"])
+    ap.add_argument("--only", nargs="*", default=["precision", "attention", "stage2", "stage1", "structure", "moe"])
     a = ap.parse_args(argv)
     if not a.tiny and not torch.cuda.is_available():
         ap.error("no GPU here: the real shapes need one (use --tiny for the toy run)")
@@ -715,7 +786,7 @@ def main(argv=None) -> int:
                                          check_llama=dict(shapes.check_llama, vocab_size=len(t)))
         for name, fn in (("precision", check_precision), ("attention", lambda s, w, t: check_attention(s)),
                          ("stage2", stage2), ("stage1", stage1),
-                         ("structure", lambda s, w, t: check_structure(s))):
+                         ("structure", lambda s, w, t: check_structure(s)), ("moe", lambda s, w, t: check_moe(s))):
             if name not in a.only:
                 continue
             t0 = time.perf_counter()

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_p2t.models import llama_moe
 from megatron_p2t.models.specs import decoder_layer_spec, norms_in, parallel_sizes
 from megatron_p2t.parallel.layout import Layout
 
@@ -47,7 +48,6 @@ def transformer_config(hf, num_layers: int | None = None, params_dtype=torch.flo
         gradient_accumulation_fusion=False, pipeline_dtype=params_dtype)
     kw.update(parallel_sizes(layout))
     if moe is not None:
-        from megatron_p2t.models import llama_moe
         kw.update(llama_moe.config_overrides(moe, hf.intermediate_size),
                   expert_model_parallel_size=layout.ep if layout is not None else 1)
     kw.update(overrides)
@@ -61,7 +61,6 @@ def build(hf, pre_process: bool = True, post_process: bool = True, config=None, 
         raise ValueError("tied input/output embeddings: LLaMA-3.1-8B unties them; this builder expects that")
     cfg = config or transformer_config(hf, layout=layout, **config_overrides)
     if cfg.num_moe_experts:
-        from megatron_p2t.models import llama_moe
         spec = llama_moe.layer_spec(cfg.num_moe_experts)
     else:
         spec = decoder_layer_spec()

@@ -63,32 +63,29 @@ class Router(TopKRouter):
         if not config.sequence_parallel and self.tp_cp_group.size() > 1:
             self.tp_cp_group = _OneRank()        # every tensor-parallel rank routes all tokens (module docstring)
         self.capacity_factor = config.moe_expert_capacity_factor
-        self._load = torch.zeros(config.num_moe_experts, dtype=torch.float64)
-        self._tokens = torch.zeros((), dtype=torch.float64)
-        self._dropped = torch.zeros((), dtype=torch.float64)
+        self._stats = None     # [tokens per expert..., tokens, dropped] since take_stats, where routing runs
 
     def routing(self, logits, padding_mask=None):
         self.config.moe_expert_capacity_factor = None
         probs, routing_map = super().routing(logits, padding_mask)
         self.config.moe_expert_capacity_factor = self.capacity_factor
-        with torch.no_grad():
-            load = routing_map.sum(0).double().cpu()
+        load = routing_map.sum(0).double() if self.training else None
         if self.training and self.capacity_factor is not None:
             probs, routing_map = moe_utils.apply_router_token_dropping(
                 probs, routing_map, router_topk=self.topk, capacity_factor=self.capacity_factor,
                 drop_policy=self.config.moe_token_drop_policy)
-        if self.training:
+        if self.training:     # counted on the device, read once per step (no sync per layer)
             with torch.no_grad():
-                kept = float(routing_map.sum())
-            self._load += load
-            self._tokens += float(load.sum())
-            self._dropped += float(load.sum()) - kept
+                routed = load.sum()
+                row = torch.cat([load, routed[None], (routed - routing_map.sum())[None]])
+                self._stats = row if self._stats is None else self._stats + row
         return probs, routing_map
 
     def take_stats(self) -> torch.Tensor:
-        """[load of each expert..., tokens routed, tokens dropped] since the last call (then reset)."""
-        out = torch.cat([self._load, self._tokens[None], self._dropped[None]])
-        self._load.zero_(), self._tokens.zero_(), self._dropped.zero_()
+        """[tokens given to each expert..., tokens routed, tokens dropped] since the last call (then reset)."""
+        out = (self._stats.cpu() if self._stats is not None
+               else torch.zeros(self.config.num_moe_experts + 2, dtype=torch.float64))
+        self._stats = None
         return out
 
 

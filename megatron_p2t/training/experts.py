@@ -11,8 +11,8 @@ distributed optimizer treats them:
 - clipped by their own global norm (over every expert of every rank) at train.clip_grad; DeepSpeed clips the
   other parameters by theirs. (Megatron-LM clips all parameters by one norm; DeepSpeed computes its norm inside
   its step, so the two cannot be joined without reaching into ZeRO.)
-- AdamW with the run's hyperparameters and learning-rate schedule;
-- checkpoints: weights per (expert-parallel rank, model-parallel rank) next to DeepSpeed's files
+- AdamW with the run's hyperparameters and learning-rate schedule, on fp32 master copies;
+- checkpoints: the fp32 weights per (expert-parallel rank, model-parallel rank) next to DeepSpeed's files
   (`experts_epEE_mpMM.pt`, which export reads), optimizer state in each rank's own extra file.
 DeepSpeed still broadcasts every parameter of the module at start-up; the experts' go over the expert-data-
 parallel group, which `register_groups` names to it under its own convention (`ep_size_N`).
@@ -45,11 +45,16 @@ def register_groups(layout: Layout, params: List[torch.nn.Parameter]) -> None:
 
 
 class ExpertOptimizer:
+    """AdamW over fp32 master copies of the experts (the weights themselves may be bf16, as DeepSpeed's bf16
+    optimizer keeps its own masters), reduced and clipped as the module docstring says, one parameter at a time
+    (no flat copy of every expert's gradient)."""
+
     def __init__(self, named_params, tc, layout: Layout, lr_lambda):
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
+        self.master = [torch.nn.Parameter(p.detach().float().clone()) for p in self.params]
         self.layout, self.clip = layout, tc.clip_grad
-        self.opt = torch.optim.AdamW(self.params, lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps,
+        self.opt = torch.optim.AdamW(self.master, lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps,
                                      weight_decay=tc.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda)
         self.expert_dp = dist.get_world_size(group=layout.expert_dp_group)
@@ -58,26 +63,28 @@ class ExpertOptimizer:
     def step(self) -> None:
         """Reduce, clip and apply the accumulated gradients, then clear them (every rank, every step)."""
         dev = collective_device()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads]).to(dev, torch.float32)
-        if self.expert_dp > 1:
-            dist.all_reduce(flat, group=self.layout.expert_dp_group)
-        flat /= self.layout.dp
+        sq = torch.zeros(1, dtype=torch.float64, device=dev)
+        for p, m in zip(self.params, self.master):
+            g = (p.grad if p.grad is not None else torch.zeros_like(p)).to(dev, torch.float32)
+            if self.expert_dp > 1:
+                dist.all_reduce(g, group=self.layout.expert_dp_group)
+            g /= self.layout.dp
+            sq += (g.double() ** 2).sum()
+            m.grad = g.to(m.device)
+            p.grad = None
         # each expert shard is held by expert_dp ranks alike: sum squares over the world, count each once
-        sq = (flat.double() ** 2).sum().reshape(1)
         dist.all_reduce(sq)
         norm = float(sq / self.expert_dp) ** 0.5
         self.last_norm = norm
         if self.clip and norm > self.clip:
-            flat *= self.clip / (norm + 1e-6)
-        off = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = flat[off:off + n].view_as(p).to(p.device, p.dtype)
-            off += n
+            for m in self.master:
+                m.grad.mul_(self.clip / (norm + 1e-6))
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master):
+                p.copy_(m)
 
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
@@ -86,17 +93,17 @@ class ExpertOptimizer:
         self.opt.load_state_dict(s["opt"])
         self.sched.load_state_dict(s["sched"])
 
-    def weights_file(self, directory: str) -> str:
-        return os.path.join(directory, weights_name(self.layout.ep_rank, self.layout.mp_rank))
-
     def save_weights(self, directory: str) -> None:
-        """The first of the ranks holding these experts writes them."""
+        """The first of the ranks holding these experts writes their fp32 masters."""
         if dist.get_rank(group=self.layout.expert_dp_group) == 0:
-            torch.save({n: p.detach().cpu() for n, p in zip(self.names, self.params)}, self.weights_file(directory))
+            torch.save({n: m.detach().cpu() for n, m in zip(self.names, self.master)},
+                       os.path.join(directory, weights_name(self.layout.ep_rank, self.layout.mp_rank)))
 
     @torch.no_grad()
     def load_weights(self, directory: str) -> None:
-        load_weights(dict(zip(self.names, self.params)), directory, self.layout)
+        load_weights(dict(zip(self.names, self.master)), directory, self.layout)
+        for p, m in zip(self.params, self.master):
+            p.copy_(m)
 
 
 def weights_name(ep_rank: int, mp_rank: int) -> str:
@@ -117,4 +124,4 @@ def load_weights(params: dict, directory: str, layout: Layout) -> None:
         from megatron_p2t.checkpoint.hf_dir import CheckpointError
         raise CheckpointError(f"{path}: no {missing[:3]}; written by another model?")
     for n, p in params.items():
-        p.copy_(saved[n])
+        p.copy_(saved[n])     # the fp32 masters, cast to the parameter's dtype

@@ -1,6 +1,6 @@
 """The device script runs between GPU loans: `bench/gpu/run.sh --tiny` takes every code path of the GPU run
 (bf16 vs fp32, the packed attention kernels, both stage-2 implementations, stage 1 with and without the text
-cache, the report) at toy shapes on the CPU."""
+cache, the structure-aware encoder, the MoE decoder, the report) at toy shapes on the CPU."""
 import json
 import os
 import subprocess
@@ -38,7 +38,10 @@ def test_device_script_runs_tiny_on_cpu(tmp_path):
     st = res["structure"]
     assert st["precision"]["out_rel_error"] < 5e-2 and 0 < st["precision"]["grads_rel_error"] < 0.1
     assert st["plain"]["step_s"] > 0 and st["bias"]["step_s"] > 0
+    mo = res["moe"]
+    assert 0 < mo["precision"]["logits_rel_error"] < 5e-2 and 0 < mo["precision"]["expert_grads_rel_error"] < 0.1
+    assert mo["moe"]["params"] > mo["dense"]["params"] and mo["moe"]["step_s"] > 0
     md = (tmp_path / "check.md").read_text()
     for heading in ("Precision", "Packed attention", "Stage 2 step", "Stage 1 step", "Ratio: ours / HF + PEFT",
-                    "Structure-aware encoder"):
+                    "Structure-aware encoder", "Mixture-of-experts decoder"):
         assert heading in md
