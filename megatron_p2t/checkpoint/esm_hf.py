@@ -64,7 +64,7 @@ FINAL_NORM = (Entry("block.final_layernorm.weight", ("encoder.emb_layer_norm_aft
               Entry("block.final_layernorm.bias", ("encoder.emb_layer_norm_after.bias",)))
 
 
-def _geometry(cfg, tp_rank: int, tp: int):
+def geometry(cfg, tp_rank: int, tp: int):
     hd = cfg.hidden_size // cfg.num_attention_heads
     h0, h1 = span(cfg.num_attention_heads, tp_rank, tp, "ESM attention heads")
     spans = {"heads": (h0 * hd, h1 * hd), "ffn": span(cfg.ffn_hidden_size, tp_rank, tp, "ESM intermediate_size")}
@@ -79,13 +79,13 @@ def _tables(enc):
 
 
 def layer_tensors(ck: HFDir, cfg, layer: int, tp_rank: int, tp: int, prefix: str) -> Dict[str, torch.Tensor]:
-    spans, fusers = _geometry(cfg, tp_rank, tp)
+    spans, fusers = geometry(cfg, tp_rank, tp)
     return read(LAYER, ck, f"{prefix}encoder.layer.{layer}.", "", spans, fusers)
 
 
 def megatron_tensors(enc, ck, tp_rank: int, tp: int, prefix: str | None = None) -> Dict[str, torch.Tensor]:
     prefix = detect_prefix(ck) if prefix is None else prefix
-    spans, fusers = _geometry(enc.cfg, tp_rank, tp)
+    spans, fusers = geometry(enc.cfg, tp_rank, tp)
     sd = {}
     for table, meg, hf in _tables(enc):
         sd.update(read(table, ck, prefix + hf, meg, spans, fusers))
@@ -98,7 +98,7 @@ def load_into(enc, ck: HFDir, tp_rank: int, tp: int, prefix: str | None = None, 
 
 def hf_slices(enc, tp_rank: int, tp: int, prefix: str = "") -> List[Slice]:
     """The inverse of megatron_tensors: this rank's tensors as slices of the HF tensors."""
-    spans, fusers = _geometry(enc.cfg, tp_rank, tp)
+    spans, fusers = geometry(enc.cfg, tp_rank, tp)
     sd = enc.state_dict()
     out = []
     for table, meg, hf in _tables(enc):

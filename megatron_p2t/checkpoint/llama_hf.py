@@ -39,7 +39,7 @@ LAST = (Entry("decoder.final_layernorm.weight", ("model.norm.weight",)),
         Entry("output_layer.weight", ("lm_head.weight",), 0, ("vocab",)))
 
 
-def _geometry(hf_cfg, tp_rank: int, tp: int):
+def geometry(hf_cfg, tp_rank: int, tp: int):
     """(spans of this rank, fusers) for an HF LLaMA config."""
     hd = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
     nq, nkv = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
@@ -65,14 +65,14 @@ def _tables(model, mlp: bool = True):
 
 def layer_tensors(ck: HFDir, hf_cfg, layer: int, tp_rank: int, tp: int, prefix: str = "") -> Dict[str, torch.Tensor]:
     """One decoder layer's megatron tensors (names relative to `decoder.layers.<local>.`) for this TP rank."""
-    spans, fusers = _geometry(hf_cfg, tp_rank, tp)
+    spans, fusers = geometry(hf_cfg, tp_rank, tp)
     return read(LAYER, ck, f"{prefix}model.layers.{layer}.", "", spans, fusers)
 
 
 def megatron_tensors(model, ck, hf_cfg, tp_rank: int, tp: int, prefix: str = "",
                      mlp: bool = True) -> Dict[str, torch.Tensor]:
     """What this GPTModel stage's state dict must hold: this rank's TP slice of this stage's layers."""
-    spans, fusers = _geometry(hf_cfg, tp_rank, tp)
+    spans, fusers = geometry(hf_cfg, tp_rank, tp)
     sd = {}
     for table, meg, hf in _tables(model, mlp):
         sd.update(read(table, ck, prefix + hf, meg, spans, fusers))
@@ -85,7 +85,7 @@ def load_into(model, ck: HFDir, hf_cfg, tp_rank: int, tp: int, prefix: str = "")
 
 def hf_slices(model, hf_cfg, tp_rank: int, tp: int, prefix: str = "", mlp: bool = True) -> List[Slice]:
     """The inverse of megatron_tensors: this stage's local tensors as slices of the HF tensors."""
-    spans, fusers = _geometry(hf_cfg, tp_rank, tp)
+    spans, fusers = geometry(hf_cfg, tp_rank, tp)
     sd = model.state_dict()
     out = []
     for table, meg, hf in _tables(model, mlp):
@@ -112,7 +112,7 @@ def lora_tensors(model, src, hf_cfg, tp_rank: int, tp: int, targets, prefix: str
     """A PEFT adapter on LlamaForCausalLM -> this rank's lora_A / lora_B of a GPTModel stage wrapped with
     `targets`. require_shared_a=False maps gradients, whose per-projection A parts legitimately differ.
     B is split and fused like the weight it adapts (the LAYER table's spans and fusers)."""
-    spans, fusers = _geometry(hf_cfg, tp_rank, tp)
+    spans, fusers = geometry(hf_cfg, tp_rank, tp)
     out = {}
     for i, layer in enumerate(model.decoder.layers):
         p = f"{prefix}model.layers.{layer.layer_number - 1}."
@@ -135,7 +135,7 @@ def lora_tensors(model, src, hf_cfg, tp_rank: int, tp: int, targets, prefix: str
 
 def lora_hf_slices(model, hf_cfg, tp_rank: int, tp: int, prefix: str = PEFT_PREFIX):
     """The inverse of lora_tensors, as export slices of this rank."""
-    spans, fusers = _geometry(hf_cfg, tp_rank, tp)
+    spans, fusers = geometry(hf_cfg, tp_rank, tp)
     whole = tp_rank == 0
     out = []
     for name, mod in lora_layers(model).items():
@@ -159,7 +159,7 @@ def saved_module_slices(model, hf_cfg, modules, tp_rank: int, tp: int, prefix: s
     """The decoder modules trained fully beside the adapters (LoRAConfig.modules_to_save: embedding, output_layer)
     as PEFT stores its modules_to_save: whole tensors under their HF names (`base_model.model.model.embed_tokens.
     weight`, `base_model.model.lm_head.weight`); this stage's, from this rank's vocabulary rows."""
-    spans, fusers = _geometry(hf_cfg, tp_rank, tp)
+    spans, fusers = geometry(hf_cfg, tp_rank, tp)
     held = (FIRST if model.pre_process else ()) + (LAST if model.post_process else ())
     table = [e for e in held if e.megatron.split(".")[0] in modules]
     return write(table, model.state_dict(), prefix, "", spans, tp_rank, fusers)

@@ -65,7 +65,7 @@ def _layers(model):
 def megatron_tensors(model, ck, hf_cfg, moe, tp_rank: int, tp: int, prefix: str = "") -> Dict[str, torch.Tensor]:
     """This stage's and this rank's (TP slice, local experts) tensors, from an MoE directory or upcycled from a
     dense one."""
-    spans, fusers = llama_hf._geometry(hf_cfg, tp_rank, tp)
+    spans, fusers = llama_hf.geometry(hf_cfg, tp_rank, tp)
     sd = llama_hf.megatron_tensors(model, ck, hf_cfg, tp_rank, tp, prefix, mlp=False)
     moe_src = is_moe_dir(hf_cfg)
     scale = moe.experts / moe.top_k
@@ -89,7 +89,7 @@ def hf_slices(model, hf_cfg, tp_rank: int, tp: int, ep_rank: int) -> List[Slice]
     """The inverse: this rank's tensors as slices of the Qwen2-MoE tensors. Expert-parallel ranks each give their
     own experts; what every expert-parallel rank holds alike comes from the first. The shared expert's empty
     tensors and zero gate come with the router."""
-    spans, fusers = llama_hf._geometry(hf_cfg, tp_rank, tp)
+    spans, fusers = llama_hf.geometry(hf_cfg, tp_rank, tp)
     sd = model.state_dict()
     out = llama_hf.hf_slices(model, hf_cfg, tp_rank, tp, mlp=False) if ep_rank == 0 else []
     for i, g, n_local, first in _layers(model):

@@ -2,7 +2,7 @@
 (router, token dispatcher, SequentialMLP experts) in the decoder layer spec, expert parallelism over the
 data-parallel ranks (parallel.expert) through megatron-core's expert groups.
 
-Two things differ from megatron-core's stock layer, both narrow:
+Three things differ from megatron-core's stock layer, each narrow:
 - Capacity (token dropping) applies in training only, as in Switch Transformer and GShard; evaluation and
   generation route every token, as the exported Hugging Face model does. The router also counts, per step, the
   tokens each expert was given and how many were dropped (`take_router_stats`), for the log and TensorBoard.
@@ -14,6 +14,9 @@ Two things differ from megatron-core's stock layer, both narrow:
   group as if each rank held a slice, counts the batch tp times. The layer here skips the guard, divides the
   experts' gradients by tp, and has the router count over its own tokens only; the EP x TP parity test checks
   losses and gradients against one process.
+- The allgather dispatcher (the CPU path; alltoall creates a CUDA stream) assumes every rank of the expert group
+  holds as many tokens; stage-2 batches differ in length between data-parallel ranks, so each rank pads to the
+  group's largest count (`PaddedAllGatherDispatcher`).
 """
 from __future__ import annotations
 

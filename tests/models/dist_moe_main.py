@@ -110,8 +110,6 @@ def run_case(ckpt, layout, ref, reshard=None):
     for name, p in model.named_parameters():
         e = expected[name]
         worst = max(worst, float((p.grad - e).abs().max()))
-        if os.environ.get("MOE_DEBUG") and torch.distributed.get_rank() == 0:
-            print("DBG", name, float((p.grad - e).norm() / e.norm().clamp(min=1e-12)), float(p.grad.norm() / e.norm().clamp(min=1e-12)), flush=True)
         rel = max(rel, float((p.grad - e).norm() / e.norm().clamp(min=1e-12)))
         checked += 1
     losses = [float(o["loss"]) for o in out]
