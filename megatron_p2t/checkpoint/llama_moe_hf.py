@@ -75,13 +75,12 @@ def megatron_tensors(model, ck, hf_cfg, moe, tp_rank: int, tp: int, prefix: str 
         if moe_src:
             sd.update(read(ROUTER, ck, hf, meg, spans))
         else:
-            sd[meg + "mlp.router.weight"] = router_init(moe, g, hf_cfg.hidden_size).to(sd[meg +
-                                                                                        "pre_mlp_layernorm.weight"].dtype)
+            sd[meg + "mlp.router.weight"] = router_init(moe, g, hf_cfg.hidden_size)
             dense = read(EXPERT, ck, hf + "mlp.", "", spans, fusers)
             dense["linear_fc2.weight"] = dense["linear_fc2.weight"] * scale
         for j in range(n_local):
             tensors = read(EXPERT, ck, f"{hf}mlp.experts.{first + j}.", "", spans, fusers) if moe_src else dense
-            sd.update({f"{meg}mlp.experts.local_experts.{j}.{k}": v.clone() for k, v in tensors.items()})
+            sd.update({f"{meg}mlp.experts.local_experts.{j}.{k}": v for k, v in tensors.items()})
     return sd
 
 

@@ -31,6 +31,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
 from megatron_p2t.models.parts_config import MoEConfig
+from megatron_p2t.parallel.state import collective_device
 from megatron_p2t.transformer.attention import SegmentAttention
 
 if not hasattr(moe_utils, "te_general_gemm"):
@@ -62,26 +63,26 @@ class Router(TopKRouter):
 
     def __init__(self, config, pg_collection=None):
         super().__init__(config=config, pg_collection=pg_collection)
-        self.config = copy.copy(config)          # its capacity is switched per call, for this router alone
+        self.capacity_factor = config.moe_expert_capacity_factor
+        self.config = copy.copy(config)          # megatron-core's routing on it drops nothing; routing() below does
+        self.config.moe_expert_capacity_factor = None
         if not config.sequence_parallel and self.tp_cp_group.size() > 1:
             self.tp_cp_group = _OneRank()        # every tensor-parallel rank routes all tokens (module docstring)
-        self.capacity_factor = config.moe_expert_capacity_factor
         self._stats = None     # [tokens per expert..., tokens, dropped] since take_stats, where routing runs
 
     def routing(self, logits, padding_mask=None):
-        self.config.moe_expert_capacity_factor = None
         probs, routing_map = super().routing(logits, padding_mask)
-        self.config.moe_expert_capacity_factor = self.capacity_factor
-        load = routing_map.sum(0).double() if self.training else None
-        if self.training and self.capacity_factor is not None:
+        if not self.training:
+            return probs, routing_map
+        load = routing_map.sum(0).double()
+        if self.capacity_factor is not None:
             probs, routing_map = moe_utils.apply_router_token_dropping(
                 probs, routing_map, router_topk=self.topk, capacity_factor=self.capacity_factor,
                 drop_policy=self.config.moe_token_drop_policy)
-        if self.training:     # counted on the device, read once per step (no sync per layer)
-            with torch.no_grad():
-                routed = load.sum()
-                row = torch.cat([load, routed[None], (routed - routing_map.sum())[None]])
-                self._stats = row if self._stats is None else self._stats + row
+        with torch.no_grad():     # counted on the device, read once per step (no sync per layer)
+            routed = load.sum()
+            row = torch.cat([load, routed[None], (routed - routing_map.sum())[None]])
+            self._stats = row if self._stats is None else self._stats + row
         return probs, routing_map
 
     def take_stats(self) -> torch.Tensor:
@@ -191,19 +192,17 @@ def take_router_stats(model, layout) -> Dict[str, float]:
         return {}
     stats = torch.stack([m.router.take_stats() for m in layers])
     if layout.dp > 1:
-        from megatron_p2t.parallel.state import collective_device
         dev = stats.to(collective_device())
         torch.distributed.all_reduce(dev, group=layout.dp_group)
         stats = dev.cpu()
-    out = {}
-    if layout.pp > 1:
+    stages = [([m.layer_number for m in layers], stats)]
+    if layout.pp > 1:     # every stage's layers on every rank
         stages = [None] * layout.pp
-        torch.distributed.all_gather_object(stages, (
-            [m.layer_number for m in layers], stats), group=layout.pp_group)
-        for numbers, rows in stages:
-            out.update(_shares(numbers, rows))
-        return out
-    return _shares([m.layer_number for m in layers], stats)
+        torch.distributed.all_gather_object(stages, ([m.layer_number for m in layers], stats), group=layout.pp_group)
+    out = {}
+    for numbers, rows in stages:
+        out.update(_shares(numbers, rows))
+    return out
 
 
 def _shares(numbers, stats) -> Dict[str, float]:

@@ -25,6 +25,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
+from megatron_p2t.checkpoint.hf_dir import CheckpointError
 from megatron_p2t.parallel.layout import Layout
 from megatron_p2t.parallel.state import collective_device
 
@@ -115,13 +116,11 @@ def load_weights(params: dict, directory: str, layout: Layout) -> None:
     """A run's experts for this (expert-parallel, model-parallel) rank into `params` (name -> parameter)."""
     path = os.path.join(directory, weights_name(layout.ep_rank, layout.mp_rank))
     if not os.path.exists(path):
-        from megatron_p2t.checkpoint.hf_dir import CheckpointError
         raise CheckpointError(f"{path}: missing; a run with parallel.expert={layout.ep} writes one per expert-"
                               f"parallel x model-parallel rank (resume or export at the layout it was trained at)")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     missing = sorted(set(params) - set(saved))
     if missing:
-        from megatron_p2t.checkpoint.hf_dir import CheckpointError
         raise CheckpointError(f"{path}: no {missing[:3]}; written by another model?")
     for n, p in params.items():
         p.copy_(saved[n])     # the fp32 masters, cast to the parameter's dtype

@@ -185,6 +185,7 @@ class Trainer:
                              f"or 2 (it is {self.tc.zero_stage})")
         self.rank = dist.get_rank()
         self.experts = None
+        schedule = lr_lambda(self.tc.steps, self.tc.warmup_fraction, self.tc.min_lr_ratio)
         experts = [(n, p) for n, p in model.named_parameters() if p.requires_grad and is_expert_param(p)]
         if experts:    # expert parallelism: experts stepped beside the engine (training/experts.py)
             if self.tc.zero_stage not in (1, 2):
@@ -192,8 +193,7 @@ class Trainer:
                                  f"train.zero_stage to 1 or 2 (it is {self.tc.zero_stage})")
             ids = {id(p) for _, p in experts}
             register_groups(layout, [p for _, p in experts])
-            self.experts = ExpertOptimizer(experts, self.tc, layout, lr_lambda(self.tc.steps, self.tc.warmup_fraction,
-                                                                             self.tc.min_lr_ratio))
+            self.experts = ExpertOptimizer(experts, self.tc, layout, schedule)
             if param_groups:
                 param_groups = [dict(g, params=[p for p in g["params"] if id(p) not in ids]) for g in param_groups]
             else:
@@ -203,8 +203,7 @@ class Trainer:
             raise ValueError("nothing to train: every parameter is frozen (see model.freeze)")
         opt = torch.optim.AdamW(params, lr=self.tc.lr, betas=tuple(self.tc.adam_betas), eps=self.tc.adam_eps,
                                 weight_decay=self.tc.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.tc.steps, self.tc.warmup_fraction,
-                                                                 self.tc.min_lr_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                     config=deepspeed_config(self.tc, micro_batch, whole_step),
                                                     mpu=MegatronMPU(layout))
