@@ -33,6 +33,7 @@ def main():
     from megatron_p2t.parallel import state
     from megatron_p2t.plan import DEVICES, plan
     from megatron_p2t.training.trainer import Trainer
+    import torch._dynamo  # noqa: F401  code, not data: torch.optim's constructor imports it; in the baseline
     cfg = load_config(args[1], args[2:])
     layout = state.initialize(dataclasses.replace(cfg.parallel, tensor=1, pipeline=1, seed=1))
     os.makedirs(cfg.train.save_dir, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The package imports one way: parallel -> data -> transformer -> models -> checkpoint -> (config, the HF-only
+"""The package imports one way: (_deferred_compile) -> parallel -> data -> transformer -> models -> checkpoint -> (config, the HF-only
 model) -> training -> the commands (export, generate, evaluate, plan) -> cli. Every import of the package is
 read from the source, those inside functions included, so a deferred import cannot hide a cycle or an import
 against the order."""
@@ -10,6 +10,7 @@ from tests.conftest import ROOT
 PKG = "megatron_p2t"
 # lowest first; a module may import its own layer and the layers below it
 LAYERS = [
+    ["_deferred_compile"],  # installed by the package's __init__ before anything imports megatron-core
     ["parallel"],
     ["data"],
     ["transformer"],
