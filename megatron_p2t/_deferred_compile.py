@@ -1,9 +1,10 @@
 """megatron-core decorates its fusion kernels (bias-GeLU, bias-SwiGLU, bias-dropout-add, MoE routing helpers) with
 `torch.compile` when its modules are imported, and DeepSpeed's Muon module (which its engine imports to check the
 optimizer, whichever optimizer a run uses) does the same. Decorating compiles nothing, torch compiles on the first
-call, but it imports torch._inductor and the compiler stack behind it: about 2.3 s of CPU in every process that
-imports megatron-core (measured: importing the trainer took 5.0 s user with it, 2.6 s without). Launchers and tests
-start many such processes, and most never call a fused kernel.
+call, but it imports torch._dynamo, torch._inductor and the compiler stack behind them. Measured on the 2-core
+CPU machine: importing the trainer took 5.0 s user with them, 2.6 s without; a training process still imports
+torch._dynamo (torch.optim's constructor does), and saves about 1.2-1.5 s. Launchers and tests start many such
+processes, and most never call a fused kernel (this package's configs turn the fusions off).
 
 While those modules are imported, `torch.compile` is swapped for a version that calls the real one on the
 function's first call. Compilation therefore happens when it always did, on first use, with the same arguments;

@@ -1,7 +1,7 @@
-"""The package imports one way: (_deferred_compile) -> parallel -> data -> transformer -> models -> checkpoint -> (config, the HF-only
-model) -> training -> the commands (export, generate, evaluate, plan) -> cli. Every import of the package is
-read from the source, those inside functions included, so a deferred import cannot hide a cycle or an import
-against the order."""
+"""The package imports one way: (_deferred_compile) -> parallel -> data -> transformer -> models -> checkpoint ->
+(config, the HF-only model) -> training -> the commands (export, generate, evaluate, plan) -> cli. Every import
+of the package is read from the source, those inside functions included, so a deferred import cannot hide a
+cycle or an import against the order."""
 import ast
 import os
 
