@@ -2,7 +2,7 @@
 (router, token dispatcher, SequentialMLP experts) in the decoder layer spec, expert parallelism over the
 data-parallel ranks (parallel.expert) through megatron-core's expert groups.
 
-Three things differ from megatron-core's stock layer, each narrow:
+Four things differ from megatron-core's stock layer, each narrow:
 - Capacity (token dropping) applies in training only, as in Switch Transformer and GShard; evaluation and
   generation route every token, as the exported Hugging Face model does. The router also counts, per step, the
   tokens each expert was given and how many were dropped (`take_router_stats`), for the log and TensorBoard.
@@ -17,6 +17,13 @@ Three things differ from megatron-core's stock layer, each narrow:
 - The allgather dispatcher (the CPU path; alltoall creates a CUDA stream) assumes every rank of the expert group
   holds as many tokens; stage-2 batches differ in length between data-parallel ranks, so each rank pads to the
   group's largest count (`PaddedAllGatherDispatcher`).
+- Padding is left out of routing in training. megatron-core 0.16.1's TransformerLayer calls its MLP without the
+  padding mask MoELayer takes, so padding tokens would be routed, take capacity from real tokens (they look
+  alike, so they crowd one expert) and count in the Switch loss. The model hands a packed batch's padding
+  (segment 0) to its MoE layers before the decoder runs (`set_padding`); the router gives those rows no expert,
+  computes capacity over the real tokens only and leaves them out of the Switch loss (megatron-core's own
+  `padding_mask` path: its docstrings say True marks valid tokens, its code treats True as padding) and out of
+  the counts. Padded (unpacked) batches carry no mask: their padding is routed as before.
 """
 from __future__ import annotations
 
@@ -74,16 +81,30 @@ class Router(TopKRouter):
         probs, routing_map = super().routing(logits, padding_mask)
         if not self.training:
             return probs, routing_map
+        real = None
+        if padding_mask is not None:     # [s, b], True at padding: no expert, no capacity, not counted
+            real = ~padding_mask.reshape(-1)
+            routing_map = routing_map & real[:, None]
+            probs = probs * real[:, None]
         load = routing_map.sum(0).double()
         if self.capacity_factor is not None:
-            probs, routing_map = moe_utils.apply_router_token_dropping(
-                probs, routing_map, router_topk=self.topk, capacity_factor=self.capacity_factor,
-                drop_policy=self.config.moe_token_drop_policy)
+            probs, routing_map = self._drop(probs, routing_map, real)
         with torch.no_grad():     # counted on the device, read once per step (no sync per layer)
             routed = load.sum()
             row = torch.cat([load, routed[None], (routed - routing_map.sum())[None]])
             self._stats = row if self._stats is None else self._stats + row
         return probs, routing_map
+
+    def _drop(self, probs, routing_map, real):
+        """Capacity over the real tokens (all when `real` is None), megatron-core's drop policy."""
+        drop = lambda p, m: moe_utils.apply_router_token_dropping(
+            p, m, router_topk=self.topk, capacity_factor=self.capacity_factor,
+            drop_policy=self.config.moe_token_drop_policy)
+        if real is None:
+            return drop(probs, routing_map)
+        kept_probs, kept_map = drop(probs[real], routing_map[real])
+        return (probs.new_zeros(probs.shape).index_put((real,), kept_probs),
+                routing_map.new_zeros(routing_map.shape).index_put((real,), kept_map))
 
     def take_stats(self) -> torch.Tensor:
         """[tokens given to each expert..., tokens routed, tokens dropped] since the last call (then reset)."""
@@ -131,7 +152,12 @@ class DecoderMoELayer(MoELayer):
             for p in self.experts.parameters():
                 p.register_hook(lambda g, tp=tp: g / tp)
 
+    padding = None   # [b, s] bool, True at padding, for the next forward (set_padding)
+
     def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
+        if padding_mask is None and self.training and self.padding is not None \
+                and self.padding.shape == hidden_states.shape[1::-1]:
+            padding_mask = self.padding
         if self.training and not self.config.sequence_parallel and self.attn_tp_group.size() > 1:
             group, self.attn_tp_group = self.attn_tp_group, _OneRank()   # the guard only (module docstring)
             try:
@@ -164,6 +190,16 @@ def layer_spec(num_experts: int, normalization: str = "RMSNorm"):
 
 def moe_layers(model) -> List[DecoderMoELayer]:
     return [m for m in model.modules() if isinstance(m, DecoderMoELayer)]
+
+
+def set_padding(decoder, attention_mask) -> None:
+    """Before `decoder` (a GPTModel stage) runs: the padding of a packed batch (segment ids [b, s], 0 = padding;
+    transformer/attention.py) for its MoE layers; None (no mask: causal rows) routes every token."""
+    layers = getattr(getattr(decoder, "decoder", None), "layers", ())
+    padding = attention_mask == 0 if attention_mask is not None else None
+    for layer in layers:
+        if isinstance(layer.mlp, DecoderMoELayer):
+            layer.mlp.padding = padding
 
 
 def train_experts(model) -> int:

@@ -23,6 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_p2t.models import esm as esm_mod
 from megatron_p2t.models import llama as llama_mod
+from megatron_p2t.models import llama_moe
 from megatron_p2t.models.parts_config import (CONNECTORS, FreezeConfig, ProjectorConfig, ResamplerConfig,
                                              StructureConfig)
 from megatron_p2t.models.projector import Projector
@@ -133,5 +134,6 @@ class Prot2TextModel(MegatronModule):
         if self.pre_process and self.reads_protein:
             decoder_input = self.splice(input_ids, position_ids, protein_ids, protein_mask, protein_coords,
                                         coords_mask)
+        llama_moe.set_padding(self.llm, attention_mask)
         return self.llm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                         decoder_input=decoder_input, labels=labels)
