@@ -17,13 +17,13 @@ Four things differ from megatron-core's stock layer, each narrow:
 - The allgather dispatcher (the CPU path; alltoall creates a CUDA stream) assumes every rank of the expert group
   holds as many tokens; stage-2 batches differ in length between data-parallel ranks, so each rank pads to the
   group's largest count (`PaddedAllGatherDispatcher`).
-- Padding is left out of routing in training. megatron-core 0.16.1's TransformerLayer calls its MLP without the
-  padding mask MoELayer takes, so padding tokens would be routed, take capacity from real tokens (they look
-  alike, so they crowd one expert) and count in the Switch loss. The model hands a packed batch's padding
-  (segment 0) to its MoE layers before the decoder runs (`set_padding`); the router gives those rows no expert,
-  computes capacity over the real tokens only and leaves them out of the Switch loss (megatron-core's own
-  `padding_mask` path: its docstrings say True marks valid tokens, its code treats True as padding) and out of
-  the counts. Padded (unpacked) batches carry no mask: their padding is routed as before.
+- Padding is left out of routing in training. megatron-core hands GPTModel's `padding_mask` ([b, s], True at
+  padding) to the MoE layer, but its router only leaves padding out of the Switch loss: padding tokens are still
+  routed and take capacity from real tokens (they look alike, so they crowd one expert). The model passes a packed
+  batch's padding (segment 0; models/p2t.py); the router here gives those rows no expert, computes capacity over
+  the real tokens only and leaves them out of the counts. (megatron-core's router docstrings say True marks valid
+  tokens; its code, and TransformerLayer's docstring, treat True as padding.) Padded (unpacked) batches carry no
+  mask: their padding is routed as before.
 """
 from __future__ import annotations
 
@@ -152,12 +152,7 @@ class DecoderMoELayer(MoELayer):
             for p in self.experts.parameters():
                 p.register_hook(lambda g, tp=tp: g / tp)
 
-    padding = None   # [b, s] bool, True at padding, for the next forward (set_padding)
-
     def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
-        if padding_mask is None and self.training and self.padding is not None \
-                and self.padding.shape == hidden_states.shape[1::-1]:
-            padding_mask = self.padding
         if self.training and not self.config.sequence_parallel and self.attn_tp_group.size() > 1:
             group, self.attn_tp_group = self.attn_tp_group, _OneRank()   # the guard only (module docstring)
             try:
@@ -190,16 +185,6 @@ def layer_spec(num_experts: int, normalization: str = "RMSNorm"):
 
 def moe_layers(model) -> List[DecoderMoELayer]:
     return [m for m in model.modules() if isinstance(m, DecoderMoELayer)]
-
-
-def set_padding(decoder, attention_mask) -> None:
-    """Before `decoder` (a GPTModel stage) runs: the padding of a packed batch (segment ids [b, s], 0 = padding;
-    transformer/attention.py) for its MoE layers; None (no mask: causal rows) routes every token."""
-    layers = getattr(getattr(decoder, "decoder", None), "layers", ())
-    padding = attention_mask == 0 if attention_mask is not None else None
-    for layer in layers:
-        if isinstance(layer.mlp, DecoderMoELayer):
-            layer.mlp.padding = padding
 
 
 def train_experts(model) -> int:

@@ -23,7 +23,6 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_p2t.models import esm as esm_mod
 from megatron_p2t.models import llama as llama_mod
-from megatron_p2t.models import llama_moe
 from megatron_p2t.models.parts_config import (CONNECTORS, FreezeConfig, ProjectorConfig, ResamplerConfig,
                                              StructureConfig)
 from megatron_p2t.models.projector import Projector
@@ -134,6 +133,7 @@ class Prot2TextModel(MegatronModule):
         if self.pre_process and self.reads_protein:
             decoder_input = self.splice(input_ids, position_ids, protein_ids, protein_mask, protein_coords,
                                         coords_mask)
-        llama_moe.set_padding(self.llm, attention_mask)
+        # packed rows' padding (segment 0), which MoE routing leaves out (models/llama_moe.py); dense MLPs ignore it
+        padding = attention_mask == 0 if attention_mask is not None else None
         return self.llm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                        decoder_input=decoder_input, labels=labels)
+                        decoder_input=decoder_input, labels=labels, padding_mask=padding)

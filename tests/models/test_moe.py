@@ -91,36 +91,41 @@ def test_upcycled_model_computes_the_dense_model_and_exports_to_qwen2_moe(dense,
 
 
 def test_padding_of_a_packed_batch_takes_no_expert_no_capacity_and_no_part_of_the_switch_loss(single, tmp_path):
-    """Training on packed rows (segment ids, 0 = padding): whatever the padding tokens are, the real tokens'
-    logits, what is dropped and every gradient (the Switch loss's included) are the same, and only real tokens are
-    routed and counted. Capacity 1.0 so that dropping bites; identical padding tokens would crowd one expert."""
+    """Training on packed rows (segment ids, 0 = padding) through the joined model: whatever the padding tokens
+    are, the real tokens' logits, what is dropped and every gradient (the Switch loss's included) are the same, and
+    only real tokens are routed and counted. Capacity 1.0 so that dropping bites; identical padding tokens would
+    crowd one expert. The decoder called without the mask (megatron-core's default) routes the padding."""
     from transformers import AutoConfig
 
-    from megatron_p2t.models import llama_moe
-    from megatron_p2t.models.parts_config import MoEConfig
+    from megatron_p2t.checkpoint import llama_moe_hf
+    from megatron_p2t.checkpoint.hf_dir import HFDir
+    from megatron_p2t.checkpoint.slicing import copy_into
+    from megatron_p2t.models import llama, llama_moe, p2t
+    from megatron_p2t.models.parts_config import FreezeConfig, MoEConfig
     from tests.synthetic import make_llama_moe
     path = make_llama_moe(str(tmp_path / "moe"))
     hf_cfg = AutoConfig.from_pretrained(path)
     moe = MoEConfig(experts=hf_cfg.num_experts, top_k=hf_cfg.num_experts_per_tok, capacity_factor=1.0)
-    model = _moe_model(hf_cfg, moe, single, path).train()
+    model = p2t.Prot2TextModel(None, hf_cfg, None, placeholder_id=0, encoder="none", freeze=FreezeConfig(llm=False),
+                               llm_config=llama.transformer_config(hf_cfg, layout=single, moe=moe))
+    copy_into(model.llm, llama_moe_hf.megatron_tensors(model.llm, HFDir(path), hf_cfg, moe, 0, 1), path)
+    model.train()
     g = torch.Generator().manual_seed(1)
     seg = torch.tensor([[1] * 10 + [2] * 8 + [0] * 14, [1] * 20 + [0] * 12])
     real = seg > 0
     pos = torch.cat([torch.arange(10), torch.arange(8), torch.arange(14)]).expand(2, -1)
     ids = torch.randint(0, hf_cfg.vocab_size, (2, 32), generator=g)
 
-    def run(pad_ids, mask=True):
-        x = torch.where(real, ids, pad_ids)
+    def run(pad_ids, forward):
         model.zero_grad(set_to_none=True)
-        llama_moe.set_padding(model, seg if mask else None)
-        logits = model(input_ids=x, position_ids=pos, attention_mask=seg)
+        logits = forward(input_ids=torch.where(real, ids, pad_ids), position_ids=pos, attention_mask=seg)
         logits[real].float().logsumexp(-1).mean().backward()   # the Switch loss's gradient rides on probs
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         stats = [m.router.take_stats() for m in llama_moe.moe_layers(model)]
         return logits[real].detach(), grads, stats
 
-    a_logits, a_grads, a_stats = run(torch.zeros_like(ids))                   # one token repeated
-    b_logits, b_grads, b_stats = run(torch.randint(0, hf_cfg.vocab_size, ids.shape, generator=g))
+    a_logits, a_grads, a_stats = run(torch.zeros_like(ids), model)                 # one token repeated
+    b_logits, b_grads, b_stats = run(torch.randint(0, hf_cfg.vocab_size, ids.shape, generator=g), model)
     torch.testing.assert_close(a_logits, b_logits, rtol=0, atol=0)
     assert a_grads.keys() == b_grads.keys() and any("router" in n for n in a_grads)
     for n in a_grads:
@@ -128,10 +133,8 @@ def test_padding_of_a_packed_batch_takes_no_expert_no_capacity_and_no_part_of_th
     for sa, sb in zip(a_stats, b_stats):
         assert torch.equal(sa, sb) and sa[-2] == int(real.sum()), (sa, sb)   # routed: the 38 real tokens only
         assert sa[-1] > 0                                                     # capacity 1.0 did drop some
-    # without the mask (padded batches carry none) the padding is routed and counted, as megatron-core does
-    *_, unmasked = run(torch.zeros_like(ids), mask=False)
+    *_, unmasked = run(torch.zeros_like(ids), model.llm)
     assert all(s[-2] == seg.numel() for s in unmasked)
-    llama_moe.set_padding(model, None)
 
 
 @pytest.fixture(scope="module")
