@@ -320,7 +320,7 @@ def cmd_cache_text(args) -> int:
         raise ConfigError(f"cache-text precomputes H-SCALE's text side; this config's stage 1 is feature alignment "
                           f"(model.connector={cfg.model.connector}, align.objective={cfg.align.objective}), which "
                           f"runs the decoder on the text itself: run `align` without a cache")
-    res = build_cache(cfg, state.initialize(dataclasses.replace(cfg.parallel, pipeline=1)))
+    res = build_cache(cfg, state.initialize(dataclasses.replace(cfg.parallel.without_experts(), pipeline=1)))
     if torch_rank() == 0:
         print(json.dumps(res))
     return 0

@@ -200,7 +200,9 @@ def collate_instruct(encoded: List[Encoded], protein_ids: torch.Tensor, protein_
                      pack: bool, pack_length: Optional[int] = None, structure: Optional[tuple] = None
                      ) -> Dict[str, torch.Tensor]:
     """Rows of prompts+answers. Packed: several samples per row, `attention_mask` = segment ids (1.. per
-    sample, 0 padding), positions restart per sample. Padded: one sample per row, `attention_mask` None.
+    sample, 0 padding), positions restart per sample. Padded: one sample per row, `attention_mask` None (plain
+    causal attention: right padding is never attended to) and `padding_mask` True at the padding, which MoE routing
+    leaves out (packed rows' is their segment 0).
     Proteins are reordered to the order their placeholders appear in (row-major), as the splice reads them."""
     lengths = [len(e.ids) for e in encoded]
     rows = pack_rows(lengths, max(pack_length or 0, max(lengths))) if pack else [[i] for i in range(len(encoded))]
@@ -226,6 +228,8 @@ def collate_instruct(encoded: List[Encoded], protein_ids: torch.Tensor, protein_
            "protein_ids": protein_ids[order_t], "protein_mask": protein_mask[order_t], "order": order_t,
            "attention_mask": torch.from_numpy(seg) if pack else None,
            "lengths": torch.tensor([sum(lengths[i] for i in row) for row in rows])}
+    if not pack:
+        out["padding_mask"] = torch.from_numpy(seg == 0)
     if structure is not None:         # (coords, mask) per ESM token, in the proteins' order
         out["protein_coords"], out["coords_mask"] = structure[0][order_t], structure[1][order_t]
     return out

@@ -128,12 +128,14 @@ class Prot2TextModel(MegatronModule):
         return out.transpose(0, 1).contiguous()
 
     def forward(self, input_ids, position_ids, attention_mask=None, protein_ids=None, protein_mask=None,
-                labels: Optional[torch.Tensor] = None, protein_coords=None, coords_mask=None):
+                labels: Optional[torch.Tensor] = None, protein_coords=None, coords_mask=None, padding_mask=None):
         decoder_input = None
         if self.pre_process and self.reads_protein:
             decoder_input = self.splice(input_ids, position_ids, protein_ids, protein_mask, protein_coords,
                                         coords_mask)
-        # packed rows' padding (segment 0), which MoE routing leaves out (models/llama_moe.py); dense MLPs ignore it
-        padding = attention_mask == 0 if attention_mask is not None else None
+        # [b, s] True at padding, which MoE routing leaves out (models/llama_moe.py); dense MLPs ignore it. Padded
+        # batches hand it in; packed rows' is their segment 0
+        if padding_mask is None and attention_mask is not None:
+            padding_mask = attention_mask == 0
         return self.llm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                        decoder_input=decoder_input, labels=labels, padding_mask=padding)
+                        decoder_input=decoder_input, labels=labels, padding_mask=padding_mask)

@@ -20,6 +20,12 @@ class ParallelConfig:
     # peer under NCCL otherwise blocks the others until the launcher notices, or forever)
     timeout_minutes: float = 10.0
 
+    def without_experts(self) -> "ParallelConfig":
+        """The layout of a stage that holds no experts (the warm-up, H-SCALE stage 1 and its text cache in a
+        mixture-of-experts recipe, whose dense decoder becomes experts in stage 2): `expert` is stage 2's, and need
+        not divide these stages' data-parallel size."""
+        return dataclasses.replace(self, expert=1)
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:

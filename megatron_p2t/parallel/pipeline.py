@@ -30,6 +30,7 @@ def run(model, microbatches: List[Dict[str, torch.Tensor]], forward_only: bool =
         b = next(data_iterator)
         kw = {"input_ids": b["input_ids"], "position_ids": b["position_ids"],
               "attention_mask": b.get("attention_mask"),  # packed rows: segment ids (transformer/attention.py)
+              "padding_mask": b.get("padding_mask"),       # padded rows: True at the padding (MoE routing)
               "labels": None if collect_outputs else b["labels"]}
         if getattr(m, "reads_protein", False):  # the joined model also takes the protein
             kw.update(protein_ids=b["protein_ids"], protein_mask=b["protein_mask"],

@@ -115,6 +115,7 @@ def run(cfg, resume=None) -> dict:
     if resume:
         check_same_recipe(resume_dir(cfg, resume), cfg, "--resume")
     cfg = use_cache_if_asked(cfg)
+    cfg = dataclasses.replace(cfg, parallel=cfg.parallel.without_experts())
     layout = state.initialize(cfg.parallel)
     cfg = with_grad_accum(cfg, cfg.data.batch_size, layout.dp)
     model = build(cfg, layout)

@@ -231,7 +231,8 @@ def forward_loss(model, batch):
     b = _to_device(batch)
     per_tok = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=b["attention_mask"],
                     protein_ids=b["protein_ids"], protein_mask=b["protein_mask"], labels=b["labels"],
-                    protein_coords=b.get("protein_coords"), coords_mask=b.get("coords_mask"))
+                    protein_coords=b.get("protein_coords"), coords_mask=b.get("coords_mask"),
+                    padding_mask=b.get("padding_mask"))
     loss, _ = pipeline.masked_mean_loss(per_tok, b["loss_mask"])
     return loss, b["loss_mask"].sum()
 

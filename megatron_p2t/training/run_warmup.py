@@ -138,7 +138,7 @@ def run(cfg, resume=None) -> dict:
     if resume:
         check_same_recipe(resume_dir(cfg, resume), cfg, "--resume")
     data, tok = text_data(cfg)
-    cfg = dataclasses.replace(cfg, data=data)
+    cfg = dataclasses.replace(cfg, data=data, parallel=cfg.parallel.without_experts())
     start_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
     layout = state.initialize(cfg.parallel)
     cfg = with_grad_accum(cfg, cfg.data.batch_size, layout.dp)

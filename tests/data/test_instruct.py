@@ -87,6 +87,10 @@ def test_collate_packs_with_segments_positions_and_proteins_in_placeholder_order
     assert per_seg == packed["protein_mask"].sum(1).tolist()
     assert packed["protein_ids"][:, 0].tolist() == packed["order"].tolist()
     assert padded["attention_mask"] is None and np.array_equal(padded["order"], [0, 1, 2])
+    # padded rows mark their padding (MoE routing leaves it out); packed rows' is their segment 0
+    assert padded["padding_mask"].tolist() == [[j >= n for j in range(padded["input_ids"].shape[1])]
+                                               for n in padded["lengths"].tolist()]
+    assert "padding_mask" not in packed
 
 
 def test_protein2text_conversations_go_from_json_through_shards_to_targets(tmp_path, sample_records, tiny_tokenizer):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,16 +91,19 @@ def test_upcycled_model_computes_the_dense_model_and_exports_to_qwen2_moe(dense,
     assert all(torch.equal(a[k], b[k]) for k in a if "_extra_state" not in k)
 
 
-def test_padding_of_a_packed_batch_takes_no_expert_no_capacity_and_no_part_of_the_switch_loss(single, tmp_path):
-    """Training on packed rows (segment ids, 0 = padding) through the joined model: whatever the padding tokens
-    are, the real tokens' logits, what is dropped and every gradient (the Switch loss's included) are the same, and
-    only real tokens are routed and counted. Capacity 1.0 so that dropping bites; identical padding tokens would
-    crowd one expert. The decoder called without the mask (megatron-core's default) routes the padding."""
+@pytest.mark.parametrize("rows", ["packed", "padded"])
+def test_padding_takes_no_expert_no_capacity_and_no_part_of_the_switch_loss(single, tmp_path, rows):
+    """Training through the joined model on packed rows (segment ids, 0 = padding) or padded ones (one sample per
+    row, causal, the collate's padding_mask): whatever the padding tokens are, the real tokens' logits, what is
+    dropped and every gradient (the Switch loss's included) are the same, and only real tokens are routed and
+    counted. Capacity 1.0 so that dropping bites; identical padding tokens would crowd one expert. The decoder
+    called without the mask (megatron-core's default) routes the padding."""
     from transformers import AutoConfig
 
     from megatron_p2t.checkpoint import llama_moe_hf
     from megatron_p2t.checkpoint.hf_dir import HFDir
     from megatron_p2t.checkpoint.slicing import copy_into
+    from megatron_p2t.data.instruct import Encoded, collate_instruct
     from megatron_p2t.models import llama, llama_moe, p2t
     from megatron_p2t.models.parts_config import FreezeConfig, MoEConfig
     from tests.synthetic import make_llama_moe
@@ -111,14 +115,25 @@ def test_padding_of_a_packed_batch_takes_no_expert_no_capacity_and_no_part_of_th
     copy_into(model.llm, llama_moe_hf.megatron_tensors(model.llm, HFDir(path), hf_cfg, moe, 0, 1), path)
     model.train()
     g = torch.Generator().manual_seed(1)
-    seg = torch.tensor([[1] * 10 + [2] * 8 + [0] * 14, [1] * 20 + [0] * 12])
-    real = seg > 0
-    pos = torch.cat([torch.arange(10), torch.arange(8), torch.arange(14)]).expand(2, -1)
     ids = torch.randint(0, hf_cfg.vocab_size, (2, 32), generator=g)
+    if rows == "packed":
+        seg = torch.tensor([[1] * 10 + [2] * 8 + [0] * 14, [1] * 20 + [0] * 12])
+        pos = torch.cat([torch.arange(10), torch.arange(8), torch.arange(14)]).expand(2, -1)
+        masks = {"attention_mask": seg}
+    else:
+        enc = [Encoded(ids[r, :n].numpy(), np.full(n, -100), 0) for r, n in ((0, 18), (1, 20))]
+        b = collate_instruct(enc, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), 0, pack=False)
+        ids = torch.cat([b["input_ids"], ids[:, 20:]], 1)      # a row 32 long: 12 padding columns more
+        seg = torch.nn.functional.pad((~b["padding_mask"]).long(), (0, 12))
+        pos = torch.arange(32).expand(2, -1)
+        masks = {"attention_mask": None, "padding_mask": seg == 0}
+    real = seg > 0
+    assert int(real.sum()) == 38
 
     def run(pad_ids, forward):
         model.zero_grad(set_to_none=True)
-        logits = forward(input_ids=torch.where(real, ids, pad_ids), position_ids=pos, attention_mask=seg)
+        kw = masks if forward is model else {"attention_mask": masks["attention_mask"]}
+        logits = forward(input_ids=torch.where(real, ids, pad_ids), position_ids=pos, **kw)
         logits[real].float().logsumexp(-1).mean().backward()   # the Switch loss's gradient rides on probs
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         stats = [m.router.take_stats() for m in llama_moe.moe_layers(model)]
