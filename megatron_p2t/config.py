@@ -44,6 +44,10 @@ class ModelConfig:
     llm_lora: LoRAConfig = dataclasses.field(default_factory=lambda: LoRAConfig(
         r=16, targets=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]))
     dtype: str = "float32"                           # bfloat16 on GPUs
+    # the decoder's SwiGLU and bias-dropout-add as megatron-core's fused kernels (Megatron-LM's default), compiled by
+    # torch.compile at the first step (Triton on a GPU, a C++ compiler on a CPU); the same values, gradients within
+    # rounding. Off until bench/gpu/run.sh has measured it on the GPU in use
+    fused_kernels: bool = False
 
 
 @dataclasses.dataclass

@@ -15,7 +15,11 @@ code paths at toy shapes on the CPU (a test does, so the script works when a GPU
    (the bias's cost and peak memory, same run);
 6. moe: the mixture-of-experts decoder (4 experts, top-1) in bf16 against fp32, and two layers at LLaMA-3.1-8B's
    width dense vs MoE on one packed row (megatron-core's alltoall dispatcher, SequentialMLP experts: grouped GEMM
-   needs Transformer Engine or the grouped_gemm package).
+   needs Transformer Engine or the grouped_gemm package);
+7. fusion: model.fused_kernels (megatron-core's torch.compile'd SwiGLU and bias-dropout-add) against the plain
+   decoder, two layers at LLaMA-3.1-8B's width on one packed row: step time, the first (compiling) step, peak
+   memory, and the output's and gradients' relative difference. --tiny runs the fused functions uncompiled (the
+   CPU's C++ compile of them takes ~30 s on 2 cores).
 Weights are random (nothing can be downloaded there); the shapes are the real ones. Every figure goes to
 check.json and check.md in --out.
 """
@@ -31,6 +35,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -431,13 +436,14 @@ def check_structure(shapes: Shapes) -> dict:
     return out
 
 
-def _decoder(llama: dict, dtype, moe=None, layers: int | None = None):
+def _decoder(llama: dict, dtype, moe=None, layers: int | None = None, fused: bool = False):
     from transformers import LlamaConfig
 
     from megatron_p2t.models import llama as llama_mod
+    from megatron_p2t.models.build import fusions
     shape = dict(llama, num_hidden_layers=layers or llama["num_hidden_layers"])
     hf = LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
-    return llama_mod.build(hf, params_dtype=dtype, moe=moe).to(device())
+    return llama_mod.build(hf, params_dtype=dtype, moe=moe, **fusions(fused)).to(device())
 
 
 def check_moe(shapes: Shapes) -> dict:
@@ -486,6 +492,52 @@ def check_moe(shapes: Shapes) -> dict:
         m = None
     out.update(dtype=str(dt).replace("torch.", ""), tokens=tokens, layers=2,
                moe_time_ratio=out["moe"]["step_s"] / out["dense"]["step_s"])
+    return out
+
+
+def check_fusion(shapes: Shapes, compile_kernels: bool = True) -> dict:
+    """model.fused_kernels against the plain decoder: two layers at LLaMA-3.1-8B's width, one packed row, every
+    weight trained; the same weights in both."""
+    import contextlib
+
+    import torch._dynamo
+    dt = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    tokens = shapes.pack_length
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, shapes.llama["vocab_size"], (1, tokens), generator=g).to(device())
+    pos = torch.arange(tokens, device=device())[None]
+    out, ref = {}, None
+    with contextlib.nullcontext() if compile_kernels else torch._dynamo.config.patch(disable=True):
+        for name, fused in (("plain", False), ("fused", True)):
+            free()
+            torch.manual_seed(0)
+            m = _decoder(shapes.llama, dt, layers=2, fused=fused)
+            if ref is not None:
+                m.load_state_dict(ref["state"])
+            sync()
+            t0 = time.perf_counter()       # the fused decoder's first step compiles its kernels
+            loss = m(input_ids=ids, position_ids=pos, attention_mask=None, labels=ids).float().mean()
+            loss.backward()
+            sync()
+            first = time.perf_counter() - t0
+            grads = torch.cat([p.grad.float().flatten().cpu() for p in m.parameters() if p.grad is not None])
+            if ref is None:
+                ref = {"state": {k: v.detach().clone() for k, v in m.state_dict().items() if torch.is_tensor(v)},
+                       "loss": float(loss), "grads": grads}
+            else:
+                out.update(loss_rel_error=abs(float(loss) - ref["loss"]) / abs(ref["loss"]),
+                           grads_rel_error=rel(grads, ref["grads"]))
+            m.zero_grad(set_to_none=True)
+            grads = loss = None
+
+            def step():
+                m(input_ids=ids, position_ids=pos, attention_mask=None, labels=ids).float().mean().backward()
+                m.zero_grad(set_to_none=True)
+            times = timed_steps(step, shapes)
+            out[name] = {"step_s": float(np.median(times)), "first_step_s": first, "peak_gb": peak_gb()}
+            m = None
+    out.update(dtype=str(dt).replace("torch.", ""), tokens=tokens, layers=2, compiled=compile_kernels,
+               time_ratio=out["fused"]["step_s"] / out["plain"]["step_s"])
     return out
 
 
@@ -699,73 +751,110 @@ def matmul_tflops(tiny: bool) -> float:
     return 2 * n ** 3 * 10 / (time.perf_counter() - t0) / 1e12
 
 
-def markdown(res: dict) -> str:
-    e, p, a, s2, s1 = res["environment"], res["precision"], res["attention"], res["stage2"], res["stage1"]
-    f = lambda x, k=3: "-" if x is None else f"{x:.{k}g}"
-    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
-    peak = f" (data-sheet peak {e['peak_bf16_tflops']:.0f})" if e["peak_bf16_tflops"] else ""
-    lines = [f"Device: {e['device']}; torch {e['torch']}, megatron-core {e['megatron-core']}, deepspeed "
-             f"{e['deepspeed']}, transformers {e['transformers']}, peft {e['peft']}, flash-attn {e['flash-attn']}; "
-             f"measured bf16 matmul {f(res['matmul_tflops'], 4)} TFLOP/s"
-             f"{peak}.",
-             "", f"Precision ({p['model']}, {p['answer_tokens']} answer tokens, random weights): bf16 vs fp32",
-             "", "| loss fp32 | loss bf16 | loss rel. error | logits rel. error | gradients rel. error |",
-             "|---|---|---|---|---|",
-             f"| {p['loss_fp32']:.5f} | {p['loss_bf16']:.5f} | {p['loss_rel_error']:.2e} | "
-             f"{p['logits_rel_error']:.2e} | {p['grads_rel_error']:.2e} |", "",
-             f"Packed attention ({a['rows']} rows x {a['row_length']}, {a['heads']} heads / {a['kv_groups']} kv groups "
-             f"x {a['head_dim']}, {a['dtype']} on {a['device']}) against the packed path in fp32 on the CPU", "",
-             "| kernel | rel. error | max abs error | ms |", "|---|---|---|---|"]
+_f = lambda x, k=3: "-" if x is None else f"{x:.{k}g}"
+_pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
+
+
+def md_precision(p: dict) -> list:
+    return [f"Precision ({p['model']}, {p['answer_tokens']} answer tokens, random weights): bf16 vs fp32",
+            "", "| loss fp32 | loss bf16 | loss rel. error | logits rel. error | gradients rel. error |",
+            "|---|---|---|---|---|",
+            f"| {p['loss_fp32']:.5f} | {p['loss_bf16']:.5f} | {p['loss_rel_error']:.2e} | "
+            f"{p['logits_rel_error']:.2e} | {p['grads_rel_error']:.2e} |"]
+
+
+def md_attention(a: dict) -> list:
+    lines = [f"Packed attention ({a['rows']} rows x {a['row_length']}, {a['heads']} heads / {a['kv_groups']} kv "
+             f"groups x {a['head_dim']}, {a['dtype']} on {a['device']}) against the packed path in fp32 on the CPU",
+             "", "| kernel | rel. error | max abs error | ms |", "|---|---|---|---|"]
     for k in ("flash_attn_varlen", "sdpa_per_sample", "dense_block_mask"):
         if k in a:
             lines.append(f"| {k} | {a[k]['rel_error_vs_cpu_fp32']:.2e} | {a[k]['max_abs_error']:.2e} | "
                          f"{a[k]['ms']:.3f} |")
-    lines += ["", f"Stage 2 step ({s2['samples']} samples, {s2['real_tokens']} real tokens, {s2['dtype']}, LoRA r "
-                  f"{s2['lora']['r']} on {s2['lora']['targets']}, ESM frozen, projector trained, AdamW)", "",
-              "| implementation | rows x width (micro-batches) | step s | real tokens/s | model TFLOP/s | MFU | peak GB |",
-              "|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def md_stage2(s2: dict) -> list:
+    lines = [f"Stage 2 step ({s2['samples']} samples, {s2['real_tokens']} real tokens, {s2['dtype']}, LoRA r "
+             f"{s2['lora']['r']} on {s2['lora']['targets']}, ESM frozen, projector trained, AdamW)", "",
+             "| implementation | rows x width (micro-batches) | step s | real tokens/s | model TFLOP/s | MFU | peak GB |",
+             "|---|---|---|---|---|---|---|"]
     for k, label in (("ours_packed", "ours: megatron-core, packed rows"),
                      ("hf_peft_padded", "HF + PEFT, padded batch (SDPA)")):
         r = s2[k]
         lines.append(f"| {label} | {r['rows']} x {r['token_slots'] // r['rows']} ({r['micro_batches']}) | "
                      f"{r['step_s']:.3f} | "
-                     f"{r['tokens_per_s']:,.0f} | {f(r['model_tflops'])} | {pct(r['mfu'])} | {f(r['peak_gb'])} |")
-    lines += ["", f"Ratio: ours / HF + PEFT = {s2['speedup_tokens_per_s']:.2f}x tokens/s.", "",
-              f"Stage 1 step (ESM + projector, batch {s1['batch']}, {s1['dtype']}; text side = LLaMA's first "
-              f"{s1['text_layer']} layers)", "", "| text side | step s | samples/s | model TFLOP/s | MFU | peak GB |",
-              "|---|---|---|---|---|---|"]
+                     f"{r['tokens_per_s']:,.0f} | {_f(r['model_tflops'])} | {_pct(r['mfu'])} | {_f(r['peak_gb'])} |")
+    return lines + ["", f"Ratio: ours / HF + PEFT = {s2['speedup_tokens_per_s']:.2f}x tokens/s."]
+
+
+def md_stage1(s1: dict) -> list:
+    lines = [f"Stage 1 step (ESM + projector, batch {s1['batch']}, {s1['dtype']}; text side = LLaMA's first "
+             f"{s1['text_layer']} layers)", "", "| text side | step s | samples/s | model TFLOP/s | MFU | peak GB |",
+             "|---|---|---|---|---|---|"]
     for k in ("text_cache", "text_computed"):
         r = s1[k]
         lines.append(f"| {k.replace('_', ' ')} | {r['step_s']:.3f} | {r['samples_per_s']:,.1f} | "
-                     f"{f(r['model_tflops'])} | {pct(r['mfu'])} | {f(r['peak_gb'])} |")
-    lines += ["", f"Ratio: text cache / computed = {s1['cache_speedup']:.2f}x samples/s.", ""]
-    st = res.get("structure")
-    if st:
-        lines += [f"Structure-aware encoder (128 kernels): bf16 vs fp32 output rel. error "
-                  f"{st['precision']['out_rel_error']:.2e}, distance-bias gradients {st['precision']['grads_rel_error']:.2e}; "
-                  f"forward+backward at {st['proteins']} x {st['residues']} residues ({st['dtype']})", "",
-                  "| encoder | step s | peak GB |", "|---|---|---|",
-                  f"| ESM-2 (no coordinates) | {st['plain']['step_s']:.3f} | {f(st['plain']['peak_gb'])} |",
-                  f"| ESM-2 + distance bias | {st['bias']['step_s']:.3f} | {f(st['bias']['peak_gb'])} |", "",
-                  f"Ratio: with / without the bias = {st['bias_time_ratio']:.2f}x step time.", ""]
-    mo = res.get("moe")
-    if mo:
-        lines += [f"Mixture-of-experts decoder (4 experts, top-1): bf16 vs fp32 logits rel. error "
-                  f"{mo['precision']['logits_rel_error']:.2e}, MLP gradients {mo['precision']['expert_grads_rel_error']:.2e}; "
-                  f"forward+backward of {mo['layers']} layers at LLaMA-3.1-8B's width, {mo['tokens']} tokens "
-                  f"({mo['dtype']})", "", "| decoder | parameters | step s | peak GB |", "|---|---|---|---|",
-                  f"| dense | {mo['dense']['params']:,} | {mo['dense']['step_s']:.3f} | {f(mo['dense']['peak_gb'])} |",
-                  f"| 4 experts, top-1 | {mo['moe']['params']:,} | {mo['moe']['step_s']:.3f} | "
-                  f"{f(mo['moe']['peak_gb'])} |", "",
-                  f"Ratio: MoE / dense = {mo['moe_time_ratio']:.2f}x step time.", ""]
+                     f"{_f(r['model_tflops'])} | {_pct(r['mfu'])} | {_f(r['peak_gb'])} |")
+    return lines + ["", f"Ratio: text cache / computed = {s1['cache_speedup']:.2f}x samples/s."]
+
+
+def md_structure(st: dict) -> list:
+    return [f"Structure-aware encoder (128 kernels): bf16 vs fp32 output rel. error "
+            f"{st['precision']['out_rel_error']:.2e}, distance-bias gradients {st['precision']['grads_rel_error']:.2e}; "
+            f"forward+backward at {st['proteins']} x {st['residues']} residues ({st['dtype']})", "",
+            "| encoder | step s | peak GB |", "|---|---|---|",
+            f"| ESM-2 (no coordinates) | {st['plain']['step_s']:.3f} | {_f(st['plain']['peak_gb'])} |",
+            f"| ESM-2 + distance bias | {st['bias']['step_s']:.3f} | {_f(st['bias']['peak_gb'])} |", "",
+            f"Ratio: with / without the bias = {st['bias_time_ratio']:.2f}x step time."]
+
+
+def md_moe(mo: dict) -> list:
+    return [f"Mixture-of-experts decoder (4 experts, top-1): bf16 vs fp32 logits rel. error "
+            f"{mo['precision']['logits_rel_error']:.2e}, MLP gradients {mo['precision']['expert_grads_rel_error']:.2e}; "
+            f"forward+backward of {mo['layers']} layers at LLaMA-3.1-8B's width, {mo['tokens']} tokens "
+            f"({mo['dtype']})", "", "| decoder | parameters | step s | peak GB |", "|---|---|---|---|",
+            f"| dense | {mo['dense']['params']:,} | {mo['dense']['step_s']:.3f} | {_f(mo['dense']['peak_gb'])} |",
+            f"| 4 experts, top-1 | {mo['moe']['params']:,} | {mo['moe']['step_s']:.3f} | "
+            f"{_f(mo['moe']['peak_gb'])} |", "",
+            f"Ratio: MoE / dense = {mo['moe_time_ratio']:.2f}x step time."]
+
+
+def md_fusion(fu: dict) -> list:
+    return [f"Fused kernels (model.fused_kernels: SwiGLU, bias-dropout-add{'' if fu['compiled'] else '; not compiled'}) "
+            f"vs plain: forward+backward of {fu['layers']} layers at LLaMA-3.1-8B's width, {fu['tokens']} tokens "
+            f"({fu['dtype']}); loss rel. difference {fu['loss_rel_error']:.2e}, gradients {fu['grads_rel_error']:.2e}",
+            "", "| decoder | step s | first step s | peak GB |", "|---|---|---|---|",
+            f"| plain | {fu['plain']['step_s']:.3f} | {fu['plain']['first_step_s']:.2f} | {_f(fu['plain']['peak_gb'])} |",
+            f"| fused | {fu['fused']['step_s']:.3f} | {fu['fused']['first_step_s']:.2f} | {_f(fu['fused']['peak_gb'])} |",
+            "", f"Ratio: fused / plain = {fu['time_ratio']:.2f}x step time."]
+
+
+def markdown(res: dict) -> str:
+    """The report: a paragraph and table per section that ran; a section that failed says so (its error)."""
+    e = res["environment"]
+    peak = f" (data-sheet peak {e['peak_bf16_tflops']:.0f})" if e["peak_bf16_tflops"] else ""
+    lines = [f"Device: {e['device']}; torch {e['torch']}, megatron-core {e['megatron-core']}, deepspeed "
+             f"{e['deepspeed']}, transformers {e['transformers']}, peft {e['peft']}, flash-attn {e['flash-attn']}; "
+             f"measured bf16 matmul {_f(res['matmul_tflops'], 4)} TFLOP/s{peak}.", ""]
+    for name, render in SECTIONS_MD:
+        r = res.get(name)
+        if r is None:
+            continue
+        lines += ([f"**{name}: failed** after {r['section_s']:.0f} s: `{r['error']}`"] if "error" in r
+                  else render(r)) + [""]
     return "\n".join(lines)
+
+
+SECTIONS_MD = (("precision", md_precision), ("attention", md_attention), ("stage2", md_stage2),
+               ("stage1", md_stage1), ("structure", md_structure), ("moe", md_moe), ("fusion", md_fusion))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="toy shapes on whatever device there is (CPU in tests)")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "runs", "gpu_check"))
-    ap.add_argument("--only", nargs="*", default=["precision", "attention", "stage2", "stage1", "structure", "moe"])
+    ap.add_argument("--only", nargs="*", default=[n for n, _ in SECTIONS_MD])
     a = ap.parse_args(argv)
     if not a.tiny and not torch.cuda.is_available():
         ap.error("no GPU here: the real shapes need one (use --tiny for the toy run)")
@@ -786,24 +875,32 @@ def main(argv=None) -> int:
                                          check_llama=dict(shapes.check_llama, vocab_size=len(t)))
         for name, fn in (("precision", check_precision), ("attention", lambda s, w, t: check_attention(s)),
                          ("stage2", stage2), ("stage1", stage1),
-                         ("structure", lambda s, w, t: check_structure(s)), ("moe", lambda s, w, t: check_moe(s))):
+                         ("structure", lambda s, w, t: check_structure(s)), ("moe", lambda s, w, t: check_moe(s)),
+                         ("fusion", lambda s, w, t: check_fusion(s, compile_kernels=not a.tiny))):
             if name not in a.only:
                 continue
             t0 = time.perf_counter()
             free()
-            res[name] = fn(shapes, work, tok)
+            try:
+                res[name] = fn(shapes, work, tok)
+            except Exception as e:  # the loan is short: one section's failure (an OOM, a kernel) spares the rest
+                res[name] = {"error": f"{type(e).__name__}: {e}"[:2000],
+                             "traceback": traceback.format_exc()[-6000:]}
+                print(res[name]["traceback"], file=sys.stderr, flush=True)
             res[name]["section_s"] = time.perf_counter() - t0
             res["total_s"] = time.perf_counter() - t_start
             print(json.dumps({name: res[name]}, default=str), flush=True)
             with open(os.path.join(a.out, "check.json"), "w") as f:  # what is done so far survives a timeout
                 json.dump(res, f, indent=1)
-    if set(a.only) >= {"precision", "attention", "stage2", "stage1"}:
-        md = markdown(res)
-        with open(os.path.join(a.out, "check.md"), "w") as f:
-            f.write(md)
-        print(md)
+    md = markdown(res)
+    with open(os.path.join(a.out, "check.md"), "w") as f:
+        f.write(md)
+    print(md)
     state.destroy()
-    return 0
+    failed = [n for n in a.only if "error" in res.get(n, {})]
+    if failed:
+        print(f"failed sections: {', '.join(failed)} (their errors are in check.json)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,13 @@ def moe_of(model_cfg):
     return model_cfg.moe if model_cfg.decoder == "llama_moe" else None
 
 
+def fusions(on: bool) -> dict:
+    """megatron-core's torch.compile'd kernels a decoder without TE or apex can use (model.fused_kernels); RoPE's
+    fusion needs Transformer Engine, the gradient-accumulation one apex's CUDA extension, and the masked-softmax
+    one is not on our attention's path."""
+    return {"bias_activation_fusion": on, "bias_dropout_fusion": on}
+
+
 def build(model_cfg, layout: Layout, llama_cfg, esm_cfg, pcfg, placeholder_id: int) -> Prot2TextModel:
     """Prot2TextModel for this rank: the encoder and connector (if the recipe has them) on the first stage, this
     stage's decoder layers. esm_cfg is None for a decoder-only recipe."""
@@ -29,7 +36,8 @@ def build(model_cfg, layout: Layout, llama_cfg, esm_cfg, pcfg, placeholder_id: i
                            pre_process=layout.first_stage, post_process=layout.last_stage,
                            esm_output_layer=model_cfg.esm_output_layer, freeze=model_cfg.freeze,
                            llm_config=llama_mod.transformer_config(llama_cfg, params_dtype=DTYPES[model_cfg.dtype],
-                                                                   layout=layout, moe=moe_of(model_cfg)),
+                                                                   layout=layout, moe=moe_of(model_cfg),
+                                                                   **fusions(model_cfg.fused_kernels)),
                            layout=layout, connector=model_cfg.connector, resampler=model_cfg.resampler,
                            encoder=model_cfg.encoder, structure=model_cfg.structure)
     if torch.cuda.is_available():  # plain torch parts (the ESM embedding) are built on the CPU, as in Megatron-LM

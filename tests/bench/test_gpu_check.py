@@ -1,6 +1,6 @@
 """The device script runs between GPU loans: `bench/gpu/run.sh --tiny` takes every code path of the GPU run
 (bf16 vs fp32, the packed attention kernels, both stage-2 implementations, stage 1 with and without the text
-cache, the structure-aware encoder, the MoE decoder, the report) at toy shapes on the CPU."""
+cache, the structure-aware encoder, the MoE decoder, the fused kernels, the report) at toy shapes on the CPU."""
 import json
 import os
 import subprocess
@@ -41,7 +41,30 @@ def test_device_script_runs_tiny_on_cpu(tmp_path):
     mo = res["moe"]
     assert 0 < mo["precision"]["logits_rel_error"] < 5e-2 and 0 < mo["precision"]["expert_grads_rel_error"] < 0.1
     assert mo["moe"]["params"] > mo["dense"]["params"] and mo["moe"]["step_s"] > 0
+    fu = res["fusion"]
+    assert fu["loss_rel_error"] < 1e-5 and fu["grads_rel_error"] < 1e-4 and fu["fused"]["step_s"] > 0
     md = (tmp_path / "check.md").read_text()
     for heading in ("Precision", "Packed attention", "Stage 2 step", "Stage 1 step", "Ratio: ours / HF + PEFT",
-                    "Structure-aware encoder", "Mixture-of-experts decoder"):
+                    "Structure-aware encoder", "Mixture-of-experts decoder", "Fused kernels"):
         assert heading in md
+
+
+def test_a_failing_section_spares_the_others_and_fails_the_run(tmp_path):
+    """A short loan is not lost to one section's error: the others still run and report, the failure is in
+    check.json and check.md, and the command exits non-zero."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=ROOT)
+    script = ("import sys, bench.gpu.check as c\n"
+              "def boom(shapes):\n    raise RuntimeError('CUDA out of memory (injected)')\n"
+              "c.check_attention = boom\n"
+              f"sys.exit(c.main(['--tiny', '--out', {str(tmp_path)!r}, '--only', 'attention', 'structure']))\n")
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    res = json.load(open(tmp_path / "check.json"))
+    assert res["attention"]["error"] == "RuntimeError: CUDA out of memory (injected)"
+    assert "boom" in res["attention"]["traceback"]
+    assert res["structure"]["bias"]["step_s"] > 0            # the section after it ran
+    md = (tmp_path / "check.md").read_text()
+    assert "**attention: failed**" in md and "Structure-aware encoder" in md
+    assert "failed sections: attention" in p.stderr
