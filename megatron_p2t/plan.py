@@ -10,8 +10,9 @@ Memory per GPU, in the model's dtype where not said otherwise:
   every decoder layer's inputs for backward (LoRA needs the gradient through all of them) and fp32 logits;
 - a fixed overhead per device (CUDA context, NCCL buffers, allocator slack).
 A mixture-of-experts decoder (model.decoder=llama_moe): each layer's dense MLP becomes model.moe.experts trained
-experts (split over parallel.expert data-parallel ranks, then over TP) and a router; experts' optimizer state is
-per expert-parallel rank (not ZeRO-partitioned when parallel.expert > 1, training/experts.py); a token's MLP
+experts (split over parallel.expert data-parallel ranks, then over TP) and a router; under expert parallelism the
+experts' gradients stay whole on each rank and their optimizer state is partitioned over the ranks holding the same
+experts (data-parallel size / parallel.expert, training/experts.py); a token's MLP
 activations and FLOPs count top_k experts, times TP (without sequence parallelism every TP rank's experts see all
 tokens, models/llama_moe.py).
 Step time: the step's FLOPs (2/token/parameter forward, twice that backward through the decoder, attention
@@ -239,13 +240,13 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
         if not llm_lora.r:                # feature alignment: the decoder, experts included, stays frozen
             frozen, experts = frozen + experts, 0.0
     # AdamW: two fp32 moments, plus DeepSpeed's fp32 partition of the weights (the master copy in mixed precision);
-    # experts under expert parallelism keep theirs whole on each rank (training/experts.py)
+    # experts under expert parallelism partition theirs over the ranks holding the same experts (training/experts.py)
     opt_bytes = 12
     opt_dp = dp if zero >= 1 else 1
     mem = {"frozen_weights": frozen * wb,
            "trainable_weights": (trainable + experts) * wb / (dp if zero >= 3 else 1),
            "gradients": (trainable + experts) * wb / (dp if zero >= 2 and ep == 1 else 1),
-           "optimizer": trainable * opt_bytes / opt_dp + experts * opt_bytes / (opt_dp if ep == 1 else 1)}
+           "optimizer": trainable * opt_bytes / opt_dp + experts * opt_bytes / (opt_dp if ep == 1 else dp // ep)}
 
     # activations of one micro-batch
     esm_transient = b * lp * (2 * esm.hidden + esm.ffn / tp) * wb + 2 * b * esm.heads / tp * lp * lp * wb

@@ -148,8 +148,8 @@ def test_the_structure_encoder_adds_its_bias_to_the_plan():
 
 
 def test_moe_decoder_planned_with_its_experts():
-    """Stage 2 with SEPIT's decoder: four experts per layer trained fully (their optimizer state whole per rank
-    under expert parallelism), the dense MLPs no longer frozen; expert parallelism divides the experts."""
+    """Stage 2 with SEPIT's decoder: four experts per layer trained fully, the dense MLPs no longer frozen; expert
+    parallelism divides the experts, and their optimizer state is partitioned over the ranks holding the same ones."""
     dense = load_config(os.path.join(ROOT, "configs", "sepit.yaml"), ["model.decoder=llama", "parallel.expert=1"])
     moe1 = load_config(os.path.join(ROOT, "configs", "sepit.yaml"), ["parallel.expert=1"])
     moe4 = load_config(os.path.join(ROOT, "configs", "sepit.yaml"))
@@ -164,3 +164,7 @@ def test_moe_decoder_planned_with_its_experts():
     assert m4[2].step_s > d[2].step_s                             # router + tp copies of each token's expert
     assert "| EP |" in __import__("megatron_p2t.plan", fromlist=["table"]).table(list(m4.values()), "instruct",
                                                                               "h100-80gb", 8, 0.4)
+    # two nodes at TP=2: DP 8, each expert on 2 ranks, which split its optimizer state (the rest: ZeRO over DP 8)
+    two = {p.tp: p for p in layouts(moe4, "instruct", 16, h100)}
+    assert two[2].memory["optimizer"] == pytest.approx(m4[2].memory["optimizer"] / 2, rel=1e-9)
+    assert two[2].memory["gradients"] == pytest.approx(m4[2].memory["gradients"], rel=1e-9)   # experts' stay whole

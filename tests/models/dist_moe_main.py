@@ -6,7 +6,11 @@ ranks, losses, gradients (Switch loss included) and router counts. Every later c
 over its data-parallel ranks, reduces gradients as training does (dense ones averaged over the data-parallel
 group, experts' summed over the expert-data-parallel group and divided by the data-parallel size, as
 megatron-core's DDP does) and compares this rank's slice with the reference's, mapped through the checkpoint
-adapter (which also decides which experts this rank holds). Each case writes OUT/<case>/rankN.json."""
+adapter (which also decides which experts this rank holds). Under expert parallelism the trainer's expert optimizer
+(training/experts.py, state partitioned over the expert-data-parallel group) then steps this rank's unreduced
+expert gradients, and its norm, new weights and saved checkpoint are compared with one AdamW step the reference
+took on the whole gradients (adam_eps large, so the update is near-linear in the gradient and a wrongly reduced or
+clipped gradient shows). Each case writes OUT/<case>/rankN.json."""
 import argparse
 import json
 import os
@@ -15,6 +19,20 @@ import torch
 
 MICRO = 8          # micro-batches over all data-parallel ranks
 MB, SEQ = 2, 16    # tokens per micro-batch: capacity (1.25 x an even share) is per micro-batch, as per forward
+ADAM = {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1.0, "weight_decay": 0.01}
+
+
+def expert_step_reference(weights, grads):
+    """One clipped AdamW step on the experts (HF names) from the whole-batch gradients: (norm, new tensors)."""
+    names = [n for n in grads if ".mlp.experts." in n]
+    norm = sum(float((grads[n].double() ** 2).sum()) for n in names) ** 0.5
+    new = {n: torch.nn.Parameter(weights[n].clone()) for n in names}
+    clip = norm / 2                         # so that clipping bites
+    for n in names:
+        new[n].grad = grads[n] * (clip / (norm + 1e-6))
+    opt = torch.optim.AdamW(list(new.values()), **ADAM)
+    opt.step()
+    return norm, {**weights, **{n: p.detach() for n, p in new.items()}}
 
 
 def batches(vocab):
@@ -89,15 +107,19 @@ def run_case(ckpt, layout, ref, reshard=None):
         assert layout.tp == layout.pp == layout.ep == 1
         out = pipeline.run(model, data)
         stats = llama_moe.take_router_stats(model, dataclass_one(layout))
+        weights = {s.name: s.tensor.clone() for s in llama_moe_hf.hf_slices(model, hf_cfg, 0, 1, 0)}
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.grad)
         grads = {s.name: s.tensor.clone() for s in llama_moe_hf.hf_slices(model, hf_cfg, 0, 1, 0)}
-        return {"losses": [float(o["loss"]) for o in out], "stats": stats, "grads": grads}
+        norm, stepped = expert_step_reference(weights, grads)
+        return {"losses": [float(o["loss"]) for o in out], "stats": stats, "grads": grads, "expert_norm": norm,
+                "stepped": stepped}
     per_rank = MICRO // layout.dp
     mine = data[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
     out = pipeline.run(model, mine)
     stats = llama_moe.take_router_stats(model, layout)
+    opt_res = expert_optimizer_case(model, layout, ref, hf_cfg, moe) if layout.ep > 1 else None
     dev = collective_device()
     for p in model.parameters():
         g = p.grad.to(dev)
@@ -119,7 +141,61 @@ def run_case(ckpt, layout, ref, reshard=None):
             "grad_diff": worst, "grad_rel": rel, "checked": checked,
             "params": sum(1 for _ in model.parameters()), "stat_keys": sorted(stats), "stat_diff": stat_diff,
             "local_experts": len(llama_moe.moe_layers(model)[0].experts.local_experts), "ep_rank": layout.ep_rank,
-            "tp_rank": layout.tp_rank, "pp_rank": layout.pp_rank, "dp": layout.dp, "resharded": resharded}
+            "tp_rank": layout.tp_rank, "pp_rank": layout.pp_rank, "dp": layout.dp, "resharded": resharded,
+            "optimizer": opt_res}
+
+
+def expert_optimizer_case(model, layout, ref, hf_cfg, moe):
+    """The trainer's expert optimizer on this rank's own (unreduced) expert gradients, against the reference's
+    step; the model's gradients are left as they were, for the gradient check after it."""
+    import shutil
+    import tempfile
+    import types
+
+    import torch.distributed as dist
+
+    from megatron_p2t.checkpoint import llama_moe_hf
+    from megatron_p2t.checkpoint.hf_dir import TensorSource
+    from megatron_p2t.models import llama_moe
+    from megatron_p2t.training import experts
+    named = [(n, p) for n, p in model.named_parameters() if llama_moe.is_expert_param(p)]
+    kept = {n: p.grad.clone() for n, p in named}
+    before = {n: p.detach().clone() for n, p in named}
+    tc = types.SimpleNamespace(clip_grad=ref["expert_norm"] / 2, lr=ADAM["lr"], adam_betas=ADAM["betas"],
+                               adam_eps=ADAM["eps"], weight_decay=ADAM["weight_decay"])
+    opt = experts.ExpertOptimizer(named, tc, layout, lambda step: 1.0)
+    opt.step()
+    expected = llama_moe_hf.megatron_tensors(model, TensorSource(ref["stepped"], "reference step"), hf_cfg, moe,
+                                             layout.tp_rank, layout.tp)
+    step_diff = max(float((p.detach() - expected[n]).abs().max()) for n, p in named)
+    update = max(float((expected[n] - before[n]).abs().max()) for n, _ in named)
+    # the checkpoint: gathered from the owners into one file per (expert-parallel, model-parallel) rank, and read
+    # back by a fresh optimizer whose weights were moved away
+    d = [tempfile.mkdtemp(prefix="experts_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(d, src=0)
+    opt.save_weights(d[0])
+    dist.barrier()
+    with torch.no_grad():
+        for _, p in named:
+            p.add_(1.0)
+    again = experts.ExpertOptimizer(named, tc, layout, lambda step: 1.0)
+    again.load_weights(d[0])
+    reloaded = max(float((p.detach() - expected[n]).abs().max()) for n, p in named)
+    masters = max((float((m.detach() - expected[n]).abs().max()) for n, m in zip(again.names, again.master)
+                   if m is not None), default=0.0)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(d[0])
+    owned = [None] * dist.get_world_size()
+    dist.all_gather_object(owned, (layout.ep_rank, layout.mp_rank, opt.owned_names()))
+    mine = [names for ep, mp, names in owned if (ep, mp) == (layout.ep_rank, layout.mp_rank)]
+    partitioned = sorted(n for names in mine for n in names) == sorted(opt.names) and \
+        all(len(names) < len(opt.names) for names in mine) if len(mine) > 1 else mine[0] == opt.names
+    for n, p in named:
+        p.grad = kept[n]
+    return {"norm_rel": abs(opt.last_norm - ref["expert_norm"]) / ref["expert_norm"], "step_diff": step_diff,
+            "update": update, "reloaded_diff": reloaded, "masters_diff": masters, "expert_dp": opt.expert_dp,
+            "partitioned": partitioned, "tensors": len(named)}
 
 
 def dataclass_one(layout):

@@ -157,6 +157,16 @@ def test_expert_tensor_pipeline_parallel_equal_one_process(launched, tp, pp, ep)
         if r["loss_diff"] is not None:
             assert r["loss_diff"] <= 2e-6, r
     assert sorted({r["ep_rank"] for r in ranks}) == list(range(ep))
+    # the trainer's expert optimizer (state partitioned over the ranks holding the same experts): the reference's
+    # norm and step, and a checkpoint that gives them back
+    for r in ranks:
+        o = r["optimizer"]
+        if ep == 1:
+            assert o is None
+            continue
+        assert o["expert_dp"] == 4 // tp // pp // ep and o["tensors"] > 0 and o["partitioned"], o
+        assert o["norm_rel"] <= 2e-6 and o["step_diff"] <= 1e-3 * o["update"], o
+        assert max(o["reloaded_diff"], o["masters_diff"]) <= 1e-3 * o["update"], o
     # the megatron distributed checkpoint the EP=2 case wrote, read back at this layout: the same tensors
     if (tp, pp, ep) != LAYOUTS[1]:
         assert all(r["resharded"] is True for r in ranks)
