@@ -133,14 +133,17 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t", 
     state_dict = torch.load(os.path.join(step, f"mp_rank_{layout.mp_rank:02d}_model_states.pt"), map_location="cpu",
                             weights_only=False)["module"]   # DeepSpeed names the files by model-parallel rank
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}  # checkpoints hold only these
+    moe = moe_of(cfg.model)
+    # checkpoints hold only the trained tensors; under expert parallelism the experts are in their own files
+    split = {n for n, p in model.named_parameters() if is_expert_param(p)} if moe is not None and layout.ep > 1 \
+        else set()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad} - split
     missing = [k for k in missing if k in trained]
     if missing or unexpected:
         raise CheckpointError(f"{step}: the checkpoint does not fit the configured model: missing {missing[:4]}, "
                               f"unexpected {unexpected[:4]}")
-    moe = moe_of(cfg.model)
-    if moe is not None and layout.ep > 1:   # the module file holds the first data-parallel rank's experts
-        experts.load_weights({n: p for n, p in model.named_parameters() if is_expert_param(p)}, step, layout)
+    if split:    # (checkpoints written before they left the module file held the first data-parallel rank's too)
+        experts.load_weights({n: p for n, p in model.named_parameters() if n in split}, step, layout)
     if fmt == "p2tv2":
         merged = merge_lora(model.llm) + (merge_lora(model.esm) if model.pre_process else 0)
         src = cfg.model.p2tv2

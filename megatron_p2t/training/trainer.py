@@ -21,6 +21,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -234,8 +235,9 @@ class Trainer:
         dist.barrier()
         # frozen towers are not saved: they never change (ESM-3B alone is 6 GB per checkpoint) and come back from
         # the HF directories named in the config, which _check_compatible confirms by shape
-        self.engine.save_checkpoint(d, tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True,
-                                    client_state={"step": self.step, "nonfinite_total": self.nonfinite_total})
+        with self._module_file_without_experts():
+            self.engine.save_checkpoint(d, tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True,
+                                        client_state={"step": self.step, "nonfinite_total": self.nonfinite_total})
         torch.save({"loader": self.loader.state_dict(), "rng": rng_state(), "nonfinite": self.nonfinite,
                     "shapes": self._shapes(), "experts": self.experts.state_dict() if self.experts else None},
                    os.path.join(d, tmp_tag, f"extra_rank{self.rank:05d}.pt"))
@@ -256,6 +258,23 @@ class Trainer:
                 shutil.rmtree(os.path.join(d, old))
         dist.barrier()
         return tag
+
+    @contextlib.contextmanager
+    def _module_file_without_experts(self):
+        """Under expert parallelism the experts are written beside DeepSpeed's files, every expert-parallel rank's in
+        fp32 (training/experts.py); DeepSpeed's module file, written by the first data-parallel rank, would hold that
+        rank's experts a second time. Its engine reads the module's tensors through `module_state_dict` when
+        saving, so this engine's is narrowed for the save (resume loads non-strictly, then the experts' files)."""
+        if not self.experts:
+            yield
+            return
+        full = self.engine.module_state_dict
+        drop = {n for n, p in self.engine.module.named_parameters() if is_expert_param(p)}
+        self.engine.module_state_dict = lambda *a, **kw: {k: v for k, v in full(*a, **kw).items() if k not in drop}
+        try:
+            yield
+        finally:
+            del self.engine.module_state_dict      # the class's method again
 
     def _shapes(self) -> Dict[str, list]:
         return {n: list(p.shape) for n, p in self.engine.module.named_parameters()}
