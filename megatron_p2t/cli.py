@@ -184,7 +184,8 @@ def cmd_export_hf(args) -> int:
     cfg, layout = _model_setup(args)
     model, llama_cfg, esm_cfg, pcfg = load.build_model(cfg, layout)
     sharded.load(model, args.checkpoint)
-    p2t_hf.hf_export(model, args.out, llama_cfg, esm_cfg, pcfg, layout.tp_rank, layout.tp)
+    p2t_hf.hf_export(model, args.out, llama_cfg, esm_cfg, pcfg, layout.tp_rank, layout.tp,
+                     esm_src=cfg.model.p2tv2 or cfg.model.esm)
     if torch_rank() == 0:
         print(f"HF directories llama/, esm/, projector/ -> {args.out}")
     return 0

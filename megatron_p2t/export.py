@@ -165,7 +165,7 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t", 
         export_hf.export({adapter_dir: slices}, out)
     merged = merge_lora(model.llm) + (merge_lora(model.esm) if model.pre_process and model.reads_protein else 0)
     p2t_hf.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tpr, tp, cfg.model.resampler, moe=moe,
-                     ep_rank=layout.ep_rank)
+                     ep_rank=layout.ep_rank, esm_src=cfg.model.p2tv2 or cfg.model.esm)
     if dist.get_rank() == 0:
         if lora:
             llama_hf.finish_peft_adapter(adapter_dir, lc, cfg.model.llama)

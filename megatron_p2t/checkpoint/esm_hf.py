@@ -129,3 +129,23 @@ def lora_tensors(enc, src, tp_rank: int, tp: int, prefix: str = "base_model.mode
         out[m + "linear_proj.lora_A"] = src.get(a + "output.dense.lora_A.weight", 1, h0 * hd, h1 * hd)
         out[m + "linear_proj.lora_B"] = src.get(a + "output.dense.lora_B.weight")
     return out
+
+
+def model_extras(src: str | None, esm_cfg, num_layers: int) -> List[Slice]:
+    """What transformers' EsmModel holds beside the weights the encoder uses, so an export's esm/ loads with
+    nothing missing: the rotary inverse frequencies (a buffer EsmModel derives from the head size, under the names
+    this transformers version gives it) and, when the export keeps every layer, the contact head of the ESM
+    checkpoint the run started from (`src`; it reads all layers' attention maps, so a truncated encoder has
+    none)."""
+    from transformers import EsmModel
+    cfg = esm_cfg.__class__.from_dict({**esm_cfg.to_dict(), "num_hidden_layers": num_layers})
+    with torch.device("meta"):
+        names = list(EsmModel(cfg, add_pooling_layer=False).state_dict())
+    hd = esm_cfg.hidden_size // esm_cfg.num_attention_heads
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))   # as EsmModel computes
+    out = [Slice(n, None, 0, 0, inv_freq.clone()) for n in names if n.endswith("inv_freq")]
+    if src and num_layers == esm_cfg.num_hidden_layers and any(n.startswith("contact_head.") for n in names):
+        ck = HFDir(src)
+        p = detect_prefix(ck)
+        out += [Slice(n, None, 0, 0, ck.get(p + n)) for n in names if n.startswith("contact_head.") and ck.has(p + n)]
+    return out

@@ -42,11 +42,12 @@ def megatron_tensors(model: Prot2TextModel, esm_src, llama_src, projector_src, l
 
 
 def hf_export(model: Prot2TextModel, out_dir: str, llama_hf_cfg, esm_hf_cfg, projector_cfg, tp_rank: int,
-              tp: int, resampler_cfg=None, moe=None, ep_rank: int = 0) -> None:
+              tp: int, resampler_cfg=None, moe=None, ep_rank: int = 0, esm_src: str | None = None) -> None:
     """Collective: write out_dir/{llama,esm,projector} in HF layout from any TP x PP (x EP) layout; other
     connectors than Prot2Text-V2's projector go to connector/ in the released Protein2Text / LLaVA names
     (hf_connector.py reads them). A decoder-only model writes llama/ alone. An MoE decoder (moe) goes to llama/ in
-    Qwen2-MoE's layout (llama_moe_hf); expert-parallel ranks other than the first give their experts only."""
+    Qwen2-MoE's layout (llama_moe_hf); expert-parallel ranks other than the first give their experts only.
+    esm_src: the ESM checkpoint the model started from, whose contact head esm/ carries (esm_hf.model_extras)."""
     mlp = model.connector_name == "mlp"
     dirs = {k: os.path.join(out_dir, k) for k in ("llama", "esm", "projector" if mlp else "connector")}
     if moe is not None:
@@ -63,6 +64,8 @@ def hf_export(model: Prot2TextModel, out_dir: str, llama_hf_cfg, esm_hf_cfg, pro
         return
     if model.pre_process:
         slices[dirs["esm"]] = esm_hf.hf_slices(model.esm, tp_rank, tp)
+        if tp_rank == 0:
+            slices[dirs["esm"]] += esm_hf.model_extras(esm_src, esm_hf_cfg, model.esm.config.num_layers)
         if mlp:
             slices[dirs["projector"]] = projector_hf.hf_slices(model.projector, projector_cfg, tp_rank, tp)
         else:

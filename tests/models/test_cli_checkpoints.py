@@ -40,9 +40,19 @@ model:
     for part, prefix in (("llama", ""), ("esm", "esm."), ("projector", "")):
         got, want = HFDir(str(tmp_path / "hf" / part)), HFDir(src[part])
         for name in got.keys():
+            if name.endswith("inv_freq"):     # a buffer EsmModel derives (and names) itself: checked below
+                continue
             assert torch.equal(got.get(name), want.get(prefix + name)), name
             n += 1
-    assert n == 94
+    assert n == 96       # the contact head (2 tensors) too, carried from the source ESM
+    # esm/ is a whole EsmModel checkpoint: it loads with nothing missing, its buffers as EsmModel computes them
+    from transformers import EsmModel
+    esm, info = EsmModel.from_pretrained(str(tmp_path / "hf" / "esm"), add_pooling_layer=False,
+                                         output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    fresh_esm = EsmModel(esm.config, add_pooling_layer=False)
+    for name, buf in fresh_esm.named_buffers():
+        assert torch.equal(dict(esm.named_buffers())[name], buf), name
     # without projector weights the projector keeps a fresh initialisation; everything else is still imported
     fresh = tmp_path / "fresh.yaml"
     fresh.write_text(cfg.read_text().replace(f"  projector_weights: {src['projector']}\n", ""))
