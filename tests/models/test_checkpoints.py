@@ -45,7 +45,8 @@ def _ranks(launched, mode, tp, pp):
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
 def test_import_export_is_bit_identical(launched, tp, pp):
     r = _ranks(launched, "roundtrip", tp, pp)[0]
-    assert r["unequal"] == [] and r["compared"] == 94
+    # every tensor of the sources (ESM's contact head too) and the rotary buffer: esm/ loads with nothing missing
+    assert r["unequal"] == [] and r["compared"] == 97 and r["esm_missing"] == []
     assert "model.safetensors" in r["llama_files"] and "config.json" in r["llama_files"]
 
 
