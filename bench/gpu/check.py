@@ -850,6 +850,13 @@ SECTIONS_MD = (("precision", md_precision), ("attention", md_attention), ("stage
                ("stage1", md_stage1), ("structure", md_structure), ("moe", md_moe), ("fusion", md_fusion))
 
 
+def write_report(res: dict, out: str) -> None:
+    with open(os.path.join(out, "check.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(out, "check.md"), "w") as f:
+        f.write(markdown(res))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="toy shapes on whatever device there is (CPU in tests)")
@@ -890,12 +897,8 @@ def main(argv=None) -> int:
             res[name]["section_s"] = time.perf_counter() - t0
             res["total_s"] = time.perf_counter() - t_start
             print(json.dumps({name: res[name]}, default=str), flush=True)
-            with open(os.path.join(a.out, "check.json"), "w") as f:  # what is done so far survives a timeout
-                json.dump(res, f, indent=1)
-    md = markdown(res)
-    with open(os.path.join(a.out, "check.md"), "w") as f:
-        f.write(md)
-    print(md)
+            write_report(res, a.out)       # what is done so far survives a timeout
+    print(markdown(res))
     state.destroy()
     failed = [n for n in a.only if "error" in res.get(n, {})]
     if failed:
