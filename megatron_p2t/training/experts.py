@@ -83,6 +83,14 @@ class ExpertOptimizer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda)
         self.last_norm = None
 
+    @torch.no_grad()
+    def take_weights(self) -> None:
+        """Masters from the weights as they are now: after DeepSpeed's start-up broadcast, which gives every rank
+        holding these experts the first one's."""
+        for p, m in zip(self.params, self.master):
+            if m is not None:
+                m.copy_(p)
+
     def owned_names(self) -> List[str]:
         return [n for n, own in zip(self.names, self.mine) if own]
 

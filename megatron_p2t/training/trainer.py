@@ -208,6 +208,8 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                     config=deepspeed_config(self.tc, micro_batch, whole_step),
                                                     mpu=MegatronMPU(layout))
+        if self.experts:
+            self.experts.take_weights()
         if whole_step and not hasattr(self.engine, "coalesce_grad_reduction"):
             raise RuntimeError(f"pipeline-parallel training needs DeepSpeedEngine.coalesce_grad_reduction, which "
                                f"DeepSpeed {deepspeed.__version__} lacks; install the version in "
