@@ -11,9 +11,10 @@ distributed optimizer treats them:
   partition theirs: each tensor has one owner there (balanced by size), its gradient is reduced to the owner,
   summed over the group and divided by the data-parallel size (every expert gets the mean over all data-parallel
   ranks' tokens, as a dense parameter), stepped there, and the new weights are broadcast from it;
-- clipped by their own global norm (over every expert of every rank) at train.clip_grad; DeepSpeed clips the
-  other parameters by theirs. (Megatron-LM clips all parameters by one norm; DeepSpeed computes its norm inside
-  its step, so the two cannot be joined without reaching into ZeRO.)
+- clipped, with everything else, by one global norm at train.clip_grad, as Megatron-LM clips: the experts' norm
+  (every expert of every rank) is computed before DeepSpeed's step and joined to the norm DeepSpeed's ZeRO
+  optimizer computes inside it (`join_norm` extends that one method of the engine's optimizer), so DeepSpeed
+  clips the other parameters, and this optimizer the experts, by sqrt(dense^2 + experts^2);
 - AdamW with the run's hyperparameters and learning-rate schedule;
 - checkpoints: the fp32 weights per (expert-parallel rank, model-parallel rank) next to DeepSpeed's files
   (`experts_epEE_mpMM.pt`, gathered from their owners; export reads them), each rank's optimizer state for the
@@ -23,6 +24,7 @@ parallel group, which `register_groups` names to it under its own convention (`e
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import List
 
@@ -81,7 +83,9 @@ class ExpertOptimizer:
         self.opt = torch.optim.AdamW(owned or [torch.nn.Parameter(torch.zeros(0))], lr=tc.lr,
                                      betas=tuple(tc.adam_betas), eps=tc.adam_eps, weight_decay=tc.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda)
-        self.last_norm = None
+        self.last_norm = None       # the experts' gradient norm of the last step
+        self.pending = None         # ... between `reduce` and `apply`, for `join_norm`
+        self.total_norm = None      # with DeepSpeed's (join_norm), as both were clipped by
 
     @torch.no_grad()
     def take_weights(self) -> None:
@@ -94,8 +98,9 @@ class ExpertOptimizer:
     def owned_names(self) -> List[str]:
         return [n for n, own in zip(self.names, self.mine) if own]
 
-    def step(self) -> None:
-        """Reduce, clip and apply the accumulated gradients, then clear them (every rank, every step)."""
+    def reduce(self) -> float:
+        """Collective: the accumulated gradients reduced to their owners (every rank, every optimizer step, before
+        DeepSpeed's); their global norm, which `join_norm` adds to DeepSpeed's."""
         dev = collective_device()
         sq = torch.zeros(1, dtype=torch.float64, device=dev)
         for p, m, owner, own in zip(self.params, self.master, self.owner, self.mine):
@@ -108,8 +113,20 @@ class ExpertOptimizer:
                 sq += (g.double() ** 2).sum()
                 m.grad = g.to(m.device)
         dist.all_reduce(sq)     # each expert tensor counted once, by its owner, over every rank's experts
-        norm = float(sq) ** 0.5
-        self.last_norm = norm
+        self.last_norm = self.pending = float(sq) ** 0.5
+        self.total_norm = None
+        return self.last_norm
+
+    def apply(self, total_norm: float | None = None) -> None:
+        """Clip by the total norm (the experts' own without one), step, and broadcast the new weights. A norm
+        that is not finite skips the step, as DeepSpeed skips its own then."""
+        self.pending = None
+        norm = self.last_norm if total_norm is None else total_norm
+        if not math.isfinite(norm):
+            for m in self.master:
+                if m is not None:
+                    m.grad = None
+            return
         if self.clip and norm > self.clip:
             for m in self.master:
                 if m is not None:
@@ -117,6 +134,7 @@ class ExpertOptimizer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        dev = collective_device()
         with torch.no_grad():
             for p, m, owner, own in zip(self.params, self.master, self.owner, self.mine):
                 if own:
@@ -126,6 +144,32 @@ class ExpertOptimizer:
                     dist.broadcast(buf, src=owner, group=self.group)
                     if buf.data_ptr() != p.data.data_ptr():
                         p.copy_(buf)
+
+    def step(self) -> None:
+        """reduce + apply, clipped by the experts' norm alone (no DeepSpeed step beside it)."""
+        self.reduce()
+        self.apply()
+
+    def join_norm(self, zero_optimizer) -> None:
+        """Make `zero_optimizer` (DeepSpeed's ZeRO-1/2 optimizer, DeepSpeedZeroOptimizer) clip by the norm of its
+        gradients and the experts' together, and remember that norm for `apply`. DeepSpeed computes the norm it
+        clips by in this one method (scaled by its loss scale, 1 in bf16 and fp32); its step then records the
+        joined norm as the engine's global gradient norm."""
+        own = zero_optimizer.scaled_global_norm
+
+        def joined(norm_type=2):
+            dense = own(norm_type)
+            if self.pending is None:        # a step without the experts' reduce before it: DeepSpeed's alone
+                return dense
+            scale = float(getattr(zero_optimizer, "loss_scale", 1.0))
+            d = float(dense)
+            if d < 0 or not math.isfinite(d):   # DeepSpeed's mark of a non-finite norm (-1), or one: left as it is
+                self.total_norm = math.inf
+                return dense
+            total = (d ** 2 + (self.pending * scale) ** 2) ** 0.5
+            self.total_norm = total / scale
+            return torch.tensor(total, dtype=dense.dtype, device=dense.device) if torch.is_tensor(dense) else total
+        zero_optimizer.scaled_global_norm = joined
 
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "owned": self.owned_names()}

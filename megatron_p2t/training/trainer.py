@@ -210,6 +210,13 @@ class Trainer:
                                                     mpu=MegatronMPU(layout))
         if self.experts:
             self.experts.take_weights()
+            if not hasattr(self.engine.optimizer, "scaled_global_norm"):
+                raise ValueError(f"expert parallelism clips the experts and the other parameters by one norm, "
+                                 f"joined to the one DeepSpeed's ZeRO optimizer computes; DeepSpeed chose "
+                                 f"{type(self.engine.optimizer).__name__} here (bf16 at ZeRO stage 1 with fp32 gradient "
+                                 f"accumulation, data_types.grad_accum_dtype, takes its bf16 optimizer): set "
+                                 f"train.zero_stage=2 or drop grad_accum_dtype")
+            self.experts.join_norm(self.engine.optimizer)
         if whole_step and not hasattr(self.engine, "coalesce_grad_reduction"):
             raise RuntimeError(f"pipeline-parallel training needs DeepSpeedEngine.coalesce_grad_reduction, which "
                                f"DeepSpeed {deepspeed.__version__} lacks; install the version in "
@@ -382,9 +389,11 @@ class Trainer:
                 self.nonfinite = 0
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 self.engine.backward(loss)
+                if boundary and self.experts:
+                    self.experts.reduce()       # their norm first: DeepSpeed's step clips by both (experts.py)
                 self.engine.step()
                 if boundary and self.experts:
-                    self.experts.step()
+                    self.experts.apply(self.experts.total_norm)
                 micro_losses.append(float(loss.detach()))
                 samples += _samples(batch)
                 if not boundary:
@@ -402,7 +411,9 @@ class Trainer:
             if self.rank == 0:
                 with open(os.path.join(tc.save_dir, "train_log.jsonl"), "a") as f:
                     # the stage's own metrics too (this rank's last micro-batch): the parts of a summed loss
+                    gn = self.engine.get_global_grad_norm()     # before clipping; every parameter's
                     f.write(json.dumps({"step": self.step, "loss": lv, "lr": self.engine.get_lr()[0],
+                                        **({"grad_norm": float(gn)} if gn is not None else {}),
                                         **{k: float(v) for k, v in metrics.items()}}) + "\n")
                 rate = samples / max(1e-9, time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{lv:.4f}", samples_s=f"{rate:.0f}")
@@ -446,9 +457,11 @@ class Trainer:
                     p.grad = None
                 return None
         self.nonfinite = 0
+        if self.experts:
+            self.experts.reduce()
         self.engine.step()
         if self.experts:
-            self.experts.step()
+            self.experts.apply(self.experts.total_norm)
         return loss, metrics, sum(_samples(b) for b in batches)
 
     def _eval(self) -> Dict:

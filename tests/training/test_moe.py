@@ -25,7 +25,7 @@ def setup(tmp_path_factory, built_sample, tiny_tokenizer):
                  f"data.manifest={out}/manifest.json", f"data.text_tokenizer={tiny_tokenizer}",
                  f"model.esm={root}/tiny/esm", f"model.llama={root}/tiny/llama", "instruct.init_from=",
                  f"model.projector_weights={root}/proj", "data.batch_size=4", "data.max_protein_residues=120",
-                 "model.decoder=llama_moe", "model.llm_lora.dropout=0.0", "train.clip_grad=100.0",
+                 "model.decoder=llama_moe", "model.llm_lora.dropout=0.0", "train.clip_grad=0.1",
                  "train.log_every=1"]
     return root, overrides
 
@@ -48,9 +48,9 @@ def _log(d):
 
 def test_expert_parallel_training_equals_ep1_resumes_exactly_and_exports(setup, tmp_path):
     """DP=2 with the experts split over the two ranks (EP=2) trains like DP=2 with every expert on both ranks
-    (EP=1), step for step; an interrupted EP=2 run resumes to the same weights; the export (started with its own
-    processes, one per expert-parallel rank) loads in transformers as Qwen2MoeForCausalLM and its logits equal
-    the trained model's."""
+    (EP=1), step for step, gradient clipping included (one norm over every parameter, 0.1: it bites); an
+    interrupted EP=2 run resumes to the same weights; the export (started with its own processes, one per
+    expert-parallel rank) loads in transformers as Qwen2MoeForCausalLM and its logits equal the trained model's."""
     root, ov = setup
     runs = {}
     for ep in (1, 2):
@@ -61,6 +61,9 @@ def test_expert_parallel_training_equals_ep1_resumes_exactly_and_exports(setup, 
     for a, b in zip(runs[1], runs[2]):
         assert a["step"] == b["step"]
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+        # one norm over experts and the rest, as EP=1 (where DeepSpeed holds the experts) clips; 0.1 bites
+        assert a["grad_norm"] > 0.1 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6 * a["grad_norm"], (a, b)
+        assert 0 < b["expert_grad_norm"] < b["grad_norm"]
         # the same tokens to the same experts; after a step's rounding differences a near-tie may turn
         tol = 1e-9 if a["step"] == 1 else 2e-3
         for k in a:
