@@ -821,12 +821,12 @@ def md_moe(mo: dict) -> list:
 
 
 def md_fusion(fu: dict) -> list:
-    return [f"Fused kernels (model.fused_kernels: SwiGLU, bias-dropout-add{'' if fu['compiled'] else '; not compiled'}) "
-            f"vs plain: forward+backward of {fu['layers']} layers at LLaMA-3.1-8B's width, {fu['tokens']} tokens "
-            f"({fu['dtype']}); loss rel. difference {fu['loss_rel_error']:.2e}, gradients {fu['grads_rel_error']:.2e}",
-            "", "| decoder | step s | first step s | peak GB |", "|---|---|---|---|",
-            f"| plain | {fu['plain']['step_s']:.3f} | {fu['plain']['first_step_s']:.2f} | {_f(fu['plain']['peak_gb'])} |",
-            f"| fused | {fu['fused']['step_s']:.3f} | {fu['fused']['first_step_s']:.2f} | {_f(fu['fused']['peak_gb'])} |",
+    row = lambda k: (f"| {k} | {fu[k]['step_s']:.3f} | {fu[k]['first_step_s']:.2f} | {_f(fu[k]['peak_gb'])} |")
+    return [f"Fused kernels (model.fused_kernels: SwiGLU, bias-dropout-add"
+            f"{'' if fu['compiled'] else '; not compiled'}) vs plain: forward+backward of {fu['layers']} layers at "
+            f"LLaMA-3.1-8B's width, {fu['tokens']} tokens ({fu['dtype']}); loss rel. difference "
+            f"{fu['loss_rel_error']:.2e}, gradients {fu['grads_rel_error']:.2e}",
+            "", "| decoder | step s | first step s | peak GB |", "|---|---|---|---|", row("plain"), row("fused"),
             "", f"Ratio: fused / plain = {fu['time_ratio']:.2f}x step time."]
 
 

@@ -213,9 +213,9 @@ class Trainer:
             if not hasattr(self.engine.optimizer, "scaled_global_norm"):
                 raise ValueError(f"expert parallelism clips the experts and the other parameters by one norm, "
                                  f"joined to the one DeepSpeed's ZeRO optimizer computes; DeepSpeed chose "
-                                 f"{type(self.engine.optimizer).__name__} here (bf16 at ZeRO stage 1 with fp32 gradient "
-                                 f"accumulation, data_types.grad_accum_dtype, takes its bf16 optimizer): set "
-                                 f"train.zero_stage=2 or drop grad_accum_dtype")
+                                 f"{type(self.engine.optimizer).__name__} here (bf16 at ZeRO stage 1 with fp32 "
+                                 f"gradient accumulation, data_types.grad_accum_dtype, takes its bf16 optimizer): "
+                                 f"set train.zero_stage=2 or drop grad_accum_dtype")
             self.experts.join_norm(self.engine.optimizer)
         if whole_step and not hasattr(self.engine, "coalesce_grad_reduction"):
             raise RuntimeError(f"pipeline-parallel training needs DeepSpeedEngine.coalesce_grad_reduction, which "
