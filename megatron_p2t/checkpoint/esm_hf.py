@@ -131,6 +131,12 @@ def lora_tensors(enc, src, tp_rank: int, tp: int, prefix: str = "base_model.mode
     return out
 
 
+def rotary_inv_freq(esm_cfg) -> torch.Tensor:
+    """ESM's rotary inverse frequencies, as EsmModel computes its buffer from the head size."""
+    hd = esm_cfg.hidden_size // esm_cfg.num_attention_heads
+    return 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+
+
 def model_extras(src: str | None, esm_cfg, num_layers: int) -> List[Slice]:
     """What transformers' EsmModel holds beside the weights the encoder uses, so an export's esm/ loads with
     nothing missing: the rotary inverse frequencies (a buffer EsmModel derives from the head size, under the names
@@ -141,9 +147,7 @@ def model_extras(src: str | None, esm_cfg, num_layers: int) -> List[Slice]:
     cfg = esm_cfg.__class__.from_dict({**esm_cfg.to_dict(), "num_hidden_layers": num_layers})
     with torch.device("meta"):
         names = list(EsmModel(cfg, add_pooling_layer=False).state_dict())
-    hd = esm_cfg.hidden_size // esm_cfg.num_attention_heads
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))   # as EsmModel computes
-    out = [Slice(n, None, 0, 0, inv_freq.clone()) for n in names if n.endswith("inv_freq")]
+    out = [Slice(n, None, 0, 0, rotary_inv_freq(esm_cfg)) for n in names if n.endswith("inv_freq")]
     if src and num_layers == esm_cfg.num_hidden_layers and any(n.startswith("contact_head.") for n in names):
         ck = HFDir(src)
         p = detect_prefix(ck)

@@ -174,14 +174,13 @@ def esm_extras(esm_dir: str, esm_cfg) -> Dict[str, object]:
     """What the authors' EsmModel holds beside the weights our encoder uses, for an export that does not come
     from an import: the contact head from the ESM checkpoint the run started from, and the rotary inverse
     frequencies (as stored there, else computed), so their class loads the export with nothing missing."""
-    from megatron_p2t.checkpoint.esm_hf import detect_prefix
+    from megatron_p2t.checkpoint.esm_hf import detect_prefix, rotary_inv_freq
     ck = HFDir(esm_dir)
     p = detect_prefix(ck)
     out = {ESM + n[len(p):]: ck.get(n) for n in ck.keys()
            if n.startswith(p) and (n[len(p):].startswith("contact_head.") or n.endswith(ROTARY))}
     if not any(n.endswith(ROTARY) for n in out):
-        hd = esm_cfg.hidden_size // esm_cfg.num_attention_heads
-        out[ESM + ROTARY] = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+        out[ESM + ROTARY] = rotary_inv_freq(esm_cfg)
     return out
 
 

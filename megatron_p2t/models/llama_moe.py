@@ -22,8 +22,8 @@ Four things differ from megatron-core's stock layer, each narrow:
   routed and take capacity from real tokens (they look alike, so they crowd one expert). The model passes a packed
   batch's padding (segment 0; models/p2t.py); the router here gives those rows no expert, computes capacity over
   the real tokens only and leaves them out of the counts. (megatron-core's router docstrings say True marks valid
-  tokens; its code, and TransformerLayer's docstring, treat True as padding.) Padded (unpacked) batches carry no
-  mask: their padding is routed as before.
+  tokens; its code, and TransformerLayer's docstring, treat True as padding.) Padded (unpacked) batches hand in
+  the collate's `padding_mask` (data/instruct.py) the same way.
 """
 from __future__ import annotations
 

@@ -117,11 +117,11 @@ class ExpertOptimizer:
         self.total_norm = None
         return self.last_norm
 
-    def apply(self, total_norm: float | None = None) -> None:
-        """Clip by the total norm (the experts' own without one), step, and broadcast the new weights. A norm
-        that is not finite skips the step, as DeepSpeed skips its own then."""
+    def apply(self) -> None:
+        """Clip by the total norm (`join_norm`'s; the experts' own when DeepSpeed computed none), step, and
+        broadcast the new weights. A norm that is not finite skips the step, as DeepSpeed skips its own then."""
         self.pending = None
-        norm = self.last_norm if total_norm is None else total_norm
+        norm = self.last_norm if self.total_norm is None else self.total_norm
         if not math.isfinite(norm):
             for m in self.master:
                 if m is not None:
@@ -144,11 +144,6 @@ class ExpertOptimizer:
                     dist.broadcast(buf, src=owner, group=self.group)
                     if buf.data_ptr() != p.data.data_ptr():
                         p.copy_(buf)
-
-    def step(self) -> None:
-        """reduce + apply, clipped by the experts' norm alone (no DeepSpeed step beside it)."""
-        self.reduce()
-        self.apply()
 
     def join_norm(self, zero_optimizer) -> None:
         """Make `zero_optimizer` (DeepSpeed's ZeRO-1/2 optimizer, DeepSpeedZeroOptimizer) clip by the norm of its

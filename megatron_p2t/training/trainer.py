@@ -393,7 +393,7 @@ class Trainer:
                     self.experts.reduce()       # their norm first: DeepSpeed's step clips by both (experts.py)
                 self.engine.step()
                 if boundary and self.experts:
-                    self.experts.apply(self.experts.total_norm)
+                    self.experts.apply()
                 micro_losses.append(float(loss.detach()))
                 samples += _samples(batch)
                 if not boundary:
@@ -461,7 +461,7 @@ class Trainer:
             self.experts.reduce()
         self.engine.step()
         if self.experts:
-            self.experts.apply(self.experts.total_norm)
+            self.experts.apply()
         return loss, metrics, sum(_samples(b) for b in batches)
 
     def _eval(self) -> Dict:
