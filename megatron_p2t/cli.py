@@ -229,7 +229,6 @@ def _train_stage(args, run) -> int:
     """A training stage from its config; pre-emption (checkpoint written) exits 0 so schedulers requeue."""
     from megatron_p2t.config import load_config
     from megatron_p2t.training.trainer import Stop
-    from megatron_p2t.parallel import state
     cfg = load_config(args.config, args.overrides)
     try:
         result = run(cfg, resume=args.resume)
@@ -240,12 +239,6 @@ def _train_stage(args, run) -> int:
         summary = {k: v for k, v in result.items() if k != "losses"}
         summary["final_loss"] = result["losses"][-1] if result["losses"] else None
         print(json.dumps(summary))
-    # every rank leaves the process group together: one that exits while a peer's gloo threads still talk to it
-    # can abort the peer at interpreter shutdown ("terminate called without an active exception", seen once)
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
-        state.destroy()
     return 0
 
 
@@ -272,7 +265,8 @@ def cmd_generate_protein(args) -> int:
     """Proteins (and answers) from a decoder-only model, checked as proteins."""
     from megatron_p2t.generate_protein import run
     print(json.dumps(run(args.model, args.out, input_path=args.input, prompt=args.prompt, split=args.split,
-                         only_tasks=args.tasks.split(",") if args.tasks else None, num_samples=args.num_samples, batch_size=args.batch_size, temperature=args.temperature,
+                         only_tasks=args.tasks.split(",") if args.tasks else None, num_samples=args.num_samples,
+                         batch_size=args.batch_size, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, num_beams=args.beams, sample=not args.greedy,
                          seed=args.seed, max_new_tokens=args.max_new_tokens,
                          repetition_penalty=args.repetition_penalty, device=args.device)))
@@ -347,6 +341,18 @@ def cmd_make_tiny_models(args) -> int:
                     max_shard_size="4MB")
     tiny.make_esm(os.path.join(args.out, "esm"), init_std=args.esm_init_std)
     print(f"tiny llama (vocab {vocab}, {args.llama_layers} x {args.llama_hidden}) and esm -> {args.out}")
+    return 0
+
+
+def _leave_process_group() -> int:
+    """Every rank of a command that succeeded leaves the process group together. A rank that exits while a
+    peer's gloo threads still talk to it can abort that peer at interpreter shutdown ("terminate called without
+    an active exception": seen after training, and in CI after cache-text, which did not leave)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        from megatron_p2t.parallel import state
+        dist.barrier()
+        state.destroy()
     return 0
 
 
@@ -499,13 +505,15 @@ def main(argv=None) -> int:
     from megatron_p2t.parallel.layout import LayoutError
     from megatron_p2t.plan import PlanError
     try:
-        return {"quickstart": cmd_quickstart, "data-check": cmd_data_check, "make-tokenizer": cmd_make_tokenizer,
-                "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "align": cmd_align,
-                "instruct": cmd_instruct, "export": cmd_export, "pretrain-lm": cmd_pretrain_lm,
-                "warmup-structure": cmd_warmup_structure,
-                "generate": cmd_generate, "evaluate": cmd_evaluate, "generate-protein": cmd_generate_protein,
-                "cache-text": cmd_cache_text, "make-tiny-models": cmd_make_tiny_models, "plan": cmd_plan,
-                "import-p2tv2": cmd_import_p2tv2}[args.cmd](args)
+        commands = {"quickstart": cmd_quickstart, "data-check": cmd_data_check, "make-tokenizer": cmd_make_tokenizer,
+                    "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "align": cmd_align,
+                    "instruct": cmd_instruct, "export": cmd_export, "pretrain-lm": cmd_pretrain_lm,
+                    "warmup-structure": cmd_warmup_structure,
+                    "generate": cmd_generate, "evaluate": cmd_evaluate, "generate-protein": cmd_generate_protein,
+                    "cache-text": cmd_cache_text, "make-tiny-models": cmd_make_tiny_models, "plan": cmd_plan,
+                    "import-p2tv2": cmd_import_p2tv2}
+        rc = commands[args.cmd](args)
     except (DataError, ConfigError, FileNotFoundError, CheckpointError, LayoutError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return rc if rc else _leave_process_group()

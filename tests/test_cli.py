@@ -101,3 +101,26 @@ def test_commands_refuse_a_checkpoint_of_another_recipe_before_any_work(tmp_path
         err = capsys.readouterr().err
         assert err.startswith("error:") and re.search(message, err), (argv, err)
     assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "hf")
+
+
+def test_a_command_that_set_up_a_process_group_leaves_it(tmp_path, monkeypatch, built_sample, tiny_tokenizer):
+    """cache-text once exited with its gloo group alive and its peer aborted at interpreter shutdown (CI,
+    "terminate called without an active exception"): every command that succeeds leaves the group, through a
+    barrier, before the process ends."""
+    import torch.distributed as dist
+    from megatron_p2t.cli import main
+    from tests.conftest import free_port
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    assert main(["make-tiny-models", "--tokenizer", tiny_tokenizer, "--out", str(tmp_path / "tiny")]) == 0
+    out, _ = built_sample
+    data = tmp_path / "data"
+    os.makedirs(data)
+    for name in set(os.listdir(out)) - {"text_cache"}:  # the cache goes beside the manifest, not into the shared build
+        os.symlink(os.path.join(out, name), data / name)
+    assert main(["cache-text", "--config", os.path.join(ROOT, "configs", "align_tiny_cpu.yaml"),
+                 f"data.manifest={data}/manifest.json", f"data.text_tokenizer={tiny_tokenizer}",
+                 f"model.esm={tmp_path}/tiny/esm", f"model.llama={tmp_path}/tiny/llama"]) == 0
+    assert not dist.is_initialized()
+    assert os.path.exists(next((data / "text_cache").iterdir()) / "cache.json")
