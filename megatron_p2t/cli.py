@@ -344,7 +344,7 @@ def cmd_make_tiny_models(args) -> int:
     return 0
 
 
-def _leave_process_group() -> int:
+def _leave_process_group() -> None:
     """Every rank of a command that succeeded leaves the process group together. A rank that exits while a
     peer's gloo threads still talk to it can abort that peer at interpreter shutdown ("terminate called without
     an active exception": seen after training, and in CI after cache-text, which did not leave)."""
@@ -353,7 +353,6 @@ def _leave_process_group() -> int:
         from megatron_p2t.parallel import state
         dist.barrier()
         state.destroy()
-    return 0
 
 
 def torch_rank() -> int:
@@ -516,4 +515,6 @@ def main(argv=None) -> int:
     except (DataError, ConfigError, FileNotFoundError, CheckpointError, LayoutError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return rc if rc else _leave_process_group()
+    if rc == 0:
+        _leave_process_group()
+    return rc

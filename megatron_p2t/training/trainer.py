@@ -389,11 +389,7 @@ class Trainer:
                 self.nonfinite = 0
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 self.engine.backward(loss)
-                if boundary and self.experts:
-                    self.experts.reduce()       # their norm first: DeepSpeed's step clips by both (experts.py)
-                self.engine.step()
-                if boundary and self.experts:
-                    self.experts.apply()
+                self._engine_step(boundary)
                 micro_losses.append(float(loss.detach()))
                 samples += _samples(batch)
                 if not boundary:
@@ -457,12 +453,18 @@ class Trainer:
                     p.grad = None
                 return None
         self.nonfinite = 0
-        if self.experts:
+        self._engine_step(True)
+        return loss, metrics, sum(_samples(b) for b in batches)
+
+    def _engine_step(self, boundary: bool) -> None:
+        """DeepSpeed's step (an optimizer step at an accumulation boundary, else the micro-step's bookkeeping), with
+        the expert optimizer around it at a boundary: the experts' norm first, as DeepSpeed's step clips by both
+        (experts.py), then their update."""
+        if boundary and self.experts:
             self.experts.reduce()
         self.engine.step()
-        if self.experts:
+        if boundary and self.experts:
             self.experts.apply()
-        return loss, metrics, sum(_samples(b) for b in batches)
 
     def _eval(self) -> Dict:
         self.engine.eval()

@@ -79,12 +79,13 @@ def run_case(a, layout):
             LlamaForCausalLM.from_pretrained(os.path.join(out, "llama"))   # plain transformers loads them
             esm, info = EsmModel.from_pretrained(os.path.join(out, "esm"), add_pooling_layer=False,
                                                  output_loading_info=True)
+            derived = dict(EsmModel(esm.config, add_pooling_layer=False).named_buffers())
             compared, unequal = 0, []
             for k in ("llama", "esm", "projector"):
                 got = HFDir(os.path.join(out, k))
                 for name in got.keys():
                     if name.endswith("inv_freq"):    # a buffer EsmModel derives itself: compared with its own
-                        same = torch.equal(got.get(name), dict(EsmModel(esm.config).named_buffers())[name])
+                        same = torch.equal(got.get(name), derived[name])
                     else:
                         same = torch.equal(got.get(name), src[k].get(("esm." + name) if k == "esm" else name))
                     if not same:

@@ -50,9 +50,9 @@ model:
     esm, info = EsmModel.from_pretrained(str(tmp_path / "hf" / "esm"), add_pooling_layer=False,
                                          output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    fresh_esm = EsmModel(esm.config, add_pooling_layer=False)
-    for name, buf in fresh_esm.named_buffers():
-        assert torch.equal(dict(esm.named_buffers())[name], buf), name
+    loaded = dict(esm.named_buffers())
+    for name, buf in EsmModel(esm.config, add_pooling_layer=False).named_buffers():
+        assert torch.equal(loaded[name], buf), name
     # without projector weights the projector keeps a fresh initialisation; everything else is still imported
     fresh = tmp_path / "fresh.yaml"
     fresh.write_text(cfg.read_text().replace(f"  projector_weights: {src['projector']}\n", ""))
