@@ -7,9 +7,9 @@ export DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1
 # one thread per process when two workers share the two cores: OpenMP threads spin while they wait, so a second
 # thread per process beside the other worker burns CPU without progress (tests that want more take it from here)
 if [ "${TEST_WORKERS:-2}" != 0 ] && [ "${TEST_WORKERS:-2}" != 1 ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
-# as an activated venv: every process, launchers' children included, finds the same ninja (the venv's). DeepSpeed
-# JIT-builds its CPU shm op on first use; Debian's ninja 1.11 and the venv's 1.13 read each other's build log as
-# stale, so each switch between them rebuilt the op (~35 s on 2 cores; 4 times a suite run before this)
+# as an activated venv: every process, launchers' children included, finds the venv's tools (deepspeed, torchrun,
+# ninja) first. Debian's ninja 1.11 and the venv's 1.13 read each other's build log as stale: when DeepSpeed still
+# JIT-built its CPU shm op (parallel/state.py now marks it off), each switch between them rebuilt it
 export PATH="$PWD/.venv/bin:$PATH"
 # --durations: every run (CI included) lists its slowest cases, so a test that grows is seen where it happens.
 # -n: two pytest-xdist workers (the machine's 2 cores; single-process tests leave one idle otherwise), grouped

@@ -103,16 +103,21 @@ def test_commands_refuse_a_checkpoint_of_another_recipe_before_any_work(tmp_path
     assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "hf")
 
 
-def test_a_command_that_set_up_a_process_group_leaves_it(tmp_path, monkeypatch, built_sample, tiny_tokenizer):
+def test_a_command_sets_up_its_process_group_without_a_compiler_and_leaves_it(tmp_path, monkeypatch, built_sample,
+                                                                              tiny_tokenizer):
     """cache-text once exited with its gloo group alive and its peer aborted at interpreter shutdown (CI,
     "terminate called without an active exception"): every command that succeeds leaves the group, through a
-    barrier, before the process ends."""
+    barrier, before the process ends. Starting the group compiles nothing: DeepSpeed's CPU backend would JIT-build
+    its inference-only shared-memory op (25-40 s of g++ on a fresh machine) into TORCH_EXTENSIONS_DIR."""
+    import deepspeed.ops
     import torch.distributed as dist
     from megatron_p2t.cli import main
     from tests.conftest import free_port
     for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
                  "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)  # as a fresh process has it
     assert main(["make-tiny-models", "--tokenizer", tiny_tokenizer, "--out", str(tmp_path / "tiny")]) == 0
     out, _ = built_sample
     data = tmp_path / "data"
@@ -124,3 +129,4 @@ def test_a_command_that_set_up_a_process_group_leaves_it(tmp_path, monkeypatch, 
                  f"model.esm={tmp_path}/tiny/esm", f"model.llama={tmp_path}/tiny/llama"]) == 0
     assert not dist.is_initialized()
     assert os.path.exists(next((data / "text_cache").iterdir()) / "cache.json")
+    assert not os.path.exists(tmp_path / "torch_extensions")

@@ -15,7 +15,8 @@ from megatron_p2t.parallel.layout import Layout, ParallelConfig, check_layout
 def initialize(parallel: ParallelConfig, backend: str | None = None) -> Layout:
     """Set up process groups for `parallel` (a run config's `parallel` section) and return this process's
     Layout. Safe to call again in the same process: megatron's groups are rebuilt only after `destroy`."""
-    cpu_shim.enable()
+    if cpu_shim.enable():
+        _skip_inference_shm_op()  # before DeepSpeed's comm backend starts, here or in deepspeed.initialize
     launch_env.discover()  # torchrun / deepspeed / mpirun / srun / nothing
     if not torch.distributed.is_initialized():
         import deepspeed  # deferred: the launchers' rendezvous goes through it, nothing else here needs it
@@ -35,6 +36,18 @@ def initialize(parallel: ParallelConfig, backend: str | None = None) -> Layout:
                                      expert_model_parallel_size=parallel.expert)
     model_parallel_cuda_manual_seed(parallel.seed)
     return current()
+
+
+def _skip_inference_shm_op() -> None:
+    """DeepSpeed's CPU comm backend JIT-compiles its shared-memory all-reduce (`deepspeed_shm_comm`) as it starts:
+    25-40 s of g++ on the first run on each machine (CI's cache starts empty), while every other DeepSpeed process
+    waits on the build's lock, and a hard failure where no C++ compiler is installed. Only its inference kernels use
+    it (`inference_all_reduce`, AutoTP); training's collectives are torch.distributed's. DeepSpeed keeps its op
+    compatibility table as one module dict that it reads before building (`deepspeed.ops.__compatible_ops__`, whose
+    comment says edits to it persist): marked incompatible, the op is not built and the backend runs without it, as
+    on platforms that cannot build it."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def current() -> Layout:
