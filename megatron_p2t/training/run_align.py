@@ -12,7 +12,7 @@ import torch.distributed as dist
 from megatron_p2t.checkpoint import esm_structure_hf, load, projector_hf, sharded
 from megatron_p2t.checkpoint.hf_dir import HFDir
 from megatron_p2t.checkpoint.slicing import copy_into
-from megatron_p2t.config import check_same_recipe
+from megatron_p2t.config import ConfigError, check_same_recipe
 from megatron_p2t.data.loader import ProteinTextLoader
 from megatron_p2t.models.align import AlignModel
 from megatron_p2t.models.build import dtype_of
@@ -107,11 +107,11 @@ def run(cfg, resume=None) -> dict:
     if objective == "lm":
         return run_instruct.run(cfg, resume, documents=True)
     if cfg.parallel.pipeline != 1:
-        raise ValueError("stage 1 runs tensor x data parallel (parallel.pipeline=1): its towers are the frozen ESM "
-                         "and the first text_layer decoder layers, which TP already splits")
+        raise ConfigError("stage 1 runs tensor x data parallel (parallel.pipeline=1): its towers are the frozen "
+                          "ESM and the first text_layer decoder layers, which TP already splits")
     if cfg.data.batch_size is None:
-        raise ValueError("stage 1 needs fixed per-rank batches (data.batch_size): negatives are all-gathered "
-                         "across data-parallel ranks, which needs equal batch sizes")
+        raise ConfigError("stage 1 needs fixed per-rank batches (data.batch_size): negatives are all-gathered "
+                          "across data-parallel ranks, which needs equal batch sizes")
     if resume:
         check_same_recipe(resume_dir(cfg, resume), cfg, "--resume")
     cfg = use_cache_if_asked(cfg)

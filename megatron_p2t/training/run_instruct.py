@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron_p2t.checkpoint import esm_structure_hf, llama_hf, load, projector_hf, resampler_hf, sharded
 from megatron_p2t.checkpoint.hf_dir import CheckpointError, TensorSource
 from megatron_p2t.checkpoint.slicing import copy_into
-from megatron_p2t.config import check_same_recipe
+from megatron_p2t.config import ConfigError, check_same_recipe
 from megatron_p2t.data.instruct import InstructLoader, MixedLoader, PromptBuilder
 from megatron_p2t.data.lm import DocumentLoader
 from megatron_p2t.data.loader import ProteinTextLoader
@@ -32,7 +32,7 @@ from megatron_p2t.models.parts_config import FreezeConfig, protein_slots
 from megatron_p2t.parallel import pipeline, state
 from megatron_p2t.parallel.layout import Layout
 from megatron_p2t.parallel.state import collective_device
-from megatron_p2t.training.trainer import Trainer, resume_dir, with_grad_accum
+from megatron_p2t.training.trainer import Trainer, check_optimizer, resume_dir, with_grad_accum
 
 
 def _to_device(batch):
@@ -98,14 +98,14 @@ def stage2_config(cfg):
     """The run config as stage 2 runs it: ESM and decoder frozen (LoRA, when r > 0, trains on the decoder), the
     connector trained; an imported checkpoint as instruct.init_from names the model's shapes too (model.p2tv2)."""
     if cfg.model.llm_lora.r <= 0 and cfg.parallel.pipeline > 1:
-        raise ValueError("model.llm_lora.r=0 (feature alignment: the connector alone learns) leaves the later "
-                         "pipeline stages nothing to train; run it with parallel.pipeline=1 (tensor and data "
-                         "parallelism apply), or give the decoder adapters (model.llm_lora.r > 0)")
+        raise ConfigError("model.llm_lora.r=0 (feature alignment: the connector alone learns) leaves the later "
+                          "pipeline stages nothing to train; run it with parallel.pipeline=1 (tensor and data "
+                          "parallelism apply), or give the decoder adapters (model.llm_lora.r > 0)")
     if cfg.model.encoder == "none" and cfg.instruct.init_from:
-        raise ValueError(f"instruct.init_from={cfg.instruct.init_from}: a decoder-only recipe continues from its "
-                         f"stage 1 through that run's export, as ProLLaMA continues from ProLLaMA_Stage_1: "
-                         f"`megatron-p2t export --checkpoint RUN --out EXPORT`, then model.llama=EXPORT/llama "
-                         f"(and instruct.init_from= empty)")
+        raise ConfigError(f"instruct.init_from={cfg.instruct.init_from}: a decoder-only recipe continues from "
+                          f"its stage 1 through that run's export, as ProLLaMA continues from ProLLaMA_Stage_1: "
+                          f"`megatron-p2t export --checkpoint RUN --out EXPORT`, then model.llama=EXPORT/llama "
+                          f"(and instruct.init_from= empty)")
     model = dataclasses.replace(cfg.model, freeze=FreezeConfig(esm=True, projector=False, llm=True,
                                                                structure=cfg.model.freeze.structure))
     if imported(cfg):
@@ -197,7 +197,7 @@ def make_loader(cfg, layout: Layout, split: str = "train", train: bool = True, d
     """Stage-2 prompts, or (documents) language-model documents for a decoder-only recipe's stage 1; drawn from
     data.manifest and, by weight, instruct.mix."""
     if not cfg.data.text_tokenizer:
-        raise ValueError("stage 2 needs data.text_tokenizer (the LLaMA tokenizer directory)")
+        raise ConfigError("stage 2 needs data.text_tokenizer (the LLaMA tokenizer directory)")
     tok = load_text_tokenizer(cfg.data.text_tokenizer, cfg.data.text_end)
     placeholder = cfg.model.placeholder_token if cfg.model.encoder != "none" else None
     builder = PromptBuilder(tok, cfg.instruct, placeholder, seed=cfg.data.seed, end_token=cfg.data.text_end)
@@ -220,7 +220,7 @@ def make_loader(cfg, layout: Layout, split: str = "train", train: bool = True, d
     loaders, weights = [main], [float(cfg.instruct.main_weight)]
     for m in cfg.instruct.mix:
         if set(m) - {"manifest", "weight"} or "manifest" not in m:
-            raise ValueError(f"instruct.mix entries are {{manifest: PATH, weight: W}}, got {m}")
+            raise ConfigError(f"instruct.mix entries are {{manifest: PATH, weight: W}}, got {m}")
         dcfg = dataclasses.replace(data, manifest=m["manifest"], split=split)
         loaders.append(wrap(ProteinTextLoader(dcfg, layout.dp_rank, layout.dp), True))
         weights.append(float(m.get("weight", 1.0)))
@@ -275,15 +275,17 @@ def run(cfg, resume=None, documents: bool = False) -> dict:
     """Stage 2; with documents, a decoder-only recipe's stage 1 (`pretrain-lm`: language modelling on packed
     documents, the same model step)."""
     if documents and cfg.model.encoder != "none":
-        raise ValueError(f"language-model pretraining (`pretrain-lm`) trains a decoder-only recipe "
-                         f"(model.encoder=none, model.connector=none); this config has model.encoder="
-                         f"{cfg.model.encoder}")
+        raise ConfigError(f"language-model pretraining (`pretrain-lm`) trains a decoder-only recipe "
+                          f"(model.encoder=none, model.connector=none); this config has model.encoder="
+                          f"{cfg.model.encoder}")
+    check_optimizer(cfg)
+    stage = stage2_config(cfg)  # its refusals too: all before any process group
     if cfg.instruct.init_from:
         check_same_recipe(cfg.instruct.init_from, cfg, "instruct.init_from")
     if resume:
         check_same_recipe(resume_dir(cfg, resume), cfg, "--resume")
     layout = state.initialize(cfg.parallel)
-    cfg = with_grad_accum(stage2_config(cfg), cfg.data.batch_size, layout.dp)
+    cfg = with_grad_accum(stage, cfg.data.batch_size, layout.dp)
     model, *_ = build(cfg, layout)
     loader = make_loader(cfg, layout, documents=documents)
 

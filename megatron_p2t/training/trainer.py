@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from megatron_p2t.config import ConfigError
 from megatron_p2t.models.llama_moe import is_expert_param, take_router_stats
 from megatron_p2t.parallel.layout import Layout
 from megatron_p2t.parallel.state import collective_device
@@ -98,18 +99,19 @@ def resolve_grad_accum(tc, micro_batch: Optional[int], dp: int) -> int:
     if tc.global_batch is None:
         return tc.grad_accum
     if micro_batch is None:
-        raise ValueError("train.global_batch counts samples and needs fixed batches (data.batch_size); with a token "
-                         "budget (data.max_tokens) set train.grad_accum instead")
+        raise ConfigError("train.global_batch counts samples and needs fixed batches (data.batch_size); with a "
+                          "token budget (data.max_tokens) set train.grad_accum instead")
     per_step = micro_batch * dp
     if tc.global_batch <= 0 or tc.global_batch % per_step:
         lower = max(per_step, tc.global_batch // per_step * per_step)
-        raise ValueError(f"train.global_batch={tc.global_batch} is not a multiple of data.batch_size x data-parallel "
-                         f"size = {micro_batch} x {dp} = {per_step}; use e.g. {lower} or {lower + per_step}, or "
-                         f"change data.batch_size / the number of processes")
+        raise ConfigError(f"train.global_batch={tc.global_batch} is not a multiple of data.batch_size x "
+                          f"data-parallel size = {micro_batch} x {dp} = {per_step}; use e.g. {lower} or "
+                          f"{lower + per_step}, or change data.batch_size / the number of processes")
     accum = tc.global_batch // per_step
     if tc.grad_accum not in (1, accum):
-        raise ValueError(f"train.grad_accum={tc.grad_accum} contradicts train.global_batch={tc.global_batch} "
-                         f"(which gives {accum} at data.batch_size={micro_batch}, data-parallel size {dp}): set one")
+        raise ConfigError(f"train.grad_accum={tc.grad_accum} contradicts train.global_batch={tc.global_batch} "
+                          f"(which gives {accum} at data.batch_size={micro_batch}, data-parallel size {dp}): set "
+                          f"one")
     return accum
 
 
@@ -141,6 +143,35 @@ def deepspeed_config(tc, micro_batch: int, whole_step: bool = False) -> dict:
         with open(tc.deepspeed_config) as f:
             _merge(cfg, json.load(f))
     return cfg
+
+
+def check_optimizer(cfg) -> None:
+    """Refuse, before any process group or model, the ZeRO setups the trainer cannot step: pipeline parallelism
+    reduces gradients through ZeRO 1/2 (DeepSpeedEngine.coalesce_grad_reduction), and expert parallelism steps the
+    experts beside a ZeRO 1/2 optimizer whose gradient norm it joins. DeepSpeed gives bf16 at stage 1 with fp32
+    gradient accumulation (data_types.grad_accum_dtype, no optimizer offload) to its BF16_Optimizer instead
+    (DeepSpeedEngine._configure_zero_optimizer's choice), which has no such norm."""
+    par = cfg.parallel
+    ds = deepspeed_config(cfg.train, 1)  # the YAML's keys with the JSON's merged over them, as the engine gets them
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    for n, what in ((par.pipeline, f"pipeline-parallel training (parallel.pipeline={par.pipeline}) reduces "
+                                   f"gradients through ZeRO"),
+                    (par.expert, f"expert parallelism (parallel.expert={par.expert}) trains the experts beside "
+                                 f"ZeRO")):
+        if n > 1 and stage not in (1, 2):
+            raise ConfigError(f"{what}: set train.zero_stage to 1 or 2 (it is {stage})")
+    if par.expert > 1 and stage == 1:
+        from deepspeed.runtime.config import DtypeEnum
+        bf16 = (ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled", False)
+        accum = (ds.get("data_types") or {}).get("grad_accum_dtype")
+        offload = (zero.get("offload_optimizer") or {}).get("device", "none") == "cpu"
+        if bf16 and accum is not None and DtypeEnum(accum).value == torch.float32 and not offload:
+            raise ConfigError(f"expert parallelism (parallel.expert={par.expert}) clips the experts and the other "
+                              f"parameters by one norm, joined to ZeRO's; bf16 at ZeRO stage 1 with fp32 gradient "
+                              f"accumulation (data_types.grad_accum_dtype in {cfg.train.deepspeed_config}) makes "
+                              f"DeepSpeed take its BF16_Optimizer, which has none: set train.zero_stage=2 or drop "
+                              f"grad_accum_dtype")
 
 
 def _merge(into: dict, extra: dict) -> None:
@@ -181,17 +212,12 @@ class Trainer:
         self.layout = layout
         self.cfg, self.tc, self.loader, self.step_fn, self.eval_fn = cfg, cfg.train, loader, step_fn, eval_fn
         self.whole_step = whole_step
-        if whole_step and self.tc.zero_stage not in (1, 2):
-            raise ValueError(f"pipeline-parallel training reduces gradients through ZeRO: set train.zero_stage to 1 "
-                             f"or 2 (it is {self.tc.zero_stage})")
+        check_optimizer(cfg)
         self.rank = dist.get_rank()
         self.experts = None
         schedule = lr_lambda(self.tc.steps, self.tc.warmup_fraction, self.tc.min_lr_ratio)
         experts = [(n, p) for n, p in model.named_parameters() if p.requires_grad and is_expert_param(p)]
         if experts:    # expert parallelism: experts stepped beside the engine (training/experts.py)
-            if self.tc.zero_stage not in (1, 2):
-                raise ValueError(f"expert parallelism (parallel.expert={layout.ep}) trains experts beside ZeRO: set "
-                                 f"train.zero_stage to 1 or 2 (it is {self.tc.zero_stage})")
             ids = {id(p) for _, p in experts}
             register_groups(layout, [p for _, p in experts])
             self.experts = ExpertOptimizer(experts, self.tc, layout, schedule)
@@ -201,7 +227,7 @@ class Trainer:
                 param_groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids]}]
         params = param_groups or [p for p in model.parameters() if p.requires_grad]
         if not params or (param_groups and not any(g["params"] for g in param_groups)):
-            raise ValueError("nothing to train: every parameter is frozen (see model.freeze)")
+            raise ConfigError("nothing to train: every parameter is frozen (see model.freeze)")
         opt = torch.optim.AdamW(params, lr=self.tc.lr, betas=tuple(self.tc.adam_betas), eps=self.tc.adam_eps,
                                 weight_decay=self.tc.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
@@ -211,11 +237,9 @@ class Trainer:
         if self.experts:
             self.experts.take_weights()
             if not hasattr(self.engine.optimizer, "scaled_global_norm"):
-                raise ValueError(f"expert parallelism clips the experts and the other parameters by one norm, "
-                                 f"joined to the one DeepSpeed's ZeRO optimizer computes; DeepSpeed chose "
-                                 f"{type(self.engine.optimizer).__name__} here (bf16 at ZeRO stage 1 with fp32 "
-                                 f"gradient accumulation, data_types.grad_accum_dtype, takes its bf16 optimizer): "
-                                 f"set train.zero_stage=2 or drop grad_accum_dtype")
+                raise ConfigError(f"expert parallelism clips the experts and the other parameters by one norm, "
+                                  f"joined to the one DeepSpeed's ZeRO optimizer computes; DeepSpeed chose "
+                                  f"{type(self.engine.optimizer).__name__} here: set train.zero_stage=2")
             self.experts.join_norm(self.engine.optimizer)
         if whole_step and not hasattr(self.engine, "coalesce_grad_reduction"):
             raise RuntimeError(f"pipeline-parallel training needs DeepSpeedEngine.coalesce_grad_reduction, which "

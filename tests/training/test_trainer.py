@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 
@@ -47,6 +48,47 @@ def test_global_batch_sets_accumulation_or_names_the_fix():
     with pytest.raises(ValueError, match="data.max_tokens"):
         resolve_grad_accum(load_config(None, ["train.global_batch=64"]).train, None, 4)
     assert resolve_grad_accum(load_config(None, ["train.grad_accum=5"]).train, 8, 4) == 5
+
+
+def test_setups_the_stages_cannot_run_are_refused_before_any_work(tmp_path, capsys):
+    """ZeRO setups the trainer cannot step (pipeline or expert parallelism beside ZeRO 0/3; bf16 at ZeRO-1 with
+    fp32 gradient accumulation, where DeepSpeed takes its BF16_Optimizer, under expert parallelism) and the stages'
+    own refusals: each an `error:` line and exit code 2 from the CLI, before a process group or a run directory."""
+    import torch.distributed as dist
+    from megatron_p2t.cli import main
+    from megatron_p2t.training.trainer import check_optimizer
+    cfg = os.path.join(ROOT, "configs", "instruct_tiny_cpu.yaml")
+    run = [f"train.save_dir={tmp_path}/run"]
+    moe = ["model.decoder=llama_moe", "parallel.expert=2"]
+    bf16 = tmp_path / "bf16.json"
+    bf16.write_text(json.dumps({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}))
+    stage3 = tmp_path / "stage3.json"
+    stage3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cases = [
+        (["instruct", "--config", cfg, *run, "parallel.pipeline=2", "train.zero_stage=0"],
+         r"pipeline-parallel training \(parallel.pipeline=2\) reduces gradients through ZeRO: set train.zero_stage "
+         r"to 1 or 2 \(it is 0\)"),
+        (["instruct", "--config", cfg, *run, *moe, "train.zero_stage=1", f"train.deepspeed_config={stage3}"],
+         r"expert parallelism \(parallel.expert=2\) trains the experts beside ZeRO: .*\(it is 3\)"),
+        (["instruct", "--config", cfg, *run, *moe, "train.zero_stage=1", f"train.deepspeed_config={bf16}"],
+         r"bf16 at ZeRO stage 1 with fp32 gradient accumulation .*bf16.json.*BF16_Optimizer.*train.zero_stage=2"),
+        (["instruct", "--config", cfg, *run, "parallel.pipeline=2", "model.llm_lora.r=0"],
+         "leaves the later pipeline stages nothing to train"),
+        (["align", "--config", os.path.join(ROOT, "configs", "align_tiny_cpu.yaml"), *run, "parallel.pipeline=2"],
+         r"stage 1 runs tensor x data parallel \(parallel.pipeline=1\)"),
+        (["pretrain-lm", "--config", cfg, *run], r"trains a decoder-only recipe .*model.encoder=esm2"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and re.search(message, err), (argv, err)
+        assert not dist.is_initialized() and not os.path.exists(tmp_path / "run"), argv
+    # what DeepSpeed steps with a ZeRO optimizer passes: ZeRO-2, or ZeRO-1 with the optimizer offloaded
+    check_optimizer(load_config(cfg, [*moe, "train.zero_stage=2", f"train.deepspeed_config={bf16}"]))
+    offload = tmp_path / "offload.json"
+    offload.write_text(json.dumps({**json.loads(bf16.read_text()),
+                                   "zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
+    check_optimizer(load_config(cfg, [*moe, "train.zero_stage=1", f"train.deepspeed_config={offload}"]))
 
 
 @pytest.mark.slow
