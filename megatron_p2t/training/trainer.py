@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from megatron_p2t.checkpoint.hf_dir import CheckpointError
 from megatron_p2t.config import ConfigError
 from megatron_p2t.models.llama_moe import is_expert_param, take_router_stats
 from megatron_p2t.parallel.layout import Layout
@@ -319,18 +320,18 @@ class Trainer:
         world = dist.get_world_size()
         ranks = sorted(f for f in os.listdir(ckpt) if f.startswith("extra_rank"))
         if len(ranks) != world:
-            raise ValueError(f"{ckpt} was written by {len(ranks)} processes, this run has {world}: ZeRO optimizer "
-                             f"shards and data positions are per rank, so resume with the same number of processes "
-                             f"and parallel.tensor/pipeline (or start a fresh run from its weights)")
+            raise CheckpointError(f"{ckpt} was written by {len(ranks)} processes, this run has {world}: ZeRO "
+                                  f"optimizer shards and data positions are per rank, so resume with the same number "
+                                  f"of processes and parallel.tensor/pipeline (or start a fresh run from its weights)")
         extra = torch.load(os.path.join(ckpt, f"extra_rank{self.rank:05d}.pt"), weights_only=False)
         saved, now = extra.get("shapes"), self._shapes()
         if saved is not None and saved != now:
             for name in list(dict.fromkeys([*saved, *now])):
                 if saved.get(name) != now.get(name):
-                    raise ValueError(f"{ckpt} holds a different model: parameter {name} is {saved.get(name)} there "
-                                     f"and {now.get(name)} in this run (rank {self.rank}); the model config "
-                                     f"(model.*, LoRA r, projector dims) or parallel.tensor differs from the run "
-                                     f"that wrote it")
+                    raise CheckpointError(f"{ckpt} holds a different model: parameter {name} is {saved.get(name)} "
+                                          f"there and {now.get(name)} in this run (rank {self.rank}); the model "
+                                          f"config (model.*, LoRA r, projector dims) or parallel.tensor differs from "
+                                          f"the run that wrote it")
         return extra
 
     def resume(self, spec: Optional[str]) -> bool:
