@@ -278,7 +278,7 @@ def run(cfg, resume=None, documents: bool = False) -> dict:
         raise ConfigError(f"language-model pretraining (`pretrain-lm`) trains a decoder-only recipe "
                           f"(model.encoder=none, model.connector=none); this config has model.encoder="
                           f"{cfg.model.encoder}")
-    check_optimizer(cfg)
+    check_optimizer(cfg, whole_step=cfg.parallel.pipeline > 1, experts=cfg.parallel.expert > 1)
     stage = stage2_config(cfg)  # its refusals too: all before any process group
     if cfg.instruct.init_from:
         check_same_recipe(cfg.instruct.init_from, cfg, "instruct.init_from")

@@ -146,23 +146,24 @@ def deepspeed_config(tc, micro_batch: int, whole_step: bool = False) -> dict:
     return cfg
 
 
-def check_optimizer(cfg) -> None:
-    """Refuse, before any process group or model, the ZeRO setups the trainer cannot step: pipeline parallelism
-    reduces gradients through ZeRO 1/2 (DeepSpeedEngine.coalesce_grad_reduction), and expert parallelism steps the
-    experts beside a ZeRO 1/2 optimizer whose gradient norm it joins. DeepSpeed gives bf16 at stage 1 with fp32
-    gradient accumulation (data_types.grad_accum_dtype, no optimizer offload) to its BF16_Optimizer instead
+def check_optimizer(cfg, whole_step: bool, experts: bool) -> None:
+    """Refuse the ZeRO setups the trainer cannot step (the stages call this before any process group or model, with
+    what their config implies; the Trainer again with what it was given): whole steps (pipeline parallelism) reduce
+    gradients through ZeRO 1/2 (DeepSpeedEngine.coalesce_grad_reduction), and expert parallelism steps the experts
+    beside a ZeRO 1/2 optimizer whose gradient norm it joins. DeepSpeed gives bf16 at stage 1 with fp32 gradient
+    accumulation (data_types.grad_accum_dtype, no optimizer offload) to its BF16_Optimizer instead
     (DeepSpeedEngine._configure_zero_optimizer's choice), which has no such norm."""
     par = cfg.parallel
     ds = deepspeed_config(cfg.train, 1)  # the YAML's keys with the JSON's merged over them, as the engine gets them
     zero = ds.get("zero_optimization", {})
     stage = zero.get("stage", 0)
-    for n, what in ((par.pipeline, f"pipeline-parallel training (parallel.pipeline={par.pipeline}) reduces "
-                                   f"gradients through ZeRO"),
-                    (par.expert, f"expert parallelism (parallel.expert={par.expert}) trains the experts beside "
-                                 f"ZeRO")):
-        if n > 1 and stage not in (1, 2):
+    for needed, what in ((whole_step, f"pipeline-parallel training (parallel.pipeline={par.pipeline}) reduces "
+                                      f"gradients through ZeRO"),
+                         (experts, f"expert parallelism (parallel.expert={par.expert}) trains the experts beside "
+                                   f"ZeRO")):
+        if needed and stage not in (1, 2):
             raise ConfigError(f"{what}: set train.zero_stage to 1 or 2 (it is {stage})")
-    if par.expert > 1 and stage == 1:
+    if experts and stage == 1:
         from deepspeed.runtime.config import DtypeEnum
         bf16 = (ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled", False)
         accum = (ds.get("data_types") or {}).get("grad_accum_dtype")
@@ -213,11 +214,11 @@ class Trainer:
         self.layout = layout
         self.cfg, self.tc, self.loader, self.step_fn, self.eval_fn = cfg, cfg.train, loader, step_fn, eval_fn
         self.whole_step = whole_step
-        check_optimizer(cfg)
         self.rank = dist.get_rank()
         self.experts = None
         schedule = lr_lambda(self.tc.steps, self.tc.warmup_fraction, self.tc.min_lr_ratio)
         experts = [(n, p) for n, p in model.named_parameters() if p.requires_grad and is_expert_param(p)]
+        check_optimizer(cfg, whole_step, bool(experts))
         if experts:    # expert parallelism: experts stepped beside the engine (training/experts.py)
             ids = {id(p) for _, p in experts}
             register_groups(layout, [p for _, p in experts])

@@ -84,11 +84,12 @@ def test_setups_the_stages_cannot_run_are_refused_before_any_work(tmp_path, caps
         assert err.startswith("error:") and re.search(message, err), (argv, err)
         assert not dist.is_initialized() and not os.path.exists(tmp_path / "run"), argv
     # what DeepSpeed steps with a ZeRO optimizer passes: ZeRO-2, or ZeRO-1 with the optimizer offloaded
-    check_optimizer(load_config(cfg, [*moe, "train.zero_stage=2", f"train.deepspeed_config={bf16}"]))
+    check_optimizer(load_config(cfg, [*moe, "train.zero_stage=2", f"train.deepspeed_config={bf16}"]), False, True)
     offload = tmp_path / "offload.json"
     offload.write_text(json.dumps({**json.loads(bf16.read_text()),
                                    "zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
-    check_optimizer(load_config(cfg, [*moe, "train.zero_stage=1", f"train.deepspeed_config={offload}"]))
+    check_optimizer(load_config(cfg, [*moe, "train.zero_stage=1", f"train.deepspeed_config={offload}"]), False,
+                    True)
 
 
 @pytest.mark.slow
