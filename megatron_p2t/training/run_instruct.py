@@ -193,11 +193,19 @@ def training_data(cfg, data):
     return dataclasses.replace(data, structure_dropout=cfg.model.structure.dropout) if data.structure else data
 
 
+def check_data(cfg) -> None:
+    """What make_loader refuses, checkable before a process group starts."""
+    if not cfg.data.text_tokenizer:
+        raise ConfigError("stage 2 needs data.text_tokenizer (the LLaMA tokenizer directory)")
+    for m in cfg.instruct.mix:
+        if not isinstance(m, dict) or set(m) - {"manifest", "weight"} or "manifest" not in m:
+            raise ConfigError(f"instruct.mix entries are {{manifest: PATH, weight: W}}, got {m}")
+
+
 def make_loader(cfg, layout: Layout, split: str = "train", train: bool = True, documents: bool = False):
     """Stage-2 prompts, or (documents) language-model documents for a decoder-only recipe's stage 1; drawn from
     data.manifest and, by weight, instruct.mix."""
-    if not cfg.data.text_tokenizer:
-        raise ConfigError("stage 2 needs data.text_tokenizer (the LLaMA tokenizer directory)")
+    check_data(cfg)
     tok = load_text_tokenizer(cfg.data.text_tokenizer, cfg.data.text_end)
     placeholder = cfg.model.placeholder_token if cfg.model.encoder != "none" else None
     builder = PromptBuilder(tok, cfg.instruct, placeholder, seed=cfg.data.seed, end_token=cfg.data.text_end)
@@ -219,8 +227,6 @@ def make_loader(cfg, layout: Layout, split: str = "train", train: bool = True, d
         return main
     loaders, weights = [main], [float(cfg.instruct.main_weight)]
     for m in cfg.instruct.mix:
-        if set(m) - {"manifest", "weight"} or "manifest" not in m:
-            raise ConfigError(f"instruct.mix entries are {{manifest: PATH, weight: W}}, got {m}")
         dcfg = dataclasses.replace(data, manifest=m["manifest"], split=split)
         loaders.append(wrap(ProteinTextLoader(dcfg, layout.dp_rank, layout.dp), True))
         weights.append(float(m.get("weight", 1.0)))
@@ -280,6 +286,7 @@ def run(cfg, resume=None, documents: bool = False) -> dict:
                           f"{cfg.model.encoder}")
     check_optimizer(cfg, whole_step=cfg.parallel.pipeline > 1, experts=cfg.parallel.expert > 1)
     stage = stage2_config(cfg)  # its refusals too: all before any process group
+    check_data(cfg)
     if cfg.instruct.init_from:
         check_same_recipe(cfg.instruct.init_from, cfg, "instruct.init_from")
     if resume:

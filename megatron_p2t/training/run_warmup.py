@@ -64,7 +64,8 @@ def text_data(cfg):
     tok = AutoTokenizer.from_pretrained(cfg.warmup.text_encoder)
     end = tok.sep_token or tok.eos_token
     if end is None:
-        raise ValueError(f"{cfg.warmup.text_encoder}: the tokenizer has neither a [SEP] nor an eos token")
+        raise ConfigError(f"{cfg.warmup.text_encoder}: the tokenizer has neither a [SEP] nor an eos token to end "
+                          f"the text with; warmup.text_encoder names a BERT-family directory, whose tokenizer has one")
     return dataclasses.replace(cfg.data, text_tokenizer=cfg.warmup.text_encoder, text_end=end), tok
 
 

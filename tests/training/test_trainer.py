@@ -53,7 +53,8 @@ def test_global_batch_sets_accumulation_or_names_the_fix():
 def test_setups_the_stages_cannot_run_are_refused_before_any_work(tmp_path, capsys):
     """ZeRO setups the trainer cannot step (pipeline or expert parallelism beside ZeRO 0/3; bf16 at ZeRO-1 with
     fp32 gradient accumulation, where DeepSpeed takes its BF16_Optimizer, under expert parallelism) and the stages'
-    own refusals: each an `error:` line and exit code 2 from the CLI, before a process group or a run directory."""
+    own refusals, the loader's among them: each an `error:` line and exit code 2 from the CLI, before a process
+    group or a run directory."""
     import torch.distributed as dist
     from megatron_p2t.cli import main
     from megatron_p2t.training.trainer import check_optimizer
@@ -77,6 +78,9 @@ def test_setups_the_stages_cannot_run_are_refused_before_any_work(tmp_path, caps
         (["align", "--config", os.path.join(ROOT, "configs", "align_tiny_cpu.yaml"), *run, "parallel.pipeline=2"],
          r"stage 1 runs tensor x data parallel \(parallel.pipeline=1\)"),
         (["pretrain-lm", "--config", cfg, *run], r"trains a decoder-only recipe .*model.encoder=esm2"),
+        (["instruct", "--config", cfg, *run, "data.text_tokenizer="], r"stage 2 needs data.text_tokenizer"),
+        (["instruct", "--config", cfg, *run, "instruct.mix=[{path: qa.jsonl}]"],
+         r"instruct.mix entries are \{manifest: PATH, weight: W\}, got \{'path': 'qa.jsonl'\}"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
