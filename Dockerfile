@@ -7,9 +7,9 @@
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.12-py3
 FROM ${BASE_IMAGE}
 
-# MMseqs2 for the homology-aware split (data_tools build).
+# MMseqs2 for the homology-aware split (data_tools build) and both for evaluate's nearest-neighbour baselines.
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mmseqs2 \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mmseqs2 ncbi-blast+ \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/megatron_p2t

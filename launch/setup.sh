@@ -7,6 +7,7 @@ SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 need=()
 command -v mmseqs >/dev/null || need+=(mmseqs2)
+command -v blastp >/dev/null || need+=(ncbi-blast+)   # evaluate --baseline blast
 # a real single-node SLURM for the launcher tests (tests/launch/slurm_cluster.py starts it)
 command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ] || need+=(slurm-wlm)
 command -v munged >/dev/null || [ -x /usr/sbin/munged ] || need+=(munge)

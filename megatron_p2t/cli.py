@@ -274,12 +274,15 @@ def cmd_generate_protein(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    """Score predictions (and the MMseqs2 nearest-neighbour baseline) against the references; or generated
+    """Score predictions (and the nearest-neighbour baselines) against the references; or generated
     proteins (generate-protein's rows) against the training set."""
     from megatron_p2t import evaluate_proteins, evaluation
     from megatron_p2t.config import ConfigError
     systems = {os.path.splitext(os.path.basename(p))[0]: p for p in args.predictions}
     kinds = {evaluate_proteins.is_protein_file(p) for p in args.predictions}
+    if args.baseline and (not args.baseline_manifest or kinds == {True}):
+        raise ConfigError("--baseline names the nearest-neighbour baselines of generated descriptions: it needs "
+                          "--baseline-manifest (their training set) and predictions from `generate`")
     if kinds == {True}:
         report = evaluate_proteins.evaluate(systems, args.out, args.baseline_manifest)
         print(evaluate_proteins.markdown(report))
@@ -289,16 +292,20 @@ def cmd_evaluate(args) -> int:
                           "(generate-protein); these files mix them")
     if args.baseline_manifest:
         train = [(k, s, t) for k, s, t, _ in evaluation.split_records(args.baseline_manifest, "train")]
+        if not train:
+            raise ConfigError(f"{args.baseline_manifest}: the train split is empty, so the nearest-neighbour "
+                              f"baseline has nothing to search (build the dataset with a train split)")
         first = evaluation.read_predictions(args.predictions[0])
         queries = [(k, s, t) for k, s, t, _ in evaluation.split_records(args.baseline_manifest, args.split)
                    if k in first]
         if not queries:
             raise ValueError(f"none of {args.predictions[0]}'s proteins is in split {args.split!r} of "
                              f"{args.baseline_manifest}")
-        path = os.path.join(args.out, "mmseqs_nearest_neighbour.jsonl")
         os.makedirs(args.out, exist_ok=True)
-        evaluation.mmseqs_baseline(train, queries, path)
-        systems["mmseqs_nearest_neighbour"] = path
+        for tool in dict.fromkeys(args.baseline or ["mmseqs"]):
+            name = f"{tool}_nearest_neighbour"
+            systems[name] = os.path.join(args.out, name + ".jsonl")
+            evaluation.nearest_neighbour(train, queries, systems[name], tool, args.threads)
     report = evaluation.evaluate(systems, args.out, bertscore_model=args.bertscore_model)
     print(evaluation.markdown(report))
     return 0
@@ -466,12 +473,18 @@ def main(argv=None) -> int:
     gp.add_argument("--batch-size", type=int, default=8)
     gp.add_argument("--device", default=None)
     ev = sub.add_parser("evaluate", help="BLEU-2/4, ROUGE-1/2/L, exact match (+ BERTScore) of predictions, "
-                                         "next to the MMseqs2 nearest-neighbour baseline; for generate-protein "
-                                         "rows: validity, lengths, composition, novelty, diversity, accuracy")
+                                         "next to the MMseqs2 / BLAST nearest-neighbour baselines; for "
+                                         "generate-protein rows: validity, lengths, composition, novelty, "
+                                         "diversity, accuracy")
     ev.add_argument("predictions", nargs="+", help="JSONL files from generate (one system each)")
     ev.add_argument("--out", required=True, help="directory for scores.md, scores.json, by_length.png")
-    ev.add_argument("--baseline-manifest", help="shards manifest: run the MMseqs2 baseline (train -> --split); for "
-                                                "generated proteins, the training set they are compared with")
+    ev.add_argument("--baseline-manifest", help="shards manifest: run the nearest-neighbour baseline (train -> "
+                                                "--split); for generated proteins, the training set they are "
+                                                "compared with")
+    ev.add_argument("--baseline", action="append", choices=["mmseqs", "blast"],
+                    help="with --baseline-manifest: the search tool of the nearest-neighbour baseline, repeatable "
+                         "(default mmseqs; blast runs NCBI blastp)")
+    ev.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the baselines' search threads")
     ev.add_argument("--split", default="test")
     ev.add_argument("--bertscore-model", help="a local HF encoder directory for BERTScore")
     pl = sub.add_parser("plan", help="memory per GPU and estimated step time of every TP x DP layout for a config")

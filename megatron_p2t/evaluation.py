@@ -1,10 +1,10 @@
-"""`megatron-p2t evaluate`: score generated descriptions against the references, next to the MMseqs2
-nearest-neighbour baseline.
+"""`megatron-p2t evaluate`: score generated descriptions against the references, next to the nearest-neighbour
+baselines (the training set's description of the best MMseqs2 or BLAST hit).
 
 Metrics: corpus BLEU-2 / BLEU-4 (sacrebleu, 13a tokenisation), ROUGE-1/2/L F1 (rouge-score, stemmed), exact
 match (lowercased, punctuation and extra spaces removed), and BERTScore F1 when a local scoring model directory
 is given (greedy cosine matching of contextual token embeddings, as Zhang et al.). Per-length-bin scores go to a
-plot. Every system is scored by the same code on the same accessions; an empty prediction (no MMseqs2 hit) counts
+plot. Every system is scored by the same code on the same accessions; an empty prediction (no hit) counts
 as a miss, never as a skipped sample. QA answers (Protein2Text-style conversations, one row per question) are
 scored apart by the same metrics, per templated question too, with yes/no accuracy where the reference is yes/no.
 """
@@ -93,42 +93,81 @@ def bertscore_f1(predictions: Sequence[str], references: Sequence[str], model_di
     return 100.0 * sum(f1s) / len(f1s)
 
 
-def mmseqs_best_hits(queries: Sequence[tuple], targets: Sequence[tuple], threads: int = 2,
-                     sensitivity: float = 7.5, mask: bool = True) -> Dict[str, tuple]:
-    """query id -> (target id, identity, bit score) of its best MMseqs2 hit (highest bit score) among targets;
-    queries without a hit are absent. queries / targets: (id, sequence). mask=False turns off MMseqs2's
-    low-complexity masking (generated proteins may be all low-complexity, which would leave it no k-mer)."""
-    from data_tools.split import mmseqs_binary, write_fasta
-    exe = mmseqs_binary()
-    tmp = tempfile.mkdtemp(prefix="p2t_mmseqs_")
+def _best_hits(queries: Sequence[tuple], targets: Sequence[tuple], commands: List[List[str]], tool: str,
+               percent: bool = False) -> Dict[str, tuple]:
+    """Runs `commands` (each with the tool's executable first) in a scratch directory holding query.fasta and
+    train.fasta, and reads hits.tsv (query, target, identity, bit score): query id -> (target id, identity as a
+    fraction, bit score) of its highest-scoring hit. The FASTA names are row numbers (q0.., t0..), because both
+    tools rewrite some names as they read them (`sp|P12345|X` comes back as `P12345`)."""
+    from data_tools.split import write_fasta
+    tmp = tempfile.mkdtemp(prefix=f"p2t_{tool}_")
     best: Dict[str, tuple] = {}
     try:
-        write_fasta(os.path.join(tmp, "train.fasta"), targets)
-        write_fasta(os.path.join(tmp, "query.fasta"), queries)
-        proc = subprocess.run([exe, "easy-search", "query.fasta", "train.fasta", "hits.m8", "work", "--threads",
-                               str(threads), "-s", str(sensitivity), *([] if mask else ["--mask", "0"]),
-                               "--format-output", "query,target,fident,bits,evalue"], cwd=tmp, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"mmseqs easy-search failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
-        with open(os.path.join(tmp, "hits.m8")) as f:
+        write_fasta(os.path.join(tmp, "train.fasta"), ((f"t{i}", s) for i, (_, s) in enumerate(targets)))
+        write_fasta(os.path.join(tmp, "query.fasta"), ((f"q{i}", s) for i, (_, s) in enumerate(queries)))
+        for args in commands:
+            proc = subprocess.run(args, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"{os.path.basename(args[0])} {args[1]} failed ({proc.returncode}):\n"
+                                   f"{proc.stdout[-3000:]}")
+        with open(os.path.join(tmp, "hits.tsv")) as f:
             for line in f:
-                q, t, ident, bits, _ = line.rstrip("\n").split("\t")
+                q, t, ident, bits = line.rstrip("\n").split("\t")
+                q, t = queries[int(q[1:])][0], targets[int(t[1:])][0]
                 if q not in best or float(bits) > best[q][2]:
-                    best[q] = (t, float(ident), float(bits))
+                    best[q] = (t, round(float(ident) / (100.0 if percent else 1.0), 5), float(bits))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return best
 
 
-def mmseqs_baseline(train: Iterable[tuple], queries: Iterable[tuple], out_path: str, threads: int = 2,
-                    sensitivity: float = 7.5) -> dict:
-    """The nearest-neighbour baseline: each query gets the description of its best MMseqs2 hit in the training
-    set (highest bit score), or "" when nothing is found. train: (accession, sequence, text); queries:
-    (accession, sequence, reference). Writes JSONL like `generate`, with the hit and its identity."""
+def mmseqs_best_hits(queries: Sequence[tuple], targets: Sequence[tuple], threads: int = 2,
+                     sensitivity: float = 7.5, mask: bool = True) -> Dict[str, tuple]:
+    """query id -> (target id, identity, bit score) of its best MMseqs2 hit (highest bit score) among targets;
+    queries without a hit (at MMseqs2's default E-value, 1e-3) are absent. queries / targets: (id, sequence).
+    mask=False turns off MMseqs2's low-complexity masking (generated proteins may be all low-complexity, which
+    would leave it no k-mer)."""
+    from data_tools.split import mmseqs_binary
+    return _best_hits(queries, targets, [[mmseqs_binary(), "easy-search", "query.fasta", "train.fasta", "hits.tsv",
+                                          "work", "--threads", str(threads), "-s", str(sensitivity),
+                                          *([] if mask else ["--mask", "0"]),
+                                          "--format-output", "query,target,fident,bits"]], "mmseqs")
+
+
+def blast_binaries() -> tuple:
+    exes = tuple(shutil.which(n) for n in ("makeblastdb", "blastp"))
+    if not all(exes):
+        from data_tools.records import DataError
+        raise DataError("blastp", "NCBI BLAST+ is not installed (makeblastdb, blastp)", kind="usage",
+                        fix="run launch/setup.sh (installs Debian's ncbi-blast+), or `apt-get install ncbi-blast+`")
+    return exes
+
+
+def blast_best_hits(queries: Sequence[tuple], targets: Sequence[tuple], threads: int = 2,
+                    evalue: float = 1e-3) -> Dict[str, tuple]:
+    """query id -> (target id, identity, bit score) of its best blastp hit (highest bit score over every HSP of
+    the first 10 targets) among targets; queries without a hit at `evalue` (MMseqs2's default, so both baselines
+    call the same significance a hit) are absent."""
+    makeblastdb, blastp = blast_binaries()
+    return _best_hits(queries, targets, [
+        [makeblastdb, "-in", "train.fasta", "-dbtype", "prot", "-out", "train"],
+        [blastp, "-query", "query.fasta", "-db", "train", "-out", "hits.tsv", "-evalue", str(evalue),
+         "-max_target_seqs", "10", "-num_threads", str(threads), "-outfmt", "6 qseqid sseqid pident bitscore"]],
+        "blast", percent=True)
+
+
+BASELINES = {"mmseqs": mmseqs_best_hits, "blast": blast_best_hits}
+
+
+def nearest_neighbour(train: Iterable[tuple], queries: Iterable[tuple], out_path: str, tool: str = "mmseqs",
+                      threads: int = 2) -> dict:
+    """The nearest-neighbour baseline: each query gets the description of its best hit in the training set
+    (highest bit score) by `tool` (MMseqs2 or BLAST, `BASELINES`), or "" when nothing is found. train:
+    (accession, sequence, text); queries: (accession, sequence, reference). Writes JSONL like `generate`, with
+    the hit and its identity."""
     train, queries = list(train), list(queries)
     text_of = {a: t for a, _, t in train}
-    best = mmseqs_best_hits([(a, s) for a, s, _ in queries], [(a, s) for a, s, _ in train], threads, sensitivity)
+    best = BASELINES[tool]([(a, s) for a, s, _ in queries], [(a, s) for a, s, _ in train], threads)
     with open(out_path, "w") as f:
         for a, s, ref in queries:
             hit = best.get(a)
