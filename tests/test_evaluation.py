@@ -23,7 +23,7 @@ def test_nearest_neighbour_copies_the_best_hit_and_counts_misses(tmp_path, tool)
     rng = random.Random(0)
     aa = "ACDEFGHIKLMNPQRSTVWY"
     train = [(f"T{i}", "".join(rng.choice(aa) for _ in range(150)), f"text {i}") for i in range(5)]
-    train[3] = ("sp|T3|ABC_HUMAN", *train[3][1:])   # a name BLAST's own id parsing would rewrite
+    train[3] = ("sp|T3|ABC_HUMAN", *train[3][1:])   # a name the tools rewrite as they read it (MMseqs2: "T3")
     mutated = "".join(c if rng.random() > 0.1 else rng.choice(aa) for c in train[3][1])
     queries = [("Q1", mutated, "text 3"), ("Q2", "".join(rng.choice(aa) for _ in range(150)), "unrelated")]
     out = tmp_path / "nn.jsonl"
