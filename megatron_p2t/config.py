@@ -15,6 +15,7 @@ from megatron_p2t.models.parts_config import (SAVABLE, FreezeConfig, LoRAConfig,
                                              ResamplerConfig, StructureConfig, align_objective, check_moe,
                                              check_parts)
 from megatron_p2t.parallel.layout import ParallelConfig
+from megatron_p2t.transformer.attention_kernels import ATTENTION_KERNELS
 
 
 @dataclasses.dataclass
@@ -48,6 +49,9 @@ class ModelConfig:
     # torch.compile at the first step (Triton on a GPU, a C++ compiler on a CPU); the same values, gradients within
     # rounding. Off until bench/gpu/run.sh has measured it on the GPU in use
     fused_kernels: bool = False
+    # the decoder's attention over packed rows (transformer/attention_kernels.py): auto takes flash-attn's varlen
+    # kernel, else PyTorch's, else SDPA once per sample
+    attention_kernel: str = "auto"
 
 
 @dataclasses.dataclass
@@ -170,6 +174,9 @@ def config_from_dict(values: dict, overrides: List[str] = ()) -> Config:
         check_parts(cfg.model.encoder, cfg.model.connector, cfg.model.decoder, cfg.model.resampler,
                     cfg.model.structure)
         align_objective(cfg.align.objective, cfg.model.connector)
+        if cfg.model.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"model.attention_kernel={cfg.model.attention_kernel!r}: choose one of "
+                             + "; ".join(f"{k} ({v})" for k, v in ATTENTION_KERNELS.items()))
         if cfg.model.decoder == "llama_moe":
             check_moe(cfg.model.moe, cfg.parallel.expert)
         elif cfg.parallel.expert != 1:

@@ -49,6 +49,9 @@ def test_parts_are_chosen_by_name_and_an_unknown_one_is_refused_with_the_choices
         load_config(None, ["model.connector=perceiver"])
     with pytest.raises(ConfigError, match=r"model.decoder='mistral'.*llama"):
         load_config(None, ["model.decoder=mistral"])
+    assert load_config(None, ["model.attention_kernel=torch_varlen"]).model.attention_kernel == "torch_varlen"
+    with pytest.raises(ConfigError, match=r"model.attention_kernel='xformers'.*flash_attn.*torch_varlen.*sdpa"):
+        load_config(None, ["model.attention_kernel=xformers"])
 
 
 def test_a_protein_fills_as_many_prompt_slots_as_its_connector_gives():

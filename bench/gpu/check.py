@@ -3,8 +3,10 @@ code paths at toy shapes on the CPU (a test does, so the script works when a GPU
 
 1. precision: the joined model (ours, megatron-core) in bf16 against fp32 on the same random weights: loss,
    logits and the trainable parameters' gradients, as relative errors;
-2. attention: the packed-row kernel (flash-attn's varlen when installed, else SDPA per sample) against the
-   packed path computed in fp32 on the CPU, and its time beside one SDPA with a dense block mask;
+2. attention (run first): every packed-row kernel that runs here (model.attention_kernel: flash-attn's varlen when
+   installed, PyTorch's varlen, SDPA per sample) against the packed path computed in fp32 on the CPU, forward
+   and gradients, and its time beside one SDPA with a dense block mask; a kernel that fails here is kept out of
+   the model sections (they take SDPA per sample);
 3. stage 2: one training step at the real shapes (ESM-2-3B frozen, LLaMA-3.1-8B architecture with LoRA r 16
    on every linear, projector trained, packed 4096-token rows) beside the plain Hugging Face + PEFT step the
    official code takes (padded batch, SDPA attention) on the same samples: real tokens/s, model TFLOP/s, MFU;
@@ -153,12 +155,29 @@ def tiny_tokenizer(work: str):
     return build_llama3_style_tokenizer(texts, os.path.join(work, "tokenizer"), vocab_size=300)
 
 
-def run_config(shapes: Shapes, esm_dir: str, llama_dir: str, tokenizer: str | None, dtype: str):
+def run_config(shapes: Shapes, esm_dir: str, llama_dir: str, tokenizer: str | None, dtype: str,
+               attention_kernel: str = "auto"):
     from megatron_p2t.config import load_config
     return load_config(os.path.join(ROOT, "configs", "prot2text_v2.yaml"),
                        [f"model.esm={esm_dir}", f"model.llama={llama_dir}", f"data.text_tokenizer={tokenizer or ''}",
                         f"model.dtype={dtype}", f"instruct.pack_length={shapes.pack_length}",
-                        f"align.text_layer={shapes.text_layer}"])
+                        f"align.text_layer={shapes.text_layer}", f"model.attention_kernel={attention_kernel}"])
+
+
+def attention_kernel(res: dict) -> str:
+    """model.attention_kernel for the model sections: auto, unless the attention section saw auto's kernel fail
+    here; then SDPA per sample, so one kernel's failure does not cost the step figures too."""
+    att = res.get("attention") or {}
+    return "sdpa" if att.get("auto_kernel") in att.get("failed_kernels", []) else "auto"
+
+
+def kernel_taken(kernel: str, dtype: str) -> str:
+    """The kernel a model.attention_kernel setting runs packed rows with on this device in this dtype."""
+    from megatron_p2t.transformer.attention import varlen_kernels
+    if kernel != "auto":
+        return kernel
+    probe = torch.empty(1, 1, 1, device=device(), dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    return next(iter(varlen_kernels(probe, 0.0)), "sdpa")
 
 
 def samples(shapes: Shapes, vocab: int, placeholder: int, n: int, seed: int = 0):
@@ -275,14 +294,14 @@ def timed_steps(step, shapes: Shapes) -> list[float]:
 
 # ---------------------------------------------------------------------------------------------- 1. precision
 
-def check_precision(shapes: Shapes, work: str, tokenizer: str | None) -> dict:
+def check_precision(shapes: Shapes, work: str, tokenizer: str | None, kernel: str = "auto") -> dict:
     from megatron_p2t.data.instruct import collate_instruct
     from megatron_p2t.checkpoint.load import placeholder_id
     from megatron_p2t.training import run_instruct
     esm_dir, llama_dir = hf_dirs(work, shapes.check_esm, shapes.check_llama, "check")
     out, ref = {}, None
     for dtype in ("float32", "bfloat16"):
-        cfg = run_config(shapes, esm_dir, llama_dir, tokenizer, dtype)
+        cfg = run_config(shapes, esm_dir, llama_dir, tokenizer, dtype, kernel)
         cfg.model.llm_lora.dropout, cfg.model.projector.dropout = 0.0, 0.0  # the same function in both dtypes
         model, llama_cfg, *_ = build_ours(cfg)
         if ref is not None:
@@ -306,6 +325,7 @@ def check_precision(shapes: Shapes, work: str, tokenizer: str | None) -> dict:
                    "loss_rel_error": abs(float(loss) - ref["loss"]) / abs(ref["loss"]),
                    "logits_rel_error": rel(sel, ref["logits"]), "grads_rel_error": rel(grads, ref["grads"]),
                    "trainable_params": int(grads.numel()), "answer_tokens": int(batch["loss_mask"].sum()),
+                   "attention_kernel": kernel,
                    "model": f"ESM {shapes.check_esm['num_hidden_layers']}x{shapes.check_esm['hidden_size']}, "
                             f"LLaMA {shapes.check_llama['num_hidden_layers']}x{shapes.check_llama['hidden_size']}"}
         model = None  # the fp32 model's memory back before the bf16 one is built
@@ -316,13 +336,15 @@ def check_precision(shapes: Shapes, work: str, tokenizer: str | None) -> dict:
 # ---------------------------------------------------------------------------------------------- 2. attention
 
 def check_attention(shapes: Shapes) -> dict:
+    """Each packed-row kernel that runs here (model.attention_kernel) against the packed path in fp32 on the CPU,
+    forward and backward, and its time beside one SDPA with the block-causal mask written out."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_p2t.transformer import attention
     h, g, d, s = shapes.attn_heads, shapes.attn_groups, shapes.attn_dim, shapes.pack_length
     cfg = TransformerConfig(num_layers=1, hidden_size=h * d, num_attention_heads=h, num_query_groups=g,
                             kv_channels=d, attention_dropout=0.0, use_cpu_initialization=True)
-    att = attention.SegmentAttention(cfg, 1, None, "self").eval()
+    module = lambda kernel: attention.SegmentAttention(cfg, 1, None, "self", kernel=kernel).eval()
     gen = torch.Generator().manual_seed(3)
     b = 2
     lengths = [[s // 2, s // 4, s // 8, s // 8 - 16], [s // 3, s // 3, s - 2 * (s // 3) - 8]]
@@ -332,37 +354,53 @@ def check_attention(shapes: Shapes) -> dict:
         for j, n in enumerate(row):
             seg[r, at:at + n] = j + 1
             at += n
+    real = (seg > 0).t()[..., None]                            # [s, b, 1]: padding rows are zeros in every path
     q = torch.randn(s, b, h, d, generator=gen)
     k, v = torch.randn(s, b, g, d, generator=gen), torch.randn(s, b, g, d, generator=gen)
-    ref = att(q, k, v, seg)                                    # the packed path, fp32, CPU
+    w = torch.randn(s, b, h * d, generator=gen) * real         # the backward's incoming gradient
+
+    def grads(fn, *x):
+        x = [t.detach().requires_grad_(True) for t in x]
+        y = fn(*x)
+        (y.float() * w.to(y.device)).sum().backward()
+        return y.detach(), [t.grad.float().cpu() for t in x]
+    ref, ref_g = grads(lambda *x: module("sdpa")(*x, seg), q, k, v)   # the packed path, fp32, CPU
     dev = device()
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     qd, kd, vd, segd = q.to(dev, dt), k.to(dev, dt), v.to(dev, dt), seg.to(dev)
-    real = (seg > 0).t()[..., None]                            # [s, b, 1]: padding rows are zeros in every path
 
-    def dense():
+    def dense(qq, kk, vv):
         """One SDPA per row with the block-causal mask written out, the plain alternative."""
         same = (segd[:, :, None] == segd[:, None, :]) & torch.ones(s, s, dtype=torch.bool, device=dev).tril()
         same &= (segd > 0)[:, :, None]
         rep = h // g
-        qq, kk, vv = (x.permute(1, 2, 0, 3) for x in (qd, kd, vd))
+        qq, kk, vv = (x.permute(1, 2, 0, 3) for x in (qq, kk, vv))
         kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
-        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=same[:, None], scale=att.scale)
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=same[:, None], scale=module("sdpa").scale)
         return o.nan_to_num().permute(2, 0, 1, 3).reshape(s, b, -1)
 
-    kernels = {"sdpa_per_sample": lambda: att(qd, kd, vd, segd, use_varlen=False), "dense_block_mask": dense}
-    if attention._flash_varlen(qd) is not None:
-        kernels["flash_attn_varlen"] = lambda: att(qd, kd, vd, segd)
+    kernels = {name: (lambda m: lambda *x: m(*x, segd))(module(name))     # named as model.attention_kernel's
+               for name in [*attention.varlen_kernels(qd, 0.0), "sdpa"]}
+    kernels["dense_block_mask"] = dense
     out = {"dtype": str(dt).replace("torch.", ""), "device": dev.type, "rows": b, "row_length": s,
-           "heads": h, "kv_groups": g, "head_dim": d, "flash_attn_installed": "flash_attn_varlen" in kernels}
+           "heads": h, "kv_groups": g, "head_dim": d, "flash_attn_installed": "flash_attn" in kernels,
+           "auto_kernel": next(iter(attention.varlen_kernels(qd, 0.0)), "sdpa")}
     for name, fn in kernels.items():
-        with torch.no_grad():
-            y = fn()
-            times = timed_steps(fn, shapes)
+        try:
+            y, gr = grads(fn, qd, kd, vd)
+            with torch.no_grad():
+                times = timed_steps(lambda: fn(qd, kd, vd), shapes)
+            times_fb = timed_steps(lambda: grads(fn, qd, kd, vd), shapes)
+        except Exception as e:  # one kernel failing (an unsupported GPU, a signature) spares the others' figures
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            continue
         y = (y.float().cpu() * real)
         out[name] = {"rel_error_vs_cpu_fp32": rel(y, ref * real),
-                     "max_abs_error": float((y - ref * real).abs().max()), "ms": 1e3 * float(np.median(times))}
-    out["per_sample_speedup_vs_dense"] = out["dense_block_mask"]["ms"] / out["sdpa_per_sample"]["ms"]
+                     "max_abs_error": float((y - ref * real).abs().max()),
+                     "grad_rel_error_vs_cpu_fp32": max(rel(a, r) for a, r in zip(gr, ref_g)),
+                     "ms": 1e3 * float(np.median(times)), "fwd_bwd_ms": 1e3 * float(np.median(times_fb))}
+    out["failed_kernels"] = [k for k, r in out.items() if isinstance(r, dict) and "error" in r]
+    out["per_sample_speedup_vs_dense"] = out["dense_block_mask"]["ms"] / out["sdpa"]["ms"]
     return out
 
 
@@ -645,18 +683,19 @@ def result(times, flops: float, tokens: int, shapes: Shapes) -> dict:
             "mfu": flops / s / peak if peak else None, "steps_timed": len(times), "flops_per_step": flops}
 
 
-def stage2(shapes: Shapes, work: str, tokenizer: str | None) -> dict:
+def stage2(shapes: Shapes, work: str, tokenizer: str | None, kernel: str = "auto") -> dict:
     from megatron_p2t.data.instruct import collate_instruct
     from megatron_p2t.checkpoint.load import placeholder_id
     esm_dir, llama_dir = hf_dirs(work, shapes.esm, shapes.llama, "real")
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    cfg = run_config(shapes, esm_dir, llama_dir, tokenizer, dtype)
+    cfg = run_config(shapes, esm_dir, llama_dir, tokenizer, dtype, kernel)
     enc, pids, pmask = samples(shapes, cfg_vocab(llama_dir), placeholder_id(cfg), shapes.samples)
     packed = collate_instruct(enc, pids, pmask, 0, pack=True, pack_length=shapes.pack_length)
     padded = collate_instruct(enc, pids, pmask, 0, pack=False)
     counts = {"text": [len(e.ids) for e in enc], "protein": pmask.sum(1).tolist(),
               "tokens": int(sum(len(e.ids) for e in enc))}
     out = {"samples": len(enc), "real_tokens": counts["tokens"], "dtype": dtype,
+           "attention_kernel": kernel_taken(kernel, dtype),
            "lora": {"r": cfg.model.llm_lora.r, "targets": "all linears (q,k,v,o,gate,up,down)"}}
     out["ours_packed"] = stage2_ours(shapes, cfg, packed, counts)
     free()  # one implementation's model and optimizer are gone before the other's is built
@@ -765,18 +804,26 @@ def md_precision(p: dict) -> list:
 
 def md_attention(a: dict) -> list:
     lines = [f"Packed attention ({a['rows']} rows x {a['row_length']}, {a['heads']} heads / {a['kv_groups']} kv "
-             f"groups x {a['head_dim']}, {a['dtype']} on {a['device']}) against the packed path in fp32 on the CPU",
-             "", "| kernel | rel. error | max abs error | ms |", "|---|---|---|---|"]
-    for k in ("flash_attn_varlen", "sdpa_per_sample", "dense_block_mask"):
-        if k in a:
-            lines.append(f"| {k} | {a[k]['rel_error_vs_cpu_fp32']:.2e} | {a[k]['max_abs_error']:.2e} | "
-                         f"{a[k]['ms']:.3f} |")
+             f"groups x {a['head_dim']}, {a['dtype']} on {a['device']}) against the packed path in fp32 on the CPU; "
+             f"model.attention_kernel=auto takes {a['auto_kernel']} here",
+             "", "| kernel | rel. error | max abs error | gradients rel. error | forward ms | forward+backward ms |",
+             "|---|---|---|---|---|---|"]
+    for k in ("flash_attn", "torch_varlen", "sdpa", "dense_block_mask"):
+        r = a.get(k)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"| {k} | failed: `{r['error'][:200]}` | | | | |")
+            continue
+        lines.append(f"| {k} | {r['rel_error_vs_cpu_fp32']:.2e} | {r['max_abs_error']:.2e} | "
+                     f"{r['grad_rel_error_vs_cpu_fp32']:.2e} | {r['ms']:.3f} | {r['fwd_bwd_ms']:.3f} |")
     return lines
 
 
 def md_stage2(s2: dict) -> list:
     lines = [f"Stage 2 step ({s2['samples']} samples, {s2['real_tokens']} real tokens, {s2['dtype']}, LoRA r "
-             f"{s2['lora']['r']} on {s2['lora']['targets']}, ESM frozen, projector trained, AdamW)", "",
+             f"{s2['lora']['r']} on {s2['lora']['targets']}, ESM frozen, projector trained, AdamW; our packed rows' "
+             f"attention: {s2['attention_kernel']})", "",
              "| implementation | rows x width (micro-batches) | step s | real tokens/s | model TFLOP/s | MFU | peak GB |",
              "|---|---|---|---|---|---|---|"]
     for k, label in (("ours_packed", "ours: megatron-core, packed rows"),
@@ -880,8 +927,10 @@ def main(argv=None) -> int:
             tok = os.path.join(work, "tokenizer")
             shapes = dataclasses.replace(shapes, llama=dict(shapes.llama, vocab_size=len(t)),
                                          check_llama=dict(shapes.check_llama, vocab_size=len(t)))
-        for name, fn in (("precision", check_precision), ("attention", lambda s, w, t: check_attention(s)),
-                         ("stage2", stage2), ("stage1", stage1),
+        # attention first: the model sections then avoid a kernel it saw fail here (attention_kernel)
+        for name, fn in (("attention", lambda s, w, t: check_attention(s)),
+                         ("precision", lambda s, w, t: check_precision(s, w, t, attention_kernel(res))),
+                         ("stage2", lambda s, w, t: stage2(s, w, t, attention_kernel(res))), ("stage1", stage1),
                          ("structure", lambda s, w, t: check_structure(s)), ("moe", lambda s, w, t: check_moe(s)),
                          ("fusion", lambda s, w, t: check_fusion(s, compile_kernels=not a.tiny))):
             if name not in a.only:
@@ -900,7 +949,7 @@ def main(argv=None) -> int:
             write_report(res, a.out)       # what is done so far survives a timeout
     print(markdown(res))
     state.destroy()
-    failed = [n for n in a.only if "error" in res.get(n, {})]
+    failed = [n for n in a.only if "error" in res.get(n, {}) or res.get(n, {}).get("failed_kernels")]
     if failed:
         print(f"failed sections: {', '.join(failed)} (their errors are in check.json)", file=sys.stderr)
     return 1 if failed else 0

@@ -55,15 +55,16 @@ def transformer_config(hf, num_layers: int | None = None, params_dtype=torch.flo
 
 
 def build(hf, pre_process: bool = True, post_process: bool = True, config=None, layout: Layout | None = None,
-          **config_overrides):
-    """A GPTModel stage (this rank's share of layers) shaped like the HF LlamaForCausalLM `hf` config."""
+          attention_kernel: str = "auto", **config_overrides):
+    """A GPTModel stage (this rank's share of layers) shaped like the HF LlamaForCausalLM `hf` config;
+    attention_kernel: packed rows' kernel (model.attention_kernel)."""
     if getattr(hf, "tie_word_embeddings", False):
         raise ValueError("tied input/output embeddings: LLaMA-3.1-8B unties them; this builder expects that")
     cfg = config or transformer_config(hf, layout=layout, **config_overrides)
     if cfg.num_moe_experts:
-        spec = llama_moe.layer_spec(cfg.num_moe_experts)
+        spec = llama_moe.layer_spec(cfg.num_moe_experts, attention_kernel=attention_kernel)
     else:
-        spec = decoder_layer_spec()
+        spec = decoder_layer_spec(attention_kernel=attention_kernel)
     model = GPTModel(cfg, spec, vocab_size=hf.vocab_size,
                      max_sequence_length=hf.max_position_embeddings, pre_process=pre_process,
                      post_process=post_process, parallel_output=True, share_embeddings_and_output_weights=False,

@@ -38,8 +38,8 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
 from megatron_p2t.models.parts_config import MoEConfig
+from megatron_p2t.models.specs import segment_attention
 from megatron_p2t.parallel.state import collective_device
-from megatron_p2t.transformer.attention import SegmentAttention
 
 if not hasattr(moe_utils, "te_general_gemm"):
     # megatron-core 0.16.1 imports te_general_gemm only when Transformer Engine is installed, then tests it for None
@@ -173,11 +173,11 @@ class _OneRank:
         return 0
 
 
-def layer_spec(num_experts: int, normalization: str = "RMSNorm"):
+def layer_spec(num_experts: int, normalization: str = "RMSNorm", attention_kernel: str = "auto"):
     """megatron-core's local GPT layer with the MoE MLP (SequentialMLP experts) and SegmentAttention."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
                                                   normalization=normalization))
-    spec.submodules.self_attention.submodules.core_attention = SegmentAttention
+    spec.submodules.self_attention.submodules.core_attention = segment_attention(attention_kernel)
     spec.submodules.mlp.module = DecoderMoELayer
     spec.submodules.mlp.submodules.router = Router
     return spec

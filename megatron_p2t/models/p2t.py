@@ -52,13 +52,13 @@ class Prot2TextModel(MegatronModule):
                  esm_output_layer: int = -1, freeze: FreezeConfig = FreezeConfig(), llm_config=None,
                  layout: Layout | None = None, connector: str = "mlp",
                  resampler: ResamplerConfig = ResamplerConfig(), encoder: str = "esm2",
-                 structure: StructureConfig = StructureConfig()):
+                 structure: StructureConfig = StructureConfig(), attention_kernel: str = "auto"):
         llm_config = llm_config or llama_mod.transformer_config(llama_hf_cfg, layout=layout)
         super().__init__(llm_config)  # self.config: what megatron's schedules read, with model_type below
         self.pre_process, self.post_process, self.placeholder_id = pre_process, post_process, placeholder_id
         self.llm_config = llm_config
         self.llm = llama_mod.build(llama_hf_cfg, pre_process=pre_process, post_process=post_process,
-                                   config=self.llm_config)
+                                   config=self.llm_config, attention_kernel=attention_kernel)
         self.model_type = self.llm.model_type
         if connector not in CONNECTORS:
             raise ValueError(f"model.connector={connector!r}: choose one of {sorted(CONNECTORS)}")

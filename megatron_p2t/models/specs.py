@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -41,10 +42,16 @@ def encoder_layer_spec(normalization: str = "LayerNorm"):
     return spec
 
 
-def decoder_layer_spec(normalization: str = "RMSNorm"):
-    """megatron-core's local GPT layer with SegmentAttention as core attention: causal, or causal within each
-    packed sample when the attention mask carries segment ids (transformer/attention.py)."""
+def segment_attention(kernel: str = "auto"):
+    """SegmentAttention as core attention: causal, or causal within each packed sample when the attention mask
+    carries segment ids, by `kernel` (model.attention_kernel; transformer/attention.py). megatron-core calls the
+    core-attention slot with its own keywords, so the kernel travels bound in."""
+    return functools.partial(SegmentAttention, kernel=kernel)
+
+
+def decoder_layer_spec(normalization: str = "RMSNorm", attention_kernel: str = "auto"):
+    """megatron-core's local GPT layer with SegmentAttention as core attention."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization))
-    spec.submodules.self_attention.submodules.core_attention = SegmentAttention
+    spec.submodules.self_attention.submodules.core_attention = segment_attention(attention_kernel)
     return spec
 

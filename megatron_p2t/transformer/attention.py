@@ -2,12 +2,15 @@
 
 A packed row holds several samples back to back; `attention_mask` is then an integer tensor [b, s] of segment
 ids (1, 2, ... per sample, 0 for padding) and each token attends causally within its own segment only. With
-no mask, attention is plainly causal. Kernels, best first:
-- flash-attn's varlen kernel (cu_seqlens from the segments): CUDA, fp16/bf16, flash-attn installed;
-- torch SDPA with `is_causal`, once per row without segments, else once per sample: causal SDPA runs its
-  flash backend on a GPU and a fused kernel on the CPU, which an explicit [s, s] mask would rule out, and the
-  cost is the sum of squared sample lengths instead of the squared row length.
-Segment ids instead of an [s, s] mask keep the batch small, and are what the varlen kernel needs.
+no mask, attention is plainly causal. Kernels for packed rows (model.attention_kernel; auto takes the first
+that can run):
+- flash_attn: flash-attn's varlen kernel (cu_seqlens from the segments): CUDA, fp16/bf16, flash-attn installed;
+- torch_varlen: PyTorch's own varlen kernel (torch.nn.attention.varlen, its FlashAttention-2 build): CUDA on
+  sm80+, fp16/bf16, no attention dropout; what a machine without the flash-attn package has;
+- sdpa: torch SDPA with `is_causal` once per sample: causal SDPA runs its flash backend on a GPU and a fused
+  kernel on the CPU, which an explicit [s, s] mask would rule out, and the cost is the sum of squared sample
+  lengths instead of the squared row length. Rows without segments always take one causal SDPA call.
+Segment ids instead of an [s, s] mask keep the batch small, and are what the varlen kernels need.
 
 RoPE is applied by megatron-core from positions 0..s-1 of the row; rotary scores depend only on the distance
 between query and key, so within a segment they equal those of the sample alone (the packed-equals-unpacked
@@ -15,6 +18,8 @@ test checks it against per-sample positions).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Optional
 
@@ -22,23 +27,77 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_p2t.transformer.attention_kernels import ATTENTION_KERNELS
 
-def _flash_varlen(query: torch.Tensor):
-    """flash-attn's varlen function when it can run on this tensor, else None."""
+
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+    """PyTorch's varlen attention behind flash-attn's calling convention. Its signature moved between releases
+    (2.9: is_causal, no scale or GQA; 2.10: window_size (-1, 0) for causal, scale; 2.12: enable_gqa), so the
+    arguments follow the installed one."""
+    from torch.nn.attention.varlen import varlen_attn
+    if dropout_p:
+        raise ValueError("PyTorch's varlen attention has no dropout (model.attention_kernel=torch_varlen needs "
+                         "attention dropout 0)")
+    params = _parameters(varlen_attn)
+    kw = {}
+    if "is_causal" in params:
+        kw["is_causal"] = causal
+    else:
+        kw["window_size"] = (-1, 0) if causal else (-1, -1)   # a tuple: the function compares it with (-1, 0)
+    if softmax_scale is not None:
+        if "scale" in params:
+            kw["scale"] = softmax_scale
+        else:                                                  # its fixed scale is 1/sqrt(head_dim)
+            q = q * (softmax_scale * math.sqrt(q.shape[-1]))
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+
+@functools.lru_cache(maxsize=4)
+def _parameters(fn) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+@functools.lru_cache(maxsize=8)
+def _torch_varlen_runs_on(device_index: int) -> bool:
+    """PyTorch's varlen kernel is its FlashAttention-2 build: sm80 and newer, and a torch that has it."""
+    try:
+        import torch.nn.attention.varlen  # noqa: F401  (PyTorch 2.9 and newer)
+    except ImportError:
+        return False
+    return torch.backends.cuda.is_flash_attention_available() and \
+        torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def varlen_kernels(query: torch.Tensor, dropout_p: float) -> dict:
+    """The varlen kernels that can run on this tensor, best first, each in flash-attn's calling convention."""
     if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
-        return None
+        return {}
+    found = {}
     try:
         from flash_attn import flash_attn_varlen_func
-        return flash_attn_varlen_func
+        found["flash_attn"] = flash_attn_varlen_func
     except ImportError:
-        return None
+        pass
+    if dropout_p == 0.0 and _torch_varlen_runs_on(query.device.index if query.device.index is not None
+                                                   else torch.cuda.current_device()):
+        found["torch_varlen"] = _torch_varlen
+    return found
 
 
 class SegmentAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type=None, pg_collection=None):
+                 cp_comm_type=None, pg_collection=None, kernel: str = "auto"):
         super().__init__(config=config)
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel {kernel!r}: one of {', '.join(ATTENTION_KERNELS)}")
+        self.kernel = kernel
         tp = config.tensor_model_parallel_size  # this rank holds heads / tp of them
         self.heads = config.num_attention_heads // tp
         self.groups = config.num_query_groups // tp
@@ -46,8 +105,7 @@ class SegmentAttention(MegatronModule):
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None, use_varlen: bool = True):
-        """use_varlen=False keeps to SDPA (the device check compares the two kernels)."""
+                packed_seq_params=None):
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SegmentAttention takes packing as segment ids in attention_mask")
         sq, b = query.shape[:2]
@@ -55,9 +113,15 @@ class SegmentAttention(MegatronModule):
         seg = attention_mask
         if seg is not None and (seg.dtype == torch.bool or seg.dim() != 2):
             raise ValueError("attention_mask must be None (causal) or [b, s] integer segment ids")
-        varlen = _flash_varlen(query) if seg is not None and use_varlen else None
-        if varlen is not None:
-            return self._varlen(varlen, query, key, value, seg, p)
+        if seg is not None and self.kernel != "sdpa":
+            found = varlen_kernels(query, p)
+            varlen = next(iter(found.values()), None) if self.kernel == "auto" else found.get(self.kernel)
+            if varlen is not None:
+                return self._varlen(varlen, query, key, value, seg, p)
+            if self.kernel != "auto":
+                raise ValueError(f"model.attention_kernel={self.kernel} cannot run on this {query.device.type} "
+                                 f"{str(query.dtype).replace('torch.', '')} tensor (attention dropout {p}): "
+                                 f"{ATTENTION_KERNELS[self.kernel]}; auto takes the best that can")
         rep = self.heads // self.groups
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))        # [b, heads, s, d]
         if rep > 1:

@@ -26,9 +26,12 @@ def test_device_script_runs_tiny_on_cpu(tmp_path):
     assert prec["loss_rel_error"] < 1e-2 and prec["logits_rel_error"] < 5e-2 and prec["grads_rel_error"] < 5e-2
     assert prec["grads_rel_error"] > 0  # the bf16 model really ran in bf16
     att = res["attention"]
-    assert att["sdpa_per_sample"]["rel_error_vs_cpu_fp32"] < 1e-6
+    assert att["auto_kernel"] == "sdpa" and att["failed_kernels"] == []     # the varlen kernels need CUDA
+    assert att["sdpa"]["rel_error_vs_cpu_fp32"] == att["sdpa"]["grad_rel_error_vs_cpu_fp32"] == 0
     assert att["dense_block_mask"]["rel_error_vs_cpu_fp32"] < 1e-5
+    assert att["dense_block_mask"]["grad_rel_error_vs_cpu_fp32"] < 1e-5 and att["sdpa"]["fwd_bwd_ms"] > 0
     s2 = res["stage2"]
+    assert s2["attention_kernel"] == "sdpa"
     for impl in ("ours_packed", "hf_peft_padded"):
         assert s2[impl]["tokens_per_s"] > 0 and s2[impl]["flops_per_step"] > 0 and s2[impl]["steps_timed"] >= 1
     assert s2["ours_packed"]["rows"] < s2["hf_peft_padded"]["rows"]  # packing really packed
@@ -67,4 +70,27 @@ def test_a_failing_section_spares_the_others_and_fails_the_run(tmp_path):
     assert res["structure"]["bias"]["step_s"] > 0            # the section after it ran
     md = (tmp_path / "check.md").read_text()
     assert "**attention: failed**" in md and "Structure-aware encoder" in md
+    assert "failed sections: attention" in p.stderr
+
+
+def test_a_kernel_failing_in_the_attention_section_is_kept_out_of_the_step(tmp_path):
+    """A varlen kernel that fails on the lent GPU (say torch's, on a release whose signature moved again) is
+    reported with its error, fails the run, and stage 2 is measured with SDPA per sample instead of failing too."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=ROOT)
+    script = ("import sys, bench.gpu.check as c\n"
+              "from megatron_p2t.transformer import attention\n"
+              "def boom(*a, **k):\n    raise TypeError('varlen_attn() got an unexpected keyword (injected)')\n"
+              "attention.varlen_kernels = lambda query, p: {'torch_varlen': boom}\n"
+              f"sys.exit(c.main(['--tiny', '--out', {str(tmp_path)!r}, '--only', 'attention', 'stage2']))\n")
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    res = json.load(open(tmp_path / "check.json"))
+    att = res["attention"]
+    assert att["auto_kernel"] == "torch_varlen" and att["failed_kernels"] == ["torch_varlen"]
+    assert "unexpected keyword (injected)" in att["torch_varlen"]["error"] and att["sdpa"]["ms"] > 0
+    assert res["stage2"]["attention_kernel"] == "sdpa" and res["stage2"]["ours_packed"]["tokens_per_s"] > 0
+    md = (tmp_path / "check.md").read_text()
+    assert "| torch_varlen | failed: `TypeError" in md and "attention: sdpa)" in md
     assert "failed sections: attention" in p.stderr

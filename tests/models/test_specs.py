@@ -40,3 +40,17 @@ def test_esm2_public_sizes():
     for name, n in params.items():
         target = float(name[:-1]) * (1e9 if name.endswith("B") else 1e6)
         assert 0.8 * target < n < 1.15 * target, (name, n)
+
+
+
+@pytest.mark.parametrize("decoder", ["llama", "llama_moe"])
+def test_model_attention_kernel_reaches_every_decoder_layer(single, decoder):
+    from megatron_p2t.config import load_config
+    from megatron_p2t.models.build import build
+    from megatron_p2t.transformer.attention import SegmentAttention
+    hf = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = load_config(None, ["model.encoder=none", "model.connector=none", "instruct.template=plain",
+                             f"model.decoder={decoder}", "model.attention_kernel=sdpa"])
+    model = build(cfg.model, single, hf, None, None, placeholder_id=0)
+    assert [m.kernel for m in model.modules() if isinstance(m, SegmentAttention)] == ["sdpa", "sdpa"]

@@ -6,12 +6,12 @@ import torch.nn.functional as F
 from megatron_p2t.transformer import attention
 
 
-def _module(heads=4, groups=2, d=8):
+def _module(heads=4, groups=2, d=8, kernel="auto", scale=None):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
     cfg = TransformerConfig(num_layers=1, hidden_size=heads * d, num_attention_heads=heads, num_query_groups=groups,
                             kv_channels=d, use_cpu_initialization=True)
-    return attention.SegmentAttention(cfg, 1, AttnMaskType.causal, "self").eval()
+    return attention.SegmentAttention(cfg, 1, AttnMaskType.causal, "self", softmax_scale=scale, kernel=kernel).eval()
 
 
 def _qkv(s, b, heads=4, groups=2, d=8, seed=0):
@@ -83,7 +83,7 @@ def test_varlen_path_hands_the_kernel_contiguous_samples_and_scatters_back(monke
     lens, seg = _packed_case()
     q, k, v = _qkv(12, 2)
     want = m(q, k, v, seg)
-    monkeypatch.setattr(attention, "_flash_varlen", lambda query: varlen)
+    monkeypatch.setattr(attention, "varlen_kernels", lambda query, p: {"flash_attn": varlen})
     got = m(q, k, v, seg)
     assert calls == {"cu": [0, 5, 8, 12, 19, 21], "max": 7}
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -94,3 +94,73 @@ def test_a_megatron_style_boolean_mask_is_refused():
     q, k, v = _qkv(4, 1)
     with pytest.raises(ValueError, match="segment ids"):
         m(q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool))
+
+
+def _per_segment(q, k, v, cu, causal, scale):
+    """Reference varlen attention: SDPA on each [cu[i], cu[i+1]) span, query heads grouped over the kv heads."""
+    rep, outs = q.shape[1] // k.shape[1], []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qq, kk, vv = (x[a:b].transpose(0, 1) for x in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
+        outs.append(F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, scale=scale).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def varlen_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert key.shape[1] == query.shape[1], "no GQA in this release"
+    return _per_segment(query, key, value, cu_seq_q, is_causal, None)
+
+
+def varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1)):
+    assert key.shape[1] == query.shape[1], "no GQA in this release"
+    return _per_segment(query, key, value, cu_seq_q, window_size == (-1, 0), scale)
+
+
+def varlen_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    assert enable_gqa or key.shape[1] == query.shape[1], "GQA needs enable_gqa"
+    return _per_segment(query, key, value, cu_seq_q, window_size == (-1, 0), scale)
+
+
+@pytest.mark.parametrize("release", [varlen_2_9, varlen_2_10, varlen_2_12], ids=["2.9", "2.10", "2.12"])
+@pytest.mark.parametrize("scale", [None, 0.2], ids=["default-scale", "scale-0.2"])
+def test_torch_varlen_follows_each_releases_signature(monkeypatch, release, scale):
+    """PyTorch's varlen_attn changed its arguments between releases (causality, scale, GQA); model.attention_kernel=
+    torch_varlen gives what SDPA per sample gives with each, here against each signature's documented meaning."""
+    import torch.nn.attention.varlen as torch_varlen
+    lens, seg = _packed_case()
+    q, k, v = _qkv(12, 2)
+    want = _module(kernel="sdpa", scale=scale)(q, k, v, seg)
+    monkeypatch.setattr(torch_varlen, "varlen_attn", release)
+    monkeypatch.setattr(attention, "varlen_kernels", lambda query, p: {"torch_varlen": attention._torch_varlen})
+    got = _module(kernel="torch_varlen", scale=scale)(q, k, v, seg)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_installed_torch_takes_the_arguments_its_varlen_kernel_is_given():
+    """The real torch.nn.attention.varlen on meta tensors (its shape-only kernel): this PyTorch accepts what
+    _torch_varlen passes, GQA and a scale included, forward and backward."""
+    q = torch.empty(12, 4, 8, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.empty(12, 2, 8, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.empty(12, 2, 8, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device="meta")
+    out = attention._torch_varlen(q, k, v, cu, cu, 7, 7, 0.0, 0.2, True)
+    assert out.shape == (12, 4, 8)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+def test_a_kernel_that_cannot_run_here_is_refused_by_name():
+    lens, seg = _packed_case()
+    q, k, v = _qkv(12, 2)
+    with pytest.raises(ValueError, match=r"model.attention_kernel=flash_attn cannot run on this cpu float32 tensor"):
+        _module(kernel="flash_attn")(q, k, v, seg)
+    with pytest.raises(ValueError, match="torch_varlen.*no attention dropout"):
+        m = _module(kernel="torch_varlen")
+        m.dropout = 0.1
+        m.train()(q, k, v, seg)
+    with pytest.raises(ValueError, match="attention kernel 'xformers'"):
+        _module(kernel="xformers")
+    # auto and sdpa run on the CPU, and rows without segments take SDPA whatever the kernel
+    torch.testing.assert_close(_module(kernel="auto")(q, k, v, seg), _module(kernel="sdpa")(q, k, v, seg))
+    torch.testing.assert_close(_module(kernel="flash_attn")(q, k, v, None), _module()(q, k, v, None))
