@@ -52,45 +52,43 @@ def test_device_script_runs_tiny_on_cpu(tmp_path):
         assert heading in md
 
 
+def _check_with(tmp_path, injected: str, *sections: str):
+    """The device check at toy shapes over `sections`, after `injected` (code that breaks something) ran; its exit
+    code, stderr, check.json and check.md."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=ROOT)
+    script = (f"import sys, bench.gpu.check as c\n{injected}\n"
+              f"sys.exit(c.main(['--tiny', '--out', {str(tmp_path)!r}, '--only', *{list(sections)!r}]))\n")
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    return p.returncode, p.stderr, json.load(open(tmp_path / "check.json")), (tmp_path / "check.md").read_text()
+
+
 def test_a_failing_section_spares_the_others_and_fails_the_run(tmp_path):
     """A short loan is not lost to one section's error: the others still run and report, the failure is in
     check.json and check.md, and the command exits non-zero."""
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=ROOT)
-    script = ("import sys, bench.gpu.check as c\n"
-              "def boom(shapes):\n    raise RuntimeError('CUDA out of memory (injected)')\n"
-              "c.check_attention = boom\n"
-              f"sys.exit(c.main(['--tiny', '--out', {str(tmp_path)!r}, '--only', 'attention', 'structure']))\n")
-    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 1, p.stderr[-3000:]
-    res = json.load(open(tmp_path / "check.json"))
+    rc, err, res, md = _check_with(
+        tmp_path, "def boom(shapes):\n    raise RuntimeError('CUDA out of memory (injected)')\n"
+                  "c.check_attention = boom", "attention", "structure")
+    assert rc == 1, err[-3000:]
     assert res["attention"]["error"] == "RuntimeError: CUDA out of memory (injected)"
     assert "boom" in res["attention"]["traceback"]
     assert res["structure"]["bias"]["step_s"] > 0            # the section after it ran
-    md = (tmp_path / "check.md").read_text()
     assert "**attention: failed**" in md and "Structure-aware encoder" in md
-    assert "failed sections: attention" in p.stderr
+    assert "failed sections: attention" in err
 
 
 def test_a_kernel_failing_in_the_attention_section_is_kept_out_of_the_step(tmp_path):
     """A varlen kernel that fails on the lent GPU (say torch's, on a release whose signature moved again) is
     reported with its error, fails the run, and stage 2 is measured with SDPA per sample instead of failing too."""
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=ROOT)
-    script = ("import sys, bench.gpu.check as c\n"
-              "from megatron_p2t.transformer import attention\n"
-              "def boom(*a, **k):\n    raise TypeError('varlen_attn() got an unexpected keyword (injected)')\n"
-              "attention.varlen_kernels = lambda query, p: {'torch_varlen': boom}\n"
-              f"sys.exit(c.main(['--tiny', '--out', {str(tmp_path)!r}, '--only', 'attention', 'stage2']))\n")
-    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 1, p.stderr[-3000:]
-    res = json.load(open(tmp_path / "check.json"))
+    rc, err, res, md = _check_with(
+        tmp_path, "from megatron_p2t.transformer import attention\n"
+                  "def boom(*a, **k):\n    raise TypeError('varlen_attn() got an unexpected keyword (injected)')\n"
+                  "attention.varlen_kernels = lambda query, p: {'torch_varlen': boom}", "attention", "stage2")
+    assert rc == 1, err[-3000:]
     att = res["attention"]
     assert att["auto_kernel"] == "torch_varlen" and att["failed_kernels"] == ["torch_varlen"]
     assert "unexpected keyword (injected)" in att["torch_varlen"]["error"] and att["sdpa"]["ms"] > 0
     assert res["stage2"]["attention_kernel"] == "sdpa" and res["stage2"]["ours_packed"]["tokens_per_s"] > 0
-    md = (tmp_path / "check.md").read_text()
     assert "| torch_varlen | failed: `TypeError" in md and "attention: sdpa)" in md
-    assert "failed sections: attention" in p.stderr
+    assert "failed sections: attention" in err
