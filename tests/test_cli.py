@@ -9,6 +9,9 @@ import pytest
 from tests.conftest import ROOT
 
 
+BASELINES = ("mmseqs_nearest_neighbour", "blast_nearest_neighbour")
+
+
 @pytest.mark.slow
 def test_quickstart_is_the_readme_main_job(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -16,9 +19,9 @@ def test_quickstart_is_the_readme_main_job(tmp_path):
                         "--align-steps", "6", "--instruct-steps", "6"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
-    # stage 1 -> stage 2 -> export (verified) -> generate -> evaluate, with the baseline in the same table
+    # stage 1 -> stage 2 -> export (verified) -> generate -> evaluate, with both baselines in the same table
     rep = json.load(open(tmp_path / "qs" / "report" / "scores.json"))
-    assert rep["n"] == 44 and set(rep["systems"]) == {"predictions", "mmseqs_nearest_neighbour"}
+    assert rep["n"] == 44 and set(rep["systems"]) == {"predictions", *BASELINES}
     exported = [json.loads(l) for l in r.stdout.splitlines() if l.startswith('{"out"')][0]
     assert exported["max_abs_logit_diff"] <= 1e-4
     assert "0 of 88 held-out sequences have a train neighbour" in r.stderr
@@ -34,7 +37,7 @@ def test_quickstart_is_the_readme_main_job(tmp_path):
     p2t = tmp_path / "qs" / "protein2text"
     assert json.load(open(p2t / "align" / "megatron_p2t.json"))["stage"] == "align-feature"
     rep = json.load(open(p2t / "report" / "scores.json"))
-    assert rep["n"] == 44 and set(rep["systems"]) == {"predictions", "mmseqs_nearest_neighbour"}
+    assert rep["n"] == 44 and set(rep["systems"]) == {"predictions", *BASELINES}
     exported = [json.loads(l) for l in r.stdout.splitlines() if l.startswith('{"out"')][0]
     assert exported["max_abs_logit_diff"] <= 1e-4
     info = json.load(open(p2t / "export" / "megatron_p2t.json"))
