@@ -173,11 +173,9 @@ def attention_kernel(res: dict) -> str:
 
 def kernel_taken(kernel: str, dtype: str) -> str:
     """The kernel a model.attention_kernel setting runs packed rows with on this device in this dtype."""
-    from megatron_p2t.transformer.attention import varlen_kernels
-    if kernel != "auto":
-        return kernel
+    from megatron_p2t.transformer.attention import kernel_for
     probe = torch.empty(1, 1, 1, device=device(), dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-    return next(iter(varlen_kernels(probe, 0.0)), "sdpa")
+    return kernel_for(kernel, probe, 0.0)[0]
 
 
 def samples(shapes: Shapes, vocab: int, placeholder: int, n: int, seed: int = 0):
@@ -386,7 +384,7 @@ def check_attention(shapes: Shapes) -> dict:
     kernels["dense_block_mask"] = dense
     out = {"dtype": str(dt).replace("torch.", ""), "device": dev.type, "rows": b, "row_length": s,
            "heads": h, "kv_groups": g, "head_dim": d, "flash_attn_installed": "flash_attn" in kernels,
-           "auto_kernel": next(iter(attention.varlen_kernels(qd, 0.0)), "sdpa")}
+           "auto_kernel": attention.kernel_for("auto", qd, 0.0)[0]}
     for name, fn in kernels.items():
         try:
             y, xs = backward(fn, wd, qd, kd, vd)

@@ -90,6 +90,21 @@ def varlen_kernels(query: torch.Tensor, dropout_p: float) -> dict:
     return found
 
 
+def kernel_for(kernel: str, query: torch.Tensor, dropout_p: float):
+    """(name, varlen function) of what model.attention_kernel=`kernel` runs packed rows with on this tensor;
+    the function is None for sdpa. An explicit kernel that cannot run here is an error naming what it needs."""
+    if kernel == "sdpa":
+        return "sdpa", None
+    found = varlen_kernels(query, dropout_p)
+    if kernel == "auto":
+        return next(iter(found.items()), ("sdpa", None))
+    if kernel not in found:
+        raise ValueError(f"model.attention_kernel={kernel} cannot run on this {query.device.type} "
+                         f"{str(query.dtype).replace('torch.', '')} tensor (attention dropout {dropout_p}): "
+                         f"{ATTENTION_KERNELS[kernel]}; auto takes the best that can")
+    return kernel, found[kernel]
+
+
 class SegmentAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
@@ -113,15 +128,9 @@ class SegmentAttention(MegatronModule):
         seg = attention_mask
         if seg is not None and (seg.dtype == torch.bool or seg.dim() != 2):
             raise ValueError("attention_mask must be None (causal) or [b, s] integer segment ids")
-        if seg is not None and self.kernel != "sdpa":
-            found = varlen_kernels(query, p)
-            varlen = next(iter(found.values()), None) if self.kernel == "auto" else found.get(self.kernel)
-            if varlen is not None:
-                return self._varlen(varlen, query, key, value, seg, p)
-            if self.kernel != "auto":
-                raise ValueError(f"model.attention_kernel={self.kernel} cannot run on this {query.device.type} "
-                                 f"{str(query.dtype).replace('torch.', '')} tensor (attention dropout {p}): "
-                                 f"{ATTENTION_KERNELS[self.kernel]}; auto takes the best that can")
+        varlen = kernel_for(self.kernel, query, p)[1] if seg is not None else None
+        if varlen is not None:
+            return self._varlen(varlen, query, key, value, seg, p)
         rep = self.heads // self.groups
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))        # [b, heads, s, d]
         if rep > 1:
