@@ -21,7 +21,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Optional
+import weakref
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -157,16 +158,36 @@ class SegmentAttention(MegatronModule):
 
     def _varlen(self, varlen, query, key, value, seg, p):
         sq, b = query.shape[:2]
-        order = torch.arange(sq * b, device=seg.device).view(sq, b).t().reshape(-1)
-        seg_bs = seg.reshape(-1)
-        keep = order[seg_bs > 0]             # indices into the [s*b] token order of the real tokens, row by row
-        ids = seg_bs[seg_bs > 0] + torch.repeat_interleave(torch.arange(b, device=seg.device) * (int(seg.max()) + 1),
-                                                              (seg > 0).sum(1))
-        _, counts = torch.unique_consecutive(ids, return_counts=True)
-        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        keep, cu, max_len = packing(seg)
         q, k, v = (x.reshape(sq * b, *x.shape[2:])[keep] for x in (query, key, value))
-        out = varlen(q, k, v, cu, cu, int(counts.max()), int(counts.max()), dropout_p=p, softmax_scale=self.scale,
-                     causal=True)
+        out = varlen(q, k, v, cu, cu, max_len, max_len, dropout_p=p, softmax_scale=self.scale, causal=True)
         full = out.new_zeros(sq * b, *out.shape[1:])
         full[keep] = out
         return full.view(sq, b, -1)
+
+
+class Packing(NamedTuple):
+    keep: torch.Tensor      # where the real tokens sit in the [s*b] token order, row by row
+    cu: torch.Tensor        # int32 cumulative sample lengths over those tokens (cu_seqlens)
+    max_len: int
+
+
+_last_packing: list = [None, -1, None]     # weakref to a segment tensor, its version, its Packing
+
+
+def packing(seg: torch.Tensor) -> Packing:
+    """The varlen kernels' view of a [b, s] segment-id tensor. Working it out costs three host syncs (two
+    nonzero, one max); megatron-core hands every layer the same mask tensor, so it is worked out once per forward
+    and again only when a new or changed tensor comes (per layer it cost seven syncs: 224 in a 32-layer forward)."""
+    ref, version, found = _last_packing
+    if ref is not None and ref() is seg and version == seg._version:
+        return found
+    b = seg.shape[0]
+    rows, cols = torch.nonzero(seg > 0, as_tuple=True)              # row-major: sample after sample
+    ids = seg[rows, cols]
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[1:] = (ids[1:] != ids[:-1]) | (rows[1:] != rows[:-1])
+    cu = F.pad(torch.nonzero(starts).flatten(), (0, 1), value=ids.numel()).to(torch.int32)
+    found = Packing(cols * b + rows, cu, int((cu[1:] - cu[:-1]).max()) if ids.numel() else 0)
+    _last_packing[:] = [weakref.ref(seg), seg._version, found]
+    return found

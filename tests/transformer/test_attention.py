@@ -89,6 +89,22 @@ def test_varlen_path_hands_the_kernel_contiguous_samples_and_scatters_back(monke
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_packing_is_worked_out_once_per_segment_tensor():
+    """Every layer gets the same mask tensor: its varlen bookkeeping (host syncs) is reused until it changes."""
+    seg = _packed_case()[1].clone()                                    # unwritten, as a tensor of ones below
+    first = attention.packing(seg)
+    assert first.cu.tolist() == [0, 5, 8, 12, 19, 21] and first.max_len == 7 and first.cu.dtype == torch.int32
+    # token t of row r sits at t * b + r in megatron's [s, b] order
+    assert first.keep.tolist() == [t * 2 for t in range(12)] + [t * 2 + 1 for t in range(9)]
+    assert attention.packing(seg) is first
+    other = attention.packing(torch.ones(1, 4, dtype=torch.long))      # another tensor, its own packing
+    assert other.cu.tolist() == [0, 4] and other.keep.tolist() == [0, 1, 2, 3]
+    assert attention.packing(seg).cu.tolist() == first.cu.tolist()
+    seg[1, 9] = 2                                                  # in place: a padding token joins the last sample
+    again = attention.packing(seg)
+    assert again.cu.tolist() == [0, 5, 8, 12, 19, 22] and again.max_len == 7
+
+
 def test_a_megatron_style_boolean_mask_is_refused():
     m = _module()
     q, k, v = _qkv(4, 1)
