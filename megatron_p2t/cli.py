@@ -285,8 +285,12 @@ def cmd_evaluate(args) -> int:
     if args.baseline and (not args.baseline_manifest or kinds == {True}):
         raise ConfigError("--baseline names the nearest-neighbour baselines of generated descriptions: it needs "
                           "--baseline-manifest (their training set) and predictions from `generate`")
+    if args.search and kinds != {True}:
+        raise ConfigError("--search picks the tool that finds generated proteins' closest training proteins "
+                          "(generate-protein rows); descriptions' nearest-neighbour baselines take --baseline")
     if kinds == {True}:
-        report = evaluate_proteins.evaluate(systems, args.out, args.baseline_manifest)
+        report = evaluate_proteins.evaluate(systems, args.out, args.baseline_manifest, args.search or "mmseqs",
+                                            args.threads)
         print(evaluate_proteins.markdown(report))
         return 0
     if len(kinds) > 1:
@@ -486,7 +490,10 @@ def main(argv=None) -> int:
     ev.add_argument("--baseline", action="append", choices=["mmseqs", "blast"],
                     help="with --baseline-manifest: the search tool of the nearest-neighbour baseline, repeatable "
                          "(default mmseqs; blast runs NCBI blastp)")
-    ev.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the baselines' search threads")
+    ev.add_argument("--search", choices=["mmseqs", "blast"],
+                    help="generated proteins: the tool that finds each one's closest training protein for novelty "
+                         "and family match (default mmseqs; blast runs NCBI blastp, slower and more sensitive)")
+    ev.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the search tools' threads")
     ev.add_argument("--split", default="test")
     ev.add_argument("--bertscore-model", help="a local HF encoder directory for BERTScore")
     pl = sub.add_parser("plan", help="memory per GPU and estimated step time of every TP x DP layout for a config")

@@ -5,8 +5,9 @@ Generation rows (the prompt does not hold a whole Seq=<...>):
   alphabet and non-standard ones are counted by letter;
 - length distribution of the valid ones (beside the training set's);
 - amino-acid composition: Jensen-Shannon divergence (bits) from the training set's, and each residue's share;
-- novelty: each valid protein's identity to its closest training protein (MMseqs2 easy-search, best bit score;
-  no hit counts as novel), with a histogram plot; the share of near-copies (identity >= 0.9);
+- novelty: each valid protein's identity to its closest training protein (best bit score of MMseqs2 easy-search,
+  or of NCBI blastp with --search blast: slower, more sensitive to remote hits; no hit counts as novel), with a
+  histogram plot; the share of near-copies (identity >= 0.9);
 - diversity: MMseqs2 clusters among the valid generations (50% identity, 80% coverage) per protein, and exact
   duplicates (both MMseqs2 steps without low-complexity masking, which would find no k-mer in a repeat);
 - by family: where the prompt asked for one (Superfamily=<...>), the share whose closest training protein has that
@@ -27,7 +28,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from megatron_p2t.evaluation import mmseqs_best_hits, split_records
+from megatron_p2t.evaluation import blast_best_hits, mmseqs_best_hits, split_records
 from megatron_p2t.generate_protein import STANDARD, label_in, valid_protein
 
 _WHOLE_SEQ = re.compile(r"Seq=<[^>]*>")
@@ -101,7 +102,17 @@ def clusters(seqs: Dict[str, str], min_seq_id: float = 0.5, coverage: float = 0.
     return len(set(members.values()))
 
 
-def score_generations(rows: List[dict], train: Optional[tuple]) -> dict:
+def closest_training_proteins(queries, targets, search: str = "mmseqs", threads: int = 2) -> Dict[str, tuple]:
+    """id -> (training accession, identity, bit score) of each generated protein's best hit; hitless ones are
+    absent. MMseqs2 runs without low-complexity masking, which would leave it no k-mer in a model's repeats."""
+    if search == "blast":
+        return blast_best_hits(queries, targets, threads)
+    if search == "mmseqs":
+        return mmseqs_best_hits(queries, targets, threads, mask=False)
+    raise ValueError(f"search {search!r}: mmseqs or blast")
+
+
+def score_generations(rows: List[dict], train: Optional[tuple], search: str = "mmseqs", threads: int = 2) -> dict:
     gen = [r for r in rows if not _WHOLE_SEQ.search(r.get("prompt", ""))]
     if not gen:
         return {}
@@ -123,9 +134,9 @@ def score_generations(rows: List[dict], train: Optional[tuple]) -> dict:
     out["composition"] = {a: {"generated": float(g), "train": float(t)}
                           for a, g, t in zip(sorted(STANDARD), comp_gen, comp_train)}
     out["train_lengths"] = _lengths([len(s) for s in train_seqs.values()])
-    hits = mmseqs_best_hits(list(valid.items()), list(train_seqs.items()), mask=False) if valid else {}
+    hits = closest_training_proteins(list(valid.items()), list(train_seqs.items()), search, threads) if valid else {}
     ident = [hits[i][1] if i in hits else 0.0 for i in valid]
-    out["novelty"] = {"max_identity_mean": float(np.mean(ident)) if ident else None,
+    out["novelty"] = {"search": search, "max_identity_mean": float(np.mean(ident)) if ident else None,
                       "max_identity_median": float(np.median(ident)) if ident else None,
                       "near_copies_ge_0.9": sum(x >= 0.9 for x in ident), "no_hit": len(valid) - len(hits),
                       "identities": ident}
@@ -146,26 +157,29 @@ def score_answers(rows: List[dict]) -> dict:
             "unlabelled_answers": sum(r.get("label") is None for r in ans)}
 
 
-def evaluate(systems: Dict[str, str], out_dir: str, train_manifest: Optional[str] = None) -> dict:
+def evaluate(systems: Dict[str, str], out_dir: str, train_manifest: Optional[str] = None, search: str = "mmseqs",
+             threads: int = 2) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     train = training_set(train_manifest) if train_manifest else None
-    report = {"files": {k: os.path.abspath(v) for k, v in systems.items()}, "systems": {}}
+    report = {"files": {k: os.path.abspath(v) for k, v in systems.items()}, "search": search, "systems": {}}
     for name, path in systems.items():
         rows = read_rows(path)
-        report["systems"][name] = {"generation": score_generations(rows, train), "understanding": score_answers(rows)}
+        report["systems"][name] = {"generation": score_generations(rows, train, search, threads),
+                                   "understanding": score_answers(rows)}
     with open(os.path.join(out_dir, "scores.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(out_dir, "scores.md"), "w") as f:
         f.write(markdown(report))
     if train is not None:
         _plot({n: s["generation"].get("novelty", {}).get("identities", []) for n, s in report["systems"].items()},
-              os.path.join(out_dir, "identity_hist.png"))
+              os.path.join(out_dir, "identity_hist.png"), search)
     return report
 
 
 def markdown(report: dict) -> str:
+    tool = "blastp" if report.get("search") == "blast" else "MMseqs2"
     lines = ["| system | generated | valid | length mean (train) | composition JS (bits) | identity to train "
-             "(mean) | near copies | clusters / protein | family match | understanding acc |",
+             f"({tool}, mean) | near copies | clusters / protein | family match | understanding acc |",
              "|---" * 10 + "|"]
     fmt = lambda x, p=".3f": "-" if x is None else format(x, p)
     for name, s in report["systems"].items():
@@ -179,14 +193,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(identities: Dict[str, list], path: str) -> None:
+def _plot(identities: Dict[str, list], path: str, search: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, xs in identities.items():
         ax.hist(xs, bins=np.linspace(0, 1, 21), alpha=0.6, label=f"{name} ({len(xs)})")
-    ax.set_xlabel("identity to the closest training protein (MMseqs2; no hit = 0)")
+    ax.set_xlabel(f"identity to the closest training protein ({'blastp' if search == 'blast' else 'MMseqs2'}; "
+                  f"no hit = 0)")
     ax.set_ylabel("generated proteins")
     ax.legend()
     fig.tight_layout()

@@ -39,10 +39,14 @@ def test_tasks_come_from_alpaca_json_jsonl_or_a_prompt_with_their_own_ids(tmp_pa
         tasks(None, None)
 
 
-def test_generated_proteins_are_scored_against_the_training_set(tmp_path, monkeypatch):
+@pytest.mark.parametrize("search", ["mmseqs", "blast"])
+def test_generated_proteins_are_scored_against_the_training_set(tmp_path, monkeypatch, search):
     """Two unrelated families in training; generations that copy one family, mutate the other, name the wrong one,
-    stop early or write a letter outside the alphabet; answers right, wrong and unlabelled."""
+    stop early or write a letter outside the alphabet; answers right, wrong and unlabelled. Either search tool
+    (real MMseqs2, real blastp) finds the same closest training proteins."""
     import random
+
+    from megatron_p2t.cli import main
     rng = random.Random(0)
     fam_a = "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(60))
     fam_b = "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(60))
@@ -65,15 +69,27 @@ def test_generated_proteins_are_scored_against_the_training_set(tmp_path, monkey
         r["valid"] = valid_protein(r)
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen + ans))
     assert ep.is_protein_file(str(tmp_path / "p.jsonl"))
-    rep = ep.evaluate({"p": str(tmp_path / "p.jsonl")}, str(tmp_path / "rep"), "unused")["systems"]["p"]
+    assert main(["evaluate", str(tmp_path / "p.jsonl"), "--baseline-manifest", "unused", "--search", search,
+                 "--threads", "1", "--out", str(tmp_path / "rep")]) == 0
+    rep = json.loads((tmp_path / "rep" / "scores.json").read_text())["systems"]["p"]
     g, u = rep["generation"], rep["understanding"]
     assert g["n"] == 5 and g["valid_rate"] == 3 / 5 and g["invalid_letters"] == {"1": 1} and g["closed"] == 4
     assert g["family_match"] == {"n": 4, "rate": 0.5, "right": 2}
     nov = g["novelty"]
+    assert nov["search"] == search
     assert nov["identities"][0] == nov["identities"][2] == 1.0 and 0.8 < nov["identities"][1] < 1.0
     assert nov["near_copies_ge_0.9"] == sum(x >= 0.9 for x in nov["identities"]) and nov["no_hit"] == 0
     assert g["exact_duplicates"] == 0 and 0 < g["composition_js_bits"] < 0.2 and g["lengths"]["n"] == 3
     assert u == {"n": 4, "accuracy": 0.5, "right": 2, "unlabelled_answers": 1}
     assert ep.js_divergence(ep.composition(["AAAA"]), ep.composition(["CCCC"])) == pytest.approx(1.0)
-    assert (tmp_path / "rep" / "identity_hist.png").exists() and "| p | 5 | 60.0% |" in (tmp_path / "rep" /
-                                                                                        "scores.md").read_text()
+    table = (tmp_path / "rep" / "scores.md").read_text()
+    assert (tmp_path / "rep" / "identity_hist.png").exists() and "| p | 5 | 60.0% |" in table
+    assert f"identity to train ({'blastp' if search == 'blast' else 'MMseqs2'}, mean)" in table
+
+
+def test_search_is_refused_for_descriptions(tmp_path, capsys):
+    from megatron_p2t.cli import main
+    (tmp_path / "d.jsonl").write_text(json.dumps({"accession": "P1", "prediction": "x", "reference": "x"}) + "\n")
+    assert main(["evaluate", str(tmp_path / "d.jsonl"), "--search", "blast", "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --search picks") and "--baseline" in err
