@@ -290,6 +290,22 @@ def timed_steps(step, shapes: Shapes) -> list[float]:
     return times
 
 
+def host_syncs(step) -> int | None:
+    """How often one step stops the host until the GPU has caught up (torch's sync debug mode warns at each .item(),
+    nonzero, host copy ...): the kernels queued ahead drain at every one. None off CUDA, where nothing is queued."""
+    if not torch.cuda.is_available():
+        return None
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
 # ---------------------------------------------------------------------------------------------- 1. precision
 
 def check_precision(shapes: Shapes, work: str, tokenizer: str | None, kernel: str = "auto") -> dict:
@@ -605,7 +621,7 @@ def stage2_ours(shapes: Shapes, cfg, batch, counts) -> dict:
     flops = stage2_flops(llama_cfg, esm_cfg, counts["text"], counts["protein"], lora, proj)
     res = result(times, flops, counts["tokens"], shapes)
     res.update(rows=int(batch["input_ids"].shape[0]), token_slots=int(batch["input_ids"].numel()),
-               micro_batches=1, lora_params=lora, peak_gb=peak_gb())
+               micro_batches=1, lora_params=lora, peak_gb=peak_gb(), host_syncs=host_syncs(step))
     return res
 
 
@@ -674,7 +690,7 @@ def stage2_hf(shapes: Shapes, cfg, batch, counts) -> dict:
     flops = stage2_flops(llama_cfg, esm_cfg, counts["text"], counts["protein"], lora, nproj)
     res = result(times, flops, counts["tokens"], shapes)
     res.update(rows=n, token_slots=sum(int(c["input_ids"].numel()) for c in chunks), micro_batches=len(chunks),
-               lora_params=lora, peak_gb=peak_gb())
+               lora_params=lora, peak_gb=peak_gb(), host_syncs=host_syncs(lambda: step(chunks)))
     return res
 
 
@@ -826,14 +842,15 @@ def md_stage2(s2: dict) -> list:
     lines = [f"Stage 2 step ({s2['samples']} samples, {s2['real_tokens']} real tokens, {s2['dtype']}, LoRA r "
              f"{s2['lora']['r']} on {s2['lora']['targets']}, ESM frozen, projector trained, AdamW; our packed rows' "
              f"attention: {s2['attention_kernel']})", "",
-             "| implementation | rows x width (micro-batches) | step s | real tokens/s | model TFLOP/s | MFU | peak GB |",
-             "|---|---|---|---|---|---|---|"]
+             "| implementation | rows x width (micro-batches) | step s | real tokens/s | model TFLOP/s | MFU | peak GB "
+             "| host syncs / step |", "|---|---|---|---|---|---|---|---|"]
     for k, label in (("ours_packed", "ours: megatron-core, packed rows"),
                      ("hf_peft_padded", "HF + PEFT, padded batch (SDPA)")):
         r = s2[k]
         lines.append(f"| {label} | {r['rows']} x {r['token_slots'] // r['rows']} ({r['micro_batches']}) | "
                      f"{r['step_s']:.3f} | "
-                     f"{r['tokens_per_s']:,.0f} | {_f(r['model_tflops'])} | {_pct(r['mfu'])} | {_f(r['peak_gb'])} |")
+                     f"{r['tokens_per_s']:,.0f} | {_f(r['model_tflops'])} | {_pct(r['mfu'])} | {_f(r['peak_gb'])} | "
+                     f"{'-' if r['host_syncs'] is None else r['host_syncs']} |")
     return lines + ["", f"Ratio: ours / HF + PEFT = {s2['speedup_tokens_per_s']:.2f}x tokens/s."]
 
 
