@@ -12,8 +12,8 @@ import yaml
 from megatron_p2t.data.instruct import InstructConfig
 from megatron_p2t.data.loader import LoaderConfig
 from megatron_p2t.models.parts_config import (SAVABLE, FreezeConfig, LoRAConfig, MoEConfig, ProjectorConfig,
-                                             ResamplerConfig, StructureConfig, align_objective, check_moe,
-                                             check_parts)
+                                             RecomputeConfig, ResamplerConfig, StructureConfig, align_objective,
+                                             check_moe, check_parts, check_recompute)
 from megatron_p2t.parallel.layout import ParallelConfig
 from megatron_p2t.transformer.attention_kernels import ATTENTION_KERNELS
 
@@ -52,6 +52,8 @@ class ModelConfig:
     # the decoder's attention over packed rows (transformer/attention_kernels.py): auto takes flash-attn's varlen
     # kernel, else PyTorch's, else SDPA once per sample
     attention_kernel: str = "auto"
+    # the decoder's activation recompute (full: each chunk of layers keeps only its input; parts_config.py)
+    recompute: RecomputeConfig = dataclasses.field(default_factory=RecomputeConfig)
 
 
 @dataclasses.dataclass
@@ -177,6 +179,7 @@ def config_from_dict(values: dict, overrides: List[str] = ()) -> Config:
         if cfg.model.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(f"model.attention_kernel={cfg.model.attention_kernel!r}: choose one of "
                              + "; ".join(f"{k} ({v})" for k, v in ATTENTION_KERNELS.items()))
+        check_recompute(cfg.model.recompute, cfg.model.decoder)
         if cfg.model.decoder == "llama_moe":
             check_moe(cfg.model.moe, cfg.parallel.expert)
         elif cfg.parallel.expert != 1:

@@ -118,6 +118,7 @@ class Plan:
     step_s: float
     samples_s: float
     fits: bool
+    recompute: str = ""           # model.recompute, where the step runs the decoder: "full, uniform x 1"
 
     @property
     def total(self) -> float:
@@ -264,7 +265,12 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
         if moe is not None:                                   # top_k experts per token, tp copies of it
             per_token_layer += wb * 4 * f / tp * (moe.top_k * tp - 1) + wb * 2 * moe.experts
         logits = tokens * llama.vocab / tp * 4 * 2           # fp32 logits and their gradient
-        act = tokens * llama.layers * per_token_layer + logits + esm_transient + esm_out + proj_saved
+        recomputed = recomputed_layers(cfg.model.recompute, llama.layers)
+        kept = llama.layers - recomputed
+        # a recomputed layer keeps its input; in backward one recomputed chunk at a time holds its activations again
+        chunk = (cfg.model.recompute.num_layers if cfg.model.recompute.method == "uniform" else 1) if recomputed else 0
+        dec_act = tokens * (kept * per_token_layer + recomputed * h * wb + chunk * per_token_layer)
+        act = dec_act + logits + esm_transient + esm_out + proj_saved
     if cfg.model.encoder == "esm2_structure":
         # the distance bias: [heads / tp, L, L] kept per protein (and its gradient when trained), plus one
         # checkpointed chunk of the [rows, L, kernels] expansion and its MLP (about five such tensors, fp32)
@@ -285,14 +291,27 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
         dec = llama.layers * llama.layer_matrix_params() + (0 if llama.tied else llama.vocab * llama.hidden)
         attn = 2 * llama.layers * b * seq * seq * llama.hidden        # causal: half of 4 s^2 h
         flops += 2 * dec * tokens + attn + 2 * (dec * tokens + attn)   # backward: input gradients only
+        layers_fwd = 2 * llama.layers * llama.layer_matrix_params() * tokens + attn
         if moe is not None:     # top_k experts per token (their weights trained: 6 per parameter) and the router
             mlp = (3 if llama.gated else 2) * llama.hidden * llama.ffn
             flops += llama.layers * tokens * (mlp * (6 * moe.top_k * tp - 4) + 6 * moe.experts * llama.hidden)
+            layers_fwd += llama.layers * tokens * (mlp * (2 * moe.top_k * tp - 2) + 2 * moe.experts * llama.hidden)
+        # recomputed layers run their forward a second time in backward
+        flops += layers_fwd * recomputed_layers(cfg.model.recompute, llama.layers) / llama.layers
     flops *= accum
     step_s = flops / (tp * device.peak_tflops * 1e12 * mfu)           # a replica is tp devices
     global_batch = b * dp * accum
+    rc = cfg.model.recompute
     return Plan(stage, tp, 1, dp, ep, b, global_batch, mem, flops * dp, step_s, global_batch / step_s,
-                sum(mem.values()) <= device.memory_gib * GIB)
+                sum(mem.values()) <= device.memory_gib * GIB,
+                f"{rc.granularity}, {rc.method} x {rc.num_layers}" if rc.granularity != "none" and not hscale else "")
+
+
+def recomputed_layers(recompute, layers: int) -> int:
+    """Decoder layers model.recompute runs again in backward (one pipeline stage: the planner plans PP=1)."""
+    if recompute.granularity == "none":
+        return 0
+    return layers if recompute.method == "uniform" else min(recompute.num_layers, layers)
 
 
 def encoder_arch(cfg) -> Arch:
@@ -318,7 +337,9 @@ def layouts(cfg, stage: str, gpus: int, device: Device, mfu: float = 0.4) -> Lis
 def table(plans: List[Plan], stage: str, device_name: str, gpus: int, mfu: float) -> str:
     if not plans:
         return f"{gpus} x {device_name}, stage {stage}: no layout divides the GPUs, heads and global batch"
-    rows = [f"{gpus} x {device_name}, stage {stage}, MFU {mfu:.0%} assumed", "",
+    rc = plans[0].recompute
+    rows = [f"{gpus} x {device_name}, stage {stage}, MFU {mfu:.0%} assumed"
+            + (f", decoder recomputed ({rc})" if rc else ""), "",
             "| TP | PP | DP | EP | global batch | frozen w | trainable w | grads | optimizer | activations | overhead "
             "| total GiB/GPU | fits | step s | samples/s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -37,6 +37,7 @@ def build(model_cfg, layout: Layout, llama_cfg, esm_cfg, pcfg, placeholder_id: i
                            esm_output_layer=model_cfg.esm_output_layer, freeze=model_cfg.freeze,
                            llm_config=llama_mod.transformer_config(llama_cfg, params_dtype=DTYPES[model_cfg.dtype],
                                                                    layout=layout, moe=moe_of(model_cfg),
+                                                                   recompute=model_cfg.recompute,
                                                                    **fusions(model_cfg.fused_kernels)),
                            layout=layout, connector=model_cfg.connector, resampler=model_cfg.resampler,
                            encoder=model_cfg.encoder, structure=model_cfg.structure,

@@ -9,7 +9,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_p2t.models import llama_moe
 from megatron_p2t.models.specs import decoder_layer_spec, norms_in, parallel_sizes
-from megatron_p2t.parallel.layout import Layout
+from megatron_p2t.parallel.layout import Layout, LayoutError
 
 # megatron-core's RotaryEmbedding applies LLaMA-3.1's frequency scaling with these constants built in.
 _MCORE_LLAMA31_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -33,9 +33,28 @@ def rope_settings(hf) -> dict:
     return {"rotary_base": int(base), "rope_scaling": True, "rope_scaling_factor": float(src.get("factor", 8.0))}
 
 
+def recompute_settings(recompute, layers: int, pp: int = 1) -> dict:
+    """megatron-core's settings for a RecomputeConfig (model.recompute) over `layers` decoder layers split into
+    pp pipeline stages; a chunk size that does not fit the stages is refused by name."""
+    if recompute is None or recompute.granularity == "none":
+        return {}
+    per_stage, n = layers // pp, recompute.num_layers
+    if recompute.method == "uniform" and per_stage % n:
+        raise LayoutError(f"model.recompute.num_layers={n} does not divide the {per_stage} decoder layers of each "
+                          f"pipeline stage ({layers} over parallel.pipeline={pp}): uniform recompute runs chunks of "
+                          f"that many layers; pick a divisor, or model.recompute.method=block")
+    if recompute.method == "block" and n > per_stage:
+        raise LayoutError(f"model.recompute.num_layers={n} is more than the {per_stage} decoder layers of each "
+                          f"pipeline stage ({layers} over parallel.pipeline={pp}): block recompute takes the first "
+                          f"num_layers of each stage; at most {per_stage}")
+    return {"recompute_granularity": recompute.granularity, "recompute_method": recompute.method,
+            "recompute_num_layers": n}
+
+
 def transformer_config(hf, num_layers: int | None = None, params_dtype=torch.float32, layout: Layout | None = None,
-                       moe=None, **overrides):
-    """moe: a MoEConfig for model.decoder=llama_moe (each MLP a mixture of experts of the same width)."""
+                       moe=None, recompute=None, **overrides):
+    """moe: a MoEConfig for model.decoder=llama_moe (each MLP a mixture of experts of the same width); recompute:
+    a RecomputeConfig (model.recompute)."""
     kw = dict(
         num_layers=num_layers or hf.num_hidden_layers, hidden_size=hf.hidden_size,
         num_attention_heads=hf.num_attention_heads, num_query_groups=hf.num_key_value_heads,
@@ -47,6 +66,7 @@ def transformer_config(hf, num_layers: int | None = None, params_dtype=torch.flo
         bias_activation_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, pipeline_dtype=params_dtype)
     kw.update(parallel_sizes(layout))
+    kw.update(recompute_settings(recompute, kw["num_layers"], layout.pp if layout is not None else 1))
     if moe is not None:
         kw.update(llama_moe.config_overrides(moe, hf.intermediate_size),
                   expert_model_parallel_size=layout.ep if layout is not None else 1)

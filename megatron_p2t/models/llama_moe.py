@@ -89,6 +89,8 @@ class Router(TopKRouter):
         load = routing_map.sum(0).double()
         if self.capacity_factor is not None:
             probs, routing_map = self._drop(probs, routing_map, real)
+        if torch._C._current_graph_task_id() != -1:
+            return probs, routing_map     # recomputed in backward (model.recompute): counted in the forward already
         with torch.no_grad():     # counted on the device, read once per step (no sync per layer)
             routed = load.sum()
             row = torch.cat([load, routed[None], (routed - routing_map.sum())[None]])

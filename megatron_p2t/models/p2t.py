@@ -133,6 +133,14 @@ class Prot2TextModel(MegatronModule):
         if self.pre_process and self.reads_protein:
             decoder_input = self.splice(input_ids, position_ids, protein_ids, protein_mask, protein_coords,
                                         coords_mask)
+        if self.pre_process and self.training and torch.is_grad_enabled() and \
+                self.llm_config.recompute_granularity == "full":
+            # megatron-core recomputes through a reentrant autograd Function: a chunk whose input needs no gradient
+            # (a frozen embedding, as in a decoder-only recipe) would give the adapters inside it none
+            if decoder_input is None:
+                decoder_input = self.llm.embedding(input_ids=input_ids, position_ids=position_ids)
+            if not decoder_input.requires_grad:
+                decoder_input = decoder_input.detach().requires_grad_()
         # [b, s] True at padding, which MoE routing leaves out (models/llama_moe.py); dense MLPs ignore it. Padded
         # batches hand it in; packed rows' is their segment 0
         if padding_mask is None and attention_mask is not None:

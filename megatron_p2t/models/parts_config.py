@@ -57,6 +57,40 @@ class MoEConfig:
     dispatcher: str = "auto"                  # megatron token dispatcher: auto (alltoall on GPU, allgather on CPU)
 
 
+@dataclasses.dataclass
+class RecomputeConfig:
+    """Activation recompute in the decoder, megatron-core's (recompute_granularity / _method / _num_layers).
+    granularity full: a recomputed chunk of layers keeps only its input and runs its forward again in backward.
+    method uniform: every chunk of num_layers layers is recomputed (num_layers divides each pipeline stage's
+    layers); block: the first num_layers layers of each pipeline stage, the others keep their activations.
+    megatron-core's selective recompute (core attention) would save nothing here: our attention kernels keep no
+    [s, s] scores."""
+    granularity: str = "none"                 # none | full
+    method: str = "uniform"                   # uniform | block
+    num_layers: int = 1
+
+
+RECOMPUTE_GRANULARITIES = ("none", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+def check_recompute(rc: RecomputeConfig, decoder: str) -> None:
+    if rc.granularity not in RECOMPUTE_GRANULARITIES:
+        raise ValueError(f"model.recompute.granularity={rc.granularity!r}: none, or full (each recomputed chunk of "
+                         f"layers keeps only its input; megatron-core's selective recompute saves nothing beside "
+                         f"our attention kernels)")
+    if rc.method not in RECOMPUTE_METHODS:
+        raise ValueError(f"model.recompute.method={rc.method!r}: uniform (every chunk of num_layers layers) or "
+                         f"block (the first num_layers layers of each pipeline stage)")
+    if rc.num_layers < 1:
+        raise ValueError(f"model.recompute.num_layers={rc.num_layers}: at least 1")
+    if rc.granularity == "full" and rc.method == "block" and decoder == "llama_moe":
+        # megatron-core 0.16.1's block recompute runs the layers it does not recompute without the padding mask
+        raise ValueError("model.recompute.method=block with model.decoder=llama_moe: megatron-core runs the layers "
+                         "it keeps without the padding mask, so they would route padding to experts; use "
+                         "model.recompute.method=uniform")
+
+
 # model.encoder / model.decoder: the protein encoder and the language model (more come with later recipes)
 ENCODERS = {"esm2": "ESM-2 (facebook/esm2_*), hidden states of model.esm_output_layer",
             "esm2_structure": "ESM-2 with C-alpha distances as per-head attention biases (SEPIT; model.structure), "

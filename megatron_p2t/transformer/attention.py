@@ -18,10 +18,10 @@ test checks it against per-sample positions).
 """
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import math
-import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -172,16 +172,27 @@ class Packing(NamedTuple):
     max_len: int
 
 
-_last_packing: list = [None, -1, None]     # weakref to a segment tensor, its version, its Packing
+# key -> (segment tensor, held so its memory is not reused while keyed, Packing); a few, because a pipeline
+# schedule recomputes one micro-batch's chunks while the next ones' forwards have already run
+_packings: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_PACKINGS_KEPT = 8
+
+
+def _key(seg: torch.Tensor) -> tuple:
+    # views of one tensor (megatron-core's recompute hands its layers a detached one) share the data pointer and
+    # the version counter, which an in-place write moves on
+    return seg.data_ptr(), seg.shape, seg.stride(), seg.dtype, seg.device, seg._version
 
 
 def packing(seg: torch.Tensor) -> Packing:
     """The varlen kernels' view of a [b, s] segment-id tensor. Working it out costs three host syncs (two
-    nonzero, one max); megatron-core hands every layer the same mask tensor, so it is worked out once per forward
-    and again only when a new or changed tensor comes (per layer it cost seven syncs: 224 in a 32-layer forward)."""
-    ref, version, found = _last_packing
-    if ref is not None and ref() is seg and version == seg._version:
-        return found
+    nonzero, one max); megatron-core hands every layer the same mask tensor (a recomputed chunk a detached view
+    of it), so it is worked out once per micro-batch and again only when a changed tensor comes (per layer it
+    cost seven syncs: 224 in a 32-layer forward)."""
+    key = _key(seg)
+    if key in _packings:
+        _packings.move_to_end(key)
+        return _packings[key][1]
     b = seg.shape[0]
     rows, cols = torch.nonzero(seg > 0, as_tuple=True)              # row-major: sample after sample
     ids = seg[rows, cols]
@@ -189,5 +200,7 @@ def packing(seg: torch.Tensor) -> Packing:
     starts[1:] = (ids[1:] != ids[:-1]) | (rows[1:] != rows[:-1])
     cu = F.pad(torch.nonzero(starts).flatten(), (0, 1), value=ids.numel()).to(torch.int32)
     found = Packing(cols * b + rows, cu, int((cu[1:] - cu[:-1]).max()) if ids.numel() else 0)
-    _last_packing[:] = [weakref.ref(seg), seg._version, found]
+    _packings[key] = (seg, found)
+    while len(_packings) > _PACKINGS_KEPT:
+        _packings.popitem(last=False)
     return found

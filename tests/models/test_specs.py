@@ -62,8 +62,7 @@ def test_a_packed_forward_works_out_the_varlen_bookkeeping_once(single, monkeypa
     bookkeeping, and give what SDPA per sample gives."""
     from megatron_p2t.config import load_config
     from megatron_p2t.models.build import build
-    from megatron_p2t.transformer import attention
-    from tests.transformer.test_attention import _per_segment
+    from tests.transformer.test_attention import spy_varlen
     hf = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
     cfg = load_config(None, ["model.encoder=none", "model.connector=none", "instruct.template=plain"])
@@ -73,19 +72,7 @@ def test_a_packed_forward_works_out_the_varlen_bookkeeping_once(single, monkeypa
     pos = torch.arange(12).expand(2, 12)
     with torch.no_grad():
         want = model(ids, pos, attention_mask=seg)
-    kernel_calls, worked_out = [], []
-    real_packing = attention.Packing
-
-    def reference_kernel(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal):
-        kernel_calls.append(max_q)
-        return _per_segment(q, k, v, cu_q, causal, softmax_scale)
-
-    def counted(*fields):
-        worked_out.append(1)
-        return real_packing(*fields)
-
-    monkeypatch.setattr(attention, "varlen_kernels", lambda query, p: {"flash_attn": reference_kernel})
-    monkeypatch.setattr(attention, "Packing", counted)
+    kernel_calls, worked_out = spy_varlen(monkeypatch)
     with torch.no_grad():
         got = model(ids, pos, attention_mask=seg)
     assert kernel_calls == [7, 7] and len(worked_out) == 1

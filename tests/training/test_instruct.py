@@ -69,8 +69,9 @@ def test_packed_equals_padded_and_tp2_equals_tp1(setup, tmp_path, connector):
 
 def test_pp2_trains_like_pp1_resumes_exactly_and_exports(setup, tmp_path):
     """Pipeline-parallel stage 2 (1F1B over 3 packed micro-batches of varying shape per step, ZeRO-2 over the
-    data-parallel group of one) gives one process's losses and adapters; a resume from its step-2 checkpoint
-    continues bit-exactly; its checkpoint exports (two processes, one per stage) and verifies."""
+    data-parallel group of one), each stage's decoder layers recomputed in backward (model.recompute), gives one
+    process's losses and adapters (kept activations); a resume from its step-2 checkpoint continues bit-exactly;
+    its checkpoint exports (two processes, one per stage) and verifies."""
     root, ov = setup
     cfg = os.path.join(ROOT, "configs", "instruct_tiny_cpu.yaml")
     common = [*ov, "model.llm_lora.dropout=0.0", "instruct.pack=true", "instruct.pack_length=256",
@@ -78,17 +79,20 @@ def test_pp2_trains_like_pp1_resumes_exactly_and_exports(setup, tmp_path):
     runs = {}
     for pp in (1, 2):
         d = tmp_path / f"pp{pp}"
-        _torchrun(pp, "-m", "megatron_p2t", "instruct", "--config", cfg, *common, f"parallel.pipeline={pp}",
-                  f"train.save_dir={d}")
+        recompute = ["model.recompute.granularity=full"] if pp == 2 else []
+        _torchrun(pp, "-m", "megatron_p2t", "instruct", "--config", cfg, *common, *recompute,
+                  f"parallel.pipeline={pp}", f"train.save_dir={d}")
         runs[pp] = ([json.loads(l)["loss"] for l in open(d / "train_log.jsonl")], json.load(open(d / "summary.json")))
     (l1, s1), (l2, s2) = runs[1], runs[2]
+    from megatron_p2t.config import saved_run
+    assert saved_run(str(tmp_path / "pp2"))["config"]["model"]["recompute"]["granularity"] == "full"
     assert len(l1) == len(l2) == 4 and l1[-1] < l1[0], (l1, l2)
     assert max(abs(a - b) / a for a, b in zip(l1, l2)) <= 1e-5, (l1, l2)
     assert abs(s1["eval"]["loss"] - s2["eval"]["loss"]) <= 1e-5 * s1["eval"]["loss"], (s1, s2)
 
     (tmp_path / "pp2" / "latest").write_text("step00000002")
     _torchrun(2, "-m", "megatron_p2t", "instruct", "--config", cfg, *common, "parallel.pipeline=2",
-              f"train.save_dir={tmp_path}/pp2", "--resume", "auto")
+              "model.recompute.granularity=full", f"train.save_dir={tmp_path}/pp2", "--resume", "auto")
     again = [json.loads(l)["loss"] for l in open(tmp_path / "pp2" / "train_log.jsonl")]
     assert again == l2, (again, l2)
 

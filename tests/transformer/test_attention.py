@@ -91,15 +91,15 @@ def test_varlen_path_hands_the_kernel_contiguous_samples_and_scatters_back(monke
 
 def test_packing_is_worked_out_once_per_segment_tensor():
     """Every layer gets the same mask tensor: its varlen bookkeeping (host syncs) is reused until it changes."""
-    seg = _packed_case()[1].clone()                                    # unwritten, as a tensor of ones below
+    seg = _packed_case()[1].clone()                                    # unwritten, as the tensor of ones below
     first = attention.packing(seg)
     assert first.cu.tolist() == [0, 5, 8, 12, 19, 21] and first.max_len == 7 and first.cu.dtype == torch.int32
     # token t of row r sits at t * b + r in megatron's [s, b] order
     assert first.keep.tolist() == [t * 2 for t in range(12)] + [t * 2 + 1 for t in range(9)]
     assert attention.packing(seg) is first
-    other = attention.packing(torch.ones(1, 4, dtype=torch.long))      # another tensor, its own packing
-    assert other.cu.tolist() == [0, 4] and other.keep.tolist() == [0, 1, 2, 3]
-    assert attention.packing(seg).cu.tolist() == first.cu.tolist()
+    other = attention.packing(torch.ones_like(seg))                    # another tensor of that shape: its own
+    assert other.cu.tolist() == [0, 12, 24] and other.keep.tolist() == [t * 2 + r for r in (0, 1) for t in range(12)]
+    assert attention.packing(seg) is first and attention.packing(seg.detach()) is first    # a view: the same one
     seg[1, 9] = 2                                                  # in place: a padding token joins the last sample
     again = attention.packing(seg)
     assert again.cu.tolist() == [0, 5, 8, 12, 19, 22] and again.max_len == 7
@@ -119,6 +119,25 @@ def _per_segment(q, k, v, cu, causal, scale):
         qq, kk, vv = (x[a:b].transpose(0, 1) for x in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
         outs.append(F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, scale=scale).transpose(0, 1))
     return torch.cat(outs)
+
+
+def spy_varlen(monkeypatch):
+    """Packed rows through a reference varlen kernel (SDPA per segment) on the CPU; returns the lists its calls
+    and the bookkeeping's workings-out (attention.Packing) append to."""
+    kernel_calls, worked_out = [], []
+    real_packing = attention.Packing
+
+    def reference_kernel(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal):
+        kernel_calls.append(max_q)
+        return _per_segment(q, k, v, cu_q, causal, softmax_scale)
+
+    def counted(*fields):
+        worked_out.append(1)
+        return real_packing(*fields)
+
+    monkeypatch.setattr(attention, "varlen_kernels", lambda query, p: {"flash_attn": reference_kernel})
+    monkeypatch.setattr(attention, "Packing", counted)
+    return kernel_calls, worked_out
 
 
 def varlen_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
