@@ -251,6 +251,8 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
 
     # activations of one micro-batch
     esm_transient = b * lp * (2 * esm.hidden + esm.ffn / tp) * wb + 2 * b * esm.heads / tp * lp * lp * wb
+    if esm_backward(cfg, stage):     # the gradient runs back through every ESM layer, which keeps its activations
+        esm_transient = b * lp * esm.layers * esm_layer_activations(esm, cfg.model.esm_lora, lp, wb, tp)
     esm_out = b * lp * esm.hidden * wb * 2
     proj_saved = b * lp * (esm.hidden + 2 * inter / tp + 2 * llama.hidden) * wb
     if hscale:
@@ -284,6 +286,8 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
     esm_params = esm.layers * esm.layer_matrix_params()
     flops = 2 * esm_params * b * lp + 4 * esm.layers * b * lp * lp * esm.hidden
     flops += 6 * (proj * tp) * b * lp
+    if esm_backward(cfg, stage):     # input gradients through every frozen ESM weight and its attention
+        flops += 2 * esm_params * b * lp + 8 * esm.layers * b * lp * lp * esm.hidden
     if hscale:
         if not cfg.align.use_text_cache:
             flops += 2 * cfg.align.text_layer * llama.layer_matrix_params() * b * lt
@@ -305,6 +309,24 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
     return Plan(stage, tp, 1, dp, ep, b, global_batch, mem, flops * dp, step_s, global_batch / step_s,
                 sum(mem.values()) <= device.memory_gib * GIB,
                 f"{rc.granularity}, {rc.method} x {rc.num_layers}" if rc.granularity != "none" and not hscale else "")
+
+
+def esm_backward(cfg, stage: str) -> bool:
+    """Whether a step takes gradients through the ESM layers: its LoRA trains in stage 1 (stage 2 carries it
+    frozen), or the structure-aware encoder's distance bias trains (it enters every layer's attention)."""
+    return bool((stage == "align" and cfg.model.esm_lora.r) or
+                (cfg.model.encoder == "esm2_structure" and not cfg.model.freeze.structure))
+
+
+def esm_layer_activations(esm: Arch, lora, lp: int, wb: int, tp: int) -> float:
+    """Bytes an ESM layer keeps per token for backward (counted with autograd's saved-tensor hooks on CPU): the
+    LayerNorm and residual inputs, q/k/v and the attention context, the GELU input (frozen linears keep no input),
+    what each adapter reads, and megatron-core's unfused attention: the softmax output in fp32 and the
+    probabilities in the model's dtype, [heads / tp, L] per token."""
+    h, f = esm.hidden, esm.ffn
+    reads = {"linear_qkv": h, "linear_proj": h / tp, "linear_fc1": h, "linear_fc2": f / tp}
+    return wb * (4 * h + 4 * h / tp + f / tp + sum(reads.get(t, 0) for t in lora.targets if lora.r)) + \
+        esm.heads / tp * lp * (4 + wb)
 
 
 def recomputed_layers(recompute, layers: int) -> int:

@@ -61,9 +61,9 @@ def mid_models(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,extra", [("align", []), ("instruct", []),
+@pytest.mark.parametrize("stage,extra", [("align", []), ("align", ["model.esm_lora.r=8"]), ("instruct", []),
                                          ("instruct", ["model.recompute.granularity=full"])],
-                         ids=["align", "instruct", "instruct-recompute"])
+                         ids=["align", "align-esm-lora", "instruct", "instruct-recompute"])
 def test_memory_model_within_20_percent_of_the_measured_cpu_peak(stage, extra, mid_models, built_sample,
                                                                  tiny_tokenizer, tmp_path):
     out, _ = built_sample
@@ -133,18 +133,29 @@ def test_a_decoder_only_recipe_plans_no_encoder_and_its_trained_embedding_and_ou
 
 
 def test_the_structure_encoder_adds_its_bias_to_the_plan():
-    """model.encoder=esm2_structure: the [heads, L, L] bias kept per protein (and its gradient), one checkpointed
-    chunk of the kernel expansion, and the bias's own trained parameters; a smaller chunk plans less."""
+    """model.encoder=esm2_structure: the [heads, L, L] bias kept per protein, one checkpointed chunk of the kernel
+    expansion, and the bias's own trained parameters; a smaller chunk plans less. Trained (the default), the bias
+    enters every ESM layer's attention, so the gradient runs back through all of them and each keeps its
+    activations, as ESM's own LoRA makes it in stage 1; frozen, only the bias itself is held."""
+    from megatron_p2t.plan import esm_layer_activations
     cfg = load_config(os.path.join(ROOT, "configs", "prot2text_v2.yaml"))
     plain = {p.tp: p for p in layouts(cfg, "align", 8, DEVICES["h100-80gb"])}
     cfg.model.encoder = "esm2_structure"
     biased = {p.tp: p for p in layouts(cfg, "align", 8, DEVICES["h100-80gb"])}
+    cfg.model.freeze.structure = True
+    frozen = {p.tp: p for p in layouts(cfg, "align", 8, DEVICES["h100-80gb"])}
     L, heads, b = cfg.data.max_protein_residues + 2, 40, cfg.data.batch_size
-    kept = b * heads * L * L * 2 * 2                      # bf16 bias + its gradient, TP=1
-    extra = biased[1].memory["activations"] - plain[1].memory["activations"]
-    assert kept < extra < kept + 5 * b * 128 * L * 128 * 4 + 1
-    assert biased[2].memory["activations"] - plain[2].memory["activations"] < extra   # heads split over TP
+    bias = b * heads * L * L * 2                          # bf16, TP=1
+    chunk = 5 * b * 128 * L * 128 * 4
+    extra = frozen[1].memory["activations"] - plain[1].memory["activations"]
+    assert bias < extra < bias + chunk + 1
+    esm = arch_of(cfg.model.esm)
+    layers = b * L * esm.layers * esm_layer_activations(esm, cfg.model.esm_lora, L, 2, 1)
+    assert layers + 2 * bias < biased[1].memory["activations"] < layers + 2 * bias + chunk + plain[1].total
+    assert biased[1].flops_per_step > 1.5 * plain[1].flops_per_step   # input gradients through every ESM layer
+    assert biased[2].memory["activations"] < biased[1].memory["activations"] / 1.5   # heads and widths over TP
     assert biased[1].memory["optimizer"] > plain[1].memory["optimizer"]
+    cfg.model.freeze.structure = False
     cfg.model.structure.chunk = 16
     small = {p.tp: p for p in layouts(cfg, "align", 8, DEVICES["h100-80gb"])}
     assert small[1].memory["activations"] < biased[1].memory["activations"]
@@ -194,3 +205,16 @@ def test_recompute_trades_activations_for_a_second_forward():
     assert "decoder recomputed (full, uniform x 1)" in __import__("megatron_p2t.plan", fromlist=["table"]).table(
         list(full.values()), "instruct", "h100-80gb", 8, 0.4)
     assert layouts(load_config(path, ["model.recompute.granularity=full"]), "align", 8, h100)[0].recompute == ""
+
+
+def test_esm_adapters_keep_every_esm_layer_where_they_train():
+    """model.esm_lora trains in stage 1 (the paper's variant): the gradient runs back through every ESM layer,
+    which keeps its activations, and takes input gradients there; stage 2 carries the adapters frozen."""
+    path = os.path.join(ROOT, "configs", "prot2text_v2.yaml")
+    h100 = DEVICES["h100-80gb"]
+    plain, lora = (layouts(load_config(path, ov), stage, 8, h100)[0] for stage in ("align",)
+                   for ov in ([], ["model.esm_lora.r=8"]))
+    assert lora.memory["activations"] > 10 * plain.memory["activations"] and not lora.fits
+    assert lora.flops_per_step > 1.9 * plain.flops_per_step
+    plain2, lora2 = (layouts(load_config(path, ov), "instruct", 8, h100)[0] for ov in ([], ["model.esm_lora.r=8"]))
+    assert lora2.memory["activations"] == plain2.memory["activations"]
