@@ -387,5 +387,23 @@ def run(cfg, gpus: int, device_name: str, stages: List[str], mfu: float = 0.4,
         if as_json:
             out.append(json.dumps([dict(dataclasses.asdict(p), total=p.total) for p in ps]))
         else:
-            out.append(table(ps, stage, device_name, gpus, mfu))
+            out.append(table(ps, stage, device_name, gpus, mfu) + recompute_hint(cfg, stage, gpus, device, mfu, ps))
     return "\n\n".join(out)
+
+
+def recompute_hint(cfg, stage: str, gpus: int, device: Device, mfu: float, plans: List[Plan]) -> str:
+    """A line under a table whose layouts do not all fit while the decoder keeps its activations: what
+    model.recompute.granularity=full makes of them. Empty where it changes nothing or everything fits."""
+    over = [p for p in plans if not p.fits]
+    if not over or cfg.model.recompute.granularity != "none":
+        return ""
+    full = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, recompute=dataclasses.replace(cfg.model.recompute, granularity="full")))
+    again = {p.tp: p for p in layouts(full, stage, gpus, device, mfu)}
+    if not again or not again[over[0].tp].recompute:
+        return ""          # the step runs no decoder (H-SCALE's stage 1)
+    parts = [f"TP={p.tp} {again[p.tp].total / GIB:.1f} GiB{'' if again[p.tp].fits else ' (still too much)'}"
+             for p in over]
+    slower = again[over[0].tp].step_s / over[0].step_s
+    return (f"\n\nNot fitting with every activation kept; with model.recompute.granularity=full: {', '.join(parts)}, "
+            f"for {slower:.2f}x the step time at the same MFU.")

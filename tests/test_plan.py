@@ -2,6 +2,7 @@
 the measured training peak of small configs on CPU (within 20%)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -46,6 +47,10 @@ def test_cli_prints_a_table_per_stage():
     assert r.returncode == 0, r.stderr
     assert "16 x h100-80gb, stage align" in r.stdout and "16 x h100-80gb, stage instruct" in r.stdout
     assert r.stdout.count("| 2 | 1 | 8 |") == 2
+    # stage 2 at TP <= 2 keeps too much: the table says what recompute makes of it (stage 1 fits, and has no hint)
+    assert r.stdout.count("Not fitting") == 1
+    assert re.search(r"with model.recompute.granularity=full: TP=1 4\d\.\d GiB, TP=2 2\d\.\d GiB, for 1\.\d\dx the "
+                     r"step time", r.stdout), r.stdout
 
 
 @pytest.fixture(scope="module")
