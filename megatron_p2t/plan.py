@@ -252,7 +252,10 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
     # activations of one micro-batch
     esm_transient = b * lp * (2 * esm.hidden + esm.ffn / tp) * wb + 2 * b * esm.heads / tp * lp * lp * wb
     if esm_backward(cfg, stage):     # the gradient runs back through every ESM layer, which keeps its activations
-        esm_transient = b * lp * esm.layers * esm_layer_activations(esm, cfg.model.esm_lora, lp, wb, tp)
+        per_layer = esm_layer_activations(esm, cfg.model.esm_lora, lp, wb, tp)
+        # recomputed (model.recompute.encoder): each layer's input, and one layer's activations during its backward
+        esm_transient = b * lp * (esm.layers * esm.hidden * wb + per_layer if cfg.model.recompute.encoder
+                                  else esm.layers * per_layer)
     esm_out = b * lp * esm.hidden * wb * 2
     proj_saved = b * lp * (esm.hidden + 2 * inter / tp + 2 * llama.hidden) * wb
     if hscale:
@@ -288,6 +291,8 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
     flops += 6 * (proj * tp) * b * lp
     if esm_backward(cfg, stage):     # input gradients through every frozen ESM weight and its attention
         flops += 2 * esm_params * b * lp + 8 * esm.layers * b * lp * lp * esm.hidden
+        if cfg.model.recompute.encoder:                     # recomputed: its forward again
+            flops += 2 * esm_params * b * lp + 4 * esm.layers * b * lp * lp * esm.hidden
     if hscale:
         if not cfg.align.use_text_cache:
             flops += 2 * cfg.align.text_layer * llama.layer_matrix_params() * b * lt
@@ -305,10 +310,18 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
     flops *= accum
     step_s = flops / (tp * device.peak_tflops * 1e12 * mfu)           # a replica is tp devices
     global_batch = b * dp * accum
-    rc = cfg.model.recompute
     return Plan(stage, tp, 1, dp, ep, b, global_batch, mem, flops * dp, step_s, global_batch / step_s,
-                sum(mem.values()) <= device.memory_gib * GIB,
-                f"{rc.granularity}, {rc.method} x {rc.num_layers}" if rc.granularity != "none" and not hscale else "")
+                sum(mem.values()) <= device.memory_gib * GIB, recompute_label(cfg, stage, hscale))
+
+
+def recompute_label(cfg, stage: str, hscale: bool) -> str:
+    """What model.recompute recomputes in this stage's step: "full, uniform x 1" (the decoder), "ESM", both, or ""."""
+    rc, parts = cfg.model.recompute, []
+    if rc.granularity != "none" and not hscale:
+        parts.append(f"{rc.granularity}, {rc.method} x {rc.num_layers}")
+    if rc.encoder and esm_backward(cfg, stage):
+        parts.append("ESM")
+    return "; ".join(parts)
 
 
 def esm_backward(cfg, stage: str) -> bool:
@@ -361,7 +374,7 @@ def table(plans: List[Plan], stage: str, device_name: str, gpus: int, mfu: float
         return f"{gpus} x {device_name}, stage {stage}: no layout divides the GPUs, heads and global batch"
     rc = plans[0].recompute
     rows = [f"{gpus} x {device_name}, stage {stage}, MFU {mfu:.0%} assumed"
-            + (f", decoder recomputed ({rc})" if rc else ""), "",
+            + (f", recomputed: {rc}" if rc else ""), "",
             "| TP | PP | DP | EP | global batch | frozen w | trainable w | grads | optimizer | activations | overhead "
             "| total GiB/GPU | fits | step s | samples/s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -392,18 +405,24 @@ def run(cfg, gpus: int, device_name: str, stages: List[str], mfu: float = 0.4,
 
 
 def recompute_hint(cfg, stage: str, gpus: int, device: Device, mfu: float, plans: List[Plan]) -> str:
-    """A line under a table whose layouts do not all fit while the decoder keeps its activations: what
-    model.recompute.granularity=full makes of them. Empty where it changes nothing or everything fits."""
+    """A line under a table whose layouts do not all fit: what model.recompute (the decoder's and, where the step
+    takes gradients through ESM, ESM's) makes of them. Empty where everything fits or it changes nothing."""
     over = [p for p in plans if not p.fits]
-    if not over or cfg.model.recompute.granularity != "none":
+    rc = cfg.model.recompute
+    changes = {"granularity": "full"} if rc.granularity == "none" else {}
+    if not rc.encoder and esm_backward(cfg, stage):
+        changes["encoder"] = True
+    if not over or not changes:
         return ""
-    full = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, recompute=dataclasses.replace(cfg.model.recompute, granularity="full")))
+    full = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, recompute=dataclasses.replace(rc, **changes)))
     again = {p.tp: p for p in layouts(full, stage, gpus, device, mfu)}
-    if not again or not again[over[0].tp].recompute:
-        return ""          # the step runs no decoder (H-SCALE's stage 1)
+    if not again or again[over[0].tp].recompute == over[0].recompute:
+        return ""          # nothing to recompute in this step (H-SCALE's stage 1 with ESM frozen)
+    label = again[over[0].tp].recompute
+    keys = " ".join(f"model.recompute.{k}={str(v).lower()}" for k, v in changes.items()
+                    if (k == "encoder" and "ESM" in label) or (k == "granularity" and "full" in label))
     parts = [f"TP={p.tp} {again[p.tp].total / GIB:.1f} GiB{'' if again[p.tp].fits else ' (still too much)'}"
              for p in over]
     slower = again[over[0].tp].step_s / over[0].step_s
-    return (f"\n\nNot fitting with every activation kept; with model.recompute.granularity=full: {', '.join(parts)}, "
-            f"for {slower:.2f}x the step time at the same MFU.")
+    return (f"\n\nNot fitting with every activation kept; with {keys}: {', '.join(parts)}, for {slower:.2f}x the "
+            f"step time at the same MFU.")

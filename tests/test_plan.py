@@ -66,9 +66,10 @@ def mid_models(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,extra", [("align", []), ("align", ["model.esm_lora.r=8"]), ("instruct", []),
-                                         ("instruct", ["model.recompute.granularity=full"])],
-                         ids=["align", "align-esm-lora", "instruct", "instruct-recompute"])
+@pytest.mark.parametrize("stage,extra", [("align", []), ("align", ["model.esm_lora.r=8"]),
+                                         ("align", ["model.esm_lora.r=8", "model.recompute.encoder=true"]),
+                                         ("instruct", []), ("instruct", ["model.recompute.granularity=full"])],
+                         ids=["align", "align-esm-lora", "align-esm-lora-recompute", "instruct", "instruct-recompute"])
 def test_memory_model_within_20_percent_of_the_measured_cpu_peak(stage, extra, mid_models, built_sample,
                                                                  tiny_tokenizer, tmp_path):
     out, _ = built_sample
@@ -207,7 +208,7 @@ def test_recompute_trades_activations_for_a_second_forward():
         assert 1.2 < full[tp].flops_per_step / keep[tp].flops_per_step < 1.5
         assert keep[tp].flops_per_step < block[tp].flops_per_step < full[tp].flops_per_step
     assert full[2].recompute == "full, uniform x 1" and keep[2].recompute == ""
-    assert "decoder recomputed (full, uniform x 1)" in __import__("megatron_p2t.plan", fromlist=["table"]).table(
+    assert "recomputed: full, uniform x 1" in __import__("megatron_p2t.plan", fromlist=["table"]).table(
         list(full.values()), "instruct", "h100-80gb", 8, 0.4)
     assert layouts(load_config(path, ["model.recompute.granularity=full"]), "align", 8, h100)[0].recompute == ""
 
@@ -223,3 +224,22 @@ def test_esm_adapters_keep_every_esm_layer_where_they_train():
     assert lora.flops_per_step > 1.9 * plain.flops_per_step
     plain2, lora2 = (layouts(load_config(path, ov), "instruct", 8, h100)[0] for ov in ([], ["model.esm_lora.r=8"]))
     assert lora2.memory["activations"] == plain2.memory["activations"]
+
+
+
+def test_recomputing_esm_keeps_its_layer_inputs_where_gradients_run_through_it():
+    """model.recompute.encoder: stage 1 with ESM's LoRA keeps each ESM layer's input and one layer's activations
+    instead of every layer's, for ESM's forward once more; where no gradient runs through ESM it changes nothing,
+    and the planner's hint under a table that does not fit names it."""
+    from megatron_p2t.plan import run
+    path = os.path.join(ROOT, "configs", "prot2text_v2.yaml")
+    h100 = DEVICES["h100-80gb"]
+    keep, again = (layouts(load_config(path, ["model.esm_lora.r=8", *ov]), "align", 8, h100)[0]
+                   for ov in ([], ["model.recompute.encoder=true"]))
+    assert not keep.fits and again.fits and again.memory["activations"] < keep.memory["activations"] / 10
+    assert 1.3 < again.flops_per_step / keep.flops_per_step < 1.6 and again.recompute == "ESM"
+    plain, plain_again = (layouts(load_config(path, ov), "align", 8, h100)[0]
+                          for ov in ([], ["model.recompute.encoder=true"]))
+    assert plain_again.memory == plain.memory and plain_again.recompute == ""
+    out = run(load_config(path, ["model.esm_lora.r=8"]), 8, "h100-80gb", ["align"])
+    assert re.search(r"with model.recompute.encoder=true: TP=1 1\d\.\d GiB, for 1\.\d\dx", out), out

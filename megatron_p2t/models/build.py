@@ -41,7 +41,8 @@ def build(model_cfg, layout: Layout, llama_cfg, esm_cfg, pcfg, placeholder_id: i
                                                                    **fusions(model_cfg.fused_kernels)),
                            layout=layout, connector=model_cfg.connector, resampler=model_cfg.resampler,
                            encoder=model_cfg.encoder, structure=model_cfg.structure,
-                           attention_kernel=model_cfg.attention_kernel)
+                           attention_kernel=model_cfg.attention_kernel,
+                           recompute_encoder=model_cfg.recompute.encoder)
     if torch.cuda.is_available():  # plain torch parts (the ESM embedding) are built on the CPU, as in Megatron-LM
         model.cuda(torch.cuda.current_device())
     return model

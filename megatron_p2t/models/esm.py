@@ -15,6 +15,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -82,7 +83,7 @@ class ESMEncoder(MegatronModule):
     """
 
     def __init__(self, cfg: ESMConfig, output_layer: int = -1, params_dtype=torch.float32,
-                 layout: Layout | None = None, layer_spec=None, **config_overrides):
+                 layout: Layout | None = None, layer_spec=None, recompute: bool = False, **config_overrides):
         n = cfg.num_layers
         k = output_layer % (n + 1)
         super().__init__(transformer_config(cfg, k, params_dtype, layout, **config_overrides))
@@ -93,6 +94,7 @@ class ESMEncoder(MegatronModule):
                                       rotary_base=cfg.rotary_base, use_cpu_initialization=True)
         self.block = norms_in(TransformerBlock(self.config, layer_spec or encoder_layer_spec(),
                                                post_layer_norm=self.final_norm), params_dtype)
+        self.recompute = recompute      # model.recompute.encoder
 
     def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(ids)
@@ -111,5 +113,21 @@ class ESMEncoder(MegatronModule):
         rope = self.rotary(ids.shape[1]).to(x.device)
         # megatron's padding mask: True where attention is NOT allowed, shaped [b, 1, 1, s]
         attn_mask = (~mask.bool())[:, None, None, :]
+        if self.recompute and self.training and torch.is_grad_enabled() and \
+                any(p.requires_grad for p in self.parameters()):
+            return self._recomputed(x, attn_mask, rope, block_kw.get("attention_bias")).transpose(0, 1)
         y = self.block(hidden_states=x, attention_mask=attn_mask, rotary_pos_emb=rope, **block_kw)
         return y.transpose(0, 1)
+
+    def _recomputed(self, x, attn_mask, rope, bias):
+        """The layers one by one through megatron-core's checkpoint, which keeps only each layer's input and replays
+        the RNG tracker for the recompute. It is reentrant: the input must need a gradient for the adapters inside
+        to get one, and the distance bias goes in as an input (megatron-core's own loop would close over it, and the
+        first layer's backward would then run through the bias's graph and free it for the others)."""
+        if not x.requires_grad:
+            x = x.detach().requires_grad_()
+        for layer in self.block.layers:
+            def run(h, m, r, b, layer=layer):
+                return layer(hidden_states=h, attention_mask=m, rotary_pos_emb=r, attention_bias=b)[0]
+            x = tensor_parallel.checkpoint(run, False, x, attn_mask, rope, bias)
+        return self.block.final_layernorm(x) if self.block.final_layernorm is not None else x

@@ -138,9 +138,10 @@ class StructureESMEncoder(ESMEncoder):
     (<cls> first, as the ids), coords_mask [b, s] True where a residue has coordinates."""
 
     def __init__(self, cfg: ESMConfig, structure: StructureConfig, output_layer: int = -1,
-                 params_dtype=torch.float32, layout: Layout | None = None, **config_overrides):
+                 params_dtype=torch.float32, layout: Layout | None = None, recompute: bool = False,
+                 **config_overrides):
         super().__init__(cfg, output_layer, params_dtype, layout, layer_spec=structure_layer_spec(),
-                         **config_overrides)
+                         recompute=recompute, **config_overrides)
         self.structure = DistanceBias(structure, cfg, self.config)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, coords: Optional[torch.Tensor] = None,

@@ -30,13 +30,15 @@ from megatron_p2t.models.resampler import MLP2xGelu, ResamplerConnector
 from megatron_p2t.parallel.layout import Layout
 
 
-def make_encoder(name: str, esm_cfg, output_layer: int, params_dtype, layout, structure: StructureConfig):
-    """The protein encoder part by its name (parts_config.ENCODERS)."""
+def make_encoder(name: str, esm_cfg, output_layer: int, params_dtype, layout, structure: StructureConfig,
+                 recompute: bool = False):
+    """The protein encoder part by its name (parts_config.ENCODERS); recompute: model.recompute.encoder."""
     if name == "esm2_structure":
         from megatron_p2t.models.esm_structure import StructureESMEncoder
         return StructureESMEncoder(esm_cfg, structure, output_layer=output_layer, params_dtype=params_dtype,
-                                   layout=layout)
-    return esm_mod.ESMEncoder(esm_cfg, output_layer=output_layer, params_dtype=params_dtype, layout=layout)
+                                   layout=layout, recompute=recompute)
+    return esm_mod.ESMEncoder(esm_cfg, output_layer=output_layer, params_dtype=params_dtype, layout=layout,
+                              recompute=recompute)
 
 
 def encode(esm, ids, mask, coords=None, coords_mask=None):
@@ -52,7 +54,8 @@ class Prot2TextModel(MegatronModule):
                  esm_output_layer: int = -1, freeze: FreezeConfig = FreezeConfig(), llm_config=None,
                  layout: Layout | None = None, connector: str = "mlp",
                  resampler: ResamplerConfig = ResamplerConfig(), encoder: str = "esm2",
-                 structure: StructureConfig = StructureConfig(), attention_kernel: str = "auto"):
+                 structure: StructureConfig = StructureConfig(), attention_kernel: str = "auto",
+                 recompute_encoder: bool = False):
         llm_config = llm_config or llama_mod.transformer_config(llama_hf_cfg, layout=layout)
         super().__init__(llm_config)  # self.config: what megatron's schedules read, with model_type below
         self.pre_process, self.post_process, self.placeholder_id = pre_process, post_process, placeholder_id
@@ -66,7 +69,7 @@ class Prot2TextModel(MegatronModule):
         self.reads_protein = encoder != "none"      # decoder-only: the prompt is all text
         if pre_process and self.reads_protein:
             self.esm = make_encoder(encoder, esm_cfg, esm_output_layer, self.llm_config.params_dtype, layout,
-                                    structure)
+                                    structure, recompute_encoder)
             if connector == "mlp":
                 self.projector = Projector(projector_cfg, self.llm_config)
             elif connector == "mlp2x_gelu":

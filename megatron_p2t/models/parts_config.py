@@ -68,6 +68,8 @@ class RecomputeConfig:
     granularity: str = "none"                 # none | full
     method: str = "uniform"                   # uniform | block
     num_layers: int = 1
+    # every ESM layer too, where a step takes gradients through ESM (stage-1 ESM LoRA, a trained distance bias)
+    encoder: bool = False
 
 
 RECOMPUTE_GRANULARITIES = ("none", "full")

@@ -41,7 +41,8 @@ def build(cfg, layout: Layout):
     model = AlignModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, cfg.align, cfg.model.esm_output_layer,
                        dtype_of(cfg), text_side=not cfg.align.use_text_cache, layout=layout,
                        encoder=cfg.model.encoder, structure=cfg.model.structure,
-                       train_structure=not cfg.model.freeze.structure)
+                       train_structure=not cfg.model.freeze.structure,
+                       recompute_encoder=cfg.model.recompute.encoder)
     load.load_esm(model.esm, cfg, layout)
     if cfg.model.structure_init and hasattr(model.esm, "structure"):      # a warmup-structure run's distance bias
         esm_structure_hf.load_run(model.esm, run_instruct.stage1_dir(cfg.model.structure_init), layout.tp_rank,

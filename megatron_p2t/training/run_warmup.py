@@ -74,7 +74,7 @@ def build(cfg, layout: Layout) -> WarmupModel:
     _, esm_cfg, _ = load.hf_configs(cfg)
     torch.manual_seed(cfg.train.seed)
     enc = StructureESMEncoder(ESMConfig.from_hf(esm_cfg), cfg.model.structure, output_layer=-1,
-                              params_dtype=dtype_of(cfg), layout=layout)
+                              params_dtype=dtype_of(cfg), layout=layout, recompute=cfg.model.recompute.encoder)
     load.load_esm(enc, cfg, layout)
     text = AutoModel.from_pretrained(cfg.warmup.text_encoder, dtype=dtype_of(cfg)).eval()
     for p in text.parameters():

@@ -21,12 +21,17 @@ def _model(single, decoder: str, *overrides):
     model = build(cfg.model, single, HF, None, None, placeholder_id=0)
     apply_lora(model.llm, cfg.model.llm_lora, "llm")
     llama_moe.train_experts(model)
+    return _randomized(model, 0.05).train()
+
+
+def _randomized(module, std: float):
+    """Every trainable weight drawn afresh (LoRA's B starts at zero, which would leave A without a gradient)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for p in model.parameters():
+        for p in module.parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.train()
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
 
 
 def _step(model, seed: int = 3):
@@ -91,3 +96,64 @@ def test_a_chunk_that_does_not_fit_the_stages_is_refused_by_name(single):
     with pytest.raises(ConfigError, match=r"method=block with model.decoder=llama_moe.*method=uniform"):
         load_config(None, ["model.decoder=llama_moe", "model.recompute.granularity=full",
                            "model.recompute.method=block"])
+
+
+def _encoder(single, structure: bool, recompute: bool, lora: bool):
+    """A tiny ESM-2 (or the structure-aware one) in training mode: ESM LoRA (dropout 0.1) and/or the distance bias
+    trained, everything else frozen; trainable weights random, the same for both settings."""
+    from megatron_p2t.models.esm import ESMConfig, ESMEncoder
+    from megatron_p2t.models.esm_structure import StructureESMEncoder
+    from megatron_p2t.models.lora import apply_lora
+    from megatron_p2t.models.parts_config import LoRAConfig, StructureConfig
+    cfg = ESMConfig(num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64)
+    torch.manual_seed(0)
+    enc = (StructureESMEncoder(cfg, StructureConfig(kernels=8, chunk=4), recompute=recompute) if structure
+           else ESMEncoder(cfg, recompute=recompute))
+    enc.requires_grad_(False)
+    if lora:
+        apply_lora(enc, LoRAConfig(r=4, dropout=0.1), "esm")
+    if structure:
+        enc.structure.requires_grad_(True)
+    return _randomized(enc, 0.1).train()
+
+
+def _encoder_step(enc, structure: bool):
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(4, 24, (2, 9), generator=g)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 7:] = False
+    model_parallel_cuda_manual_seed(3)
+    args = (torch.randn(2, 9, 3, generator=g) * 5, mask.clone()) if structure else ()
+    out = enc(ids, mask, *args)
+    (out[mask] ** 2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in enc.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("structure,lora", [(False, True), (True, False), (True, True)],
+                         ids=["esm-lora", "distance-bias", "both"])
+def test_a_recomputed_encoder_gives_the_same_states_and_gradients(single, monkeypatch, structure, lora):
+    """model.recompute.encoder: ESM's stage-1 LoRA behind frozen embeddings (reentrant checkpoint: the input is
+    made to need a gradient), and the structure-aware encoder's distance bias, which every layer reads (it goes
+    into each layer's checkpoint as an input; closed over, the first layer's backward would free its graph)."""
+    from megatron.core import tensor_parallel
+    keep = _encoder_step(_encoder(single, structure, False, lora), structure)
+    checkpointed, real = [], tensor_parallel.checkpoint
+    monkeypatch.setattr(tensor_parallel, "checkpoint", lambda *a: (checkpointed.append(1), real(*a))[1])
+    again = _encoder_step(_encoder(single, structure, True, lora), structure)
+    assert len(checkpointed) == 3                              # every layer
+    torch.testing.assert_close(again[0], keep[0], rtol=0, atol=0)
+    assert again[1].keys() == keep[1].keys() and keep[1]
+    for name, grad in keep[1].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(again[1][name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_a_frozen_encoder_is_not_recomputed(single, monkeypatch):
+    """Stage 2 with ESM frozen and no distance bias: no gradient runs through it, so nothing is checkpointed."""
+    from megatron.core import tensor_parallel
+    enc = _encoder(single, False, True, lora=False)
+    calls = []
+    monkeypatch.setattr(tensor_parallel, "checkpoint", lambda *a: calls.append(1))
+    out = enc(torch.randint(4, 24, (1, 5)), torch.ones(1, 5, dtype=torch.bool))
+    assert not calls and not out.requires_grad

@@ -13,7 +13,8 @@ def main():
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--work")
     ap.add_argument("--cache", action="store_true", help="read the text side from `cache-text` vectors")
-    ap.add_argument("--lora", action="store_true", help="LoRA on ESM's attention too (its gradients compared)")
+    ap.add_argument("--lora", action="store_true", help="LoRA on ESM's attention too (its gradients compared), "
+                    "this layout's step with ESM recomputed (model.recompute.encoder) against one process keeping it")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     from megatron_p2t.config import load_config
@@ -21,7 +22,8 @@ def main():
     from megatron_p2t.parallel import state
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "align_tiny_cpu.yaml"),
                       a.overrides + [f"parallel.tensor={a.tp}", f"align.use_text_cache={str(a.cache).lower()}"]
-                      + (["model.esm_lora.r=4", "model.esm_lora.dropout=0.0"] if a.lora else []))
+                      + (["model.esm_lora.r=4", "model.esm_lora.dropout=0.0", "model.recompute.encoder=true"]
+                         if a.lora else []))
     from megatron_p2t.training.run_align import use_cache_if_asked
     cfg = use_cache_if_asked(cfg)
     layout = state.initialize(cfg.parallel)
@@ -48,16 +50,25 @@ def main():
         grads = lambda: {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
         # one process, the whole batch, negatives from that batch only
         model.align_cfg.gather_negatives = False
+        model.esm.recompute = False
         model.zero_grad(set_to_none=True)
         ref_loss, _ = align_loss(model, full, model.align_cfg)
         ref_loss.backward()
         ref = grads()
         # this layout: this rank's rows, negatives gathered over the data-parallel group
         model.align_cfg.gather_negatives = True
+        model.esm.recompute = cfg.model.recompute.encoder
+        checkpointed = []
+        if a.lora:
+            from megatron.core import tensor_parallel
+            real = tensor_parallel.checkpoint
+            tensor_parallel.checkpoint = lambda *args: (checkpointed.append(1), real(*args))[1]
         model.zero_grad(set_to_none=True)
         loss, _ = align_loss(model, mine, model.align_cfg, layout.dp_group)
         loss.backward()
         got = grads()
+        if a.lora:
+            tensor_parallel.checkpoint = real
         total = loss.detach().clone()
         dist.all_reduce(total, group=layout.dp_group)
         for g in got.values():   # DeepSpeed's gradient averaging over data-parallel ranks
@@ -73,6 +84,7 @@ def main():
         if a.lora:
             lora = [k for k in got if ".lora_" in k]
             res["lora_grads"] = len(lora)
+            res["esm_layers_recomputed"] = len(checkpointed)
             res["lora_grad_rel_diff"] = max(float((got[k] - ref[k]).abs().max() / ref[k].abs().max()) for k in lora)
         elif tp > 1 or a.cache:  # against the TP=1 run without cache, sliced like this rank's shards
             t1 = torch.load(saved)

@@ -36,7 +36,8 @@ def test_dp2_tp2_and_text_cache_equal_one_process(tmp_path, built_sample, tiny_t
                                              f"_rank{rank}.json"))
             for variant, v in res.items():
                 assert v["loss_diff"] <= 1e-6 and v["grad_diff"] <= 1e-6, (tp, cache, variant, v)
-                if lora:  # ESM's attention LoRA (2 layers x qkv/proj x A/B) trains under the gather as well
+                if lora:  # ESM's attention LoRA (2 layers x qkv/proj x A/B) trains under the gather, ESM recomputed
                     assert v["lora_grads"] == 3 * 2 * 2 and v["lora_grad_rel_diff"] <= 1e-5, v
+                    assert v["esm_layers_recomputed"] == 3, v
                 elif tp == 2 or cache:
                     assert v["vs_tp1_loss"] <= 1e-6 and v["vs_tp1_grad"] <= 1e-6, (tp, cache, variant, v)
