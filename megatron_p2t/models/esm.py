@@ -113,9 +113,11 @@ class ESMEncoder(MegatronModule):
         rope = self.rotary(ids.shape[1]).to(x.device)
         # megatron's padding mask: True where attention is NOT allowed, shaped [b, 1, 1, s]
         attn_mask = (~mask.bool())[:, None, None, :]
-        if self.recompute and self.training and torch.is_grad_enabled() and \
-                any(p.requires_grad for p in self.parameters()):
-            return self._recomputed(x, attn_mask, rope, block_kw.get("attention_bias")).transpose(0, 1)
+        bias = block_kw.get("attention_bias")
+        if self.recompute and self.training and torch.is_grad_enabled() and (
+                x.requires_grad or (bias is not None and bias.requires_grad)
+                or any(p.requires_grad for p in self.block.parameters())):   # a gradient runs through the layers
+            return self._recomputed(x, attn_mask, rope, bias).transpose(0, 1)
         y = self.block(hidden_states=x, attention_mask=attn_mask, rotary_pos_emb=rope, **block_kw)
         return y.transpose(0, 1)
 

@@ -149,10 +149,13 @@ def test_a_recomputed_encoder_gives_the_same_states_and_gradients(single, monkey
         torch.testing.assert_close(again[1][name], grad, rtol=0, atol=0, msg=name)
 
 
-def test_a_frozen_encoder_is_not_recomputed(single, monkeypatch):
-    """Stage 2 with ESM frozen and no distance bias: no gradient runs through it, so nothing is checkpointed."""
+@pytest.mark.parametrize("structure", [False, True], ids=["esm", "structure-without-coordinates"])
+def test_an_encoder_no_gradient_runs_through_is_not_recomputed(single, monkeypatch, structure):
+    """Stage 2 with ESM frozen; or the structure-aware encoder, its bias trained, given a batch without
+    coordinates (it is plain ESM-2 then): no gradient runs through the layers, so nothing is checkpointed and the
+    input is not made to need one (which would start a backward through every frozen layer for nothing)."""
     from megatron.core import tensor_parallel
-    enc = _encoder(single, False, True, lora=False)
+    enc = _encoder(single, structure, True, lora=False)
     calls = []
     monkeypatch.setattr(tensor_parallel, "checkpoint", lambda *a: calls.append(1))
     out = enc(torch.randint(4, 24, (1, 5)), torch.ones(1, 5, dtype=torch.bool))
