@@ -142,7 +142,7 @@ class Prot2TextModel(MegatronModule):
             # (a frozen embedding, as in a decoder-only recipe) would give the adapters inside it none
             if decoder_input is None:
                 decoder_input = self.llm.embedding(input_ids=input_ids, position_ids=position_ids)
-            if not decoder_input.requires_grad:
+            if not decoder_input.requires_grad and any(p.requires_grad for p in self.llm.decoder.parameters()):
                 decoder_input = decoder_input.detach().requires_grad_()
         # [b, s] True at padding, which MoE routing leaves out (models/llama_moe.py); dense MLPs ignore it. Padded
         # batches hand it in; packed rows' is their segment 0
