@@ -78,13 +78,10 @@ def worker(a, overrides):
         times.append(time.perf_counter() - t0)
     peak = _rss("VmHWM") - base
 
-    from megatron_p2t.plan import recomputed_layers
+    from megatron_p2t.plan import decoder_kept_per_token
     wb, h, f, kvd = 4, a.hidden, 3 * a.hidden, a.hidden // 4
-    per_token_layer = wb * (6 * h + (h + 2 * kvd) + h + 4 * f)     # plan.py's stage-2 formula at TP=1
-    rc = cfg.model.recompute
-    recomputed = recomputed_layers(rc, a.layers)
-    chunk = (rc.num_layers if rc.method == "uniform" else 1) if recomputed else 0
-    predicted = a.tokens * ((a.layers - recomputed) * per_token_layer + recomputed * h * wb + chunk * per_token_layer)
+    per_token_layer = wb * (6 * h + (h + 2 * kvd) + h + 4 * f)     # plan.py's stage-2 layer at TP=1, no dropout
+    predicted = a.tokens * decoder_kept_per_token(cfg.model.recompute, a.layers, h * wb, per_token_layer)
     predicted += a.tokens * a.vocab * 4 * 2                         # fp32 logits and their gradient
     print(json.dumps({"step_s": statistics.median(times), "peak_mb": peak / 2 ** 20,
                       "plan_activations_mb": predicted / 2 ** 20}))

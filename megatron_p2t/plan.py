@@ -270,11 +270,7 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
         if moe is not None:                                   # top_k experts per token, tp copies of it
             per_token_layer += wb * 4 * f / tp * (moe.top_k * tp - 1) + wb * 2 * moe.experts
         logits = tokens * llama.vocab / tp * 4 * 2           # fp32 logits and their gradient
-        recomputed = recomputed_layers(cfg.model.recompute, llama.layers)
-        kept = llama.layers - recomputed
-        # a recomputed layer keeps its input; in backward one recomputed chunk at a time holds its activations again
-        chunk = (cfg.model.recompute.num_layers if cfg.model.recompute.method == "uniform" else 1) if recomputed else 0
-        dec_act = tokens * (kept * per_token_layer + recomputed * h * wb + chunk * per_token_layer)
+        dec_act = tokens * decoder_kept_per_token(cfg.model.recompute, llama.layers, h * wb, per_token_layer)
         act = dec_act + logits + esm_transient + esm_out + proj_saved
     if cfg.model.encoder == "esm2_structure":
         # the distance bias: [heads / tp, L, L] kept per protein (and its gradient when trained), plus one
@@ -340,6 +336,14 @@ def esm_layer_activations(esm: Arch, lora, lp: int, wb: int, tp: int) -> float:
     reads = {"linear_qkv": h, "linear_proj": h / tp, "linear_fc1": h, "linear_fc2": f / tp}
     return wb * (4 * h + 4 * h / tp + f / tp + sum(reads.get(t, 0) for t in lora.targets if lora.r)) + \
         esm.heads / tp * lp * (4 + wb)
+
+
+def decoder_kept_per_token(recompute, layers: int, input_bytes: float, layer_bytes: float) -> float:
+    """Bytes the decoder keeps per token for backward: every layer's activations (layer_bytes each), or, for a
+    recomputed layer, its input (input_bytes) and, while one recomputed chunk runs its backward, that chunk's."""
+    recomputed = recomputed_layers(recompute, layers)
+    chunk = (recompute.num_layers if recompute.method == "uniform" else 1) if recomputed else 0
+    return (layers - recomputed) * layer_bytes + recomputed * input_bytes + chunk * layer_bytes
 
 
 def recomputed_layers(recompute, layers: int) -> int:
