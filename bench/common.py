@@ -30,3 +30,19 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+
+
+def unfused_core_attention(block) -> list:
+    """megatron-core's local unfused DotProductAttention for each layer of an encoder's TransformerBlock (what the
+    encoders ran before transformer/padded_attention.py): the baseline its SDPA attention is measured against."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    return [DotProductAttention(block.config, i + 1, AttnMaskType.padding, "self") for i in range(len(block.layers))]
+
+
+def set_core_attention(block, modules) -> list:
+    """Put `modules` in the layers' core-attention slots; returns the ones they held."""
+    held = [layer.self_attention.core_attention for layer in block.layers]
+    for layer, m in zip(block.layers, modules):
+        layer.self_attention.core_attention = m
+    return held

@@ -250,9 +250,9 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
            "optimizer": trainable * opt_bytes / opt_dp + experts * opt_bytes / (opt_dp if ep == 1 else dp // ep)}
 
     # activations of one micro-batch
-    esm_transient = b * lp * (2 * esm.hidden + esm.ffn / tp) * wb + 2 * b * esm.heads / tp * lp * lp * wb
+    esm_transient = b * lp * (2 * esm.hidden + esm.ffn / tp) * wb      # SDPA: no [L, L] scores (padded_attention)
     if esm_backward(cfg, stage):     # the gradient runs back through every ESM layer, which keeps its activations
-        per_layer = esm_layer_activations(esm, cfg.model.esm_lora, lp, wb, tp)
+        per_layer = esm_layer_activations(esm, cfg.model.esm_lora, wb, tp)
         # recomputed (model.recompute.encoder): each layer's input, and one layer's activations during its backward
         esm_transient = b * lp * (esm.layers * esm.hidden * wb + per_layer if cfg.model.recompute.encoder
                                   else esm.layers * per_layer)
@@ -327,15 +327,15 @@ def esm_backward(cfg, stage: str) -> bool:
                 (cfg.model.encoder == "esm2_structure" and not cfg.model.freeze.structure))
 
 
-def esm_layer_activations(esm: Arch, lora, lp: int, wb: int, tp: int) -> float:
+def esm_layer_activations(esm: Arch, lora, wb: int, tp: int) -> float:
     """Bytes an ESM layer keeps per token for backward (counted with autograd's saved-tensor hooks on CPU): the
     LayerNorm and residual inputs, q/k/v and the attention context, the GELU input (frozen linears keep no input),
-    what each adapter reads, and megatron-core's unfused attention: the softmax output in fp32 and the
-    probabilities in the model's dtype, [heads / tp, L] per token."""
+    what each adapter reads, and SDPA's fp32 log-sum-exp per head (transformer/padded_attention.py; megatron's
+    unfused attention kept [heads / tp, L] scores twice per token instead)."""
     h, f = esm.hidden, esm.ffn
     reads = {"linear_qkv": h, "linear_proj": h / tp, "linear_fc1": h, "linear_fc2": f / tp}
     return wb * (4 * h + 4 * h / tp + f / tp + sum(reads.get(t, 0) for t in lora.targets if lora.r)) + \
-        esm.heads / tp * lp * (4 + wb)
+        esm.heads / tp * 4
 
 
 def decoder_kept_per_token(recompute, layers: int, input_bytes: float, layer_bytes: float) -> float:

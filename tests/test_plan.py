@@ -156,10 +156,10 @@ def test_the_structure_encoder_adds_its_bias_to_the_plan():
     extra = frozen[1].memory["activations"] - plain[1].memory["activations"]
     assert bias < extra < bias + chunk + 1
     esm = arch_of(cfg.model.esm)
-    layers = b * L * esm.layers * esm_layer_activations(esm, cfg.model.esm_lora, L, 2, 1)
+    layers = b * L * esm.layers * esm_layer_activations(esm, cfg.model.esm_lora, 2, 1)
     assert layers + 2 * bias < biased[1].memory["activations"] < layers + 2 * bias + chunk + plain[1].total
     assert biased[1].flops_per_step > 1.5 * plain[1].flops_per_step   # input gradients through every ESM layer
-    assert biased[2].memory["activations"] < biased[1].memory["activations"] / 1.5   # heads and widths over TP
+    assert biased[2].memory["activations"] < biased[1].memory["activations"] / 1.35  # heads and widths over TP
     assert biased[1].memory["optimizer"] > plain[1].memory["optimizer"]
     cfg.model.freeze.structure = False
     cfg.model.structure.chunk = 16
@@ -215,12 +215,15 @@ def test_recompute_trades_activations_for_a_second_forward():
 
 def test_esm_adapters_keep_every_esm_layer_where_they_train():
     """model.esm_lora trains in stage 1 (the paper's variant): the gradient runs back through every ESM layer,
-    which keeps its activations, and takes input gradients there; stage 2 carries the adapters frozen."""
+    which keeps its activations, and takes input gradients there; stage 2 carries the adapters frozen. SDPA keeps
+    no [heads, L, L] scores (megatron's unfused attention kept two per layer: 87 GiB of activations at TP=1, batch
+    8), so the production batch fits one H100 at TP=1."""
     path = os.path.join(ROOT, "configs", "prot2text_v2.yaml")
     h100 = DEVICES["h100-80gb"]
     plain, lora = (layouts(load_config(path, ov), stage, 8, h100)[0] for stage in ("align",)
                    for ov in ([], ["model.esm_lora.r=8"]))
-    assert lora.memory["activations"] > 10 * plain.memory["activations"] and not lora.fits
+    assert lora.memory["activations"] > 10 * plain.memory["activations"] and lora.fits
+    assert lora.memory["activations"] / GIB == pytest.approx(20.0, abs=0.1)
     assert lora.flops_per_step > 1.9 * plain.flops_per_step
     plain2, lora2 = (layouts(load_config(path, ov), "instruct", 8, h100)[0] for ov in ([], ["model.esm_lora.r=8"]))
     assert lora2.memory["activations"] == plain2.memory["activations"]
@@ -228,18 +231,18 @@ def test_esm_adapters_keep_every_esm_layer_where_they_train():
 
 
 def test_recomputing_esm_keeps_its_layer_inputs_where_gradients_run_through_it():
-    """model.recompute.encoder: stage 1 with ESM's LoRA keeps each ESM layer's input and one layer's activations
+    """model.recompute.encoder: stage 1 with ESM's LoRA (batch 32) keeps each ESM layer's input and one layer's activations
     instead of every layer's, for ESM's forward once more; where no gradient runs through ESM it changes nothing,
     and the planner's hint under a table that does not fit names it."""
     from megatron_p2t.plan import run
     path = os.path.join(ROOT, "configs", "prot2text_v2.yaml")
     h100 = DEVICES["h100-80gb"]
-    keep, again = (layouts(load_config(path, ["model.esm_lora.r=8", *ov]), "align", 8, h100)[0]
+    keep, again = (layouts(load_config(path, ["model.esm_lora.r=8", "data.batch_size=32", *ov]), "align", 8, h100)[0]
                    for ov in ([], ["model.recompute.encoder=true"]))
-    assert not keep.fits and again.fits and again.memory["activations"] < keep.memory["activations"] / 10
+    assert not keep.fits and again.fits and again.memory["activations"] < keep.memory["activations"] / 8
     assert 1.3 < again.flops_per_step / keep.flops_per_step < 1.6 and again.recompute == "ESM"
     plain, plain_again = (layouts(load_config(path, ov), "align", 8, h100)[0]
                           for ov in ([], ["model.recompute.encoder=true"]))
     assert plain_again.memory == plain.memory and plain_again.recompute == ""
-    out = run(load_config(path, ["model.esm_lora.r=8"]), 8, "h100-80gb", ["align"])
-    assert re.search(r"with model.recompute.encoder=true: TP=1 1\d\.\d GiB, for 1\.\d\dx", out), out
+    out = run(load_config(path, ["model.esm_lora.r=8", "data.batch_size=32"]), 8, "h100-80gb", ["align"])
+    assert re.search(r"with model.recompute.encoder=true: TP=1 19\.\d GiB, for 1\.\d\dx", out), out

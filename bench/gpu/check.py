@@ -14,7 +14,8 @@ code paths at toy shapes on the CPU (a test does, so the script works when a GPU
    first 16 layers) computed, on the same proteins;
 5. structure: the structure-aware encoder (C-alpha distance bias, 128 kernels) in bf16 against fp32 on the same
    weights, and its forward+backward at ESM-2-3B's shape on 1,021-residue proteins with vs without coordinates
-   (the bias's cost and peak memory, same run);
+   (the bias's cost and peak memory, same run), and without coordinates through megatron-core's unfused
+   attention instead of SDPA (transformer/padded_attention.py: what that change bought);
 6. moe: the mixture-of-experts decoder (4 experts, top-1) in bf16 against fp32, and two layers at LLaMA-3.1-8B's
    width dense vs MoE on one packed row (megatron-core's alltoall dispatcher, SequentialMLP experts: grouped GEMM
    needs Transformer Engine or the grouped_gemm package);
@@ -450,6 +451,7 @@ def _folded_batch(b: int, length: int, seed: int = 0):
 
 
 def check_structure(shapes: Shapes) -> dict:
+    from bench.common import set_core_attention, unfused_core_attention
     out = {}
     # precision: the check model's width, two proteins of twice the median length
     ids, mask, coords, known = _folded_batch(2, 2 * shapes.protein_median, seed=1)
@@ -479,16 +481,22 @@ def check_structure(shapes: Shapes) -> dict:
     ids, mask, coords, known = _folded_batch(2, length, seed=2)
     torch.manual_seed(0)
     enc = _structure_encoder(shapes.esm, dt)
-    for name, kw in (("plain", {}), ("bias", {"coords": coords, "coords_mask": known})):
+
+    def measure(**kw):
         free()
 
         def step():
             enc(ids, mask, **kw).float().square().mean().backward()
             enc.zero_grad(set_to_none=True)
-        times = timed_steps(step, shapes)
-        out[name] = {"step_s": float(np.median(times)), "peak_gb": peak_gb()}
+        return {"step_s": float(np.median(timed_steps(step, shapes))), "peak_gb": peak_gb()}
+    out["plain"], out["bias"] = measure(), measure(coords=coords, coords_mask=known)
+    # the same layers through megatron-core's unfused attention (what the encoders ran before SDPA)
+    sdpa = set_core_attention(enc.block, unfused_core_attention(enc.block))
+    out["plain_unfused"] = measure()
+    set_core_attention(enc.block, sdpa)
     out.update(dtype=str(dt).replace("torch.", ""), proteins=2, residues=length,
-               bias_time_ratio=out["bias"]["step_s"] / out["plain"]["step_s"])
+               bias_time_ratio=out["bias"]["step_s"] / out["plain"]["step_s"],
+               sdpa_speedup=out["plain_unfused"]["step_s"] / out["plain"]["step_s"])
     return out
 
 
@@ -871,8 +879,11 @@ def md_structure(st: dict) -> list:
             f"forward+backward at {st['proteins']} x {st['residues']} residues ({st['dtype']})", "",
             "| encoder | step s | peak GB |", "|---|---|---|",
             f"| ESM-2 (no coordinates) | {st['plain']['step_s']:.3f} | {_f(st['plain']['peak_gb'])} |",
-            f"| ESM-2 + distance bias | {st['bias']['step_s']:.3f} | {_f(st['bias']['peak_gb'])} |", "",
-            f"Ratio: with / without the bias = {st['bias_time_ratio']:.2f}x step time."]
+            f"| ESM-2 + distance bias | {st['bias']['step_s']:.3f} | {_f(st['bias']['peak_gb'])} |",
+            f"| ESM-2, megatron-core's unfused attention | {st['plain_unfused']['step_s']:.3f} | "
+            f"{_f(st['plain_unfused']['peak_gb'])} |", "",
+            f"Ratios: with / without the bias = {st['bias_time_ratio']:.2f}x step time; unfused / SDPA attention = "
+            f"{st['sdpa_speedup']:.2f}x."]
 
 
 def md_moe(mo: dict) -> list:

@@ -1,9 +1,10 @@
 """ESM-2 as a megatron-core TransformerBlock.
 
 Pre-LayerNorm layers with biases everywhere and an exact-GELU MLP, rotary position embeddings (base 10000,
-rotate-half), bidirectional attention over a key padding mask, the final `emb_layer_norm_after`, and ESM's
-token-dropout rescaling of the embeddings. HF's ESM scales queries before applying rotary; rotary is a
-rotation, so scaling after it (megatron's order) gives the same scores.
+rotate-half), bidirectional attention over a key padding mask (SDPA in megatron-core's core-attention slot,
+transformer/padded_attention.py), the final `emb_layer_norm_after`, and ESM's token-dropout rescaling of the
+embeddings. HF's ESM scales queries before applying rotary; rotary is a rotation, so scaling after it
+(megatron's order) gives the same scores.
 
 The 33-token embedding is replicated on tensor-parallel ranks rather than vocab-split (33 rows do not divide,
 and it is 0.003% of the 3B model). The whole encoder lives on the first pipeline stage, as the vision encoder
@@ -24,6 +25,7 @@ from torch import nn
 
 from megatron_p2t.models.specs import cpu_friendly, encoder_layer_spec, norms_in, parallel_sizes
 from megatron_p2t.parallel.layout import Layout
+from megatron_p2t.transformer.padded_attention import additive_bias
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM-2's masking ratio x mask-token share, fixed for every ESM-2 checkpoint
 
@@ -83,7 +85,7 @@ class ESMEncoder(MegatronModule):
     """
 
     def __init__(self, cfg: ESMConfig, output_layer: int = -1, params_dtype=torch.float32,
-                 layout: Layout | None = None, layer_spec=None, recompute: bool = False, **config_overrides):
+                 layout: Layout | None = None, recompute: bool = False, **config_overrides):
         n = cfg.num_layers
         k = output_layer % (n + 1)
         super().__init__(transformer_config(cfg, k, params_dtype, layout, **config_overrides))
@@ -92,7 +94,7 @@ class ESMEncoder(MegatronModule):
                                             dtype=params_dtype)
         self.rotary = RotaryEmbedding(kv_channels=self.config.kv_channels, rotary_percent=1.0,
                                       rotary_base=cfg.rotary_base, use_cpu_initialization=True)
-        self.block = norms_in(TransformerBlock(self.config, layer_spec or encoder_layer_spec(),
+        self.block = norms_in(TransformerBlock(self.config, encoder_layer_spec(),
                                                post_layer_norm=self.final_norm), params_dtype)
         self.recompute = recompute      # model.recompute.encoder
 
@@ -114,6 +116,8 @@ class ESMEncoder(MegatronModule):
         # megatron's padding mask: True where attention is NOT allowed, shaped [b, 1, 1, s]
         attn_mask = (~mask.bool())[:, None, None, :]
         bias = block_kw.get("attention_bias")
+        if bias is not None:          # the padding folded in once for every layer (transformer/padded_attention.py)
+            bias = block_kw["attention_bias"] = additive_bias(bias, attn_mask)
         if self.recompute and self.training and torch.is_grad_enabled() and (
                 x.requires_grad or (bias is not None and bias.requires_grad)
                 or any(p.requires_grad for p in self.block.parameters())):   # a gradient runs through the layers

@@ -17,7 +17,7 @@ first layer in step across ranks).
 Memory: the [L, L, kernels] expansion is 509 MiB at L=1021 in fp32 per protein, more than the rest of a layer.
 It is computed for `model.structure.chunk` query rows at a time under activation checkpointing, so only one
 chunk's expansion is alive, in the forward and again in the backward; what is kept is the bias itself, [heads, L,
-L], the size of one layer's attention scores.
+L], with the padding folded in, one tensor that every layer's attention reads (transformer/padded_attention.py).
 """
 from __future__ import annotations
 
@@ -27,51 +27,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_p2t.models.esm import ESMConfig, ESMEncoder
 from megatron_p2t.models.parts_config import StructureConfig
-from megatron_p2t.models.specs import encoder_layer_spec
 from megatron_p2t.parallel.layout import Layout
-
-
-class _BiasThenSoftmax(nn.Module):
-    """megatron's softmax module with a bias added to the scores first; without a bias it is the module alone."""
-
-    def __init__(self, softmax: nn.Module):
-        super().__init__()
-        self.softmax, self.bias = softmax, None
-
-    def forward(self, scores, mask, *args):
-        if self.bias is not None:
-            scores = scores + self.bias.to(scores.dtype)
-        return self.softmax(scores, mask, *args)
-
-
-class BiasedDotProductAttention(DotProductAttention):
-    """megatron-core's DotProductAttention taking an additive `attention_bias` [b, heads on this rank, sq, sk] after
-    the softmax scale (megatron's local attention refuses one; TE's takes it as post_scale_bias on GPU)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.scale_mask_softmax = _BiasThenSoftmax(self.scale_mask_softmax)
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        self.scale_mask_softmax.bias = attention_bias
-        try:
-            return super().forward(query, key, value, attention_mask, attn_mask_type, None, packed_seq_params)
-        finally:
-            self.scale_mask_softmax.bias = None
-
-
-def structure_layer_spec():
-    spec = encoder_layer_spec()
-    spec.submodules.self_attention.submodules.core_attention = BiasedDotProductAttention
-    return spec
 
 
 def gaussian_kernels(d: torch.Tensor, means: torch.Tensor, stds: torch.Tensor) -> torch.Tensor:
@@ -140,8 +102,7 @@ class StructureESMEncoder(ESMEncoder):
     def __init__(self, cfg: ESMConfig, structure: StructureConfig, output_layer: int = -1,
                  params_dtype=torch.float32, layout: Layout | None = None, recompute: bool = False,
                  **config_overrides):
-        super().__init__(cfg, output_layer, params_dtype, layout, layer_spec=structure_layer_spec(),
-                         recompute=recompute, **config_overrides)
+        super().__init__(cfg, output_layer, params_dtype, layout, recompute=recompute, **config_overrides)
         self.structure = DistanceBias(structure, cfg, self.config)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, coords: Optional[torch.Tensor] = None,

@@ -10,6 +10,7 @@ from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_p2t.parallel.layout import Layout
 from megatron_p2t.transformer.attention import SegmentAttention
+from megatron_p2t.transformer.padded_attention import PaddedAttention
 
 
 def parallel_sizes(layout: Layout | None) -> dict:
@@ -36,9 +37,11 @@ def norms_in(module, dtype: torch.dtype):
 
 
 def encoder_layer_spec(normalization: str = "LayerNorm"):
-    """megatron-core's local transformer layer with bidirectional attention over a padding mask."""
+    """megatron-core's local transformer layer with bidirectional SDPA over a padding mask (and an optional
+    additive bias) as core attention (transformer/padded_attention.py)."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization))
     spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.padding}
+    spec.submodules.self_attention.submodules.core_attention = PaddedAttention
     return spec
 
 

@@ -52,6 +52,11 @@ def test_expert_parallel_training_equals_ep1_resumes_exactly_and_exports(setup, 
     interrupted EP=2 run resumes to the same weights; the export (started with its own processes, one per
     expert-parallel rank) loads in transformers as Qwen2MoeForCausalLM and its logits equal the trained model's."""
     root, ov = setup
+    # no capacity dropping here: which tokens a full expert drops turns on their router scores' order, and after
+    # step 1 the two layouts' weights differ by rounding (their gradients are reduced in other orders), enough to
+    # swap two near-equal scores at a capacity boundary and move the loss by ~3e-5. EP with dropping is checked
+    # exactly, one step per layout, in tests/models/test_moe.py.
+    ov = [*ov, "model.moe.capacity_factor=null"]
     runs = {}
     for ep in (1, 2):
         d = tmp_path / f"ep{ep}"

@@ -1,0 +1,107 @@
+"""ESM's core attention: SDPA over the padding mask (transformer/padded_attention.py, what the encoders use) vs
+megatron-core's local unfused DotProductAttention (what they used before), on the same layers and batch.
+
+    python bench/bench_esm_attention.py [--hidden 480] [--heads 20] [--layers 6] [--length 512] [--batch 4]
+
+Two steps are measured, each a median over --steps after a warm-up:
+- frozen: the forward under no_grad (ESM in stage 2, and in stage 1 without ESM's LoRA);
+- trained through: forward + backward with the input needing a gradient (ESM's LoRA in stage 1, the structure
+  encoder's distance bias), with what autograd keeps for backward counted by its saved-tensor hooks (each storage
+  once) and megatron's scores buffer (a global it keeps allocated between steps) beside it.
+Proteins in the batch have lengths length, 0.8, 0.6 and 0.5 x length (padded to the longest), as a sorted batch.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=480)
+    ap.add_argument("--heads", type=int, default=20)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
+    a = ap.parse_args()
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29571", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        os.environ.setdefault(k, v)
+    import torch
+    from megatron.core import parallel_state
+
+    from bench.common import machine, set_core_attention, unfused_core_attention
+    from megatron_p2t.models.esm import ESMConfig, ESMEncoder
+    from megatron_p2t.parallel import state
+    from megatron_p2t.parallel.layout import ParallelConfig
+    state.initialize(ParallelConfig())
+    torch.manual_seed(0)
+    enc = ESMEncoder(ESMConfig(a.layers, a.hidden, a.heads, 4 * a.hidden)).train()
+    sdpa = [layer.self_attention.core_attention for layer in enc.block.layers]
+    unfused = unfused_core_attention(enc.block)
+
+    g = torch.Generator().manual_seed(1)
+    L = a.length + 2
+    lengths = [max(1, int(L * f)) for f in (1.0, 0.8, 0.6, 0.5)][:a.batch] + [L] * max(0, a.batch - 4)
+    ids = torch.randint(4, 24, (a.batch, L), generator=g)
+    mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    x0 = enc.embed(ids, mask).transpose(0, 1).contiguous().detach()
+
+    def frozen():
+        with torch.no_grad():
+            enc.run_block(x0, ids, mask)
+
+    def trained():
+        x = x0.clone().requires_grad_()
+        enc.run_block(x, ids, mask).square().mean().backward()
+
+    def kept_bytes():
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        x = x0.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = enc.run_block(x, ids, mask)
+        params = {p.untyped_storage().data_ptr() for p in enc.parameters()}
+        del y
+        return sum(n for ptr, n in seen.items() if ptr not in params)
+
+    def median_s(fn):
+        fn()
+        times = []
+        for _ in range(a.steps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    res = {}
+    for name, modules in (("megatron-core unfused", unfused), ("SDPA (padded_attention)", sdpa)):
+        set_core_attention(enc.block, modules)
+        res[name] = {"frozen": median_s(frozen), "trained": median_s(trained), "kept": kept_bytes()}
+    buf = sum(t.numel() * t.element_size() for t in parallel_state.get_global_memory_buffer().buffer.values())
+    res["megatron-core unfused"]["buffer"] = buf
+    res["SDPA (padded_attention)"]["buffer"] = 0
+
+    print(f"ESM core attention, {machine()}, torch {torch.__version__}, OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', '-')}: {a.layers} layers x {a.hidden} ({a.heads} heads), batch "
+          f"{a.batch}, lengths {lengths}, float32, median of {a.steps} steps\n")
+    print("| core attention | frozen forward s | forward+backward s | kept for backward MiB | scores buffer MiB |")
+    print("|---|---|---|---|---|")
+    for name, r in res.items():
+        print(f"| {name} | {r['frozen']:.3f} | {r['trained']:.3f} | {r['kept'] / 2**20:.1f} | "
+              f"{r['buffer'] / 2**20:.1f} |")
+    u, s = res["megatron-core unfused"], res["SDPA (padded_attention)"]
+    print(f"\nRatios (unfused / SDPA): frozen forward {u['frozen'] / s['frozen']:.2f}x, forward+backward "
+          f"{u['trained'] / s['trained']:.2f}x, kept for backward {u['kept'] / s['kept']:.2f}x")
+    state.destroy()
+
+
+if __name__ == "__main__":
+    main()
