@@ -1,5 +1,6 @@
-"""ESM's core attention: SDPA over the padding mask (transformer/padded_attention.py, what the encoders use) vs
-megatron-core's local unfused DotProductAttention (what they used before), on the same layers and batch.
+"""ESM's attention and padding: megatron-core's local unfused DotProductAttention on the padded batch (what the
+encoders ran before), SDPA over the padding mask (transformer/padded_attention.py), and the real tokens only,
+proteins back to back with attention within each (models/esm.py's default, `unpad`), on the same layers and batch.
 
     python bench/bench_esm_attention.py [--hidden 480] [--heads 20] [--layers 6] [--length 512] [--batch 4]
 
@@ -49,15 +50,21 @@ def main():
     lengths = [max(1, int(L * f)) for f in (1.0, 0.8, 0.6, 0.5)][:a.batch] + [L] * max(0, a.batch - 4)
     ids = torch.randint(4, 24, (a.batch, L), generator=g)
     mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
-    x0 = enc.embed(ids, mask).transpose(0, 1).contiguous().detach()
+    x0 = enc.embed(ids, mask).detach()            # [b, s, h]
+    unpadded = False
+
+    def run(x):
+        if unpadded:
+            return enc.run_unpadded(x, mask)
+        return enc.run_block(x.transpose(0, 1).contiguous(), ids, mask)
 
     def frozen():
         with torch.no_grad():
-            enc.run_block(x0, ids, mask)
+            run(x0)
 
     def trained():
         x = x0.clone().requires_grad_()
-        enc.run_block(x, ids, mask).square().mean().backward()
+        run(x).square().mean().backward()
 
     def kept_bytes():
         seen = {}
@@ -67,7 +74,7 @@ def main():
             return t
         x = x0.clone().requires_grad_()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = enc.run_block(x, ids, mask)
+            y = run(x)
         params = {p.untyped_storage().data_ptr() for p in enc.parameters()}
         del y
         return sum(n for ptr, n in seen.items() if ptr not in params)
@@ -82,24 +89,27 @@ def main():
         return statistics.median(times)
 
     res = {}
-    for name, modules in (("megatron-core unfused", unfused), ("SDPA (padded_attention)", sdpa)):
+    for name, modules, unpadded in (("megatron-core unfused, padded", unfused, False),
+                                    ("SDPA, padded", sdpa, False), ("SDPA per protein, unpadded (default)", sdpa, True)):
         set_core_attention(enc.block, modules)
-        res[name] = {"frozen": median_s(frozen), "trained": median_s(trained), "kept": kept_bytes()}
+        res[name] = {"frozen": median_s(frozen), "trained": median_s(trained), "kept": kept_bytes(), "buffer": 0}
     buf = sum(t.numel() * t.element_size() for t in parallel_state.get_global_memory_buffer().buffer.values())
-    res["megatron-core unfused"]["buffer"] = buf
-    res["SDPA (padded_attention)"]["buffer"] = 0
+    res["megatron-core unfused, padded"]["buffer"] = buf
 
     print(f"ESM core attention, {machine()}, torch {torch.__version__}, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', '-')}: {a.layers} layers x {a.hidden} ({a.heads} heads), batch "
-          f"{a.batch}, lengths {lengths}, float32, median of {a.steps} steps\n")
-    print("| core attention | frozen forward s | forward+backward s | kept for backward MiB | scores buffer MiB |")
+          f"{a.batch}, lengths {lengths} (padding {1 - sum(lengths) / (a.batch * L):.0%}), float32, median of "
+          f"{a.steps} steps\n")
+    print("| attention, batch | frozen forward s | forward+backward s | kept for backward MiB | scores buffer MiB |")
     print("|---|---|---|---|---|")
     for name, r in res.items():
         print(f"| {name} | {r['frozen']:.3f} | {r['trained']:.3f} | {r['kept'] / 2**20:.1f} | "
               f"{r['buffer'] / 2**20:.1f} |")
-    u, s = res["megatron-core unfused"], res["SDPA (padded_attention)"]
-    print(f"\nRatios (unfused / SDPA): frozen forward {u['frozen'] / s['frozen']:.2f}x, forward+backward "
-          f"{u['trained'] / s['trained']:.2f}x, kept for backward {u['kept'] / s['kept']:.2f}x")
+    u, s, p = res.values()
+    print(f"\nRatios: unfused / SDPA padded: frozen forward {u['frozen'] / s['frozen']:.2f}x, forward+backward "
+          f"{u['trained'] / s['trained']:.2f}x, kept {u['kept'] / s['kept']:.2f}x; padded / unpadded (SDPA): "
+          f"{s['frozen'] / p['frozen']:.2f}x, {s['trained'] / p['trained']:.2f}x, kept {s['kept'] / p['kept']:.2f}x; "
+          f"unfused padded / unpadded: {u['frozen'] / p['frozen']:.2f}x, {u['trained'] / p['trained']:.2f}x")
     state.destroy()
 
 

@@ -30,13 +30,13 @@ class AlignModel(MegatronModule):
     def __init__(self, esm_cfg, llama_hf_cfg, projector_cfg, align_cfg, esm_output_layer: int = -1,
                  params_dtype=torch.float32, text_side: bool = True, layout: Layout | None = None,
                  encoder: str = "esm2", structure: StructureConfig = StructureConfig(),
-                 train_structure: bool = True, recompute_encoder: bool = False):
+                 train_structure: bool = True, recompute_encoder: bool = False, attention_kernel: str = "auto"):
         config = llama_mod.transformer_config(llama_hf_cfg, params_dtype=params_dtype, layout=layout,
                                               pipeline_model_parallel_size=1)
         super().__init__(config)
         self.align_cfg = align_cfg
         self.esm = make_encoder(encoder, esm_cfg, esm_output_layer, params_dtype, layout, structure,
-                                recompute_encoder)
+                                recompute_encoder, attention_kernel)
         self.projector = Projector(projector_cfg, config)
         self.text = TextPooler(llama_hf_cfg, layer=align_cfg.text_layer, params_dtype=params_dtype,
                                layout=layout) if text_side else None

@@ -82,10 +82,15 @@ class ESMEncoder(MegatronModule):
     `output_layer`: which of HF's `hidden_states` to return: -1 (default, Prot2Text-V2) is the last layer after
     the final LayerNorm; k in 0..num_layers-1 (or -2, ... as in Protein2Text) is the input to layer k, before
     any final LayerNorm. Only the layers needed are built.
+
+    `unpad` (default): a batch with padding runs its real tokens only, the proteins back to back in one row, and
+    attention within each protein by `attention_kernel` (model.attention_kernel); outputs at padding are zero.
+    False runs the padded batch as it is (the structure encoder's distance bias needs it; tests compare the two).
     """
 
     def __init__(self, cfg: ESMConfig, output_layer: int = -1, params_dtype=torch.float32,
-                 layout: Layout | None = None, recompute: bool = False, **config_overrides):
+                 layout: Layout | None = None, recompute: bool = False, attention_kernel: str = "auto",
+                 unpad: bool = True, **config_overrides):
         n = cfg.num_layers
         k = output_layer % (n + 1)
         super().__init__(transformer_config(cfg, k, params_dtype, layout, **config_overrides))
@@ -94,9 +99,9 @@ class ESMEncoder(MegatronModule):
                                             dtype=params_dtype)
         self.rotary = RotaryEmbedding(kv_channels=self.config.kv_channels, rotary_percent=1.0,
                                       rotary_base=cfg.rotary_base, use_cpu_initialization=True)
-        self.block = norms_in(TransformerBlock(self.config, encoder_layer_spec(),
+        self.block = norms_in(TransformerBlock(self.config, encoder_layer_spec(attention_kernel=attention_kernel),
                                                post_layer_norm=self.final_norm), params_dtype)
-        self.recompute = recompute      # model.recompute.encoder
+        self.recompute, self.unpad = recompute, unpad      # recompute: model.recompute.encoder
 
     def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(ids)
@@ -108,22 +113,41 @@ class ESMEncoder(MegatronModule):
         return x * mask.unsqueeze(-1).to(x.dtype)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.run_block(self.embed(ids, mask).transpose(0, 1).contiguous(), ids, mask)
+        x = self.embed(ids, mask)
+        if self.unpad and not bool(mask.all()):
+            return self.run_unpadded(x, mask)
+        return self.run_block(x.transpose(0, 1).contiguous(), ids, mask)
 
-    def run_block(self, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, **block_kw) -> torch.Tensor:
-        """The layers over embeddings x [s, b, h] -> [b, s, h]."""
+    def run_unpadded(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The layers over the real tokens of embeddings x [b, s, h] -> [b, s, h], zero at padding. The proteins
+        go back to back in one row [T, 1, h] with segment ids 1..b, so no layer computes anything for padding (a
+        length-bucketed batch is still ~30% padding); rotary positions restart at each protein, as in the padded
+        batch."""
+        b, s = mask.shape
+        keep = mask.bool().flatten().nonzero().squeeze(1)                    # row after row
+        seg = torch.arange(1, b + 1, device=x.device).repeat_interleave(s)[keep].unsqueeze(0)    # [1, T]
+        rope = self.rotary(s).to(x.device)[torch.arange(s, device=x.device).repeat(b)[keep]]     # [T, 1, 1, d]
+        y = self._layers(x.reshape(b * s, -1)[keep].unsqueeze(1), seg, rope, None)              # [T, 1, h]
+        return y.new_zeros(b * s, y.shape[-1]).index_put((keep,), y.squeeze(1)).view(b, s, -1)
+
+    def run_block(self, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                  attention_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The layers over the padded embeddings x [s, b, h] -> [b, s, h]; attention_bias [b, heads, s, s] is added
+        to every layer's attention scores (the structure encoder's)."""
         rope = self.rotary(ids.shape[1]).to(x.device)
         # megatron's padding mask: True where attention is NOT allowed, shaped [b, 1, 1, s]
         attn_mask = (~mask.bool())[:, None, None, :]
-        bias = block_kw.get("attention_bias")
-        if bias is not None:          # the padding folded in once for every layer (transformer/padded_attention.py)
-            bias = block_kw["attention_bias"] = additive_bias(bias, attn_mask)
+        if attention_bias is not None:   # the padding folded in once for every layer (transformer/padded_attention.py)
+            attention_bias = additive_bias(attention_bias, attn_mask)
+        return self._layers(x, attn_mask, rope, attention_bias).transpose(0, 1)
+
+    def _layers(self, x, attn_mask, rope, bias):
         if self.recompute and self.training and torch.is_grad_enabled() and (
                 x.requires_grad or (bias is not None and bias.requires_grad)
                 or any(p.requires_grad for p in self.block.parameters())):   # a gradient runs through the layers
-            return self._recomputed(x, attn_mask, rope, bias).transpose(0, 1)
-        y = self.block(hidden_states=x, attention_mask=attn_mask, rotary_pos_emb=rope, **block_kw)
-        return y.transpose(0, 1)
+            return self._recomputed(x, attn_mask, rope, bias)
+        kw = {} if bias is None else {"attention_bias": bias}
+        return self.block(hidden_states=x, attention_mask=attn_mask, rotary_pos_emb=rope, **kw)
 
     def _recomputed(self, x, attn_mask, rope, bias):
         """The layers one by one through megatron-core's checkpoint, which keeps only each layer's input and replays

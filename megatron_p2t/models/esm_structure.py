@@ -97,12 +97,14 @@ class DistanceBias(MegatronModule):
 
 class StructureESMEncoder(ESMEncoder):
     """ESMEncoder + DistanceBias. forward(ids, mask, coords=None, coords_mask=None): coords [b, s, 3] per ESM token
-    (<cls> first, as the ids), coords_mask [b, s] True where a residue has coordinates."""
+    (<cls> first, as the ids), coords_mask [b, s] True where a residue has coordinates. A batch with coordinates
+    runs padded (the bias is [b, heads, L, L], which the varlen kernels take none of); one without, as ESMEncoder."""
 
     def __init__(self, cfg: ESMConfig, structure: StructureConfig, output_layer: int = -1,
                  params_dtype=torch.float32, layout: Layout | None = None, recompute: bool = False,
-                 **config_overrides):
-        super().__init__(cfg, output_layer, params_dtype, layout, recompute=recompute, **config_overrides)
+                 attention_kernel: str = "auto", unpad: bool = True, **config_overrides):
+        super().__init__(cfg, output_layer, params_dtype, layout, recompute=recompute,
+                         attention_kernel=attention_kernel, unpad=unpad, **config_overrides)
         self.structure = DistanceBias(structure, cfg, self.config)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, coords: Optional[torch.Tensor] = None,

@@ -31,14 +31,15 @@ from megatron_p2t.parallel.layout import Layout
 
 
 def make_encoder(name: str, esm_cfg, output_layer: int, params_dtype, layout, structure: StructureConfig,
-                 recompute: bool = False):
-    """The protein encoder part by its name (parts_config.ENCODERS); recompute: model.recompute.encoder."""
+                 recompute: bool = False, attention_kernel: str = "auto"):
+    """The protein encoder part by its name (parts_config.ENCODERS); recompute: model.recompute.encoder;
+    attention_kernel: model.attention_kernel, for the proteins of a batch run without padding."""
+    kw = dict(output_layer=output_layer, params_dtype=params_dtype, layout=layout, recompute=recompute,
+              attention_kernel=attention_kernel)
     if name == "esm2_structure":
         from megatron_p2t.models.esm_structure import StructureESMEncoder
-        return StructureESMEncoder(esm_cfg, structure, output_layer=output_layer, params_dtype=params_dtype,
-                                   layout=layout, recompute=recompute)
-    return esm_mod.ESMEncoder(esm_cfg, output_layer=output_layer, params_dtype=params_dtype, layout=layout,
-                              recompute=recompute)
+        return StructureESMEncoder(esm_cfg, structure, **kw)
+    return esm_mod.ESMEncoder(esm_cfg, **kw)
 
 
 def encode(esm, ids, mask, coords=None, coords_mask=None):
@@ -69,7 +70,7 @@ class Prot2TextModel(MegatronModule):
         self.reads_protein = encoder != "none"      # decoder-only: the prompt is all text
         if pre_process and self.reads_protein:
             self.esm = make_encoder(encoder, esm_cfg, esm_output_layer, self.llm_config.params_dtype, layout,
-                                    structure, recompute_encoder)
+                                    structure, recompute_encoder, attention_kernel)
             if connector == "mlp":
                 self.projector = Projector(projector_cfg, self.llm_config)
             elif connector == "mlp2x_gelu":

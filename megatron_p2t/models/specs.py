@@ -36,12 +36,14 @@ def norms_in(module, dtype: torch.dtype):
     return module
 
 
-def encoder_layer_spec(normalization: str = "LayerNorm"):
-    """megatron-core's local transformer layer with bidirectional SDPA over a padding mask (and an optional
-    additive bias) as core attention (transformer/padded_attention.py)."""
+def encoder_layer_spec(normalization: str = "LayerNorm", attention_kernel: str = "auto"):
+    """megatron-core's local transformer layer with bidirectional attention as core attention
+    (transformer/padded_attention.py): SDPA over a padding mask (and an optional additive bias), or within each
+    protein of an unpadded row by `attention_kernel` (model.attention_kernel)."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization))
     spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.padding}
-    spec.submodules.self_attention.submodules.core_attention = PaddedAttention
+    spec.submodules.self_attention.submodules.core_attention = functools.partial(PaddedAttention,
+                                                                                 kernel=attention_kernel)
     return spec
 
 

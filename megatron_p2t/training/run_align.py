@@ -42,7 +42,7 @@ def build(cfg, layout: Layout):
                        dtype_of(cfg), text_side=not cfg.align.use_text_cache, layout=layout,
                        encoder=cfg.model.encoder, structure=cfg.model.structure,
                        train_structure=not cfg.model.freeze.structure,
-                       recompute_encoder=cfg.model.recompute.encoder)
+                       recompute_encoder=cfg.model.recompute.encoder, attention_kernel=cfg.model.attention_kernel)
     load.load_esm(model.esm, cfg, layout)
     if cfg.model.structure_init and hasattr(model.esm, "structure"):      # a warmup-structure run's distance bias
         esm_structure_hf.load_run(model.esm, run_instruct.stage1_dir(cfg.model.structure_init), layout.tp_rank,

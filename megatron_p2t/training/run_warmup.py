@@ -74,7 +74,8 @@ def build(cfg, layout: Layout) -> WarmupModel:
     _, esm_cfg, _ = load.hf_configs(cfg)
     torch.manual_seed(cfg.train.seed)
     enc = StructureESMEncoder(ESMConfig.from_hf(esm_cfg), cfg.model.structure, output_layer=-1,
-                              params_dtype=dtype_of(cfg), layout=layout, recompute=cfg.model.recompute.encoder)
+                              params_dtype=dtype_of(cfg), layout=layout, recompute=cfg.model.recompute.encoder,
+                              attention_kernel=cfg.model.attention_kernel)
     load.load_esm(enc, cfg, layout)
     text = AutoModel.from_pretrained(cfg.warmup.text_encoder, dtype=dtype_of(cfg)).eval()
     for p in text.parameters():

@@ -2,8 +2,9 @@
 
 A packed row holds several samples back to back; `attention_mask` is then an integer tensor [b, s] of segment
 ids (1, 2, ... per sample, 0 for padding) and each token attends causally within its own segment only. With
-no mask, attention is plainly causal. Kernels for packed rows (model.attention_kernel; auto takes the first
-that can run):
+no mask, attention is plainly causal. With `causal=False` a token attends to its whole segment (ESM's proteins
+packed without padding, transformer/padded_attention.py). Kernels for packed rows (model.attention_kernel; auto
+takes the first that can run):
 - flash_attn: flash-attn's varlen kernel (cu_seqlens from the segments): CUDA, fp16/bf16, flash-attn installed;
 - torch_varlen: PyTorch's own varlen kernel (torch.nn.attention.varlen, its FlashAttention-2 build): CUDA on
   sm80+, fp16/bf16, no attention dropout; what a machine without the flash-attn package has;
@@ -109,11 +110,11 @@ def kernel_for(kernel: str, query: torch.Tensor, dropout_p: float):
 class SegmentAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type=None, pg_collection=None, kernel: str = "auto"):
+                 cp_comm_type=None, pg_collection=None, kernel: str = "auto", causal: bool = True):
         super().__init__(config=config)
         if kernel not in ATTENTION_KERNELS:
             raise ValueError(f"attention kernel {kernel!r}: one of {', '.join(ATTENTION_KERNELS)}")
-        self.kernel = kernel
+        self.kernel, self.causal = kernel, causal    # causal False: ESM's unpadded proteins (padded_attention.py)
         tp = config.tensor_model_parallel_size  # this rank holds heads / tp of them
         self.heads = config.num_attention_heads // tp
         self.groups = config.num_query_groups // tp
@@ -137,13 +138,13 @@ class SegmentAttention(MegatronModule):
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if seg is None:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal, scale=self.scale)
         else:
             out = torch.cat([self._row(q[r:r + 1], k[r:r + 1], v[r:r + 1], seg[r], p) for r in range(b)])
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
     def _row(self, q, k, v, seg, p):
-        """One packed row [1, heads, s, d]: causal attention inside each sample; padding (segment 0) gives 0."""
+        """One packed row [1, heads, s, d]: attention inside each sample; padding (segment 0) gives 0."""
         ids, counts = torch.unique_consecutive(seg, return_counts=True)
         parts, at = [], 0
         for sid, n in zip(ids.tolist(), counts.tolist()):
@@ -151,7 +152,7 @@ class SegmentAttention(MegatronModule):
                 parts.append(q.new_zeros(1, q.shape[1], n, v.shape[-1]))
             else:
                 parts.append(F.scaled_dot_product_attention(q[:, :, at:at + n], k[:, :, at:at + n],
-                                                            v[:, :, at:at + n], dropout_p=p, is_causal=True,
+                                                            v[:, :, at:at + n], dropout_p=p, is_causal=self.causal,
                                                             scale=self.scale))
             at += n
         return torch.cat(parts, 2)
@@ -160,7 +161,7 @@ class SegmentAttention(MegatronModule):
         sq, b = query.shape[:2]
         keep, cu, max_len = packing(seg)
         q, k, v = (x.reshape(sq * b, *x.shape[2:])[keep] for x in (query, key, value))
-        out = varlen(q, k, v, cu, cu, max_len, max_len, dropout_p=p, softmax_scale=self.scale, causal=True)
+        out = varlen(q, k, v, cu, cu, max_len, max_len, dropout_p=p, softmax_scale=self.scale, causal=self.causal)
         full = out.new_zeros(sq * b, *out.shape[1:])
         full[keep] = out
         return full.view(sq, b, -1)

@@ -1,5 +1,7 @@
 """Bidirectional core attention over a key padding mask, through torch SDPA, in megatron-core's core-attention
-slot (ESM-2 and the structure-aware encoder).
+slot (ESM-2 and the structure-aware encoder). Given integer segment ids instead of the boolean mask (proteins
+packed back to back without padding, models/esm.py), each token attends within its own protein through
+transformer/attention.py's kernels for packed rows (model.attention_kernel), non-causal.
 
 megatron-core's local DotProductAttention is unfused: it writes the [b, heads, L, L] scores into a global buffer
 that stays allocated, and keeps the fp32 softmax output and the probabilities for backward. At ESM-2-3B's 40
@@ -26,6 +28,8 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_p2t.transformer.attention import SegmentAttention
+
 # torch's memory-efficient kernel copies an additive mask whose strides are not multiples of 8 (preprocess_mask)
 MASK_ALIGNMENT = 8
 
@@ -48,7 +52,7 @@ def additive_bias(bias: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
 class PaddedAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type=None, pg_collection=None):
+                 cp_comm_type=None, pg_collection=None, kernel: str = "auto"):
         super().__init__(config=config)
         if config.apply_query_key_layer_scaling:
             raise ValueError("apply_query_key_layer_scaling is megatron's fp16 workaround for its unfused softmax; "
@@ -57,13 +61,21 @@ class PaddedAttention(MegatronModule):
         self.heads, self.groups = config.num_attention_heads // tp, config.num_query_groups // tp
         self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.segments = SegmentAttention(config, layer_number, attn_mask_type, attention_type, attention_dropout,
+                                         softmax_scale, kernel=kernel, causal=False)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        """query/key/value [s, b, heads, d]; attention_mask: megatron's [b, 1, 1, s] bool (True = padding) or
-        None; attention_bias: the whole additive mask (see the module's docstring) -> [s, b, heads * d]."""
+        """query/key/value [s, b, heads, d]; attention_mask: megatron's [b, 1, 1, s] bool (True = padding), [b, s]
+        integer segment ids, or None; attention_bias: the whole additive mask (see the module's docstring)
+        -> [s, b, heads * d]."""
         if packed_seq_params is not None:
-            raise NotImplementedError("PaddedAttention takes padded batches; packed rows go to SegmentAttention")
+            raise NotImplementedError("PaddedAttention takes a padding mask or segment ids, not packed_seq_params")
+        if attention_mask is not None and not attention_mask.dtype.is_floating_point and \
+                attention_mask.dtype != torch.bool:
+            if attention_bias is not None:
+                raise ValueError("an attention bias needs the padded batch: the varlen kernels take none")
+            return self.segments(query, key, value, attention_mask)
         sq, b = query.shape[:2]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))       # [b, heads, s, d]
         if self.heads != self.groups:

@@ -39,6 +39,8 @@ def test_device_script_runs_tiny_on_cpu(tmp_path):
     s1 = res["stage1"]
     assert s1["text_cache"]["samples_per_s"] > 0 and s1["text_computed"]["flops_per_step"] > \
         s1["text_cache"]["flops_per_step"]
+    assert s1["text_cache_padded"]["samples_per_s"] > 0 and 0 < s1["padding_fraction"] < 1
+    assert s1["attention_kernel"] == "sdpa"
     st = res["structure"]
     assert st["precision"]["out_rel_error"] < 5e-2 and 0 < st["precision"]["grads_rel_error"] < 0.1
     assert st["plain"]["step_s"] > 0 and st["bias"]["step_s"] > 0 and st["plain_unfused"]["step_s"] > 0

@@ -290,9 +290,10 @@ def esm_check(a, esm_dir, tp_rank):
     ref = hf(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
     diffs = {}
     for layer in (-1, -2):
-        m = ESMEncoder(ESMConfig.from_hf(hf.config), output_layer=layer, layout=a.layout)
-        esm_hf.load_into(m, HFDir(esm_dir), tp_rank, a.tp)
-        diffs[str(layer)] = float((m(ids, mask) - ref[layer])[mask].abs().max())
+        for unpad in (True, False):   # the real tokens back to back (the default), and the padded batch
+            m = ESMEncoder(ESMConfig.from_hf(hf.config), output_layer=layer, layout=a.layout, unpad=unpad)
+            esm_hf.load_into(m, HFDir(esm_dir), tp_rank, a.tp)
+            diffs[f"{layer}, {'unpadded' if unpad else 'padded'}"] = float((m(ids, mask) - ref[layer])[mask].abs().max())
     with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump({"tp_rank": tp_rank, "diffs": diffs, "tokens": int(mask.sum()), "padded": int((~mask).sum())}, f)
 
@@ -486,7 +487,9 @@ def structure_check(a, esm_dir, tp_rank):
 
     enc = StructureESMEncoder(ESMConfig.from_hf(hf.config), scfg, output_layer=-1, layout=a.layout)
     plain = ESMEncoder(ESMConfig.from_hf(hf.config), output_layer=-1, layout=a.layout)
+    padded = ESMEncoder(ESMConfig.from_hf(hf.config), output_layer=-1, layout=a.layout, unpad=False)
     esm_hf.load_into(plain, HFDir(esm_dir), tp_rank, a.tp)
+    esm_hf.load_into(padded, HFDir(esm_dir), tp_rank, a.tp)
     esm_hf.load_into(enc, HFDir(esm_dir), tp_rank, a.tp, keep=("structure.",))
     h0, h1 = tp_rank * H // a.tp, (tp_rank + 1) * H // a.tp
     mine = {"means": w["means"], "stds": w["stds"], "linear_fc1.weight": w["fc1.weight"],
@@ -506,17 +509,19 @@ def structure_check(a, esm_dir, tp_rank):
              for n, p in enc.structure.named_parameters()}
     with torch.no_grad():
         my_bias, _ = enc.structure(coords, known & mask)
-        base = plain(ids, mask)
+        base, base_padded = plain(ids, mask), padded(ids, mask)
         no_coords = enc(ids, mask)
         none_known = enc(ids, mask, coords, torch.zeros_like(known))
         mixed = enc(ids, mask, coords, known)
     res = {"tp_rank": tp_rank, "out_diff": float((out - ref)[mask].abs().max()),
            "bias_diff": float((my_bias - bias[:, h0:h1]).abs().max()), "bias_scale": float(bias.abs().max()),
-           "structure_effect": float((mixed - base)[:2][mask[:2]].abs().max()),
+           "structure_effect": float((mixed - base_padded)[:2][mask[:2]].abs().max()),
            "grad_diff": max(grads.values()), "grads": len(grads),
            "grad_scale": min(float(p.grad.abs().max()) for p in enc.structure.parameters()),
            "no_coords_equal": bool(torch.equal(no_coords, base)), "none_known_equal": bool(torch.equal(none_known, base)),
-           "mixed_row_equal": bool(torch.equal(mixed[2], base[2]))}
+           "mixed_row_equal": bool(torch.equal(mixed[2], base_padded[2])),   # a batch with coordinates runs padded
+           "unpadded_diff": float((base - base_padded)[mask].abs().max()),
+           "unpadded_zero_at_padding": bool((base[~mask] == 0).all())}
     with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(res, f)
 

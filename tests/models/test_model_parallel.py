@@ -87,12 +87,15 @@ def test_structure_encoder_matches_its_reference_and_is_esm2_without_coordinates
     """SEPIT's distance bias (Gaussian kernels -> MLP -> a bias per head, summed features on the embeddings), rows
     chunked by 5, against a plain-torch reference fed to HF's EsmModel as its additive attention mask: encoder
     outputs and every structure gradient within 1e-5 (heads split at TP=2). Without coordinates -- none given, all
-    masked, or one protein of a mixed batch -- the outputs equal ESM-2's bit for bit."""
+    masked, or one protein of a mixed batch -- the outputs equal ESM-2's bit for bit (the mixed batch runs padded,
+    so its plain row equals ESM-2's padded path; ESM-2 without padding agrees with that within 1e-5 and gives zero
+    at padding)."""
     for r in _ranks(launched, "esm_structure", tp):
         assert r["structure_effect"] > 0.1, "the structure must change the output for the comparison to mean anything"
         assert r["out_diff"] <= 1e-5 and r["bias_diff"] <= 1e-5 * max(1.0, r["bias_scale"]), r
         assert r["grads"] == 8 and r["grad_scale"] > 1e-3 and r["grad_diff"] <= 1e-5, r
         assert r["no_coords_equal"] and r["none_known_equal"] and r["mixed_row_equal"], r
+        assert r["unpadded_diff"] <= 1e-5 and r["unpadded_zero_at_padding"], r
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -6,12 +6,13 @@ import torch.nn.functional as F
 from megatron_p2t.transformer import attention
 
 
-def _module(heads=4, groups=2, d=8, kernel="auto", scale=None):
+def _module(heads=4, groups=2, d=8, kernel="auto", scale=None, causal=True):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
     cfg = TransformerConfig(num_layers=1, hidden_size=heads * d, num_attention_heads=heads, num_query_groups=groups,
                             kv_channels=d, use_cpu_initialization=True)
-    return attention.SegmentAttention(cfg, 1, AttnMaskType.causal, "self", softmax_scale=scale, kernel=kernel).eval()
+    return attention.SegmentAttention(cfg, 1, AttnMaskType.causal, "self", softmax_scale=scale, kernel=kernel,
+                                      causal=causal).eval()
 
 
 def _qkv(s, b, heads=4, groups=2, d=8, seed=0):
@@ -159,16 +160,18 @@ def varlen_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
 
 @pytest.mark.parametrize("release", [varlen_2_9, varlen_2_10, varlen_2_12], ids=["2.9", "2.10", "2.12"])
 @pytest.mark.parametrize("scale", [None, 0.2], ids=["default-scale", "scale-0.2"])
-def test_torch_varlen_follows_each_releases_signature(monkeypatch, release, scale):
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_torch_varlen_follows_each_releases_signature(monkeypatch, release, scale, causal):
     """PyTorch's varlen_attn changed its arguments between releases (causality, scale, GQA); model.attention_kernel=
-    torch_varlen gives what SDPA per sample gives with each, here against each signature's documented meaning."""
+    torch_varlen gives what SDPA per sample gives with each, here against each signature's documented meaning,
+    causal (the decoder) and bidirectional (ESM's unpadded proteins)."""
     import torch.nn.attention.varlen as torch_varlen
     lens, seg = _packed_case()
     q, k, v = _qkv(12, 2)
-    want = _module(kernel="sdpa", scale=scale)(q, k, v, seg)
+    want = _module(kernel="sdpa", scale=scale, causal=causal)(q, k, v, seg)
     monkeypatch.setattr(torch_varlen, "varlen_attn", release)
     monkeypatch.setattr(attention, "varlen_kernels", lambda query, p: {"torch_varlen": attention._torch_varlen})
-    got = _module(kernel="torch_varlen", scale=scale)(q, k, v, seg)
+    got = _module(kernel="torch_varlen", scale=scale, causal=causal)(q, k, v, seg)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

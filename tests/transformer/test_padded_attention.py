@@ -1,5 +1,6 @@
 """PaddedAttention (the encoders' core attention): megatron-core's unfused attention's results, without keeping its
-[b, heads, L, L] tensors; the structure bias folded with the padding once, aligned for the GPU kernel."""
+[b, heads, L, L] tensors; the structure bias folded with the padding once, aligned for the GPU kernel; proteins
+without padding (segment ids) as the padded batch."""
 import pytest
 import torch
 
@@ -93,6 +94,29 @@ def test_a_zero_bias_changes_nothing_bit_for_bit():
     with torch.no_grad():
         plain, biased = m(q, k, v, mask), m(q, k, v, mask, attention_bias=additive_bias(bias, mask))
     assert torch.equal(plain[:, 1:], biased[:, 1:]) and not torch.equal(plain[:, 0], biased[:, 0])
+
+
+def test_segment_ids_attend_within_each_protein_as_the_padded_batch():
+    """The proteins back to back without padding, segment ids as the mask (how models/esm.py runs a padded
+    batch): every real token's output and the q/k/v gradients equal the padded batch's; a bias is refused there."""
+    s, b, heads = 13, 3, 4
+    m = PaddedAttention(_config(heads), 1, None, "self")
+    (q, k, v), mask = _batch(s, b, heads)
+    keep = (~mask[:, 0, 0, :]).flatten().nonzero().squeeze(1)
+    seg = torch.arange(1, b + 1).repeat_interleave(s)[keep].unsqueeze(0)
+
+    def pack(x):                                   # [s, b, ...] -> [T, 1, ...], protein after protein
+        return x.transpose(0, 1).reshape(b * s, *x.shape[2:])[keep].unsqueeze(1)
+    packed = m(pack(q), pack(k), pack(v), seg)[:, 0]
+    padded = pack(m(q, k, v, mask))[:, 0]
+    assert packed.shape == (int(keep.numel()), heads * 8)
+    torch.testing.assert_close(packed, padded, rtol=1e-6, atol=1e-6)
+    w = torch.randn(packed.shape, generator=torch.Generator().manual_seed(4))
+    for g, rg in zip(torch.autograd.grad((packed * w).sum(), (q, k, v)),
+                     torch.autograd.grad((padded * w).sum(), (q, k, v))):
+        torch.testing.assert_close(g, rg, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="padded batch"):
+        m(pack(q), pack(k), pack(v), seg, attention_bias=torch.zeros(1, heads, keep.numel(), keep.numel()))
 
 
 def test_attention_dropout_draws_from_the_tensor_parallel_generator(single):
