@@ -130,47 +130,49 @@ class SegmentAttention(MegatronModule):
         seg = attention_mask
         if seg is not None and (seg.dtype == torch.bool or seg.dim() != 2):
             raise ValueError("attention_mask must be None (causal) or [b, s] integer segment ids")
-        varlen = kernel_for(self.kernel, query, p)[1] if seg is not None else None
-        if varlen is not None:
-            return self._varlen(varlen, query, key, value, seg, p)
+        if seg is not None:
+            return self._packed(kernel_for(self.kernel, query, p)[1], query, key, value, seg, p)
         rep = self.heads // self.groups
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))        # [b, heads, s, d]
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if seg is None:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal, scale=self.scale)
-        else:
-            out = torch.cat([self._row(q[r:r + 1], k[r:r + 1], v[r:r + 1], seg[r], p) for r in range(b)])
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal, scale=self.scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
-    def _row(self, q, k, v, seg, p):
-        """One packed row [1, heads, s, d]: attention inside each sample; padding (segment 0) gives 0."""
-        ids, counts = torch.unique_consecutive(seg, return_counts=True)
-        parts, at = [], 0
-        for sid, n in zip(ids.tolist(), counts.tolist()):
-            if sid == 0:
-                parts.append(q.new_zeros(1, q.shape[1], n, v.shape[-1]))
-            else:
-                parts.append(F.scaled_dot_product_attention(q[:, :, at:at + n], k[:, :, at:at + n],
-                                                            v[:, :, at:at + n], dropout_p=p, is_causal=self.causal,
-                                                            scale=self.scale))
-            at += n
-        return torch.cat(parts, 2)
-
-    def _varlen(self, varlen, query, key, value, seg, p):
+    def _packed(self, varlen, query, key, value, seg, p):
+        """The real tokens [T, heads, d], sample after sample, through `varlen` (None: SDPA per sample), scattered
+        back to [s, b, heads * d] with zeros at padding (segment 0)."""
         sq, b = query.shape[:2]
-        keep, cu, max_len = packing(seg)
-        q, k, v = (x.reshape(sq * b, *x.shape[2:])[keep] for x in (query, key, value))
-        out = varlen(q, k, v, cu, cu, max_len, max_len, dropout_p=p, softmax_scale=self.scale, causal=self.causal)
+        pk = packing(seg)
+        q, k, v = (x.reshape(sq * b, *x.shape[2:])[pk.keep] for x in (query, key, value))
+        if varlen is not None:
+            out = varlen(q, k, v, pk.cu, pk.cu, pk.max_len, pk.max_len, dropout_p=p, softmax_scale=self.scale,
+                         causal=self.causal)
+        else:
+            out = self._per_sample(q, k, v, pk.bounds, p)
         full = out.new_zeros(sq * b, *out.shape[1:])
-        full[keep] = out
+        full[pk.keep] = out
         return full.view(sq, b, -1)
+
+    def _per_sample(self, q, k, v, bounds, p):
+        """SDPA once per sample over [T, heads, d] tokens; the sample bounds come from the memoised packing, so a
+        layer stops the host for none of them."""
+        rep = self.heads // self.groups
+        outs = []
+        for a, e in zip(bounds[:-1], bounds[1:]):
+            qq, kk, vv = (x[a:e].transpose(0, 1).unsqueeze(0) for x in (q, k, v))       # [1, heads, n, d]
+            if rep > 1:
+                kk, vv = kk.repeat_interleave(rep, dim=1), vv.repeat_interleave(rep, dim=1)
+            outs.append(F.scaled_dot_product_attention(qq, kk, vv, dropout_p=p, is_causal=self.causal,
+                                                       scale=self.scale)[0].transpose(0, 1))
+        return torch.cat(outs) if outs else q.new_zeros(0, q.shape[1], v.shape[-1])
 
 
 class Packing(NamedTuple):
     keep: torch.Tensor      # where the real tokens sit in the [s*b] token order, row by row
     cu: torch.Tensor        # int32 cumulative sample lengths over those tokens (cu_seqlens)
     max_len: int
+    bounds: tuple           # cu on the host, for SDPA per sample
 
 
 # key -> (segment tensor, held so its memory is not reused while keyed, Packing); a few, because a pipeline
@@ -186,10 +188,10 @@ def _key(seg: torch.Tensor) -> tuple:
 
 
 def packing(seg: torch.Tensor) -> Packing:
-    """The varlen kernels' view of a [b, s] segment-id tensor. Working it out costs three host syncs (two
-    nonzero, one max); megatron-core hands every layer the same mask tensor (a recomputed chunk a detached view
-    of it), so it is worked out once per micro-batch and again only when a changed tensor comes (per layer it
-    cost seven syncs: 224 in a 32-layer forward)."""
+    """The packed kernels' view of a [b, s] segment-id tensor. Working it out costs three host syncs (two
+    nonzero, one copy of cu to the host); megatron-core hands every layer the same mask tensor (a recomputed chunk
+    a detached view of it), so it is worked out once per micro-batch and again only when a changed tensor comes
+    (per layer it cost seven syncs: 224 in a 32-layer forward; SDPA per sample cost one per row and layer)."""
     key = _key(seg)
     if key in _packings:
         _packings.move_to_end(key)
@@ -200,7 +202,9 @@ def packing(seg: torch.Tensor) -> Packing:
     starts = torch.ones_like(ids, dtype=torch.bool)
     starts[1:] = (ids[1:] != ids[:-1]) | (rows[1:] != rows[:-1])
     cu = F.pad(torch.nonzero(starts).flatten(), (0, 1), value=ids.numel()).to(torch.int32)
-    found = Packing(cols * b + rows, cu, int((cu[1:] - cu[:-1]).max()) if ids.numel() else 0)
+    bounds = tuple(cu.tolist()) if ids.numel() else (0,)
+    found = Packing(cols * b + rows, cu, max(e - a for a, e in zip(bounds[:-1], bounds[1:])) if ids.numel() else 0,
+                    bounds)
     _packings[key] = (seg, found)
     while len(_packings) > _PACKINGS_KEPT:
         _packings.popitem(last=False)

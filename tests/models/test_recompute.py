@@ -69,10 +69,12 @@ def test_recomputed_decoder_gives_the_same_loss_gradients_and_router_counts(sing
 def test_a_packed_step_works_out_its_varlen_bookkeeping_once_with_recompute(single, monkeypatch):
     """The recomputed chunks get a detached view of the segment tensor: the bookkeeping is still reused, and the
     step (a reference varlen kernel on CPU) gives what SDPA per sample gives with every activation kept."""
+    from megatron_p2t.transformer import attention
     from tests.transformer.test_attention import spy_varlen
     keep = _step(_model(single, "llama"))
     model = _model(single, "llama", "model.recompute.granularity=full")
     kernel_calls, worked_out = spy_varlen(monkeypatch)
+    attention._packings.clear()                # the kept step's SDPA per sample worked out the same batch's
     got = _step(model)
     assert len(kernel_calls) == 8 and len(worked_out) == 1     # 4 layers, forward and recomputed
     assert got[0] == pytest.approx(keep[0], rel=1e-6)

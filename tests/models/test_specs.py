@@ -71,7 +71,7 @@ def test_a_packed_forward_works_out_the_varlen_bookkeeping_once(single, monkeypa
     ids = torch.randint(1, 64, seg.shape, generator=torch.Generator().manual_seed(0))
     pos = torch.arange(12).expand(2, 12)
     with torch.no_grad():
-        want = model(ids, pos, attention_mask=seg)
+        want = model(ids, pos, attention_mask=seg.clone())   # its own tensor: SDPA per sample memoises it too
     kernel_calls, worked_out = spy_varlen(monkeypatch)
     with torch.no_grad():
         got = model(ids, pos, attention_mask=seg)

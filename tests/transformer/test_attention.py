@@ -95,6 +95,7 @@ def test_packing_is_worked_out_once_per_segment_tensor():
     seg = _packed_case()[1].clone()                                    # unwritten, as the tensor of ones below
     first = attention.packing(seg)
     assert first.cu.tolist() == [0, 5, 8, 12, 19, 21] and first.max_len == 7 and first.cu.dtype == torch.int32
+    assert first.bounds == (0, 5, 8, 12, 19, 21)
     # token t of row r sits at t * b + r in megatron's [s, b] order
     assert first.keep.tolist() == [t * 2 for t in range(12)] + [t * 2 + 1 for t in range(9)]
     assert attention.packing(seg) is first
@@ -104,6 +105,18 @@ def test_packing_is_worked_out_once_per_segment_tensor():
     seg[1, 9] = 2                                                  # in place: a padding token joins the last sample
     again = attention.packing(seg)
     assert again.cu.tolist() == [0, 5, 8, 12, 19, 22] and again.max_len == 7
+
+
+def test_sdpa_per_sample_reads_the_memoised_packing(monkeypatch):
+    """SDPA per sample (the CPU's path, and a GPU's without a varlen kernel) takes its sample bounds from the packing
+    worked out once per mask tensor: no layer after the first stops the host (it cost a sync per row and layer)."""
+    worked_out, real = [], attention.Packing
+    monkeypatch.setattr(attention, "Packing", lambda *fields: worked_out.append(1) or real(*fields))
+    m = _module(kernel="sdpa")
+    lens, seg = _packed_case()
+    q, k, v = _qkv(12, 2)
+    first, second = m(q, k, v, seg), m(q, k, v, seg)
+    assert worked_out == [1] and torch.equal(first, second)
 
 
 def test_a_megatron_style_boolean_mask_is_refused():
