@@ -147,6 +147,7 @@ def load_text_side(text: TextPooler, cfg, llama_cfg, layout: Layout) -> None:
 def build_text_side(cfg, layout: Layout) -> TextPooler:
     """The frozen LLaMA truncated to align.text_layer, loaded, on this rank's device (for cache-text)."""
     llama_cfg = hf_config(cfg.model.llama, "llama")
-    text = TextPooler(llama_cfg, layer=cfg.align.text_layer, params_dtype=model_build.dtype_of(cfg), layout=layout)
+    text = TextPooler(llama_cfg, layer=cfg.align.text_layer, params_dtype=model_build.dtype_of(cfg), layout=layout,
+                      attention_kernel=cfg.model.attention_kernel)
     load_text_side(text, cfg, llama_cfg, layout)
     return text.cuda(torch.cuda.current_device()) if torch.cuda.is_available() else text

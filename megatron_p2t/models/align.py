@@ -39,7 +39,7 @@ class AlignModel(MegatronModule):
                                 recompute_encoder, attention_kernel)
         self.projector = Projector(projector_cfg, config)
         self.text = TextPooler(llama_hf_cfg, layer=align_cfg.text_layer, params_dtype=params_dtype,
-                               layout=layout) if text_side else None
+                               layout=layout, attention_kernel=attention_kernel) if text_side else None
         for p in self.esm.parameters():
             p.requires_grad_(False)
         for p in getattr(self.esm, "structure", torch.nn.Module()).parameters():

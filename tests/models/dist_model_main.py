@@ -561,11 +561,14 @@ def text_check(a, llama_dir, tp_rank):
     for k in (1, 2, 3):
         m = TextPooler(hf.config, layer=k, layout=a.layout)
         copy_into(m.llm, llama_hf.megatron_tensors(m.llm, HFDir(llama_dir), hf.config, tp_rank, a.tp), "")
-        mean, std = m(ids, mask)
         # right padding with a causal mask: real tokens never attend to the padding after them
         ref = hf(input_ids=ids, output_hidden_states=True).hidden_states[k]
         rm, rs = masked_mean_std(ref, mask)
-        diffs[str(k)] = max(float((mean - rm).abs().max()), float((std - rs).abs().max()))
+        for unpad in (True, False):     # the texts back to back (the default), and the padded batch
+            m.unpad = unpad
+            mean, std = m(ids, mask)
+            diffs[f"{k}, {'unpadded' if unpad else 'padded'}"] = max(float((mean - rm).abs().max()),
+                                                                     float((std - rs).abs().max()))
         assert len(m.llm.decoder.layers) == k and not any(p.requires_grad for p in m.parameters())
     with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         try:

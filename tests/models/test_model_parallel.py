@@ -101,7 +101,8 @@ def test_structure_encoder_matches_its_reference_and_is_esm2_without_coordinates
 @pytest.mark.parametrize("tp", [1, 2])
 def test_text_side_pools_layer_k_like_hf(launched, tp):
     for r in _ranks(launched, "text", tp):
-        assert set(r["diffs"]) == {"1", "2", "3"} and max(r["diffs"].values()) <= 1e-5, r
+        assert set(r["diffs"]) == {f"{k}, {how}" for k in (1, 2, 3) for how in ("unpadded", "padded")}, r
+        assert max(r["diffs"].values()) <= 1e-5, r
         assert r["last_layer_refused"]
 
 
