@@ -25,6 +25,7 @@ from torch import nn
 
 from megatron_p2t.models.specs import cpu_friendly, encoder_layer_spec, norms_in, parallel_sizes
 from megatron_p2t.parallel.layout import Layout
+from megatron_p2t.transformer.attention import repad, unpad
 from megatron_p2t.transformer.padded_attention import additive_bias
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM-2's masking ratio x mask-token share, fixed for every ESM-2 checkpoint
@@ -124,11 +125,10 @@ class ESMEncoder(MegatronModule):
         length-bucketed batch is still ~30% padding); rotary positions restart at each protein, as in the padded
         batch."""
         b, s = mask.shape
-        keep = mask.bool().flatten().nonzero().squeeze(1)                    # row after row
-        seg = torch.arange(1, b + 1, device=x.device).repeat_interleave(s)[keep].unsqueeze(0)    # [1, T]
-        rope = self.rotary(s).to(x.device)[torch.arange(s, device=x.device).repeat(b)[keep]]     # [T, 1, 1, d]
-        y = self._layers(x.reshape(b * s, -1)[keep].unsqueeze(1), seg, rope, None)              # [T, 1, h]
-        return y.new_zeros(b * s, y.shape[-1]).index_put((keep,), y.squeeze(1)).view(b, s, -1)
+        u = unpad(mask)
+        rope = self.rotary(s).to(x.device)[u.pos]                                              # [T, 1, 1, d]
+        y = self._layers(x.reshape(b * s, -1)[u.keep].unsqueeze(1), u.seg, rope, None)          # [T, 1, h]
+        return repad(y.squeeze(1), u, b, s)
 
     def run_block(self, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                   attention_bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_p2t.models import llama as llama_mod
 from megatron_p2t.models.pooling import masked_mean_std
 from megatron_p2t.parallel.layout import Layout
+from megatron_p2t.transformer.attention import repad, unpad
 
 
 class TextPooler(MegatronModule):
@@ -42,9 +43,7 @@ class TextPooler(MegatronModule):
             pos = torch.arange(s, device=text_ids.device)[None].expand_as(text_ids)
             hidden = self.llm(input_ids=text_ids, position_ids=pos, attention_mask=None)   # [s, b, h], causal
             return masked_mean_std(hidden.transpose(0, 1).float(), text_mask)
-        keep = mask.flatten().nonzero().squeeze(1)
-        seg = torch.arange(1, b + 1, device=text_ids.device).repeat_interleave(s)[keep].unsqueeze(0)     # [1, T]
-        pos = torch.arange(s, device=text_ids.device).repeat(b)[keep].unsqueeze(0)
-        hidden = self.llm(input_ids=text_ids.flatten()[keep].unsqueeze(0), position_ids=pos, attention_mask=seg)
-        full = hidden.new_zeros(b * s, hidden.shape[-1]).index_put((keep,), hidden[:, 0]).view(b, s, -1)
-        return masked_mean_std(full.float(), text_mask)
+        u = unpad(mask)
+        hidden = self.llm(input_ids=text_ids.flatten()[u.keep].unsqueeze(0), position_ids=u.pos.unsqueeze(0),
+                          attention_mask=u.seg)                                                  # [T, 1, h]
+        return masked_mean_std(repad(hidden[:, 0], u, b, s).float(), text_mask)

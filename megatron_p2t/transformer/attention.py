@@ -168,6 +168,26 @@ class SegmentAttention(MegatronModule):
         return torch.cat(outs) if outs else q.new_zeros(0, q.shape[1], v.shape[-1])
 
 
+class Unpadded(NamedTuple):
+    keep: torch.Tensor      # the real tokens' places in a [b, s] batch flattened row after row
+    seg: torch.Tensor       # [1, T] segment ids 1..b: the rows back to back as one packed row
+    pos: torch.Tensor       # [T] each token's position in its own row
+
+
+def unpad(mask: torch.Tensor) -> Unpadded:
+    """A padded batch's real tokens (mask [b, s], True = real) as one packed row: a layer stack given them with
+    `seg` as its attention mask computes nothing for padding (models/esm.py, models/text_side.py)."""
+    b, s = mask.shape
+    keep = mask.bool().flatten().nonzero().squeeze(1)
+    seg = torch.arange(1, b + 1, device=mask.device).repeat_interleave(s)[keep].unsqueeze(0)
+    return Unpadded(keep, seg, torch.arange(s, device=mask.device).repeat(b)[keep])
+
+
+def repad(y: torch.Tensor, u: Unpadded, b: int, s: int) -> torch.Tensor:
+    """[T, h] values of the real tokens -> [b, s, h], zero at padding."""
+    return y.new_zeros(b * s, y.shape[-1]).index_put((u.keep,), y).view(b, s, -1)
+
+
 class Packing(NamedTuple):
     keep: torch.Tensor      # where the real tokens sit in the [s*b] token order, row by row
     cu: torch.Tensor        # int32 cumulative sample lengths over those tokens (cu_seqlens)
