@@ -89,8 +89,8 @@ def main():
         return statistics.median(times)
 
     res = {}
-    for name, modules, unpadded in (("megatron-core unfused, padded", unfused, False),
-                                    ("SDPA, padded", sdpa, False), ("SDPA per protein, unpadded (default)", sdpa, True)):
+    for name, modules, unpadded in (("megatron-core unfused, padded", unfused, False), ("SDPA, padded", sdpa, False),
+                                    ("SDPA per protein, unpadded (default)", sdpa, True)):
         set_core_attention(enc.block, modules)
         res[name] = {"frozen": median_s(frozen), "trained": median_s(trained), "kept": kept_bytes(), "buffer": 0}
     buf = sum(t.numel() * t.element_size() for t in parallel_state.get_global_memory_buffer().buffer.values())

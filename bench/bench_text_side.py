@@ -62,7 +62,8 @@ def main():
         res[name] = median_s()
     pooler.unpad = True
     padding = 1 - sum(lengths) / (a.batch * max(lengths))
-    print(f"Text side, {machine()}, torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}: "
+    threads = os.environ.get("OMP_NUM_THREADS", "-")
+    print(f"Text side, {machine()}, torch {torch.__version__}, OMP_NUM_THREADS={threads}: "
           f"{a.layers} LLaMA layers x {a.hidden}, {a.batch} texts of {min(lengths)}-{max(lengths)} tokens (median "
           f"{int(np.median(lengths))}, padding {padding:.0%}), float32, forward, median of {a.steps}\n")
     print("| batch | forward s | texts/s |\n|---|---|---|")

@@ -231,9 +231,9 @@ def test_esm_adapters_keep_every_esm_layer_where_they_train():
 
 
 def test_recomputing_esm_keeps_its_layer_inputs_where_gradients_run_through_it():
-    """model.recompute.encoder: stage 1 with ESM's LoRA (batch 32) keeps each ESM layer's input and one layer's activations
-    instead of every layer's, for ESM's forward once more; where no gradient runs through ESM it changes nothing,
-    and the planner's hint under a table that does not fit names it."""
+    """model.recompute.encoder: stage 1 with ESM's LoRA (batch 32) keeps each ESM layer's input and one layer's
+    activations instead of every layer's, for ESM's forward once more; where no gradient runs through ESM it
+    changes nothing, and the planner's hint under a table that does not fit names it."""
     from megatron_p2t.plan import run
     path = os.path.join(ROOT, "configs", "prot2text_v2.yaml")
     h100 = DEVICES["h100-80gb"]

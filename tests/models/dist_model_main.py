@@ -293,7 +293,8 @@ def esm_check(a, esm_dir, tp_rank):
         for unpad in (True, False):   # the real tokens back to back (the default), and the padded batch
             m = ESMEncoder(ESMConfig.from_hf(hf.config), output_layer=layer, layout=a.layout, unpad=unpad)
             esm_hf.load_into(m, HFDir(esm_dir), tp_rank, a.tp)
-            diffs[f"{layer}, {'unpadded' if unpad else 'padded'}"] = float((m(ids, mask) - ref[layer])[mask].abs().max())
+            out = m(ids, mask)
+            diffs[f"{layer}, {'unpadded' if unpad else 'padded'}"] = float((out - ref[layer])[mask].abs().max())
     with open(os.path.join(a.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump({"tp_rank": tp_rank, "diffs": diffs, "tokens": int(mask.sum()), "padded": int((~mask).sum())}, f)
 
