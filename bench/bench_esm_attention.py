@@ -13,9 +13,7 @@ Proteins in the batch have lengths length, 0.8, 0.6 and 0.5 x length (padded to 
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -30,16 +28,13 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
     a = ap.parse_args()
-    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29571", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
-        os.environ.setdefault(k, v)
     import torch
     from megatron.core import parallel_state
 
-    from bench.common import machine, set_core_attention, unfused_core_attention
+    from bench.common import machine, median_seconds, set_core_attention, unfused_core_attention, world_of_one
     from megatron_p2t.models.esm import ESMConfig, ESMEncoder
     from megatron_p2t.parallel import state
-    from megatron_p2t.parallel.layout import ParallelConfig
-    state.initialize(ParallelConfig())
+    world_of_one()
     torch.manual_seed(0)
     enc = ESMEncoder(ESMConfig(a.layers, a.hidden, a.heads, 4 * a.hidden)).train()
     sdpa = [layer.self_attention.core_attention for layer in enc.block.layers]
@@ -79,20 +74,11 @@ def main():
         del y
         return sum(n for ptr, n in seen.items() if ptr not in params)
 
-    def median_s(fn):
-        fn()
-        times = []
-        for _ in range(a.steps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
     res = {}
     for name, modules, unpadded in (("megatron-core unfused, padded", unfused, False), ("SDPA, padded", sdpa, False),
                                     ("SDPA per protein, unpadded (default)", sdpa, True)):
         set_core_attention(enc.block, modules)
-        res[name] = {"frozen": median_s(frozen), "trained": median_s(trained), "kept": kept_bytes(), "buffer": 0}
+        res[name] = {"frozen": median_seconds(frozen, a.steps), "trained": median_seconds(trained, a.steps), "kept": kept_bytes(), "buffer": 0}
     buf = sum(t.numel() * t.element_size() for t in parallel_state.get_global_memory_buffer().buffer.values())
     res["megatron-core unfused, padded"]["buffer"] = buf
 

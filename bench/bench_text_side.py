@@ -10,9 +10,7 @@ data.max_text_tokens; the batch is padded to its longest text, as the loader giv
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,17 +24,14 @@ def main():
     ap.add_argument("--median", type=int, default=120)
     ap.add_argument("--steps", type=int, default=5)
     a = ap.parse_args()
-    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29573", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
-        os.environ.setdefault(k, v)
     import numpy as np
     import torch
     from transformers import LlamaConfig
 
-    from bench.common import machine
+    from bench.common import machine, median_seconds, world_of_one
     from megatron_p2t.models.text_side import TextPooler
     from megatron_p2t.parallel import state
-    from megatron_p2t.parallel.layout import ParallelConfig
-    state.initialize(ParallelConfig())
+    world_of_one()
     hf = LlamaConfig(vocab_size=32000, hidden_size=a.hidden, intermediate_size=int(3.5 * a.hidden),
                      num_hidden_layers=a.layers + 1, num_attention_heads=8, num_key_value_heads=2,
                      max_position_embeddings=1024, tie_word_embeddings=False)
@@ -47,19 +42,10 @@ def main():
     ids = torch.randint(0, 32000, (a.batch, max(lengths)), generator=torch.Generator().manual_seed(1))
     mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
 
-    def median_s():
-        pooler(ids, mask)
-        times = []
-        for _ in range(a.steps):
-            t0 = time.perf_counter()
-            pooler(ids, mask)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
     res = {}
     for name, unpad in (("padded batch", False), ("real tokens only (default)", True)):
         pooler.unpad = unpad
-        res[name] = median_s()
+        res[name] = median_seconds(lambda: pooler(ids, mask), a.steps)
     pooler.unpad = True
     padding = 1 - sum(lengths) / (a.batch * max(lengths))
     threads = os.environ.get("OMP_NUM_THREADS", "-")

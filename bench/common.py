@@ -46,3 +46,30 @@ def set_core_attention(block, modules) -> list:
     for layer, m in zip(block.layers, modules):
         layer.self_attention.core_attention = m
     return held
+
+
+def world_of_one():
+    """megatron-core's groups for one process (gloo, a free port), for the single-process model benches."""
+    import socket
+
+    from megatron_p2t.parallel import state
+    from megatron_p2t.parallel.layout import ParallelConfig
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        os.environ.setdefault(k, v)
+    return state.initialize(ParallelConfig())
+
+
+def median_seconds(fn, steps: int) -> float:
+    """The median wall time of `steps` calls of fn, after one unmeasured call."""
+    import statistics
+    import time
+    fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
