@@ -49,8 +49,8 @@ class ModelConfig:
     # torch.compile at the first step (Triton on a GPU, a C++ compiler on a CPU); the same values, gradients within
     # rounding. Off until bench/gpu/run.sh has measured it on the GPU in use
     fused_kernels: bool = False
-    # attention over packed rows, the decoder's and ESM's unpadded proteins' (transformer/attention_kernels.py):
-    # auto takes flash-attn's varlen kernel, else PyTorch's, else SDPA once per sample
+    # attention over packed rows: the decoder's, and ESM's and the text side's unpadded batches
+    # (transformer/attention_kernels.py): auto takes flash-attn's varlen kernel, else PyTorch's, else SDPA per sample
     attention_kernel: str = "auto"
     # the decoder's activation recompute (full: each chunk of layers keeps only its input; parts_config.py)
     recompute: RecomputeConfig = dataclasses.field(default_factory=RecomputeConfig)

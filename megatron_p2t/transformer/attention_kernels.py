@@ -1,7 +1,7 @@
 """The names model.attention_kernel takes (no megatron import, so configs check them without the training stack)."""
 
-# model.attention_kernel: the kernel for packed rows (transformer/attention.py): the decoder's, and ESM's proteins
-# run without padding (transformer/padded_attention.py); rows without segments take one SDPA call whatever it says
+# model.attention_kernel: the kernel for packed rows (transformer/attention.py): the decoder's, and the unpadded
+# batches of ESM (transformer/padded_attention.py) and the text side; rows without segments take one SDPA call
 ATTENTION_KERNELS = {
     "auto": "the first of flash_attn, torch_varlen and sdpa that can run",
     "flash_attn": "flash-attn's varlen kernel: needs CUDA, fp16/bf16 and the flash-attn package",
