@@ -20,13 +20,11 @@ included: the encoder folds the padding into it once (`additive_bias`) rather th
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
-from megatron.core.transformer.module import MegatronModule
 
 from megatron_p2t.transformer.attention import SegmentAttention
 
@@ -49,20 +47,18 @@ def additive_bias(bias: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
                             torch.finfo(bias.dtype).min)[..., :s]
 
 
-class PaddedAttention(MegatronModule):
+class PaddedAttention(SegmentAttention):
+    """SegmentAttention, non-causal, that also takes megatron's boolean padding mask and an additive bias (the
+    heads, scale and dropout it reads are SegmentAttention's)."""
+
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type=None, pg_collection=None, kernel: str = "auto"):
-        super().__init__(config=config)
         if config.apply_query_key_layer_scaling:
             raise ValueError("apply_query_key_layer_scaling is megatron's fp16 workaround for its unfused softmax; "
                              "SDPA keeps the softmax in fp32 and needs no such scaling")
-        tp = config.tensor_model_parallel_size
-        self.heads, self.groups = config.num_attention_heads // tp, config.num_query_groups // tp
-        self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.segments = SegmentAttention(config, layer_number, attn_mask_type, attention_type, attention_dropout,
-                                         softmax_scale, kernel=kernel, causal=False)
+        super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout, softmax_scale,
+                         cp_comm_type, pg_collection, kernel=kernel, causal=False)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -75,7 +71,7 @@ class PaddedAttention(MegatronModule):
                 attention_mask.dtype != torch.bool:
             if attention_bias is not None:
                 raise ValueError("an attention bias needs the padded batch: the varlen kernels take none")
-            return self.segments(query, key, value, attention_mask)
+            return super().forward(query, key, value, attention_mask)
         sq, b = query.shape[:2]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))       # [b, heads, s, d]
         if self.heads != self.groups:
