@@ -34,7 +34,7 @@ from megatron_p2t.transformer.attention_kernels import ATTENTION_KERNELS
 
 def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
     """PyTorch's varlen attention behind flash-attn's calling convention. Its signature moved between releases
-    (2.9: is_causal, no scale or GQA; 2.10: window_size (-1, 0) for causal, scale; 2.12: enable_gqa), so the
+    (2.9: is_causal, no scale or GQA; 2.10 and 2.11: window_size (-1, 0) for causal, scale; 2.12: enable_gqa), so the
     arguments follow the installed one."""
     from torch.nn.attention.varlen import varlen_attn
     if dropout_p:

@@ -1,4 +1,7 @@
 """SegmentAttention: packed rows attend within each sample, exactly as the samples alone would."""
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,6 +164,7 @@ def varlen_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=Fa
 
 def varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                 window_size=(-1, -1)):
+    # 2.11 too (its torch/nn/attention/varlen.py, read from the 2.11.0 wheel; the GPU machine's torch)
     assert key.shape[1] == query.shape[1], "no GQA in this release"
     return _per_segment(query, key, value, cu_seq_q, window_size == (-1, 0), scale)
 
@@ -171,18 +175,22 @@ def varlen_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
     return _per_segment(query, key, value, cu_seq_q, window_size == (-1, 0), scale)
 
 
-@pytest.mark.parametrize("release", [varlen_2_9, varlen_2_10, varlen_2_12], ids=["2.9", "2.10", "2.12"])
+@pytest.mark.parametrize("release", [varlen_2_9, varlen_2_10, varlen_2_12], ids=["2.9", "2.10-2.11", "2.12"])
 @pytest.mark.parametrize("scale", [None, 0.2], ids=["default-scale", "scale-0.2"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_torch_varlen_follows_each_releases_signature(monkeypatch, release, scale, causal):
     """PyTorch's varlen_attn changed its arguments between releases (causality, scale, GQA); model.attention_kernel=
     torch_varlen gives what SDPA per sample gives with each, here against each signature's documented meaning,
     causal (the decoder) and bidirectional (ESM's unpadded proteins)."""
-    import torch.nn.attention.varlen as torch_varlen
+    try:
+        import torch.nn.attention.varlen as torch_varlen
+    except ImportError:                 # PyTorch before 2.9: the forms are checked through a stand-in module
+        torch_varlen = types.ModuleType("torch.nn.attention.varlen")
+        monkeypatch.setitem(sys.modules, torch_varlen.__name__, torch_varlen)
     lens, seg = _packed_case()
     q, k, v = _qkv(12, 2)
     want = _module(kernel="sdpa", scale=scale, causal=causal)(q, k, v, seg)
-    monkeypatch.setattr(torch_varlen, "varlen_attn", release)
+    monkeypatch.setattr(torch_varlen, "varlen_attn", release, raising=False)
     monkeypatch.setattr(attention, "varlen_kernels", lambda query, p: {"torch_varlen": attention._torch_varlen})
     got = _module(kernel="torch_varlen", scale=scale, causal=causal)(q, k, v, seg)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -190,7 +198,13 @@ def test_torch_varlen_follows_each_releases_signature(monkeypatch, release, scal
 
 def test_the_installed_torch_takes_the_arguments_its_varlen_kernel_is_given():
     """The real torch.nn.attention.varlen on meta tensors (its shape-only kernel): this PyTorch accepts what
-    _torch_varlen passes, GQA and a scale included, forward and backward."""
+    _torch_varlen passes, GQA and a scale included, forward and backward. A PyTorch without it (before 2.9) is
+    never offered it."""
+    try:
+        import torch.nn.attention.varlen  # noqa: F401
+    except ImportError:
+        assert attention._torch_varlen_runs_on(0) is False
+        return
     q = torch.empty(12, 4, 8, device="meta", dtype=torch.bfloat16, requires_grad=True)
     k = torch.empty(12, 2, 8, device="meta", dtype=torch.bfloat16, requires_grad=True)
     v = torch.empty(12, 2, 8, device="meta", dtype=torch.bfloat16, requires_grad=True)
