@@ -18,15 +18,26 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  echo "setup: creating .venv"
-  "$PY" -m venv .venv
+# P2T_DEPS=floor (launch/test_floor.sh): .venv-floor, holding the lowest versions pyproject.toml allows
+VENV=.venv; [ "${P2T_DEPS:-}" != floor ] || VENV=.venv-floor
+if [ ! -x $VENV/bin/python ]; then
+  echo "setup: creating $VENV"
+  "$PY" -m venv $VENV
 fi
-if ! .venv/bin/python -c "import megatron_p2t, torch, deepspeed, megatron.core, webdataset" 2>/dev/null \
-   || [ pyproject.toml -nt .venv/.installed ] || [ constraints-cpu.txt -nt .venv/.installed ]; then
-  echo "setup: installing torch (CPU) and the project into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
-  .venv/bin/pip install -q --disable-pip-version-check -c constraints-cpu.txt -e ".[dev,mpi]"
-  touch .venv/.installed
+if ! $VENV/bin/python -c "import megatron_p2t, torch, deepspeed, megatron.core, webdataset" 2>/dev/null \
+   || [ pyproject.toml -nt $VENV/.installed ] || [ constraints-cpu.txt -nt $VENV/.installed ]; then
+  if [ $VENV = .venv-floor ]; then
+    # uv's lowest-direct: each direct dependency at its floor, what they need at its newest. PyPI's torch for
+    # Linux is the CUDA build, with NVIDIA's libraries (about 4 GB); it runs on a CPU.
+    echo "setup: installing the lowest versions pyproject.toml allows into $VENV"
+    $VENV/bin/pip install -q --disable-pip-version-check "uv==0.13.9"
+    $VENV/bin/uv pip install -q --python $VENV/bin/python --resolution lowest-direct -e ".[dev,mpi]"
+  else
+    echo "setup: installing torch (CPU) and the project into $VENV"
+    $VENV/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
+    $VENV/bin/pip install -q --disable-pip-version-check -c constraints-cpu.txt -e ".[dev,mpi]"
+  fi
+  touch $VENV/.installed
 fi
-echo "setup: ready ($(.venv/bin/python -c 'import torch, deepspeed, megatron.core as m; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "megatron-core", m.__version__)' 2>/dev/null))"
+echo "setup: ready in $VENV ($($VENV/bin/python -c 'from importlib.metadata import version as v
+print(", ".join(f"{p} {v(p)}" for p in ("torch", "transformers", "deepspeed", "megatron-core")))'))"

@@ -10,9 +10,10 @@ if [ "${TEST_WORKERS:-2}" != 0 ] && [ "${TEST_WORKERS:-2}" != 1 ]; then export O
 # as an activated venv: every process, launchers' children included, finds the venv's tools (deepspeed, torchrun,
 # ninja) first. Debian's ninja 1.11 and the venv's 1.13 read each other's build log as stale: when DeepSpeed still
 # JIT-built its CPU shm op (parallel/state.py now marks it off), each switch between them rebuilt it
-export PATH="$PWD/.venv/bin:$PATH"
+VENV=.venv; [ "${P2T_DEPS:-}" != floor ] || VENV=.venv-floor   # launch/test_floor.sh
+export PATH="$PWD/$VENV/bin:$PATH"
 # --durations: every run (CI included) lists its slowest cases, so a test that grows is seen where it happens.
 # -n: two pytest-xdist workers (the machine's 2 cores; single-process tests leave one idle otherwise), grouped
 # and ordered by tests/conftest.py; TEST_WORKERS=0 runs everything in this process, in file order.
-exec .venv/bin/python -m pytest -q -rs --durations=15 -n "${TEST_WORKERS:-2}" --dist loadscope \
+exec $VENV/bin/python -m pytest -q -rs --durations=15 -n "${TEST_WORKERS:-2}" --dist loadscope \
   --no-loadscope-reorder "$@"

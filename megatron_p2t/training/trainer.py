@@ -245,8 +245,8 @@ class Trainer:
             self.experts.join_norm(self.engine.optimizer)
         if whole_step and not hasattr(self.engine, "coalesce_grad_reduction"):
             raise RuntimeError(f"pipeline-parallel training needs DeepSpeedEngine.coalesce_grad_reduction, which "
-                               f"DeepSpeed {deepspeed.__version__} lacks; install the version in "
-                               f"constraints-cpu.txt (0.19.8) or newer")
+                               f"DeepSpeed {deepspeed.__version__} lacks; install 0.19.1 or newer (pyproject.toml's "
+                               f"floor)")
         self._trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
         self.step, self.nonfinite, self.nonfinite_total = 0, 0, 0
         self._signal = 0

@@ -18,7 +18,8 @@ torch.cuda.synchronize()
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
 from megatron.core import parallel_state as ps
 import torch.distributed as dist
-dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+import tempfile
+dist.init_process_group("gloo", init_method="file://" + tempfile.mkdtemp() + "/store", rank=0, world_size=1)
 ps.initialize_model_parallel(1, 1)
 model_parallel_cuda_manual_seed(7)
 torch.manual_seed(0)

@@ -82,7 +82,9 @@ def test_a_dead_rank_ends_the_job_promptly_naming_it_and_resume_continues(stage1
     deadline = time.time() + 600
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
         time.sleep(0.1)
-    victim = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    # the agent's own children are the ranks; what a rank starts (loader workers, torch's compile workers under
+    # DeepSpeed 0.19.1) inherits its RANK
+    victim = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
     assert len(victim) == 1
     victim[0].kill()
     t0 = time.time()
