@@ -78,7 +78,8 @@ def main():
     for name, modules, unpadded in (("megatron-core unfused, padded", unfused, False), ("SDPA, padded", sdpa, False),
                                     ("SDPA per protein, unpadded (default)", sdpa, True)):
         set_core_attention(enc.block, modules)
-        res[name] = {"frozen": median_seconds(frozen, a.steps), "trained": median_seconds(trained, a.steps), "kept": kept_bytes(), "buffer": 0}
+        res[name] = {"frozen": median_seconds(frozen, a.steps), "trained": median_seconds(trained, a.steps),
+                     "kept": kept_bytes(), "buffer": 0}
     buf = sum(t.numel() * t.element_size() for t in parallel_state.get_global_memory_buffer().buffer.values())
     res["megatron-core unfused, padded"]["buffer"] = buf
 

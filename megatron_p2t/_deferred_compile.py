@@ -19,8 +19,8 @@ import importlib.abc
 import sys
 
 # the modules whose import binds torch.compile decorators (megatron.core binds `megatron.core.jit.jit_fuser`, which
-# its later-imported modules use too). DeepSpeed 0.19.1 (not 0.19.8) also decorates its MoE gating and MiCS helpers
-# with `jit_script_compat` (torch.compile) at import, modules its engine imports
+# its later-imported modules use too). DeepSpeed decorates with `jit_script_compat` (torch.compile) at import: FPDT's
+# layer, and in 0.19.1 (not 0.19.8) its MoE gating and MiCS helpers, which its engine imports
 _TARGETS = frozenset({"megatron.core", "deepspeed.runtime.zero.muon.original_muon", "deepspeed.moe.sharded_moe",
                       "deepspeed.runtime.zero.mics_utils", "deepspeed.sequence.fpdt_layer"})
 
