@@ -113,7 +113,8 @@ def main(checkpoint: str, out: str, fmt: str = "megatron_p2t", verify_logits: bo
     report = {"out": out, "tensor_parallel": layout.tp, "pipeline_parallel": layout.pp,
               "merged_lora_layers": int(merged)}
     if verify_logits:
-        report["max_abs_logit_diff"] = verify(res["model"], cfg, out, layout, documents=documents)
+        report["max_abs_logit_diff"], report["max_abs_logit"] = verify(res["model"], cfg, out, layout,
+                                                                       documents=documents)
     state.destroy()
     return report
 
@@ -271,10 +272,10 @@ Or `megatron-p2t generate-protein --model <this directory>` (sampling, checked s
 """
 
 
-def verify(model, cfg, out: str, layout: Layout, max_batches: int = 1, documents: bool = False) -> float:
+def verify(model, cfg, out: str, layout: Layout, max_batches: int = 1, documents: bool = False):
     """Collective: the megatron model (LoRA merged) and the exported directory loaded by transformers score the
     same validation prompts (documents, for a decoder-only stage 1); returns the largest |logit difference| over
-    real tokens (rank 0's figure)."""
+    real tokens and the largest |logit| among them, its scale (rank 0's figures)."""
     cfg = dataclasses.replace(cfg, instruct=dataclasses.replace(cfg.instruct, pack=False))
     model.eval()
     batches = []
@@ -292,7 +293,7 @@ def verify(model, cfg, out: str, layout: Layout, max_batches: int = 1, documents
     src = torch.tensor([layout.pp_last_rank], device=collective_device())
     dist.broadcast(src, 0)
     src = int(src)
-    diff = torch.zeros(1)
+    diff = torch.zeros(2)                                   # the largest |difference|, the largest |logit|
     if dist.get_rank() == src:
         if model.reads_protein:
             hf = Prot2TextForGeneration.from_pretrained(out)
@@ -306,7 +307,8 @@ def verify(model, cfg, out: str, layout: Layout, max_batches: int = 1, documents
             for b, mine in zip(batches, ours):
                 theirs = score(b).float()
                 for i, n in enumerate(b["lengths"].tolist()):  # right-padded rows: their real tokens
-                    diff = torch.maximum(diff, (theirs[i, :n] - mine[i, :n]).abs().max().reshape(1))
+                    diff = torch.maximum(diff, torch.stack([(theirs[i, :n] - mine[i, :n]).abs().max(),
+                                                            mine[i, :n].abs().max()]))
     diff = diff.to(collective_device())
     dist.broadcast(diff, src)
-    return float(diff)
+    return float(diff[0]), float(diff[1])
