@@ -44,7 +44,7 @@ from megatron_p2t.training import experts, run_instruct
 
 def resolve(checkpoint: str):
     """(step directory, run directory) of a stage-2 run directory or one of its step directories."""
-    step = run_instruct.stage1_dir(checkpoint)
+    step = run_instruct.step_dir(checkpoint, "the trained run in --checkpoint (`instruct`, or `pretrain-lm`)")
     run_dir = os.path.dirname(step.rstrip("/"))
     if not os.path.exists(os.path.join(run_dir, "megatron_p2t.json")):
         raise CheckpointError(f"{run_dir}: no megatron_p2t.json (the run's config); is this an `instruct` run?")

@@ -65,6 +65,21 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "data_tools build" in r.stderr
 
 
+def test_a_missing_or_unfinished_checkpoint_is_named_with_the_fix(tmp_path, capsys):
+    """export --checkpoint names the directory, says what is wrong with it (absent; a step without its COMPLETE
+    marker, which `latest` names) and what to pass instead, before any process group or model exists."""
+    from megatron_p2t.cli import main
+    assert main(["export", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'nowhere'}: no such directory;") and "--checkpoint" in err, err
+    (tmp_path / "run" / "step00000004").mkdir(parents=True)
+    (tmp_path / "run" / "latest").write_text("step00000004")
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run' / 'step00000004'}: not a complete checkpoint (no COMPLETE marker" in err, err
+    assert "a run's train.save_dir or one of its stepN directories" in err and not (tmp_path / "hf").exists()
+
+
 def test_endless_stream_needs_a_bound(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-m", "megatron_p2t", "data-check", "--config",

@@ -45,8 +45,8 @@ def build(cfg, layout: Layout):
                        recompute_encoder=cfg.model.recompute.encoder, attention_kernel=cfg.model.attention_kernel)
     load.load_esm(model.esm, cfg, layout)
     if cfg.model.structure_init and hasattr(model.esm, "structure"):      # a warmup-structure run's distance bias
-        esm_structure_hf.load_run(model.esm, run_instruct.stage1_dir(cfg.model.structure_init), layout.tp_rank,
-                                  layout.tp)
+        src = run_instruct.step_dir(cfg.model.structure_init, run_instruct.WARMUP)
+        esm_structure_hf.load_run(model.esm, src, layout.tp_rank, layout.tp)
     apply_lora(model.esm, cfg.model.esm_lora, "esm")  # after loading: the adapters wrap the loaded layers
     if model.text is not None:
         load.load_text_side(model.text, cfg, llama_cfg, layout)

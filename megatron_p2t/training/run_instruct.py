@@ -41,13 +41,21 @@ def _to_device(batch):
     return {k: (v.cuda(non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def stage1_dir(path: str) -> str:
-    """A stage-1 run directory (its `latest`) or one of its step directories."""
+STAGE1 = "the stage-1 run (`align`) in instruct.init_from"
+WARMUP = "the `warmup-structure` run in model.structure_init"
+
+
+def step_dir(path: str, what: str) -> str:
+    """A run's directory (its `latest`) or one of its step directories -> that complete step directory. `what`
+    names the run expected and the option that gave it, for the error."""
+    fix = f"pass {what}: a run's train.save_dir or one of its stepN directories"
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such directory; {fix}")
     if os.path.exists(os.path.join(path, "latest")):
         path = os.path.join(path, open(os.path.join(path, "latest")).read().strip())
     if not os.path.exists(os.path.join(path, "COMPLETE")):
-        raise CheckpointError(f"{path}: not a complete stage-1 checkpoint (no COMPLETE marker); pass the "
-                              f"align run's train.save_dir or one of its stepN directories")
+        raise CheckpointError(f"{path}: not a complete checkpoint (no COMPLETE marker: a step cut short while it was "
+                              f"written, or not a run's directory); {fix}")
     return path
 
 
@@ -123,11 +131,11 @@ def build(cfg, layout: Layout):
         load.load_hf(model, cfg, llama_cfg, pcfg, layout)
     tp, tpr = layout.tp, layout.tp_rank
     if cfg.instruct.init_from and not imported(cfg) and model.pre_process and model.connector_name != "mlp":
-        src = stage1_dir(cfg.instruct.init_from)
+        src = step_dir(cfg.instruct.init_from, STAGE1)
         whole = resampler_hf.whole(connector_shards(src, cfg.model.connector), model.connector)
         copy_into(model.connector, resampler_hf.tensors(TensorSource(whole, src), model.connector, tpr, tp), src)
     elif cfg.instruct.init_from and not imported(cfg) and model.pre_process:  # the projector is on the first stage
-        src = stage1_dir(cfg.instruct.init_from)
+        src = step_dir(cfg.instruct.init_from, STAGE1)
         s1 = stage1_tensors(src)
         copy_into(model.projector, projector_hf.tensors(TensorSource(s1["projector"], src), pcfg, tpr, tp), src)
         if any(s1["esm_lora"]):
@@ -140,9 +148,9 @@ def build(cfg, layout: Layout):
                 p.requires_grad_(False)
     structured = hasattr(getattr(model, "esm", None), "structure")    # this stage holds a structure-aware encoder
     if cfg.instruct.init_from and not imported(cfg) and structured:
-        esm_structure_hf.load_run(model.esm, stage1_dir(cfg.instruct.init_from), tpr, tp)
+        esm_structure_hf.load_run(model.esm, step_dir(cfg.instruct.init_from, STAGE1), tpr, tp)
     elif cfg.model.structure_init and structured:
-        esm_structure_hf.load_run(model.esm, stage1_dir(cfg.model.structure_init), tpr, tp)
+        esm_structure_hf.load_run(model.esm, step_dir(cfg.model.structure_init, WARMUP), tpr, tp)
     model.set_freeze(cfg.model.freeze)   # after stage 1's ESM adapters: frozen with ESM, the distance bias trained
     apply_lora(model.llm, cfg.model.llm_lora, "llm")   # r=0: none, the decoder stays frozen
     if cfg.model.decoder == "llama_moe" and cfg.model.llm_lora.r > 0:
