@@ -293,7 +293,7 @@ def verify(model, cfg, out: str, layout: Layout, max_batches: int = 1, documents
     src = torch.tensor([layout.pp_last_rank], device=collective_device())
     dist.broadcast(src, 0)
     src = int(src)
-    diff = torch.zeros(2)                                   # the largest |difference|, the largest |logit|
+    worst = torch.zeros(2)                                  # the largest |difference|, the largest |logit|
     if dist.get_rank() == src:
         if model.reads_protein:
             hf = Prot2TextForGeneration.from_pretrained(out)
@@ -307,8 +307,8 @@ def verify(model, cfg, out: str, layout: Layout, max_batches: int = 1, documents
             for b, mine in zip(batches, ours):
                 theirs = score(b).float()
                 for i, n in enumerate(b["lengths"].tolist()):  # right-padded rows: their real tokens
-                    diff = torch.maximum(diff, torch.stack([(theirs[i, :n] - mine[i, :n]).abs().max(),
-                                                            mine[i, :n].abs().max()]))
-    diff = diff.to(collective_device())
-    dist.broadcast(diff, src)
-    return float(diff[0]), float(diff[1])
+                    worst = torch.maximum(worst, torch.stack([(theirs[i, :n] - mine[i, :n]).abs().max(),
+                                                              mine[i, :n].abs().max()]))
+    worst = worst.to(collective_device())
+    dist.broadcast(worst, src)
+    return float(worst[0]), float(worst[1])
