@@ -31,11 +31,11 @@ def worker(save_dir, overrides):
     import torch.distributed as dist
 
     from megatron_p2t.config import load_config
-    from megatron_p2t.training import run_align
+    from megatron_p2t.training import driver, stages
     cfg = load_config(os.path.join(ROOT, "configs", "align_tiny_cpu.yaml"),
                       overrides + [f"train.save_dir={save_dir}", "train.save_every=100000", "train.tensorboard=false"])
     t0 = time.perf_counter()
-    result = run_align.run(cfg)
+    result = driver.run(stages.for_command("align", cfg), cfg)
     wall = time.perf_counter() - t0
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = {"wall_s": wall, "steps": result["step"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -55,7 +55,7 @@ def main():
     if a.worker:
         return worker(a.save_dir, rest)
     from bench.common import machine
-    base = [f"data.manifest={a.manifest}", f"data.text_tokenizer={a.tokenizer}", f"model.esm={a.tiny}/esm",
+    base = [f"data.manifest={a.manifest}", f"data.text_tokenizer={a.tokenizer}", f"model.encoder_path={a.tiny}/esm",
             f"model.llama={a.tiny}/llama", f"train.steps={a.steps}", "data.batch_size=16", "train.eval_every=0"]
     env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
     subprocess.run([sys.executable, "-m", "megatron_p2t", "cache-text", "--config",

@@ -17,7 +17,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import SAMPLE, machine  # noqa: E402
-from megatron_p2t import evaluation  # noqa: E402
+from megatron_p2t.evaluation import text as evaluation  # noqa: E402
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 

@@ -18,10 +18,10 @@ sys.path.insert(0, ROOT)
 def packed_vs_padded(cfg, batches: int):
     from megatron_p2t.data.loader import ProteinTextLoader
     from megatron_p2t.parallel import state
-    from megatron_p2t.training import run_instruct
+    from megatron_p2t.training import joined
     layout = state.initialize(cfg.parallel)
-    model, *_ = run_instruct.build(cfg, layout)
-    ld = run_instruct.make_loader(cfg, layout)
+    model, *_ = joined.build(cfg, layout)
+    ld = joined.make_loader(cfg, layout)
     raws = []
     for b in ProteinTextLoader(cfg.data, dp_rank=0, dp_size=1):
         raws.append(b)
@@ -34,7 +34,7 @@ def packed_vs_padded(cfg, batches: int):
         t0 = time.perf_counter()
         for raw in raws:
             b = ld.convert(raw)
-            loss, _ = run_instruct.forward_loss(model, b)
+            loss, _ = joined.forward_loss(model, b)
             loss.backward()
             real += int(b["lengths"].sum())
             slots += b["input_ids"].numel()
@@ -58,7 +58,7 @@ def main():
     a = ap.parse_args()
     from bench.common import machine
     from megatron_p2t.config import load_config
-    ov = [f"data.manifest={a.manifest}", f"data.text_tokenizer={a.tokenizer}", f"model.esm={a.tiny}/esm",
+    ov = [f"data.manifest={a.manifest}", f"data.text_tokenizer={a.tokenizer}", f"model.encoder_path={a.tiny}/esm",
           f"model.llama={a.tiny}/llama", "instruct.init_from=", "model.llm_lora.dropout=0.0", "data.batch_size=16",
           f"instruct.pack_length={a.pack_length}"]
     cfg = load_config(os.path.join(ROOT, "configs", "instruct_tiny_cpu.yaml"), ov)
@@ -82,7 +82,7 @@ def main():
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(f"{work}/hf") for f in fs)
     res["export"] = {"seconds_including_start": export_s, "megabytes": size / 2 ** 20}
 
-    from megatron_p2t import generate
+    from megatron_p2t.inference import generate
     for beams in (1, 4):
         out = f"{work}/preds_beam{beams}.jsonl"
         t0 = time.perf_counter()

@@ -64,9 +64,11 @@ def worker_step(a):
     ec = EsmConfig.from_pretrained(os.path.join(a.ckpt, "esm"))
     pc = ProjectorConfig(input_dim=320, intermediate_dim=256, output_dim=512, dropout=0.0)
     base = rss_mb()
-    model = p2t.Prot2TextModel(ESMConfig.from_hf(ec), lc, pc, placeholder_id=8000,
-                               pre_process=layout.first_stage, post_process=layout.last_stage,
-                               freeze=p2t.FreezeConfig(esm=True, projector=False, llm=False), layout=layout)
+    from megatron_p2t import parts
+    from megatron_p2t.config import ModelConfig
+    mcfg = ModelConfig(freeze=p2t.FreezeConfig(esm=True, connector=False, llm=False))
+    model = p2t.Prot2TextModel(mcfg, parts.of(mcfg), ESMConfig.from_hf(ec), lc, pc, placeholder_id=8000,
+                               pre_process=layout.first_stage, post_process=layout.last_stage, layout=layout)
     src = {k: HFDir(os.path.join(a.ckpt, k)) for k in ("esm", "llama", "projector")}
     tpr = layout.tp_rank
     copy_into(model, megatron_tensors(model, src["esm"], src["llama"], src["projector"], lc, pc, tpr, a.tp), "")

@@ -25,10 +25,10 @@ RECIPES = {
 
 def measure(cfg, raws, pack: bool) -> dict:
     from megatron_p2t.parallel import state
-    from megatron_p2t.training import run_instruct
+    from megatron_p2t.training import joined
     layout = state.initialize(cfg.parallel)
-    model, *_ = run_instruct.build(cfg, layout)
-    ld = run_instruct.make_loader(cfg, layout)
+    model, *_ = joined.build(cfg, layout)
+    ld = joined.make_loader(cfg, layout)
     ld.cfg.pack = pack
     batches = [ld.convert(r) for r in raws]
     res = {}
@@ -36,7 +36,7 @@ def measure(cfg, raws, pack: bool) -> dict:
         real = slots = samples = prot = 0
         t0 = time.perf_counter()
         for b in batches:
-            loss, _ = run_instruct.forward_loss(model, b)
+            loss, _ = joined.forward_loss(model, b)
             loss.backward()
             real += int(b["lengths"].sum())
             slots += b["input_ids"].numel()
@@ -64,7 +64,7 @@ def main():
     from bench.common import machine
     from megatron_p2t.config import load_config
     from megatron_p2t.data.loader import ProteinTextLoader
-    ov = [f"data.manifest={a.manifest}", f"data.text_tokenizer={a.tokenizer}", f"model.esm={a.tiny}/esm",
+    ov = [f"data.manifest={a.manifest}", f"data.text_tokenizer={a.tokenizer}", f"model.encoder_path={a.tiny}/esm",
           f"model.llama={a.tiny}/llama", "instruct.init_from=", "model.llm_lora.dropout=0.0",
           f"data.batch_size={a.batch_size}", f"data.max_protein_residues={a.max_residues}",
           f"instruct.pack_length={a.pack_length}"]

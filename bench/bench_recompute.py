@@ -39,7 +39,7 @@ def worker(a, overrides):
     from transformers import LlamaConfig
 
     from megatron_p2t.config import load_config
-    from megatron_p2t.models.build import build
+    from megatron_p2t.parts.assemble import build
     from megatron_p2t.models.lora import apply_lora
     from megatron_p2t.parallel import state
     from megatron_p2t.parallel.layout import ParallelConfig

@@ -2,25 +2,24 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import sys
 import typing
 from typing import Any, List, Optional
 
 import yaml
 
+from megatron_p2t import parts
 from megatron_p2t.data.instruct import InstructConfig
 from megatron_p2t.data.loader import LoaderConfig
 from megatron_p2t.models.parts_config import (SAVABLE, FreezeConfig, LoRAConfig, MoEConfig, ProjectorConfig,
-                                             RecomputeConfig, ResamplerConfig, StructureConfig, align_objective,
-                                             check_moe, check_parts, check_recompute)
+                                             RecomputeConfig, ResamplerConfig, StructureConfig, check_recompute)
 from megatron_p2t.parallel.layout import ParallelConfig
 from megatron_p2t.transformer.attention_kernels import ATTENTION_KERNELS
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    # the parts by name (models/parts_config.py lists them): encoder -> connector -> decoder
+    # the parts by name (the registry, parts/, lists them): encoder -> connector -> decoder
     encoder: str = "esm2"
     connector: str = "mlp"                           # mlp (Prot2Text-V2), mlp2x_gelu, resampler (Protein2Text)
     decoder: str = "llama"
@@ -29,12 +28,15 @@ class ModelConfig:
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)                     # decoder=llama_moe
     # a `warmup-structure` run: its trained distance bias starts this stage (stage 1, or stage 2 without init_from)
     structure_init: Optional[str] = None
-    esm: str = "facebook/esm2_t36_3B_UR50D"          # local HF directories (EsmModel / EsmForMaskedLM ...)
-    llama: str = "meta-llama/Llama-3.1-8B-Instruct"  # ... and LlamaForCausalLM)
+    # local HF directories: the protein encoder's (EsmModel / EsmForMaskedLM ...; was model.esm) and LlamaForCausalLM
+    encoder_path: str = "facebook/esm2_t36_3B_UR50D"
+    llama: str = "meta-llama/Llama-3.1-8B-Instruct"
     projector: ProjectorConfig = dataclasses.field(default_factory=lambda: ProjectorConfig(input_dim=0, output_dim=0))
-    projector_weights: Optional[str] = None          # a directory with fc1/fc2 tensors; None: fresh
+    # the connector's weights in its part's HF names (fc1/fc2 for Prot2Text-V2's projector, the released
+    # mm_resampler / mm_projector for Protein2Text's); None: fresh. Was model.projector_weights
+    connector_weights: Optional[str] = None
     # a published Prot2Text-V2 directory (esm2llama_instruct): ESM, adapter and LLaMA all come from it, read
-    # lazily per rank; model.esm / model.llama / model.projector_weights are then not used
+    # lazily per rank; model.encoder_path / model.llama / model.connector_weights are then not used
     p2tv2: Optional[str] = None
     esm_output_layer: int = -1                       # Prot2Text-V2: last; Protein2Text: -2
     placeholder_token: str = "<|reserved_special_token_1|>"
@@ -119,10 +121,33 @@ class Config:
     instruct: InstructConfig = dataclasses.field(default_factory=InstructConfig)
     warmup: WarmupConfig = dataclasses.field(default_factory=WarmupConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    # modules imported before the parts are looked up: parts of your own register themselves there
+    # (megatron_p2t.parts.register; docs/architecture.md), as torchtitan's experimental.custom_import
+    imports: List[str] = dataclasses.field(default_factory=list)
 
 
 class ConfigError(ValueError):
     pass
+
+
+# keys renamed when every part got a neutral name: a config, launch script or saved run with the old name still
+# loads, read as the new one, with a message naming it (once per key and process)
+RENAMED = {"model.esm": "model.encoder_path", "model.projector_weights": "model.connector_weights",
+           "model.freeze.projector": "model.freeze.connector", "instruct.projector_lr": "instruct.connector_lr"}
+_told = set()
+
+
+def _renamed(dotted: str, have=()) -> str:
+    new = RENAMED.get(dotted)
+    if new is None:
+        return dotted
+    if new.rpartition(".")[2] in have:
+        raise ConfigError(f"{dotted} and {new} both given: {dotted} is the old name of {new}; keep {new}")
+    if dotted not in _told:
+        _told.add(dotted)
+        print(f"config: {dotted} is now {new} (read as {new}); rename it in your config or command line",
+              file=sys.stderr, flush=True)
+    return new
 
 
 def _build(cls, values: dict, where: str):
@@ -130,6 +155,7 @@ def _build(cls, values: dict, where: str):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    values = {_renamed(where + k, values).rpartition(".")[2]: v for k, v in values.items()}
     unknown = set(values) - set(fields)
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; valid: {sorted(fields)}")
@@ -141,6 +167,7 @@ def _build(cls, values: dict, where: str):
 
 
 def _set(obj, dotted: str, raw: str) -> None:
+    dotted = _renamed(dotted)
     *path, last = dotted.split(".")
     for p in path:
         if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
@@ -173,31 +200,28 @@ def config_from_dict(values: dict, overrides: List[str] = ()) -> Config:
             raise ConfigError(f"override {o!r}: expected section.key=value")
         _set(cfg, key.lstrip("-"), raw)
     try:
-        check_parts(cfg.model.encoder, cfg.model.connector, cfg.model.decoder, cfg.model.resampler,
-                    cfg.model.structure)
-        align_objective(cfg.align.objective, cfg.model.connector)
+        parts.import_parts(cfg.imports)
+        parts.check(cfg.model, cfg.parallel)
+        enc, con, _ = parts.of(cfg.model)
+        parts.align_objective(cfg.align.objective, cfg.model)
         if cfg.model.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(f"model.attention_kernel={cfg.model.attention_kernel!r}: choose one of "
                              + "; ".join(f"{k} ({v})" for k, v in ATTENTION_KERNELS.items()))
-        check_recompute(cfg.model.recompute, cfg.model.decoder)
-        if cfg.model.decoder == "llama_moe":
-            check_moe(cfg.model.moe, cfg.parallel.expert)
-        elif cfg.parallel.expert != 1:
-            raise ValueError(f"parallel.expert={cfg.parallel.expert} splits experts, and model.decoder="
-                             f"{cfg.model.decoder} has none: set parallel.expert=1 or model.decoder=llama_moe")
+        check_recompute(cfg.model.recompute)
         for key in ("esm_lora", "llm_lora"):
             bad = set(getattr(cfg.model, key).modules_to_save) - set(SAVABLE)
             if bad or (key == "esm_lora" and getattr(cfg.model, key).modules_to_save):
                 raise ValueError(f"model.{key}.modules_to_save={getattr(cfg.model, key).modules_to_save}: the "
                                  f"decoder's {' and '.join(SAVABLE)} can be trained fully beside its adapters")
-        if cfg.model.encoder == "none" and cfg.instruct.template != "plain":
-            raise ValueError("model.encoder=none (decoder-only) prompts with text alone: set instruct.template=plain")
-        if cfg.model.p2tv2 and cfg.model.connector != "mlp":
+        if not enc.reads_protein and cfg.instruct.template != "plain":
+            raise ValueError(f"model.encoder={enc.name} (decoder-only) prompts with text alone: set "
+                             f"instruct.template=plain")
+        if cfg.model.p2tv2 and not con.p2tv2:
             raise ValueError(f"model.p2tv2={cfg.model.p2tv2} is a Prot2Text-V2 release, whose connector is its "
                              f"projector (model.connector=mlp), not model.connector={cfg.model.connector}")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.model.encoder == "esm2_structure":
+    if enc.structure:
         cfg.data.structure = True     # the loader then reads each sample's coordinates beside its sequence
     return cfg
 
@@ -207,29 +231,14 @@ def to_dict(cfg: Config) -> dict:
 
 
 def recipe(cfg: Config) -> dict:
-    """What a checkpoint's tensors depend on beyond their shapes: the parts, the ESM layer the connector reads,
-    and the resampler's geometry."""
-    m = cfg.model
-    out = {"model.encoder": m.encoder, "model.connector": m.connector, "model.decoder": m.decoder,
-           "model.esm_output_layer": m.esm_output_layer}
-    if m.connector == "resampler":
-        out.update({f"model.resampler.{k}": v for k, v in dataclasses.asdict(m.resampler).items()})
-    if m.encoder == "esm2_structure":
-        out["model.structure.kernels"] = m.structure.kernels
-    if m.decoder == "llama_moe":
-        out["model.moe.experts"] = m.moe.experts
-    return out
+    """What a checkpoint's tensors depend on beyond their shapes (the parts and the settings they name)."""
+    return parts.recipe_keys(cfg.model)
 
 
 def saved_run(path: str) -> Optional[dict]:
-    """The megatron_p2t.json a run, an import or an export directory keeps beside a checkpoint (in the directory
-    or, for a run's stepN directory, its parent); None when there is none."""
-    for d in (path, os.path.dirname(os.path.normpath(path))):
-        f = os.path.join(d, "megatron_p2t.json")
-        if os.path.exists(f):
-            with open(f) as fh:
-                return json.load(fh)
-    return None
+    """The megatron_p2t.json a run, an import or an export directory keeps beside a checkpoint (RunDir.saved_info)."""
+    from megatron_p2t.checkpoint.run_dir import RunDir   # torch: the commands that read checkpoints load it anyway
+    return RunDir.saved_info(path)
 
 
 def check_same_recipe(path: str, cfg: Config, option: str) -> None:
@@ -239,9 +248,11 @@ def check_same_recipe(path: str, cfg: Config, option: str) -> None:
     saved = saved_run(path)
     if saved is None or "config" not in saved:
         return
-    theirs, ours = recipe(config_from_dict(saved["config"])), recipe(cfg)
+    their_cfg = config_from_dict(saved["config"])
+    theirs, ours = recipe(their_cfg), recipe(cfg)
     diff = [k for k in ours if theirs.get(k) != ours[k]]
-    if saved.get("stage") in ("align", "align-feature") and theirs["model.decoder"] == "llama":
+    if saved.get("stage") in ("align", "align-feature") and parts.decoder(their_cfg.model.decoder).moe(
+            their_cfg.model) is None:
         # a stage 1 that kept the dense decoder frozen holds none of it: an MoE stage 2 upcycles model.llama
         diff = [k for k in diff if not k.startswith(("model.decoder", "model.moe."))]
     if diff:

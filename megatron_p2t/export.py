@@ -6,7 +6,7 @@
               for the original LLaMA checkpoint
   esm/        EsmModel (with stage 1's ESM LoRA merged when it had one)
   projector/  fc1/fc2 + config.json (Prot2Text-V2's projector, model.connector=mlp), or
-  connector/  the resampler and mlp2x_gelu in Protein2Text's released names + config.json (hf_connector.py)
+  connector/  the resampler and mlp2x_gelu in Protein2Text's released names + config.json (hf/connector.py)
   tokenizer/  the run's tokenizer, chat template included
   megatron_p2t.json, README.md
 
@@ -18,7 +18,6 @@ The layouts' conversions are checkpoint/'s; this module runs them.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import subprocess
@@ -28,25 +27,28 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-from megatron_p2t.checkpoint import export_hf, llama_hf, load, p2t_hf, p2tv2, sharded
+from megatron_p2t import parts
+from megatron_p2t.checkpoint import export_hf, llama_hf, p2t_hf, p2tv2, sharded
 from megatron_p2t.checkpoint.hf_dir import CheckpointError
+from megatron_p2t.checkpoint.run_dir import RunDir
 from megatron_p2t.config import ConfigError, check_same_recipe, config_from_dict
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
-from megatron_p2t.hf_model import Prot2TextForGeneration
-from megatron_p2t.models.build import moe_of
+from megatron_p2t.inference.model import Prot2TextForGeneration
 from megatron_p2t.models.llama_moe import is_expert_param
 from megatron_p2t.models.lora import apply_lora, merge_lora
 from megatron_p2t.parallel import launch_env, pipeline, state
 from megatron_p2t.parallel.layout import Layout, ParallelConfig
 from megatron_p2t.parallel.state import collective_device
-from megatron_p2t.training import experts, run_instruct
+from megatron_p2t.parts import assemble
+from megatron_p2t.parts.assemble import moe_of
+from megatron_p2t.training import experts, joined
 
 
 def resolve(checkpoint: str):
     """(step directory, run directory) of a stage-2 run directory or one of its step directories."""
-    step = run_instruct.step_dir(checkpoint, "the trained run in --checkpoint (`instruct`, or `pretrain-lm`)")
+    step = RunDir.step(checkpoint, "the trained run in --checkpoint (`instruct`, or `pretrain-lm`)")
     run_dir = os.path.dirname(step.rstrip("/"))
-    if not os.path.exists(os.path.join(run_dir, "megatron_p2t.json")):
+    if RunDir.saved_info(run_dir) is None:
         raise CheckpointError(f"{run_dir}: no megatron_p2t.json (the run's config); is this an `instruct` run?")
     return step, run_dir
 
@@ -54,7 +56,7 @@ def resolve(checkpoint: str):
 def checkpoint_layout(step: str, pp: int, ep: int = 1) -> ParallelConfig:
     """The layout a checkpoint with one mp_rank_* file per model-parallel rank was written at, by a run at
     pipeline size `pp` and expert-parallel size `ep` (its config says)."""
-    n = len(glob.glob(os.path.join(step, "mp_rank_*_model_states.pt")))
+    n = len(RunDir.model_files(step))
     if not n:
         raise CheckpointError(f"{step}: no mp_rank_*_model_states.pt files")
     if n % pp:
@@ -67,14 +69,13 @@ def main(checkpoint: str, out: str, fmt: str = "megatron_p2t", verify_logits: bo
          overrides=(), argv=None) -> dict | None:
     """The export command: a trained run's checkpoint (launching one process per model-parallel shard when not
     under a launcher), or an `import-p2tv2` checkpoint back to the published layout. The report on rank 0."""
-    if fmt == "p2tv2" and os.path.exists(os.path.join(checkpoint, "metadata.json")):  # an import: any layout
+    if fmt == "p2tv2" and RunDir.is_import(checkpoint):  # an import: any layout
         if verify_logits:
             raise ConfigError("--verify compares a trained run with its export; an import's export is checked "
                               "bit for bit instead (tests/checkpoint/test_p2tv2.py)")
         return export_imported(checkpoint, out, overrides)
     step, run_dir = resolve(checkpoint)
-    with open(os.path.join(run_dir, "megatron_p2t.json")) as f:
-        info = json.load(f)
+    info = RunDir.saved_info(run_dir)
     if info.get("stage") == "align":
         raise CheckpointError(f"{run_dir}: an H-SCALE stage-1 run (`align`) trains Prot2Text-V2's projector alone; "
                               f"export the stage-2 run that continues it (instruct.init_from={run_dir})")
@@ -96,10 +97,10 @@ def main(checkpoint: str, out: str, fmt: str = "megatron_p2t", verify_logits: bo
     cfg = config_from_dict(saved, [*overrides, f"parallel.tensor={parallel.tensor}",
                                    f"parallel.pipeline={parallel.pipeline}", f"parallel.expert={parallel.expert}"])
     check_same_recipe(step, cfg, "--checkpoint")     # an override of the parts would misread its tensors
-    if cfg.model.decoder == "llama_moe" and fmt == "p2tv2":
+    if moe_of(cfg.model) is not None and fmt == "p2tv2":
         raise ConfigError(f"{step}: --format p2tv2 is Prot2Text-V2's layout, whose decoder is a dense LLaMA; a "
                           f"model.decoder=llama_moe run exports in the default format (llama/ in Qwen2-MoE's layout)")
-    if cfg.model.connector != "mlp" and fmt == "p2tv2":
+    if not parts.connector(cfg.model.connector).p2tv2 and fmt == "p2tv2":
         raise ConfigError(f"{step}: --format p2tv2 is Prot2Text-V2's layout, which holds its projector only; a "
                           f"model.connector={cfg.model.connector} run exports in the default format (connector/ "
                           f"in the released Protein2Text names)")
@@ -123,15 +124,15 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t", 
     """Collective over the checkpoint's model-parallel ranks. fmt "p2tv2": Prot2Text-V2's own layout instead.
     A decoder-only run (model.encoder=none) writes llama/, adapter/ (with its modules_to_save), tokenizer/."""
     tp, tpr = layout.tp, layout.tp_rank
-    if not os.path.exists(os.path.join(cfg.instruct.init_from or "", "metadata.json")):
+    if not RunDir.is_import(cfg.instruct.init_from):
         # the projector comes from the checkpoint; an import-p2tv2 base stays
         cfg = dataclasses.replace(cfg, instruct=dataclasses.replace(cfg.instruct, init_from=None))
-    model, llama_cfg, esm_cfg, pcfg = run_instruct.build(cfg, layout)
-    cfg = run_instruct.stage2_config(cfg)
+    model, llama_cfg, esm_cfg, pcfg = joined.build(cfg, layout)
+    cfg = joined.stage2_config(cfg)
     esm_lora = model.pre_process and model.reads_protein and cfg.model.esm_lora.r > 0 and _has_esm_lora(step)
     if esm_lora:
         apply_lora(model.esm, cfg.model.esm_lora, "esm")
-    state_dict = torch.load(os.path.join(step, f"mp_rank_{layout.mp_rank:02d}_model_states.pt"), map_location="cpu",
+    state_dict = torch.load(RunDir.model_file(step, layout.mp_rank), map_location="cpu",
                             weights_only=False)["module"]   # DeepSpeed names the files by model-parallel rank
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     moe = moe_of(cfg.model)
@@ -150,8 +151,9 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t", 
         src = cfg.model.p2tv2
         # continued from the published checkpoint: its unused tensors, names and dtypes; else what the authors'
         # EsmModel holds beside our encoder's weights, from the ESM checkpoint the run started from
-        extra = p2tv2.carried(src) if src else p2tv2.esm_extras(cfg.model.esm, esm_cfg)
-        p2tv2.write(model, out, llama_cfg, esm_cfg, pcfg, load.placeholder_id(cfg), tpr, tp, extra,
+        extra = p2tv2.carried(src) if src else p2tv2.esm_extras(cfg.model.encoder_path, esm_cfg)
+        pid = assemble.placeholder_id(cfg.model, cfg.data.text_tokenizer)
+        p2tv2.write(model, out, llama_cfg, esm_cfg, pcfg, pid, tpr, tp, extra,
                     cfg.data.text_tokenizer or "", source_config=os.path.join(src, "config.json") if src else "",
                     source=p2tv2.source_layout(src) if src else None)
         return {"out": out, "merged_lora_layers": merged, "model": model}
@@ -166,7 +168,7 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t", 
         export_hf.export({adapter_dir: slices}, out)
     merged = merge_lora(model.llm) + (merge_lora(model.esm) if model.pre_process and model.reads_protein else 0)
     p2t_hf.hf_export(model, out, llama_cfg, esm_cfg, pcfg, tpr, tp, cfg.model.resampler, moe=moe,
-                     ep_rank=layout.ep_rank, esm_src=cfg.model.p2tv2 or cfg.model.esm)
+                     ep_rank=layout.ep_rank, esm_src=cfg.model.p2tv2 or cfg.model.encoder_path)
     if dist.get_rank() == 0:
         if lora:
             llama_hf.finish_peft_adapter(adapter_dir, lc, cfg.model.llama)
@@ -184,12 +186,13 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t", 
                          == esm_cfg.num_hidden_layers})
         else:
             info["decoder_only"] = True
-        if cfg.model.connector == "resampler":
-            info["resampler"] = dataclasses.asdict(cfg.model.resampler)
-        if cfg.model.encoder == "esm2_structure":
-            info["encoder"] = "esm2_structure"      # structure/ beside esm/ (hf_structure.py)
+        info.update(model.connector_spec.info(cfg.model))   # what its inference form is rebuilt with
+        if model.encoder_spec.structure:
+            info["encoder"] = cfg.model.encoder     # structure/ beside esm/ (hf/structure.py)
         if moe is not None:
-            info["decoder"] = "llama_moe"           # llama/ holds a Qwen2MoeForCausalLM (checkpoint/llama_moe_hf.py)
+            info["decoder"] = cfg.model.decoder     # llama/ holds a Qwen2MoeForCausalLM (checkpoint/llama_moe_hf.py)
+        if cfg.imports:
+            info["imports"] = cfg.imports           # the modules that register its parts, for `generate`
         with open(os.path.join(out, "megatron_p2t.json"), "w") as f:
             json.dump(info, f, indent=1)
         with open(os.path.join(out, "README.md"), "w") as f:
@@ -202,14 +205,14 @@ def export_imported(checkpoint: str, out: str, overrides=()) -> dict:
     """An `import-p2tv2` checkpoint back to the published layout, at the tensor-parallel size this process was
     launched with (a sharded checkpoint reloads at any layout)."""
     launch_env.discover()
-    with open(os.path.join(checkpoint, "megatron_p2t.json")) as f:
-        cfg = config_from_dict(json.load(f)["config"], [f"parallel.tensor={os.environ['WORLD_SIZE']}",
-                                                        "parallel.pipeline=1", *overrides])
+    cfg = config_from_dict(RunDir.saved_info(checkpoint)["config"], [f"parallel.tensor={os.environ['WORLD_SIZE']}",
+                                                                     "parallel.pipeline=1", *overrides])
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, p2tv2=checkpoint))  # the shapes
     layout = state.initialize(cfg.parallel)
-    model, llama_cfg, esm_cfg, pcfg = load.build_model(cfg, layout)
+    model, llama_cfg, esm_cfg, pcfg = assemble.build_model(cfg.model, cfg.data, layout)
     sharded.load(model, checkpoint)
-    p2tv2.write(model, out, llama_cfg, esm_cfg, pcfg, load.placeholder_id(cfg), layout.tp_rank, layout.tp,
+    pid = assemble.placeholder_id(cfg.model, cfg.data.text_tokenizer)
+    p2tv2.write(model, out, llama_cfg, esm_cfg, pcfg, pid, layout.tp_rank, layout.tp,
                 p2tv2.carried(checkpoint), cfg.data.text_tokenizer or "",
                 source_config=os.path.join(checkpoint, "config.json"), source=p2tv2.source_layout(checkpoint))
     state.destroy()
@@ -217,13 +220,8 @@ def export_imported(checkpoint: str, out: str, overrides=()) -> dict:
 
 
 def _has_esm_lora(step: str) -> bool:
-    sd = torch.load(sorted(glob.glob(os.path.join(step, "mp_rank_*_model_states.pt")))[0], map_location="cpu",
-                    weights_only=False)["module"]
+    sd = torch.load(RunDir.model_files(step)[0], map_location="cpu", weights_only=False)["module"]
     return any(k.startswith("esm.") and ".lora_" in k for k in sd)
-
-
-_CONNECTOR_WORDS = {"mlp": "nonlinear projector", "mlp2x_gelu": "Linear-GELU-Linear connector",
-                    "resampler": "Perceiver resampler + Linear-GELU-Linear connector (Protein2Text)"}
 
 
 def _model_card(cfg, step: str, lc) -> str:
@@ -232,10 +230,10 @@ def _model_card(cfg, step: str, lc) -> str:
              "as it came)")
     return f"""# Prot2Text-style protein-to-text model (megatron_p2t export)
 
-ESM-2 encoder -> {_CONNECTOR_WORDS.get(cfg.model.connector, cfg.model.connector)} -> LLaMA decoder.
+ESM-2 encoder -> {parts.connector(cfg.model.connector).card or cfg.model.connector} -> LLaMA decoder.
 The decoder writes a protein's function from its sequence (and, when given, its name and taxon).
 
-- ESM: `{cfg.model.esm}` (layer {cfg.model.esm_output_layer}); LLaMA: `{cfg.model.llama}`
+- ESM: `{cfg.model.encoder_path}` (layer {cfg.model.esm_output_layer}); LLaMA: `{cfg.model.llama}`
 - trained: {tuned}
 - exported from `{os.path.abspath(step)}`
 
@@ -279,7 +277,7 @@ def verify(model, cfg, out: str, layout: Layout, max_batches: int = 1, documents
     cfg = dataclasses.replace(cfg, instruct=dataclasses.replace(cfg.instruct, pack=False))
     model.eval()
     batches = []
-    for b in run_instruct.make_loader(cfg, layout, "valid", train=False, documents=documents):
+    for b in joined.make_loader(cfg, layout, "valid", train=False, documents=documents):
         if b is not None:
             batches.append(b)
         if len(batches) == max_batches:

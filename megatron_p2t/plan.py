@@ -15,8 +15,8 @@ experts' gradients stay whole on each rank and their optimizer state is partitio
 experts (data-parallel size / parallel.expert, training/experts.py); a token's MLP
 activations and FLOPs count top_k experts, times TP (without sequence parallelism every TP rank's experts see all
 tokens, models/llama_moe.py).
-Step time: the step's FLOPs (2/token/parameter forward, twice that backward through the decoder, attention
-quadratic terms) over the device's dense bf16 peak times a stated MFU.
+Step time: the step's FLOPs (decoder_flops / encoder_flops / trained_flops below, the one FLOP model, which
+bench/gpu/check.py's MFU also counts with) over the device's dense bf16 peak times a stated MFU.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import json
 import os
 from typing import Dict, List, Optional
 
-from megatron_p2t.models.parts_config import align_objective, protein_slots
+from megatron_p2t import parts
 
 GIB = 1024 ** 3
 
@@ -76,6 +76,50 @@ class Arch:
     def layer_norm_params(self) -> int:
         return 4 * self.hidden if self.bias else 2 * self.hidden
 
+    @classmethod
+    def from_hf(cls, c) -> "Arch":
+        """From a transformers config (or its config.json as a dict): ESM's or a LLaMA's."""
+        get = (lambda k, d=None: c.get(k, d)) if isinstance(c, dict) else (lambda k, d=None: getattr(c, k, d))
+        esm = get("model_type") == "esm"
+        return cls(get("num_hidden_layers"), get("hidden_size"), get("num_attention_heads"),
+                   get("num_key_value_heads") or get("num_attention_heads"), get("intermediate_size"),
+                   get("vocab_size"), gated=not esm, bias=esm, tied=esm or bool(get("tie_word_embeddings")))
+
+    def decoder_params(self) -> int:
+        """The weight matrices a decoder holds: its layers' and an untied output layer (no embedding)."""
+        return self.layers * self.layer_matrix_params() + (0 if self.tied else self.vocab * self.hidden)
+
+
+# -- the one FLOP model: the planner's step time and the GPU check's MFU (bench/gpu/check.py) both count with it.
+# A frozen weight costs 2 FLOPs per token forward and 2 for the input gradient in backward (no weight gradient); a
+# trained one 6. Attention: 4*h FLOPs per query-key pair per layer forward (scores and context), twice that in
+# backward; a causal sequence of L has L(L+1)/2 pairs, a bidirectional one L^2.
+
+def decoder_flops(a: Arch, lengths, layers: Optional[int] = None, output_layer: bool = True,
+                  backward: bool = True) -> float:
+    """A causal decoder over sequences of these lengths: `layers` of its layers (default all) and the output
+    layer (the logits matmul is paid whether or not its weight is tied to the embedding); frozen weights."""
+    layers = a.layers if layers is None else layers
+    n = layers * a.layer_matrix_params() + (a.vocab * a.hidden if output_layer else 0)
+    tokens = float(sum(lengths))
+    attn = sum(2.0 * a.hidden * L * (L + 1) for L in lengths) * layers
+    return 2 * n * tokens + attn + ((2 * n * tokens + 2 * attn) if backward else 0.0)
+
+
+def encoder_flops(a: Arch, lengths, backward: bool = False, recomputed: bool = False) -> float:
+    """A bidirectional encoder (ESM) over sequences of these lengths, frozen weights: forward, and with `backward`
+    the input gradients through every layer (and its forward again when `recomputed`)."""
+    n = a.layers * a.layer_matrix_params()
+    tokens = float(sum(lengths))
+    attn = sum(4.0 * a.hidden * L * L for L in lengths) * a.layers
+    fwd = 2 * n * tokens + attn
+    return fwd + ((2 * n * tokens + 2 * attn + (fwd if recomputed else 0.0)) if backward else 0.0)
+
+
+def trained_flops(params: float, tokens: float) -> float:
+    """Weights that train fully (a connector, LoRA adapters, experts): 6 FLOPs per weight per token."""
+    return 6.0 * params * tokens
+
 
 # The public checkpoints, so production configs plan without the weights on disk (local config.json wins).
 KNOWN = {
@@ -92,16 +136,12 @@ def arch_of(path: str) -> Arch:
     cfg_file = os.path.join(path, "config.json")
     if os.path.exists(cfg_file):
         with open(cfg_file) as f:
-            c = json.load(f)
-        esm = c.get("model_type") == "esm"
-        return Arch(c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"],
-                    c.get("num_key_value_heads") or c["num_attention_heads"], c["intermediate_size"],
-                    c["vocab_size"], gated=not esm, bias=esm, tied=esm or bool(c.get("tie_word_embeddings")))
+            return Arch.from_hf(json.load(f))
     name = os.path.basename(path.rstrip("/"))
     if name in KNOWN:
         return KNOWN[name]
     raise PlanError(f"{path}: no config.json there and not a known checkpoint name ({sorted(KNOWN)}); point "
-                    f"model.esm / model.llama at a local HF directory")
+                    f"model.encoder_path / model.llama at a local HF directory")
 
 
 @dataclasses.dataclass
@@ -148,26 +188,15 @@ def _lora_params(a: Arch, lora, tp: int) -> float:
 
 
 def connector_params(model_cfg, esm_hidden: int, llm_hidden: int, tp: int) -> float:
-    """Parameters of the connector on one tensor-parallel rank (matrices split, norms and latents whole)."""
-    d, h = esm_hidden, llm_hidden
-    if model_cfg.connector == "mlp":
-        inter = model_cfg.projector.intermediate_dim
-        return (d * inter + inter + inter * h + h) / tp     # as the planner has always counted it
-    mlp2x = (d * h + h + h * h) / tp + h
-    if model_cfg.connector == "mlp2x_gelu":
-        return mlp2x
-    r = model_cfg.resampler
-    inner = r.heads * r.head_dim
-    layer = 3 * 2 * d + (3 * d * inner + inner * d + 2 * d * d * r.ff_mult) / tp   # 3 LayerNorms; q, kv, out, ff
-    return r.latents * d + d + 2 * d + r.depth * layer + mlp2x
+    """Parameters of the connector on one tensor-parallel rank (matrices split, norms and latents whole): its
+    part's count."""
+    return parts.connector(model_cfg.connector).params(model_cfg, esm_hidden, llm_hidden, tp)
 
 
 def connector_split(model_cfg) -> int:
     """What the connector splits over tensor-parallel ranks (heads for the resampler, the hidden width for the
-    projector; mlp2x_gelu splits the LLM width, as the decoder does)."""
-    if model_cfg.connector == "mlp":
-        return model_cfg.projector.intermediate_dim
-    return model_cfg.resampler.heads if model_cfg.connector == "resampler" else 0
+    projector; mlp2x_gelu splits the LLM width, as the decoder does): its part says."""
+    return parts.connector(model_cfg.connector).split(model_cfg)
 
 
 def prompt_tokens(cfg) -> int:
@@ -188,8 +217,9 @@ def _attention_only(lora):
 
 
 def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) -> Plan:
-    decoder_only = cfg.model.encoder == "none"
-    moe = cfg.model.moe if cfg.model.decoder == "llama_moe" else None
+    enc, _, dec = parts.of(cfg.model)
+    decoder_only = not enc.reads_protein
+    moe = dec.moe(cfg.model)
     ep = cfg.parallel.expert if moe is not None else 1
     esm, llama = encoder_arch(cfg), arch_of(cfg.model.llama)
     wb = _dtype_bytes(cfg.model.dtype)
@@ -206,13 +236,13 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
 
     frozen = tower(esm, esm.layers, True, False)
     trainable = proj + _lora_params(esm, cfg.model.esm_lora, tp)
-    structure_trained = cfg.model.encoder == "esm2_structure" and not cfg.model.freeze.structure
+    structure_trained = enc.structure and not cfg.model.freeze.structure
     if structure_trained:   # the distance bias: kernels, Linear k->k, the per-head layer (split), the embedding term
         k = cfg.model.structure.kernels
         trainable += 2 * k + k * k + k + (k + 1) * esm.heads / tp + (k + 1) * esm.hidden
     # feature alignment (Protein2Text's stage 1) is stage 2's step through the whole frozen decoder, without LoRA;
     # a decoder-only recipe's stage 1 (lm) trains its own LoRA and modules_to_save on documents up to a row long
-    objective = align_objective(cfg.align.objective, cfg.model.connector) if stage == "align" else None
+    objective = parts.align_objective(cfg.align.objective, cfg.model) if stage == "align" else None
     hscale = objective == "hscale"
     llm_lora = cfg.model.llm_lora if objective in (None, "lm") else dataclasses.replace(cfg.model.llm_lora, r=0)
     if hscale:
@@ -229,7 +259,7 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
         elif decoder_only:
             seq = 2 * lt                           # plain prompts hold a protein as text, about an answer long
         else:
-            slots = protein_slots(cfg.model.connector, cfg.model.resampler, cfg.data.max_protein_residues)
+            slots = parts.slots(cfg.model, cfg.data.max_protein_residues)
             seq = slots + lt + prompt_tokens(cfg)   # loads the tokenizer: once per plan
         tokens = b * seq
 
@@ -272,7 +302,7 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
         logits = tokens * llama.vocab / tp * 4 * 2           # fp32 logits and their gradient
         dec_act = tokens * decoder_kept_per_token(cfg.model.recompute, llama.layers, h * wb, per_token_layer)
         act = dec_act + logits + esm_transient + esm_out + proj_saved
-    if cfg.model.encoder == "esm2_structure":
+    if enc.structure:
         # the distance bias: [heads / tp, L, L] kept per protein (and its gradient when trained), plus one
         # checkpointed chunk of the [rows, L, kernels] expansion and its MLP (about five such tensors, fp32)
         k, rows = cfg.model.structure.kernels, min(cfg.model.structure.chunk, lp)
@@ -280,28 +310,22 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
     mem["activations"] = act
     mem["overhead"] = device.overhead_gib * GIB
 
-    # FLOPs of one optimizer step on one model replica (forward 2 per parameter per token, backward 4)
+    # FLOPs of one optimizer step on one model replica, from the one FLOP model above
     accum = cfg.train.global_batch // (b * dp) if cfg.train.global_batch else cfg.train.grad_accum
-    esm_params = esm.layers * esm.layer_matrix_params()
-    flops = 2 * esm_params * b * lp + 4 * esm.layers * b * lp * lp * esm.hidden
-    flops += 6 * (proj * tp) * b * lp
-    if esm_backward(cfg, stage):     # input gradients through every frozen ESM weight and its attention
-        flops += 2 * esm_params * b * lp + 8 * esm.layers * b * lp * lp * esm.hidden
-        if cfg.model.recompute.encoder:                     # recomputed: its forward again
-            flops += 2 * esm_params * b * lp + 4 * esm.layers * b * lp * lp * esm.hidden
+    proteins = [lp] * b
+    flops = encoder_flops(esm, proteins, backward=esm_backward(cfg, stage), recomputed=cfg.model.recompute.encoder)
+    flops += trained_flops(proj * tp, b * lp)
     if hscale:
         if not cfg.align.use_text_cache:
-            flops += 2 * cfg.align.text_layer * llama.layer_matrix_params() * b * lt
+            flops += decoder_flops(llama, [lt] * b, layers=cfg.align.text_layer, output_layer=False, backward=False)
     else:
-        dec = llama.layers * llama.layer_matrix_params() + (0 if llama.tied else llama.vocab * llama.hidden)
-        attn = 2 * llama.layers * b * seq * seq * llama.hidden        # causal: half of 4 s^2 h
-        flops += 2 * dec * tokens + attn + 2 * (dec * tokens + attn)   # backward: input gradients only
-        layers_fwd = 2 * llama.layers * llama.layer_matrix_params() * tokens + attn
+        flops += decoder_flops(llama, [seq] * b)
+        # recomputed layers run their forward a second time in backward
+        layers_fwd = decoder_flops(llama, [seq] * b, output_layer=False, backward=False)
         if moe is not None:     # top_k experts per token (their weights trained: 6 per parameter) and the router
             mlp = (3 if llama.gated else 2) * llama.hidden * llama.ffn
             flops += llama.layers * tokens * (mlp * (6 * moe.top_k * tp - 4) + 6 * moe.experts * llama.hidden)
             layers_fwd += llama.layers * tokens * (mlp * (2 * moe.top_k * tp - 2) + 2 * moe.experts * llama.hidden)
-        # recomputed layers run their forward a second time in backward
         flops += layers_fwd * recomputed_layers(cfg.model.recompute, llama.layers) / llama.layers
     flops *= accum
     step_s = flops / (tp * device.peak_tflops * 1e12 * mfu)           # a replica is tp devices
@@ -312,19 +336,19 @@ def plan(cfg, stage: str, tp: int, dp: int, device: Device, mfu: float = 0.4) ->
 
 def recompute_label(cfg, stage: str, hscale: bool) -> str:
     """What model.recompute recomputes in this stage's step: "full, uniform x 1" (the decoder), "ESM", both, or ""."""
-    rc, parts = cfg.model.recompute, []
+    rc, what = cfg.model.recompute, []
     if rc.granularity != "none" and not hscale:
-        parts.append(f"{rc.granularity}, {rc.method} x {rc.num_layers}")
+        what.append(f"{rc.granularity}, {rc.method} x {rc.num_layers}")
     if rc.encoder and esm_backward(cfg, stage):
-        parts.append("ESM")
-    return "; ".join(parts)
+        what.append("ESM")
+    return "; ".join(what)
 
 
 def esm_backward(cfg, stage: str) -> bool:
     """Whether a step takes gradients through the ESM layers: its LoRA trains in stage 1 (stage 2 carries it
     frozen), or the structure-aware encoder's distance bias trains (it enters every layer's attention)."""
     return bool((stage == "align" and cfg.model.esm_lora.r) or
-                (cfg.model.encoder == "esm2_structure" and not cfg.model.freeze.structure))
+                (parts.encoder(cfg.model.encoder).structure and not cfg.model.freeze.structure))
 
 
 def esm_layer_activations(esm: Arch, lora, wb: int, tp: int) -> float:
@@ -354,7 +378,7 @@ def recomputed_layers(recompute, layers: int) -> int:
 
 
 def encoder_arch(cfg) -> Arch:
-    return NO_ENCODER if cfg.model.encoder == "none" else arch_of(cfg.model.esm)
+    return arch_of(cfg.model.encoder_path) if parts.encoder(cfg.model.encoder).reads_protein else NO_ENCODER
 
 
 def layouts(cfg, stage: str, gpus: int, device: Device, mfu: float = 0.4) -> List[Plan]:
@@ -425,8 +449,8 @@ def recompute_hint(cfg, stage: str, gpus: int, device: Device, mfu: float, plans
     label = again[over[0].tp].recompute
     keys = " ".join(f"model.recompute.{k}={str(v).lower()}" for k, v in changes.items()
                     if (k == "encoder" and "ESM" in label) or (k == "granularity" and "full" in label))
-    parts = [f"TP={p.tp} {again[p.tp].total / GIB:.1f} GiB{'' if again[p.tp].fits else ' (still too much)'}"
+    sizes = [f"TP={p.tp} {again[p.tp].total / GIB:.1f} GiB{'' if again[p.tp].fits else ' (still too much)'}"
              for p in over]
     slower = again[over[0].tp].step_s / over[0].step_s
-    return (f"\n\nNot fitting with every activation kept; with {keys}: {', '.join(parts)}, for {slower:.2f}x the "
+    return (f"\n\nNot fitting with every activation kept; with {keys}: {', '.join(sizes)}, for {slower:.2f}x the "
             f"step time at the same MFU.")

@@ -147,7 +147,7 @@ def stage1_job(tmp_path_factory, built_sample, tiny_tokenizer):
     assert main(["make-tiny-models", "--tokenizer", tiny_tokenizer, "--out", str(root / "tiny")]) == 0
     out, _ = built_sample
     ov = [f"data.manifest={out}/manifest.json", f"data.text_tokenizer={tiny_tokenizer}", "data.batch_size=8",
-          f"model.esm={root}/tiny/esm", f"model.llama={root}/tiny/llama", f"train.steps={STAGE1_STEPS}",
+          f"model.encoder_path={root}/tiny/esm", f"model.llama={root}/tiny/llama", f"train.steps={STAGE1_STEPS}",
           "train.save_every=5", "train.keep_last=5", "train.tensorboard=false"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",

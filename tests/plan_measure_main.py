@@ -40,7 +40,7 @@ def main():
     if stage == "align":
         from megatron_p2t.data.loader import ProteinTextLoader
         from megatron_p2t.training.align import align_loss
-        from megatron_p2t.training.run_align import build
+        from megatron_p2t.training.stages.align_hscale import build
         loader = ProteinTextLoader(cfg.data)
         it = iter(loader)
         next(it)
@@ -50,7 +50,7 @@ def main():
         trainer = Trainer(model, cfg, loader, lambda e, b: align_loss(e, b, cfg.align, layout.dp_group), layout,
                           micro_batch=cfg.data.batch_size)
     else:
-        from megatron_p2t.training.run_instruct import build, forward_loss, make_loader, param_groups
+        from megatron_p2t.training.joined import build, forward_loss, make_loader, param_groups
         loader = make_loader(cfg, layout)
         it = iter(loader)
         next(it)

@@ -144,7 +144,7 @@ def test_a_command_sets_up_its_process_group_without_a_compiler_and_leaves_it(tm
         os.symlink(os.path.join(out, name), data / name)
     assert main(["cache-text", "--config", os.path.join(ROOT, "configs", "align_tiny_cpu.yaml"),
                  f"data.manifest={data}/manifest.json", f"data.text_tokenizer={tiny_tokenizer}",
-                 f"model.esm={tmp_path}/tiny/esm", f"model.llama={tmp_path}/tiny/llama"]) == 0
+                 f"model.encoder_path={tmp_path}/tiny/esm", f"model.llama={tmp_path}/tiny/llama"]) == 0
     assert not dist.is_initialized()
     assert os.path.exists(next((data / "text_cache").iterdir()) / "cache.json")
     assert not os.path.exists(tmp_path / "torch_extensions")

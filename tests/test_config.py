@@ -54,21 +54,29 @@ def test_parts_are_chosen_by_name_and_an_unknown_one_is_refused_with_the_choices
         load_config(None, ["model.attention_kernel=xformers"])
 
 
+def _model(**kw):
+    from megatron_p2t.config import ModelConfig
+    return ModelConfig(**kw)
+
+
 def test_a_protein_fills_as_many_prompt_slots_as_its_connector_gives():
-    from megatron_p2t.models.parts_config import ResamplerConfig, protein_slots
+    from megatron_p2t.models.parts_config import ResamplerConfig
+    from megatron_p2t.parts import slots
     r = ResamplerConfig(latents=128)
-    assert protein_slots("mlp", r, 350) == protein_slots("mlp2x_gelu", r, 350) == 352   # residues + <cls> + <eos>
-    assert protein_slots("resampler", r, 350) == protein_slots("resampler", r, 12) == 128
+    assert slots(_model(connector="mlp"), 350) == slots(_model(connector="mlp2x_gelu"), 350) == 352  # + <cls>, <eos>
+    assert slots(_model(connector="resampler", resampler=r), 350) == 128
+    assert slots(_model(connector="resampler", resampler=r), 12) == 128
     with pytest.raises(ValueError, match="choose one of"):
-        protein_slots("qformer", r, 10)
+        slots(_model(connector="qformer"), 10)
 
 
 def test_stage_1_follows_the_recipe_and_hscale_without_the_projector_is_refused():
-    from megatron_p2t.models.parts_config import align_objective
+    from megatron_p2t.parts import align_objective
     p2t, p2tv2 = load_config(f"{ROOT}/configs/protein2text.yaml"), load_config(f"{ROOT}/configs/prot2text_v2.yaml")
-    assert align_objective(p2tv2.align.objective, p2tv2.model.connector) == "hscale"
-    assert align_objective(p2t.align.objective, p2t.model.connector) == "feature"
-    assert align_objective("auto", "mlp2x_gelu") == "feature" and align_objective("feature", "mlp") == "feature"
+    assert align_objective(p2tv2.align.objective, p2tv2.model) == "hscale"
+    assert align_objective(p2t.align.objective, p2t.model) == "feature"
+    assert align_objective("auto", _model(connector="mlp2x_gelu")) == "feature"
+    assert align_objective("feature", _model(connector="mlp")) == "feature"
     with pytest.raises(ConfigError, match=r"align.objective=hscale.*model.connector=resampler.*objective=feature"):
         load_config(f"{ROOT}/configs/protein2text.yaml", ["align.objective=hscale"])
     with pytest.raises(ConfigError, match=r"align.objective='contrastive'.*hscale.*feature"):
@@ -84,12 +92,14 @@ def test_incompatible_parts_are_refused_when_the_config_loads():
 
 
 def test_more_prompt_slots_than_the_decoder_has_positions_are_refused():
-    from megatron_p2t.models.parts_config import ResamplerConfig, check_room
-    check_room("resampler", ResamplerConfig(latents=128), 1021, 512, 131072, "llama")
+    from megatron_p2t.models.parts_config import ResamplerConfig
+    from megatron_p2t.parts import check_room
+    check_room(_model(connector="resampler", resampler=ResamplerConfig(latents=128)), 1021, 512, 131072, "llama")
     with pytest.raises(ValueError, match=r"model.resampler.latents=4000 .*data.max_text_tokens=512.*4096 positions"):
-        check_room("resampler", ResamplerConfig(latents=4000), 1021, 512, 4096, "/models/llama")
+        check_room(_model(connector="resampler", resampler=ResamplerConfig(latents=4000)), 1021, 512, 4096,
+                   "/models/llama")
     with pytest.raises(ValueError, match=r"data.max_protein_residues=1021 .*model.connector=mlp"):
-        check_room("mlp", ResamplerConfig(), 1021, 512, 1024, "/models/llama")
+        check_room(_model(connector="mlp"), 1021, 512, 1024, "/models/llama")
 
 
 def _run_dir(path, overrides, stage):
@@ -127,11 +137,11 @@ def test_a_checkpoint_of_another_recipe_is_refused_naming_what_differs(tmp_path)
 
 
 def test_a_decoder_only_recipe_has_neither_encoder_nor_connector_and_builds_plain_prompts():
-    from megatron_p2t.models.parts_config import align_objective, protein_slots
+    from megatron_p2t.parts import align_objective, slots
     cfg = load_config(f"{ROOT}/configs/prollama.yaml")
     assert (cfg.model.encoder, cfg.model.connector, cfg.instruct.template) == ("none", "none", "plain")
-    assert align_objective(cfg.align.objective, cfg.model.connector) == "lm"
-    assert protein_slots("none", cfg.model.resampler, 500) == 0
+    assert align_objective(cfg.align.objective, cfg.model) == "lm"
+    assert slots(cfg.model, 500) == 0
     assert cfg.model.llm_lora.modules_to_save == ["embedding", "output_layer"]
     with pytest.raises(ConfigError, match=r"model.encoder=none with model.connector=mlp"):
         load_config(None, ["model.encoder=none"])
@@ -155,7 +165,7 @@ def test_structure_encoder_options_are_checked_and_its_loaders_read_coordinates(
 
 
 def test_warmup_refuses_before_any_work():
-    from megatron_p2t.training.run_warmup import check
+    from megatron_p2t.training.stages.warmup_structure import check
     for overrides, words in ((["model.encoder=esm2"], "model.encoder=esm2_structure"),
                              (["warmup.text_encoder="], "warmup.text_encoder"),
                              (["warmup.text_encoder=x", "warmup.weights=[1.0, 1.0]"], "three non-negative")):
@@ -176,3 +186,29 @@ def test_moe_decoder_options_are_checked_before_any_work():
             load_config(f"{ROOT}/configs/sepit.yaml", bad)
     assert load_config(f"{ROOT}/configs/sepit.yaml", ["model.moe.capacity_factor=null"]).model.moe.capacity_factor \
         is None
+
+
+def test_keys_renamed_for_neutral_part_names_still_load_and_say_the_new_name(tmp_path, capsys):
+    """Configs, launch scripts and saved runs written before the rename keep loading: model.esm,
+    model.projector_weights, model.freeze.projector and instruct.projector_lr are read as their new names."""
+    import dataclasses
+    import json
+
+    from megatron_p2t import config as config_mod
+    config_mod._told.clear()
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  esm: /models/esm\n  projector_weights: /models/proj\n"
+                   "  freeze: {esm: true, projector: true, llm: true}\ninstruct:\n  projector_lr: 0.002\n")
+    new = load_config(None, ["model.encoder_path=/models/esm", "model.connector_weights=/models/proj",
+                             "model.freeze.connector=true", "instruct.connector_lr=0.002"])
+    assert load_config(str(old)) == new
+    err = capsys.readouterr().err
+    for was, now in config_mod.RENAMED.items():
+        assert f"config: {was} is now {now}" in err, err
+    assert load_config(None, ["model.esm=/models/esm", "instruct.projector_lr=0.002",
+                              "model.freeze={projector: true}"]).model.freeze.connector is True
+    saved = json.loads(json.dumps(dataclasses.asdict(new)))          # a run's megatron_p2t.json from before
+    saved["model"]["esm"] = saved["model"].pop("encoder_path")
+    assert config_mod.config_from_dict(saved) == new
+    with pytest.raises(ConfigError, match=r"model.esm and model.encoder_path both given"):
+        config_mod.config_from_dict({"model": {"esm": "/a", "encoder_path": "/b"}})

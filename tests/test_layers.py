@@ -1,7 +1,8 @@
 """The package imports one way: (_deferred_compile) -> parallel -> data -> transformer -> models -> checkpoint ->
-(config, the HF-only model) -> training -> the commands (export, generate, evaluate, plan) -> cli. Every import
-of the package is read from the source, those inside functions included, so a deferred import cannot hide a
-cycle or an import against the order."""
+the parts' plain-torch inference forms -> parts (the registry, and the model a config assembles from it) -> config
+-> training -> the commands (inference, export, generate, evaluate, plan) -> cli. Every import of the package is
+read from the source, those inside functions included, so a deferred import cannot hide a cycle or an import
+against the order. data_tools (building datasets) stands apart: it imports nothing of megatron_p2t."""
 import ast
 import os
 
@@ -16,9 +17,11 @@ LAYERS = [
     ["transformer"],
     ["models"],
     ["checkpoint"],
-    ["config", "hf_model", "hf_connector", "hf_structure"],
+    ["hf"],             # the parts in plain torch, transformers + torch alone
+    ["parts"],
+    ["config"],
     ["training"],
-    ["export", "generate", "generate_protein", "evaluation", "evaluate_proteins", "plan"],
+    ["inference", "evaluation", "export", "plan", "hf_model"],
     ["cli", "__main__"],
 ]
 
@@ -98,3 +101,28 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [m])
     assert not cycles, "\n".join(cycles)
+
+
+def test_data_tools_imports_nothing_of_the_training_package():
+    """data_tools builds datasets on machines without the training stack (and megatron_p2t reads what it writes):
+    the dependency runs from megatron_p2t to data_tools only."""
+    found = []
+    for d, _, files in os.walk(os.path.join(ROOT, "data_tools")):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(d, f)
+                for node in ast.walk(ast.parse(open(path).read(), path)):
+                    names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                        [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                    found += [f"{os.path.relpath(path, ROOT)}:{node.lineno} imports {n}" for n in names
+                              if n == PKG or n.startswith(PKG + ".")]
+    assert not found, "\n".join(found)
+
+
+def test_no_stage_imports_another_stages_module():
+    """Each training stage is one module over the one driver; what stages share lives below them (joined.py,
+    batches.py, the trainer), so adding a stage touches no other stage."""
+    stages = {m for m in modules() if m.startswith(f"{PKG}.training.stages.")}
+    graph = imports(modules())
+    crossing = [f"{a} imports {b}" for a in sorted(stages) for b in graph[a] if b in stages]
+    assert stages and not crossing, "\n".join(crossing)

@@ -75,7 +75,7 @@ def test_memory_model_within_20_percent_of_the_measured_cpu_peak(stage, extra, m
     out, _ = built_sample
     cfg = "align_tiny_cpu.yaml" if stage == "align" else "instruct_tiny_cpu.yaml"
     ov = [f"data.manifest={out}/manifest.json", f"data.text_tokenizer={tiny_tokenizer}",
-          f"model.esm={mid_models}/esm", f"model.llama={mid_models}/llama", "data.batch_size=4",
+          f"model.encoder_path={mid_models}/esm", f"model.llama={mid_models}/llama", "data.batch_size=4",
           "data.max_protein_residues=254", "data.max_text_tokens=64", "model.projector.intermediate_dim=512",
           "train.steps=2", "train.save_every=1000", "train.tensorboard=false", f"train.save_dir={tmp_path}/run",
           "align.use_text_cache=false", "align.text_layer=3", "instruct.init_from=", "instruct.pack_length=512",
@@ -155,7 +155,7 @@ def test_the_structure_encoder_adds_its_bias_to_the_plan():
     chunk = 5 * b * 128 * L * 128 * 4
     extra = frozen[1].memory["activations"] - plain[1].memory["activations"]
     assert bias < extra < bias + chunk + 1
-    esm = arch_of(cfg.model.esm)
+    esm = arch_of(cfg.model.encoder_path)
     layers = b * L * esm.layers * esm_layer_activations(esm, cfg.model.esm_lora, 2, 1)
     assert layers + 2 * bias < biased[1].memory["activations"] < layers + 2 * bias + chunk + plain[1].total
     assert biased[1].flops_per_step > 1.5 * plain[1].flops_per_step   # input gradients through every ESM layer

@@ -161,7 +161,8 @@ def run_config(shapes: Shapes, esm_dir: str, llama_dir: str, tokenizer: str | No
                attention_kernel: str = "auto"):
     from megatron_p2t.config import load_config
     return load_config(os.path.join(ROOT, "configs", "prot2text_v2.yaml"),
-                       [f"model.esm={esm_dir}", f"model.llama={llama_dir}", f"data.text_tokenizer={tokenizer or ''}",
+                       [f"model.encoder_path={esm_dir}", f"model.llama={llama_dir}",
+                        f"data.text_tokenizer={tokenizer or ''}",
                         f"model.dtype={dtype}", f"instruct.pack_length={shapes.pack_length}",
                         f"align.text_layer={shapes.text_layer}", f"model.attention_kernel={attention_kernel}"])
 
@@ -218,54 +219,32 @@ def hf_padded(batch: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- model FLOPs
 
-def llama_linear_params(c) -> int:
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_layer = (c.hidden_size * hd * (c.num_attention_heads + 2 * c.num_key_value_heads)
-                 + c.num_attention_heads * hd * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
-    return c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size  # + the output layer
-
-
-def esm_linear_params(c) -> int:
-    h = c.hidden_size
-    return c.num_hidden_layers * (4 * h * h + 2 * h * c.intermediate_size)
-
-
 def stage2_flops(llama_cfg, esm_cfg, text_lengths, protein_lengths, lora_params: int, projector_params: int,
                  text_layers: int | None = None, backward: bool = True) -> float:
-    """The FLOPs a step needs, padding excluded (the same count for both implementations). Frozen base weights
-    need no weight gradients: forward 2N and input-gradient 2N per token; LoRA and the projector train fully
-    (6N). Causal attention: 4*h*L(L+1)/2 per layer forward, twice that backward. ESM runs forward only,
-    bidirectional; the projector trains in both stages. text_layers (stage 1's text side): that many decoder
-    layers, forward only, no output layer."""
-    hd = (getattr(llama_cfg, "head_dim", None) or llama_cfg.hidden_size // llama_cfg.num_attention_heads) \
-        * llama_cfg.num_attention_heads
-    layers = llama_cfg.num_hidden_layers if text_layers is None else text_layers
-    lin = llama_linear_params(llama_cfg)
-    if text_layers is not None:
-        lin = (lin - llama_cfg.vocab_size * llama_cfg.hidden_size) * text_layers // llama_cfg.num_hidden_layers
-    tokens = float(sum(text_lengths))
-    attn = sum(4.0 * hd * L * (L + 1) / 2 * layers for L in text_lengths)
-    f = (2 * lin * tokens + attn) * ((2 if backward else 1)) + (attn if backward else 0.0)
-    f += 6.0 * lora_params * tokens if backward else 0.0
-    ptok = float(sum(protein_lengths))
-    f += 2.0 * esm_linear_params(esm_cfg) * ptok + sum(4.0 * esm_cfg.hidden_size * L * L * esm_cfg.num_hidden_layers
-                                                      for L in protein_lengths)
-    f += 6.0 * projector_params * ptok  # trained in both stages
-    return f
+    """The FLOPs a step needs, padding excluded (the same count for both implementations), from the planner's one
+    FLOP model (megatron_p2t.plan): the frozen decoder (forward, and input gradients in backward), LoRA trained
+    fully, ESM forward only, the projector trained in both stages. text_layers (stage 1's text side): that many
+    decoder layers, forward only, no output layer."""
+    from megatron_p2t.plan import Arch, decoder_flops, encoder_flops, trained_flops
+    llama, esm = Arch.from_hf(llama_cfg), Arch.from_hf(esm_cfg)
+    f = decoder_flops(llama, text_lengths, layers=text_layers, output_layer=text_layers is None, backward=backward)
+    f += trained_flops(lora_params, sum(text_lengths)) if backward else 0.0
+    f += encoder_flops(esm, protein_lengths)
+    return f + trained_flops(projector_params, sum(protein_lengths))
 
 
 # ---------------------------------------------------------------------------------------------- our model
 
 def build_ours(cfg, lora: bool = True):
-    """The joined model as stage 2 builds it (checkpoint.load.build_model + LoRA on the decoder), random
+    """The joined model as stage 2 builds it (parts.assemble.build_model + LoRA on the decoder), random
     weights."""
-    from megatron_p2t.checkpoint.load import build_model
+    from megatron_p2t.parts.assemble import build_model
     from megatron_p2t.models.lora import apply_lora
     from megatron_p2t.parallel.state import current
-    from megatron_p2t.training.run_instruct import stage2_config
+    from megatron_p2t.training.joined import stage2_config
     cfg = stage2_config(cfg)
     torch.manual_seed(0)
-    model, llama_cfg, esm_cfg, pcfg = build_model(cfg, current())
+    model, llama_cfg, esm_cfg, pcfg = build_model(cfg.model, cfg.data, current())
     if lora:
         apply_lora(model.llm, cfg.model.llm_lora, "llm")
         with torch.no_grad():  # B starts at zero; random B makes the adapters' path count in the comparison
@@ -312,8 +291,9 @@ def host_syncs(step) -> int | None:
 
 def check_precision(shapes: Shapes, work: str, tokenizer: str | None, kernel: str = "auto") -> dict:
     from megatron_p2t.data.instruct import collate_instruct
-    from megatron_p2t.checkpoint.load import placeholder_id
-    from megatron_p2t.training import run_instruct
+    from megatron_p2t.parts.assemble import placeholder_id
+    from megatron_p2t.training import joined
+    from megatron_p2t.training.batches import to_device
     esm_dir, llama_dir = hf_dirs(work, shapes.check_esm, shapes.check_llama, "check")
     out, ref = {}, None
     for dtype in ("float32", "bfloat16"):
@@ -322,12 +302,13 @@ def check_precision(shapes: Shapes, work: str, tokenizer: str | None, kernel: st
         model, llama_cfg, *_ = build_ours(cfg)
         if ref is not None:
             model.load_state_dict(ref["state"])  # the fp32 model's weights, rounded to bf16
-        enc, pids, pmask = samples(shapes, llama_cfg.vocab_size, placeholder_id(cfg), shapes.samples, seed=1)
+        pid = placeholder_id(cfg.model, cfg.data.text_tokenizer)
+        enc, pids, pmask = samples(shapes, llama_cfg.vocab_size, pid, shapes.samples, seed=1)
         batch = collate_instruct(enc, pids, pmask, 0, pack=True, pack_length=shapes.pack_length)
-        loss, _ = run_instruct.forward_loss(model, batch)
+        loss, _ = joined.forward_loss(model, batch)
         loss.backward()
         with torch.no_grad():
-            b = run_instruct._to_device(batch)
+            b = to_device(batch)
             logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"],
                            attention_mask=b["attention_mask"], protein_ids=b["protein_ids"],
                            protein_mask=b["protein_mask"])
@@ -505,7 +486,7 @@ def _decoder(llama: dict, dtype, moe=None, layers: int | None = None, fused: boo
     from transformers import LlamaConfig
 
     from megatron_p2t.models import llama as llama_mod
-    from megatron_p2t.models.build import fusions
+    from megatron_p2t.parts.assemble import fusions
     shape = dict(llama, num_hidden_layers=layers or llama["num_hidden_layers"])
     hf = LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
     return llama_mod.build(hf, params_dtype=dtype, moe=moe, **fusions(fused)).to(device())
@@ -609,20 +590,22 @@ def check_fusion(shapes: Shapes, compile_kernels: bool = True) -> dict:
 # ---------------------------------------------------------------------------------------------- 3. stage 2
 
 def stage2_ours(shapes: Shapes, cfg, batch, counts) -> dict:
-    from megatron_p2t.training import run_instruct
+    from megatron_p2t.training import joined
     model, llama_cfg, esm_cfg, pcfg = build_ours(cfg)
     model.train()
     params = trainable(model)
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
-    proj = sum(p.numel() for n, p in model.named_parameters() if n.startswith("projector."))
+    proj = sum(p.numel() for n, p in model.named_parameters() if n.startswith("connector."))
+    from megatron_p2t.plan import Arch
     linear = sum(p.numel() for n, p in model.llm.named_parameters() if n.endswith("weight") and p.dim() == 2
                  and ".lora_" not in n and "embedding" not in n)
-    if linear != llama_linear_params(llama_cfg):  # the FLOP count's parameter formula, checked on the model
-        raise AssertionError(f"decoder linear parameters: model {linear}, formula {llama_linear_params(llama_cfg)}")
+    formula = Arch.from_hf(llama_cfg).decoder_params()
+    if linear != formula:  # the FLOP model's parameter formula, checked on the model
+        raise AssertionError(f"decoder linear parameters: model {linear}, formula {formula}")
     opt = torch.optim.AdamW(params, lr=1e-4, fused=torch.cuda.is_available())
 
     def step():
-        loss, _ = run_instruct.forward_loss(model, batch)
+        loss, _ = joined.forward_loss(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -639,12 +622,11 @@ def stage2_hf(shapes: Shapes, cfg, batch, counts) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import EsmModel, LlamaForCausalLM
 
-    from megatron_p2t.checkpoint.load import hf_configs
-    from megatron_p2t.hf_model import Projector
-    from megatron_p2t.checkpoint.load import placeholder_id
+    from megatron_p2t.hf.connector import Projector
+    from megatron_p2t.parts.assemble import hf_configs, placeholder_id
     dev = device()
     dt = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    llama_cfg, esm_cfg, pcfg = hf_configs(cfg)  # the same parts and projector settings as ours
+    llama_cfg, esm_cfg, pcfg = hf_configs(cfg.model)  # the same parts and projector settings as ours
     llama_cfg._attn_implementation = esm_cfg._attn_implementation = "sdpa"
     before = torch.get_default_dtype()
     torch.set_default_dtype(dt)
@@ -661,7 +643,7 @@ def stage2_hf(shapes: Shapes, cfg, batch, counts) -> dict:
                                              target_modules=LORA_TARGETS_HF))
     llama.train()
     proj.train()
-    pid = placeholder_id(cfg)
+    pid = placeholder_id(cfg.model, cfg.data.text_tokenizer)
     params = [p for p in list(llama.parameters()) + list(proj.parameters()) if p.requires_grad]
     lora = sum(p.numel() for n, p in llama.named_parameters() if "lora_" in n)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=torch.cuda.is_available())
@@ -712,11 +694,12 @@ def result(times, flops: float, tokens: int, shapes: Shapes) -> dict:
 
 def stage2(shapes: Shapes, work: str, tokenizer: str | None, kernel: str = "auto") -> dict:
     from megatron_p2t.data.instruct import collate_instruct
-    from megatron_p2t.checkpoint.load import placeholder_id
+    from megatron_p2t.parts.assemble import placeholder_id
     esm_dir, llama_dir = hf_dirs(work, shapes.esm, shapes.llama, "real")
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     cfg = run_config(shapes, esm_dir, llama_dir, tokenizer, dtype, kernel)
-    enc, pids, pmask = samples(shapes, cfg_vocab(llama_dir), placeholder_id(cfg), shapes.samples)
+    pid = placeholder_id(cfg.model, cfg.data.text_tokenizer)
+    enc, pids, pmask = samples(shapes, cfg_vocab(llama_dir), pid, shapes.samples)
     packed = collate_instruct(enc, pids, pmask, 0, pack=True, pack_length=shapes.pack_length)
     padded = collate_instruct(enc, pids, pmask, 0, pack=False)
     counts = {"text": [len(e.ids) for e in enc], "protein": pmask.sum(1).tolist(),
@@ -738,18 +721,19 @@ def cfg_vocab(llama_dir: str) -> int:
 # ---------------------------------------------------------------------------------------------- 4. stage 1
 
 def stage1(shapes: Shapes, work: str, tokenizer: str | None, kernel: str = "auto") -> dict:
-    from megatron_p2t.checkpoint.load import hf_configs
+    from megatron_p2t import parts
     from megatron_p2t.models.align import AlignModel
-    from megatron_p2t.models.build import dtype_of
     from megatron_p2t.models.esm import ESMConfig
     from megatron_p2t.parallel.state import current
+    from megatron_p2t.parts.assemble import dtype_of, hf_configs
     from megatron_p2t.training.align import align_loss
     esm_dir, llama_dir = os.path.join(work, "real", "esm"), os.path.join(work, "real", "llama")
     cfg = run_config(shapes, esm_dir, llama_dir, tokenizer, "bfloat16" if torch.cuda.is_available() else "float32")
-    llama_cfg, esm_cfg, pcfg = hf_configs(cfg)
+    llama_cfg, esm_cfg, pcfg = hf_configs(cfg.model)
     torch.manual_seed(0)
-    model = AlignModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, cfg.align, params_dtype=dtype_of(cfg),
-                       text_side=True, layout=current(), attention_kernel=kernel).to(device()).train()
+    mcfg = dataclasses.replace(cfg.model, attention_kernel=kernel)
+    model = AlignModel(mcfg, parts.of(mcfg), ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, cfg.align,
+                       params_dtype=dtype_of(cfg.model), text_side=True, layout=current()).to(device()).train()
     n = shapes.align_batch
     enc, pids, pmask = samples(shapes, llama_cfg.vocab_size, llama_cfg.vocab_size, n, seed=2)
     rng = np.random.default_rng(4)
@@ -767,7 +751,7 @@ def stage1(shapes: Shapes, work: str, tokenizer: str | None, kernel: str = "auto
     computed = dict(base, text_ids=tids.to(dev), text_mask=tmask.to(dev))
     params = trainable(model)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=torch.cuda.is_available())
-    nproj = sum(p.numel() for p in model.projector.parameters())
+    nproj = sum(p.numel() for p in model.connector.parameters())
     out = {"batch": n, "dtype": cfg.model.dtype, "text_layer": cfg.align.text_layer}
     for name, batch, unpad in (("text_cache", cached, True), ("text_computed", computed, True),
                                ("text_cache_padded", cached, False)):   # ESM on the padded batch, as before

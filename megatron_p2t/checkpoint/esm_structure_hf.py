@@ -1,16 +1,15 @@
 """The structure-aware encoder's distance bias between our megatron module (models/esm_structure.DistanceBias) and
-the exported `structure/` directory that hf_structure.py reads beside esm/ (an EsmModel). One name table serves
+the exported `structure/` directory that hf/structure.py reads beside esm/ (an EsmModel). One name table serves
 both directions; the per-head layer is split by rows (heads) over tensor-parallel ranks, the rest replicated."""
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 from typing import List, Optional
 
 import torch
 
 from megatron_p2t.checkpoint.hf_dir import CheckpointError
+from megatron_p2t.checkpoint.run_dir import RunDir
 from megatron_p2t.checkpoint.slicing import Slice, copy_into, span
 
 # megatron name -> exported name, and whether its rows are split by attention heads
@@ -39,10 +38,8 @@ def config(structure_cfg, heads: int) -> dict:
 def structure_tensors(path: str) -> Optional[dict]:
     """A run's trained distance bias (model.encoder=esm2_structure), whole, by megatron name: the per-head layer
     gathered from its tensor-parallel ranks, the rest as the first of them has it; None when the run has none."""
-    files = sorted(glob.glob(os.path.join(path, "mp_rank_*_model_states.pt")))
     pre = "esm.structure."
-    mods = [m for m in (torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files)
-            if any(k.startswith(pre) for k in m)]
+    mods = [m for m in RunDir.module_states(path) if any(k.startswith(pre) for k in m)]
     if not mods:
         return None
     return {meg: torch.cat([m[pre + meg] for m in mods], 0) if split else mods[0][pre + meg]

@@ -30,6 +30,14 @@ def assemble(pieces):
     return torch.cat([p[3] for p in pieces], dim).contiguous()
 
 
+def whole(slices) -> Dict[str, torch.Tensor]:
+    """Whole HF tensors from every rank's slices (Slice or (name, dim, start, stop, tensor)), which tile them."""
+    pieces = defaultdict(list)
+    for n, dim, a, b, t in slices:
+        pieces[n].append((dim, a, b, t))
+    return {n: assemble(p) for n, p in pieces.items()}
+
+
 def write_safetensors_dir(out_dir: str, tensors: Dict[str, torch.Tensor], shard_bytes: int = SHARD_BYTES) -> None:
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)

@@ -114,6 +114,7 @@ def save_imported(model, cfg, source: str, out: str) -> None:
     """Collective: the model as a megatron checkpoint in `out`, beside the source's config.json, the tensors our
     model does not use (so an export gives the source back bit for bit) and its tokenizer when it has one."""
     from megatron_p2t.checkpoint import sharded  # megatron-core: see write()
+    from megatron_p2t.checkpoint.run_dir import RunDir
     sharded.save(model, out)
     if torch.distributed.get_rank() == 0:
         shutil.copy(os.path.join(source, "config.json"), os.path.join(out, "config.json"))
@@ -126,7 +127,7 @@ def save_imported(model, cfg, source: str, out: str) -> None:
             if not cfg.data.text_tokenizer:  # the import's own tokenizer, recorded for the commands after it
                 data = dataclasses.replace(cfg.data, text_tokenizer=os.path.abspath(out))
                 cfg = dataclasses.replace(cfg, data=data)
-    sharded.write_run_info(out, cfg, "import")
+    RunDir(out).write_info(cfg, "import")
     torch.distributed.barrier()
 
 
@@ -210,7 +211,7 @@ def write(model, out: str, llama_cfg, esm_cfg, pcfg, placeholder: int, tp_rank: 
     slices = llama_hf.hf_slices(model.llm, llama_cfg, tp_rank, tp, prefix=LLAMA)
     if model.pre_process:
         slices += esm_hf.hf_slices(model.esm, tp_rank, tp, prefix=ESM)
-        slices += projector_hf.hf_slices(model.projector, pcfg, tp_rank, tp, prefix=ADAPTER)
+        slices += projector_hf.hf_slices(model.connector, pcfg, tp_rank, tp, prefix=ADAPTER)
         if tp_rank == 0:
             ln = {f"{ADAPTER}ln1.weight": torch.ones(pcfg.intermediate_dim),
                   f"{ADAPTER}ln1.bias": torch.zeros(pcfg.intermediate_dim),

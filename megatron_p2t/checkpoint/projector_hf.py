@@ -21,5 +21,7 @@ def tensors(src, cfg, tp_rank: int, tp: int, prefix: str = "") -> Dict[str, torc
     return read(TABLE, src, prefix, "", _spans(cfg, tp_rank, tp))
 
 
-def hf_slices(proj, cfg, tp_rank: int, tp: int, prefix: str = "") -> List[Slice]:
-    return write(TABLE, proj.state_dict(), prefix, "", _spans(cfg, tp_rank, tp), tp_rank)
+def hf_slices(proj, cfg, tp_rank: int, tp: int, prefix: str = "", sd=None) -> List[Slice]:
+    """This rank's share of the plain tensors, of `sd` (tensor-parallel rank tp_rank's projector state dict, e.g.
+    from a checkpoint) instead of the module's own when given."""
+    return write(TABLE, proj.state_dict() if sd is None else sd, prefix, "", _spans(cfg, tp_rank, tp), tp_rank)

@@ -4,16 +4,15 @@ tensor-parallel rank. One table serves both directions."""
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from typing import Dict, List, Optional
 
 import torch
 
-from megatron_p2t.checkpoint.export_hf import assemble
+from megatron_p2t.checkpoint import export_hf
 from megatron_p2t.checkpoint.slicing import Entry, Slice, read, span, stack_rows, write
 
 RESAMPLER, PROJECTOR = "model.mm_resampler.", "model.mm_projector."
-CONFIG_TYPE = "megatron_p2t_connector"     # connector/config.json's model_type (hf_connector.py reads it)
+CONFIG_TYPE = "megatron_p2t_connector"     # connector/config.json's model_type (hf/connector.py reads it)
 
 
 def _layer(i: int):
@@ -83,14 +82,10 @@ def hf_slices(connector, tp_rank: int, tp: int, sd: Optional[Dict[str, torch.Ten
 def whole(shards: List[Dict[str, torch.Tensor]], connector) -> Dict[str, torch.Tensor]:
     """The released tensors, whole, from the connector's state dicts of every tensor-parallel rank of a run
     (its checkpoint's files, in rank order): what `tensors` then reads at another run's layout."""
-    pieces = defaultdict(list)
-    for rank, sd in enumerate(shards):
-        for s in hf_slices(connector, rank, len(shards), sd):
-            pieces[s.name].append((s.dim, s.start, s.stop, s.tensor))
-    return {n: assemble(p) for n, p in pieces.items()}
+    return export_hf.whole(s for rank, sd in enumerate(shards) for s in hf_slices(connector, rank, len(shards), sd))
 
 
 def config(kind: str, esm_dim: int, llm_dim: int, resampler) -> dict:
     """connector/config.json of an export: what hf_connector.Connector is rebuilt from."""
     return {"model_type": CONFIG_TYPE, "connector": kind, "esm_dim": esm_dim, "llm_dim": llm_dim,
-            **({"resampler": dataclasses.asdict(resampler)} if kind == "resampler" else {})}
+            **({"resampler": dataclasses.asdict(resampler)} if resampler is not None else {})}

@@ -3,23 +3,13 @@ checkpoint reloads into any TP/PP layout (the sharded state dict records each te
 rank's slice). Loading checks shapes first and names the first tensor that does not fit."""
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 
-import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor, load_tensors_metadata
 
 from megatron_p2t.checkpoint.hf_dir import CheckpointError
-
-
-def write_run_info(directory: str, cfg, stage: str) -> None:
-    """What a checkpoint was made from, beside it, for the commands that read it later (config.check_same_recipe,
-    export): the run config and the stage that wrote it (align, align-feature, instruct, import)."""
-    if torch.distributed.get_rank() == 0:
-        with open(os.path.join(directory, "megatron_p2t.json"), "w") as f:
-            json.dump({"config": dataclasses.asdict(cfg), "stage": stage}, f, indent=1, default=str)
+from megatron_p2t.models.p2t import legacy_name
 
 
 def save(model, directory: str) -> None:
@@ -32,6 +22,12 @@ def load(model, directory: str, strict: bool = True) -> None:
         raise CheckpointError(f"{directory}: no megatron checkpoint here (metadata.json missing); "
                               f"pass the directory a training run or an import wrote")
     wanted = model.sharded_state_dict()
+    stored = load_tensors_metadata(directory)
+    if any(isinstance(st, ShardedTensor) and st.key not in stored and legacy_name(st.key) in stored
+           for st in wanted.values()):   # written before the connector's rename: `projector.*`, extra states too
+        for st in wanted.values():
+            if hasattr(st, "key"):
+                st.key = legacy_name(st.key)
     check_shapes(wanted, directory)
     model.load_state_dict(dist_checkpointing.load(wanted, directory), strict=strict)
 

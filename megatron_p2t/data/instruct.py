@@ -46,7 +46,7 @@ class InstructConfig:
     mix: List[Dict] = dataclasses.field(default_factory=list)   # [{manifest: ..., weight: ...}, ...] extra sources
     main_weight: float = 1.0           # data.manifest's weight when mixing
     init_from: Optional[str] = None    # a stage-1 run directory (or step directory): its trained projector
-    projector_lr: Optional[float] = None   # None: train.lr (which the LoRA adapters use)
+    connector_lr: Optional[float] = None   # None: train.lr (which the LoRA adapters use); was projector_lr
     template: str = "chat"             # chat: the tokenizer's chat template; plain: `<bos>instruction input`
 
 

@@ -23,23 +23,15 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_p2t.models import esm as esm_mod
 from megatron_p2t.models import llama as llama_mod
-from megatron_p2t.models.parts_config import (CONNECTORS, FreezeConfig, ProjectorConfig, ResamplerConfig,
-                                             StructureConfig)
-from megatron_p2t.models.projector import Projector
-from megatron_p2t.models.resampler import MLP2xGelu, ResamplerConnector
+from megatron_p2t.models.parts_config import ConnectorInputs, FreezeConfig, ProjectorConfig
 from megatron_p2t.parallel.layout import Layout
 
 
-def make_encoder(name: str, esm_cfg, output_layer: int, params_dtype, layout, structure: StructureConfig,
-                 recompute: bool = False, attention_kernel: str = "auto"):
-    """The protein encoder part by its name (parts_config.ENCODERS); recompute: model.recompute.encoder;
-    attention_kernel: model.attention_kernel, for the proteins of a batch run without padding."""
-    kw = dict(output_layer=output_layer, params_dtype=params_dtype, layout=layout, recompute=recompute,
-              attention_kernel=attention_kernel)
-    if name == "esm2_structure":
-        from megatron_p2t.models.esm_structure import StructureESMEncoder
-        return StructureESMEncoder(esm_cfg, structure, **kw)
-    return esm_mod.ESMEncoder(esm_cfg, **kw)
+def make_encoder(spec, esm_cfg: esm_mod.ESMConfig, model_cfg, params_dtype, layout):
+    """The protein encoder its spec builds (parts/encoders.py), reading model_cfg.esm_output_layer,
+    model.recompute.encoder, and model.attention_kernel for the proteins of a batch run without padding."""
+    return spec.build(esm_cfg, model_cfg, params_dtype=params_dtype, layout=layout,
+                      recompute=model_cfg.recompute.encoder, attention_kernel=model_cfg.attention_kernel)
 
 
 def encode(esm, ids, mask, coords=None, coords_mask=None):
@@ -49,41 +41,59 @@ def encode(esm, ids, mask, coords=None, coords_mask=None):
     return esm(ids, mask)
 
 
+# the connector's attribute before every connector was `connector`: Prot2Text-V2's projector was `projector`
+LEGACY_NAMES = (("projector.", "connector."),)
+
+
+def current_name(name: str) -> str:
+    """A tensor name of a checkpoint written before the rename, as the model names it now."""
+    for old, new in LEGACY_NAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def legacy_name(name: str) -> str:
+    """The inverse: the name a checkpoint written before the rename holds for this tensor of the model."""
+    for old, new in LEGACY_NAMES:
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
+
+
+def renamed_in_place(module, state_dict, prefix, *_):
+    """load_state_dict pre-hook: a state dict written before the rename loads under today's names."""
+    for k in [k for k in state_dict if k.startswith(prefix)]:
+        new = prefix + current_name(k[len(prefix):])
+        if new != k and new not in state_dict:
+            state_dict[new] = state_dict.pop(k)
+
+
 class Prot2TextModel(MegatronModule):
-    def __init__(self, esm_cfg: esm_mod.ESMConfig, llama_hf_cfg, projector_cfg: ProjectorConfig,
-                 placeholder_id: int, pre_process: bool = True, post_process: bool = True,
-                 esm_output_layer: int = -1, freeze: FreezeConfig = FreezeConfig(), llm_config=None,
-                 layout: Layout | None = None, connector: str = "mlp",
-                 resampler: ResamplerConfig = ResamplerConfig(), encoder: str = "esm2",
-                 structure: StructureConfig = StructureConfig(), attention_kernel: str = "auto",
-                 recompute_encoder: bool = False):
+    """specs: the (encoder, connector, decoder) specs model_cfg names (megatron_p2t.parts.of); the model holds
+    `esm` (the encoder), `connector` and `llm` (the decoder) whatever parts they are."""
+
+    def __init__(self, model_cfg, specs, esm_cfg: esm_mod.ESMConfig, llama_hf_cfg, projector_cfg: ProjectorConfig,
+                 placeholder_id: int, pre_process: bool = True, post_process: bool = True, llm_config=None,
+                 layout: Layout | None = None):
         llm_config = llm_config or llama_mod.transformer_config(llama_hf_cfg, layout=layout)
         super().__init__(llm_config)  # self.config: what megatron's schedules read, with model_type below
         self.pre_process, self.post_process, self.placeholder_id = pre_process, post_process, placeholder_id
         self.llm_config = llm_config
+        self.specs = self.encoder_spec, self.connector_spec, self.decoder_spec = specs
         self.llm = llama_mod.build(llama_hf_cfg, pre_process=pre_process, post_process=post_process,
-                                   config=self.llm_config, attention_kernel=attention_kernel)
+                                   config=self.llm_config, attention_kernel=model_cfg.attention_kernel)
         self.model_type = self.llm.model_type
-        if connector not in CONNECTORS:
-            raise ValueError(f"model.connector={connector!r}: choose one of {sorted(CONNECTORS)}")
-        self.connector_name = connector
-        self.reads_protein = encoder != "none"      # decoder-only: the prompt is all text
+        self.reads_protein = self.encoder_spec.reads_protein      # decoder-only: the prompt is all text
         if pre_process and self.reads_protein:
-            self.esm = make_encoder(encoder, esm_cfg, esm_output_layer, self.llm_config.params_dtype, layout,
-                                    structure, recompute_encoder, attention_kernel)
-            if connector == "mlp":
-                self.projector = Projector(projector_cfg, self.llm_config)
-            elif connector == "mlp2x_gelu":
-                self.connector = MLP2xGelu(esm_cfg.hidden_size, self.llm_config.hidden_size, self.llm_config)
-            else:
-                self.connector = ResamplerConnector(resampler, esm_cfg.hidden_size, self.llm_config.hidden_size,
-                                                    self.llm_config)
-        self.set_freeze(freeze)
+            self.esm = make_encoder(self.encoder_spec, esm_cfg, model_cfg, self.llm_config.params_dtype, layout)
+            self.connector = self.connector_spec.build(ConnectorInputs(model_cfg, projector_cfg, esm_cfg.hidden_size,
+                                                                       self.llm_config.hidden_size, self.llm_config))
+        self.set_freeze(model_cfg.freeze)
+        self.register_load_state_dict_pre_hook(renamed_in_place)
 
     def set_freeze(self, freeze: FreezeConfig) -> None:
-        """freeze.projector: whichever connector the model has."""
-        for name, frozen in (("esm", freeze.esm), ("projector", freeze.projector), ("connector", freeze.projector),
-                             ("llm", freeze.llm)):
+        for name, frozen in (("esm", freeze.esm), ("connector", freeze.connector), ("llm", freeze.llm)):
             part = getattr(self, name, None)
             if part is not None:
                 for p in part.parameters():
@@ -99,19 +109,14 @@ class Prot2TextModel(MegatronModule):
     def protein_vectors(self, protein_ids, protein_mask, coords=None, coords_mask=None):
         """(vectors [b, n, h] for the prompt, mask [b, n]: the real ones) from the connector."""
         states = encode(self.esm, protein_ids, protein_mask, coords, coords_mask)
-        if self.connector_name == "mlp":
-            return self.projector(states), protein_mask.bool()
-        if self.connector_name == "mlp2x_gelu":
-            return self.connector(states), protein_mask.bool()
-        return self.connector(states, protein_mask)
+        return self.connector_spec.run(self.connector, states, protein_mask)
 
     def splice(self, input_ids, position_ids, protein_ids, protein_mask, coords=None, coords_mask=None) -> torch.Tensor:
         """Token embeddings [s, b, h] with the placeholders replaced by the connector's protein vectors."""
         emb = self.llm.embedding(input_ids=input_ids, position_ids=position_ids)   # [s, b, h]
         slots = input_ids == self.placeholder_id                                    # [b, s]
         prot, prot_mask = self.protein_vectors(protein_ids, protein_mask, coords, coords_mask)  # [b, n, h], [b, n]
-        what = (f"{self.connector_name} connector: one per ESM token, residues + <cls> + <eos>"
-                if self.connector_name != "resampler" else f"resampler: {prot.shape[1]} latents")
+        what = f"model.connector={self.connector_spec.name}: {self.connector_spec.summary}"
         if protein_ids.shape[0] != input_ids.shape[0]:  # packed rows: proteins in placeholder order
             have, need = slots.sum(), prot_mask.sum()
             if have != need:
@@ -125,7 +130,7 @@ class Prot2TextModel(MegatronModule):
             bad = int((have != need).nonzero()[0, 0])
             raise ValueError(f"sample {bad} of the batch has {int(have[bad])} placeholder tokens but its protein "
                              f"fills {int(need[bad])} prompt slots ({what}); build the prompt with "
-                             f"parts_config.protein_slots placeholders")
+                             f"megatron_p2t.parts.slots placeholders")
         flat = prot[prot_mask].to(emb.dtype)                                        # [n, h], in row order
         emb_b = emb.transpose(0, 1)
         out = emb_b.masked_scatter(slots.unsqueeze(-1).expand_as(emb_b), flat)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import Any, List, Optional
 
 PROJECTOR_DROPOUT = 0.1   # when neither the config nor a published checkpoint sets one
 
@@ -14,9 +14,20 @@ class ProjectorConfig:
     output_dim: int = 4096         # LLM hidden size (0: take it from the LLaMA checkpoint)
     activation: str = "gelu"
     # None: the published checkpoint's own (Prot2Text-V2: adapter_config.dropout_rate) when the model comes from
-    # one, else PROJECTOR_DROPOUT; checkpoint/load.py resolves it and says which it took
+    # one, else PROJECTOR_DROPOUT; parts/assemble.py resolves it and says which it took
     dropout: Optional[float] = None
     l2_normalize: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorInputs:
+    """What a connector is built from: the model config, the projector section with its dims filled in (from the
+    checkpoints), the two widths, and the decoder's megatron TransformerConfig (dtype, tensor parallelism)."""
+    model: Any
+    projector: Any
+    esm_hidden: int
+    llm_hidden: int
+    config: Any
 
 
 @dataclasses.dataclass
@@ -76,7 +87,8 @@ RECOMPUTE_GRANULARITIES = ("none", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
 
 
-def check_recompute(rc: RecomputeConfig, decoder: str) -> None:
+def check_recompute(rc: RecomputeConfig) -> None:
+    """The decoder's recompute settings alone (a decoder part adds its own: parts/decoders.py)."""
     if rc.granularity not in RECOMPUTE_GRANULARITIES:
         raise ValueError(f"model.recompute.granularity={rc.granularity!r}: none, or full (each recomputed chunk of "
                          f"layers keeps only its input; megatron-core's selective recompute saves nothing beside "
@@ -86,29 +98,6 @@ def check_recompute(rc: RecomputeConfig, decoder: str) -> None:
                          f"block (the first num_layers layers of each pipeline stage)")
     if rc.num_layers < 1:
         raise ValueError(f"model.recompute.num_layers={rc.num_layers}: at least 1")
-    if rc.granularity == "full" and rc.method == "block" and decoder == "llama_moe":
-        # megatron-core 0.16.1's block recompute runs the layers it does not recompute without the padding mask
-        raise ValueError("model.recompute.method=block with model.decoder=llama_moe: megatron-core runs the layers "
-                         "it keeps without the padding mask, so they would route padding to experts; use "
-                         "model.recompute.method=uniform")
-
-
-# model.encoder / model.decoder: the protein encoder and the language model (more come with later recipes)
-ENCODERS = {"esm2": "ESM-2 (facebook/esm2_*), hidden states of model.esm_output_layer",
-            "esm2_structure": "ESM-2 with C-alpha distances as per-head attention biases (SEPIT; model.structure), "
-                              "reading KEY.coords.npy from shards built with --structures; plain ESM-2 without them",
-            "none": "no protein encoder: a decoder-only recipe reads proteins as text (ProLLaMA's Seq=<...>)"}
-DECODERS = {"llama": "LLaMA-3 (meta-llama/Llama-3.1-8B-Instruct and its sizes)",
-            "llama_moe": "LLaMA-3 with every MLP a mixture of experts (SEPIT; model.moe), upcycled from the dense "
-                         "model.llama or read from an exported MoE (Qwen2-MoE layout)"}
-
-# model.connector: how the ESM states become decoder inputs, and so how many prompt slots a protein takes
-CONNECTORS = {
-    "mlp": "Prot2Text-V2's projector, per ESM token (L + 2 slots: residues, <cls>, <eos>)",
-    "mlp2x_gelu": "LLaVA's Linear-GELU-Linear, per ESM token (L + 2 slots)",
-    "resampler": "Protein2Text: Perceiver resampler over the residues, then mlp2x_gelu (model.resampler.latents slots)",
-    "none": "no connector (decoder-only, with model.encoder=none): no prompt slots",
-}
 
 
 def check_moe(moe: MoEConfig, expert_parallel: int = 1) -> None:
@@ -137,87 +126,10 @@ def check_moe(moe: MoEConfig, expert_parallel: int = 1) -> None:
                          f"of {moe.experts} (e.g. {lower[-1]}) or model.moe.experts to a multiple of {expert_parallel}")
 
 
-def check_parts(encoder: str, connector: str, decoder: str, resampler: Optional[ResamplerConfig] = None,
-                structure: Optional[StructureConfig] = None) -> None:
-    for key, name, known in (("encoder", encoder, ENCODERS), ("connector", connector, CONNECTORS),
-                             ("decoder", decoder, DECODERS)):
-        if name not in known:
-            raise ValueError(f"model.{key}={name!r} is not a part this system has; choose one of "
-                             + "; ".join(f"{k} ({v})" for k, v in known.items()))
-    if (encoder == "none") != (connector == "none"):
-        raise ValueError(f"model.encoder={encoder} with model.connector={connector}: a decoder-only recipe sets both "
-                         f"to none, a recipe with a protein encoder neither")
-    if structure is not None and encoder == "esm2_structure":
-        for k in ("kernels", "chunk"):
-            if not isinstance(getattr(structure, k), int) or getattr(structure, k) < 1:
-                raise ValueError(f"model.structure.{k}={getattr(structure, k)!r}: a positive whole number")
-        if not 0.0 <= structure.dropout < 1.0:
-            raise ValueError(f"model.structure.dropout={structure.dropout}: a probability in [0, 1)")
-        if structure.max_distance <= 0 or structure.noise_std < 0:
-            raise ValueError("model.structure.max_distance must be positive and noise_std non-negative")
-    if connector == "resampler" and resampler is not None:
-        for k, v in dataclasses.asdict(resampler).items():
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"model.resampler.{k}={v!r}: a positive whole number")
-
-
-def check_room(connector: str, resampler: ResamplerConfig, max_residues: int, max_text_tokens: int,
-               decoder_positions: int, decoder: str) -> None:
-    """The longest sample (the protein's prompt slots and the answer) must fit the decoder's positions."""
-    slots = protein_slots(connector, resampler, max_residues)
-    if slots + max_text_tokens >= decoder_positions:
-        what = (f"model.resampler.latents={resampler.latents}" if connector == "resampler" else
-                f"data.max_protein_residues={max_residues} (+2 slots, model.connector={connector})")
-        raise ValueError(f"{what} prompt slots + data.max_text_tokens={max_text_tokens} do not fit the decoder "
-                         f"{decoder}, which has {decoder_positions} positions (max_position_embeddings); lower "
-                         f"them")
-
-
-# align.objective: what stage 1 (`megatron-p2t align`) trains the connector (or, decoder-only, the decoder) with
-ALIGN_OBJECTIVES = {
-    "hscale": "Prot2Text-V2's H-SCALE: mean/std-pooled projector outputs against the frozen LLaMA's pooled text "
-              "states, InfoNCE with negatives gathered over data-parallel ranks (model.connector=mlp only)",
-    "feature": "LLaVA's feature alignment (Protein2Text's pretraining): next-token loss on the function text through "
-               "the frozen decoder, the connector alone trained",
-    "lm": "continual pretraining of the decoder on protein sequences as text (ProLLaMA's stage 1, `pretrain-lm`): "
-          "documents packed with attention confined to each, LoRA + model.llm_lora.modules_to_save",
-}
-
-
-def align_objective(objective: str, connector: str) -> str:
-    """align.objective resolved: `auto` is H-SCALE for Prot2Text-V2's projector, language modelling for a
-    decoder-only recipe, feature alignment otherwise."""
-    if objective == "auto":
-        return {"mlp": "hscale", "none": "lm"}.get(connector, "feature")
-    if objective not in ALIGN_OBJECTIVES:
-        raise ValueError(f"align.objective={objective!r}: choose auto or one of "
-                         + "; ".join(f"{k} ({v})" for k, v in ALIGN_OBJECTIVES.items()))
-    if (objective == "lm") != (connector == "none"):
-        raise ValueError(f"align.objective={objective} with model.connector={connector}: language-model pretraining "
-                         f"is the decoder-only recipe's stage 1 (model.encoder=none, model.connector=none), and a "
-                         f"recipe with a connector aligns it (hscale or feature)")
-    if objective == "hscale" and connector != "mlp":
-        raise ValueError(f"align.objective=hscale pools Prot2Text-V2's projector, which model.connector={connector} "
-                         f"does not have; use align.objective=feature (or auto), or model.connector=mlp")
-    return objective
-
-
-def protein_slots(connector: str, resampler: ResamplerConfig, residues: int) -> int:
-    """Prompt positions one protein of `residues` residues fills: what prompt building, packing, generation and
-    the planner ask instead of assuming L + 2."""
-    if connector == "resampler":
-        return resampler.latents
-    if connector == "none":
-        return 0
-    if connector in CONNECTORS:
-        return residues + 2
-    raise ValueError(f"model.connector={connector!r}: choose one of {sorted(CONNECTORS)}")
-
-
 @dataclasses.dataclass
 class FreezeConfig:
     esm: bool = True
-    projector: bool = False
+    connector: bool = False        # whichever connector the recipe has (was freeze.projector)
     llm: bool = True
     # the structure-aware encoder's distance bias (no pretrained ESM-2 has one): trained with the connector
     structure: bool = False

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_p2t.checkpoint.load import build_text_side
+from megatron_p2t.parts.assemble import build_text_side
 from megatron_p2t.data.loader import encode_texts
 from megatron_p2t.data.shards import ShardCursor, read_manifest
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
@@ -37,7 +37,7 @@ def cache_dir(cfg) -> str:
 
 def build_cache(cfg, layout: Layout, batch_size: int = 16) -> dict:
     """Collective over the world: compute and write every split's text vectors. Returns counts."""
-    text = build_text_side(cfg, layout)
+    text = build_text_side(cfg.model, cfg.align.text_layer, layout)
     tok = load_text_tokenizer(cfg.data.text_tokenizer)
     eot, pad = tok.convert_tokens_to_ids("<|eot_id|>"), tok.pad_token_id or 0
     out = cache_dir(cfg)

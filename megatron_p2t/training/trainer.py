@@ -6,7 +6,8 @@
   to `min_lr_ratio`, gradient accumulation and clipping, all from the run config (a DeepSpeed JSON may
   override the generated DeepSpeed keys).
 - Checkpoints every `save_every` steps and at the end: written as `stepN.tmp/`, completed with a marker,
-  renamed to `stepN/`, then `latest` is replaced atomically; the last `keep_last` are kept. Each holds the
+  renamed to `stepN/`, then `latest` is replaced atomically; the last `keep_last` are kept (checkpoint/run_dir.py
+  owns the directory's layout). Each holds the
   DeepSpeed engine (trainable weights, optimizer, scheduler) plus, per rank, the data-loader position, every RNG
   state and the parameter shapes that a resume checks first.
   `--resume auto` continues from the newest complete one, bit-exactly on CPU.
@@ -27,7 +28,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -40,8 +40,10 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_p2t.checkpoint.hf_dir import CheckpointError
+from megatron_p2t.checkpoint.run_dir import RunDir, tag_of
 from megatron_p2t.config import ConfigError
 from megatron_p2t.models.llama_moe import is_expert_param, take_router_stats
+from megatron_p2t.models.p2t import current_name
 from megatron_p2t.parallel.layout import Layout
 from megatron_p2t.parallel.state import collective_device
 from megatron_p2t.training.experts import ExpertOptimizer, register_groups
@@ -262,35 +264,26 @@ class Trainer:
 
     # -- checkpoints --
     def save(self) -> str:
-        tag = f"step{self.step:08d}"
-        d = self.tc.save_dir
-        tmp_tag = tag + ".tmp"
-        if self.rank == 0 and os.path.exists(os.path.join(d, tmp_tag)):
-            shutil.rmtree(os.path.join(d, tmp_tag))
+        tag = tag_of(self.step)
+        run = RunDir(self.tc.save_dir)
+        if self.rank == 0:
+            run.clear_staging(tag)
         dist.barrier()
         # frozen towers are not saved: they never change (ESM-3B alone is 6 GB per checkpoint) and come back from
         # the HF directories named in the config, which _check_compatible confirms by shape
+        staging = run.staging(tag)
         with self._module_file_without_experts():
-            self.engine.save_checkpoint(d, tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True,
+            self.engine.save_checkpoint(run.path, tag=os.path.basename(staging), save_latest=False,
+                                        exclude_frozen_parameters=True,
                                         client_state={"step": self.step, "nonfinite_total": self.nonfinite_total})
         torch.save({"loader": self.loader.state_dict(), "rng": rng_state(), "nonfinite": self.nonfinite,
                     "shapes": self._shapes(), "experts": self.experts.state_dict() if self.experts else None},
-                   os.path.join(d, tmp_tag, f"extra_rank{self.rank:05d}.pt"))
+                   RunDir.extra_file(staging, self.rank))
         if self.experts:
-            self.experts.save_weights(os.path.join(d, tmp_tag))
+            self.experts.save_weights(staging)
         dist.barrier()
         if self.rank == 0:
-            open(os.path.join(d, tmp_tag, "COMPLETE"), "w").close()
-            final = os.path.join(d, tag)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(d, tmp_tag), final)
-            with open(os.path.join(d, "latest.tmp"), "w") as f:
-                f.write(tag)
-            os.replace(os.path.join(d, "latest.tmp"), os.path.join(d, "latest"))
-            done = sorted(x for x in os.listdir(d) if x.startswith("step") and not x.endswith(".tmp"))
-            for old in done[: -self.tc.keep_last]:
-                shutil.rmtree(os.path.join(d, old))
+            run.complete(tag, self.tc.keep_last)
         dist.barrier()
         return tag
 
@@ -319,19 +312,21 @@ class Trainer:
         otherwise DeepSpeed fails deep inside load_state_dict, or a different data-parallel size silently
         mis-assigns ZeRO shards and loader positions."""
         world = dist.get_world_size()
-        ranks = sorted(f for f in os.listdir(ckpt) if f.startswith("extra_rank"))
+        ranks = RunDir.extra_files(ckpt)
         if len(ranks) != world:
             raise CheckpointError(f"{ckpt} was written by {len(ranks)} processes, this run has {world}: ZeRO "
                                   f"optimizer shards and data positions are per rank, so resume with the same number "
                                   f"of processes and parallel.tensor/pipeline (or start a fresh run from its weights)")
-        extra = torch.load(os.path.join(ckpt, f"extra_rank{self.rank:05d}.pt"), weights_only=False)
+        extra = torch.load(RunDir.extra_file(ckpt, self.rank), weights_only=False)
         saved, now = extra.get("shapes"), self._shapes()
+        if saved is not None:                # written before the connector's rename: `projector.*`
+            saved = {current_name(k): v for k, v in saved.items()}
         if saved is not None and saved != now:
             for name in list(dict.fromkeys([*saved, *now])):
                 if saved.get(name) != now.get(name):
                     raise CheckpointError(f"{ckpt} holds a different model: parameter {name} is {saved.get(name)} "
                                           f"there and {now.get(name)} in this run (rank {self.rank}); the model "
-                                          f"config (model.*, LoRA r, projector dims) or parallel.tensor differs from "
+                                          f"config (model.*, LoRA r, connector dims) or parallel.tensor differs from "
                                           f"the run that wrote it")
         return extra
 
@@ -341,14 +336,13 @@ class Trainer:
             return False
         d = self.tc.save_dir
         if spec == "auto":
-            latest = os.path.join(d, "latest")
-            if not os.path.exists(latest):
+            tag = RunDir(d).latest()
+            if tag is None:
                 return False
-            tag = open(latest).read().strip()
         else:
             tag = os.path.basename(spec.rstrip("/"))
             d = os.path.dirname(spec.rstrip("/")) or d
-        if not os.path.exists(os.path.join(d, tag, "COMPLETE")):
+        if not RunDir.is_complete(os.path.join(d, tag)):
             raise FileNotFoundError(f"{os.path.join(d, tag)}: no complete checkpoint there (interrupted while "
                                     f"saving?); pass another tag or --resume auto")
         extra = self._check_compatible(os.path.join(d, tag))
@@ -361,7 +355,7 @@ class Trainer:
         self.step, self.nonfinite = client["step"], extra["nonfinite"]
         self.nonfinite_total = client["nonfinite_total"]
         if self.rank == 0:  # the log continues from the checkpoint: drop what came after it
-            log = os.path.join(self.tc.save_dir, "train_log.jsonl")
+            log = RunDir(self.tc.save_dir).log
             if os.path.exists(log):
                 keep = [l for l in open(log) if json.loads(l)["step"] <= self.step]
                 with open(log + ".tmp", "w") as f:
@@ -375,7 +369,7 @@ class Trainer:
         result = self.train()
         result["resumed"] = resumed
         if self.rank == 0:
-            with open(os.path.join(self.tc.save_dir, "summary.json"), "w") as f:
+            with open(RunDir(self.tc.save_dir).summary, "w") as f:
                 json.dump(result, f, indent=1)
         return result
 
@@ -431,7 +425,7 @@ class Trainer:
             if on_step:
                 on_step(self.step, lv)
             if self.rank == 0:
-                with open(os.path.join(tc.save_dir, "train_log.jsonl"), "a") as f:
+                with open(RunDir(tc.save_dir).log, "a") as f:
                     # the stage's own metrics too (this rank's last micro-batch): the parts of a summed loss
                     gn = self.engine.get_global_grad_norm()     # before clipping; every parameter's
                     f.write(json.dumps({"step": self.step, "loss": lv, "lr": self.engine.get_lr()[0],

@@ -164,7 +164,7 @@ def test_stage_2_continues_from_an_import_and_exports_the_published_layout(tmp_p
     from megatron_p2t.cli import main
     from megatron_p2t.checkpoint.hf_dir import HFDir
     from megatron_p2t.data.text_tokenizer import load_text_tokenizer
-    from megatron_p2t.hf_model import Prot2TextForGeneration
+    from megatron_p2t.inference.model import Prot2TextForGeneration
     from megatron_p2t.models.tiny import make_projector
     parts = tmp_path / "parts"
     assert main(["make-tiny-models", "--tokenizer", tiny_tokenizer, "--out", str(parts)]) == 0

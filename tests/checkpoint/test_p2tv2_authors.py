@@ -87,7 +87,7 @@ def test_import_then_export_gives_every_tensor_back_with_its_name_dtype_and_bits
 
 def test_generation_reads_the_save_directly_and_matches_the_authors_model(saves, tmp_path):
     from megatron_p2t.data import esm_alphabet
-    from megatron_p2t.hf_model import Prot2TextForGeneration
+    from megatron_p2t.inference.model import Prot2TextForGeneration
     _, dirs = saves
     src = dirs["float32"]
     ours = Prot2TextForGeneration.from_pretrained(src)
@@ -108,14 +108,14 @@ def test_generation_reads_the_save_directly_and_matches_the_authors_model(saves,
 
 
 def test_an_import_keeps_the_source_dropout_unless_the_config_sets_one(saves):
-    from megatron_p2t.checkpoint.load import hf_configs
+    from megatron_p2t.parts.assemble import hf_configs
     from megatron_p2t.config import load_config
     _, dirs = saves
     cfg = load_config(os.path.join(ROOT, "configs", "prot2text_v2.yaml"), [f"model.p2tv2={dirs['float32']}"])
-    assert hf_configs(cfg)[2].dropout == 0.3 and cfg.model.projector.dropout is None
+    assert hf_configs(cfg.model)[2].dropout == 0.3 and cfg.model.projector.dropout is None
     cfg = load_config(os.path.join(ROOT, "configs", "prot2text_v2.yaml"),
                       [f"model.p2tv2={dirs['float32']}", "model.projector.dropout=0.05"])
-    assert hf_configs(cfg)[2].dropout == 0.05
+    assert hf_configs(cfg.model)[2].dropout == 0.05
 
 
 def test_the_authors_class_loads_a_fresh_export_with_nothing_missing_or_unexpected(saves, tmp_path, built_sample,
@@ -124,7 +124,7 @@ def test_the_authors_class_loads_a_fresh_export_with_nothing_missing_or_unexpect
     out, _ = built_sample
     _run(["-m", "megatron_p2t", "instruct", "--config", os.path.join(ROOT, "configs", "instruct_tiny_cpu.yaml"),
           f"data.manifest={out}/manifest.json", f"data.text_tokenizer={tiny_tokenizer}",
-          f"model.esm={root}/parts/esm", f"model.llama={root}/parts/llama", "instruct.init_from=",
+          f"model.encoder_path={root}/parts/esm", f"model.llama={root}/parts/llama", "instruct.init_from=",
           "data.batch_size=4", "data.max_protein_residues=120", "train.steps=1", "train.save_every=1",
           f"train.save_dir={tmp_path}/run"])
     _run(["-m", "megatron_p2t", "export", "--format", "p2tv2", "--checkpoint", str(tmp_path / "run"), "--out",

@@ -18,7 +18,10 @@ def build(a, layout):
         llama_cfg.intermediate_size = 96
     esm_cfg = EsmConfig.from_pretrained(os.path.join(a.ckpt, "esm"))
     pcfg = ProjectorConfig(input_dim=48, intermediate_dim=32, output_dim=64, dropout=0.0)
-    model = p2t.Prot2TextModel(ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, placeholder_id=250,
+    from megatron_p2t import parts
+    from megatron_p2t.config import ModelConfig
+    mcfg = ModelConfig()
+    model = p2t.Prot2TextModel(mcfg, parts.of(mcfg), ESMConfig.from_hf(esm_cfg), llama_cfg, pcfg, placeholder_id=250,
                                pre_process=layout.first_stage, post_process=layout.last_stage, layout=layout)
     return model, llama_cfg, esm_cfg, pcfg
 

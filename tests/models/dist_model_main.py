@@ -153,10 +153,13 @@ def run_case(a):
         from megatron_p2t.models.parts_config import ResamplerConfig
         pcfg = ProjectorConfig(input_dim=48, intermediate_dim=32, output_dim=64, dropout=0.0)
         ecfg = ESMConfig.from_hf(hf_esm.config)
-        model = p2t.Prot2TextModel(ecfg, hf_llama.config, pcfg, placeholder_id=250, pre_process=first, layout=a.layout,
-                                   post_process=last, freeze=p2t.FreezeConfig(esm=False, projector=False, llm=False),
-                                   connector="resampler" if resampled else "mlp", esm_output_layer=-2 if resampled
-                                   else -1, resampler=ResamplerConfig(latents=LATENTS, depth=2, heads=4, head_dim=8))
+        from megatron_p2t import parts
+        from megatron_p2t.config import ModelConfig
+        mcfg = ModelConfig(freeze=p2t.FreezeConfig(esm=False, connector=False, llm=False),
+                           connector="resampler" if resampled else "mlp", esm_output_layer=-2 if resampled else -1,
+                           resampler=ResamplerConfig(latents=LATENTS, depth=2, heads=4, head_dim=8))
+        model = p2t.Prot2TextModel(mcfg, parts.of(mcfg), ecfg, hf_llama.config, pcfg, placeholder_id=250,
+                                   pre_process=first, post_process=last, layout=a.layout)
         if a.sharded:
             from megatron_p2t.checkpoint import sharded
             sharded.load(model, a.sharded)
@@ -259,7 +262,7 @@ def resampler_check(a, llama_dir, tp_rank):
     pos = "model.mm_resampler.media_pos_emb"               # of which the model reads row 0
     row = lambda k, t: t[0] if k == pos else t
     whole_diff = max(float((row(k, whole[k]) - row(k, released[k])).abs().max()) for k in released)
-    from megatron_p2t import hf_connector
+    from megatron_p2t.hf import connector as hf_connector
     reader = hf_connector.Connector("resampler", 48, 64, cfg)
     reader.load_state_dict({k[len("model."):]: v for k, v in whole.items()})
     with torch.no_grad():

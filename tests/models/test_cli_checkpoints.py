@@ -28,7 +28,7 @@ model:
   esm: {src['esm']}
   llama: {src['llama']}
   projector: {{input_dim: 0, intermediate_dim: 32, output_dim: 0, dropout: 0.0}}
-  projector_weights: {src['projector']}
+  connector_weights: {src['projector']}
 """)
     r = _cli(2, "import-hf", "--config", str(cfg), "--out", str(tmp_path / "mck"), "parallel.tensor=2")
     assert r.returncode == 0, r.stderr[-4000:]
@@ -55,7 +55,7 @@ model:
         assert torch.equal(loaded[name], buf), name
     # without projector weights the projector keeps a fresh initialisation; everything else is still imported
     fresh = tmp_path / "fresh.yaml"
-    fresh.write_text(cfg.read_text().replace(f"  projector_weights: {src['projector']}\n", ""))
+    fresh.write_text(cfg.read_text().replace(f"  connector_weights: {src['projector']}\n", ""))
     r = _cli(1, "import-hf", "--config", str(fresh), "--out", str(tmp_path / "mck2"))
     assert r.returncode == 0, r.stderr[-4000:]
 

@@ -1,4 +1,4 @@
-"""model.fused_kernels: megatron-core's fused SwiGLU and bias-dropout-add in the decoder (models/build.py)."""
+"""model.fused_kernels: megatron-core's fused SwiGLU and bias-dropout-add in the decoder (parts/assemble.py)."""
 import pytest
 import torch
 
@@ -14,7 +14,7 @@ def test_fused_kernels_compute_what_the_plain_decoder_does(single, dense, decode
     from transformers import AutoConfig
 
     from megatron_p2t.config import ModelConfig
-    from megatron_p2t.models.build import build
+    from megatron_p2t.parts.assemble import build
     from megatron_p2t.models.parts_config import FreezeConfig
     calls = {"swiglu": 0, "bias_dropout_add": 0}
 

@@ -72,7 +72,7 @@ def test_matches_hf_reference(launched, what, tp, pp):
         assert r["grad_diff"] <= 1e-5, r
     assert sum(r["params"] for r in ranks if r["tp_rank"] == 0) >= (27 if what == "llama" else 70)
     if what == "p2t":
-        assert [r["trainable"] for r in ranks if r["pp_rank"] == 0][0] == ["projector"]
+        assert [r["trainable"] for r in ranks if r["pp_rank"] == 0][0] == ["connector"]
         assert all(r["trainable"] == [] for r in ranks if r["pp_rank"] > 0)
 
 
@@ -132,7 +132,7 @@ def test_resampler_matches_the_released_connector_and_masks_padding(launched, tp
     """Protein2Text's Perceiver resampler + mlp2x_gelu, loaded from the released names, on a padded batch of three
     protein lengths: outputs and gradients equal the plain-torch reference run on each protein alone (fp32), at
     TP=1 and with heads and feed-forward split over TP=2; and mlp2x_gelu alone. The shards reassemble to the
-    released tensors, which the exported reader (hf_connector.py) runs batched to the same outputs."""
+    released tensors, which the exported reader (hf/connector.py) runs batched to the same outputs."""
     for r in _ranks(launched, "resampler", tp):
         assert r["out_shape"] == [3, 6, 64] and r["mask_all_true"], r
         assert r["out_diff"] <= 1e-5 * max(1.0, r["out_scale"]) and r["alone_diff"] <= 1e-5, r
@@ -143,7 +143,7 @@ def test_resampler_matches_the_released_connector_and_masks_padding(launched, tp
         assert r["mlp2x_gelu_params"] == 4, r
         assert r["mlp2x_gelu_out_diff"] <= 1e-5 and r["mlp2x_gelu_grad_diff"] <= 1e-5, r
         # every rank's checkpoint shard back to the released tensors whole (what instruct.init_from reads at
-        # any layout), and the exported reader (megatron_p2t/hf_connector.py, batched) on the padded batch
+        # any layout), and the exported reader (megatron_p2t/hf/connector.py, batched) on the padded batch
         assert r["whole_names"] and r["whole_diff"] == 0.0, r
         assert r["reader_mask"] and r["reader_diff"] <= 1e-5 * max(1.0, r["out_scale"]), r
 

@@ -84,7 +84,10 @@ def test_padding_takes_no_expert_no_capacity_and_no_part_of_the_switch_loss(sing
     path = make_llama_moe(str(tmp_path / "moe"))
     hf_cfg = AutoConfig.from_pretrained(path)
     moe = MoEConfig(experts=hf_cfg.num_experts, top_k=hf_cfg.num_experts_per_tok, capacity_factor=1.0)
-    model = p2t.Prot2TextModel(None, hf_cfg, None, placeholder_id=0, encoder="none", freeze=FreezeConfig(llm=False),
+    from megatron_p2t import parts
+    from megatron_p2t.config import ModelConfig
+    mcfg = ModelConfig(encoder="none", connector="none", decoder="llama_moe", moe=moe, freeze=FreezeConfig(llm=False))
+    model = p2t.Prot2TextModel(mcfg, parts.of(mcfg), None, hf_cfg, None, placeholder_id=0,
                                llm_config=llama.transformer_config(hf_cfg, layout=single, moe=moe))
     copy_into(model.llm, llama_moe_hf.megatron_tensors(model.llm, HFDir(path), hf_cfg, moe, 0, 1), path)
     model.train()

@@ -13,7 +13,7 @@ def _model(single, decoder: str, *overrides):
     core's reentrant recompute would give adapters behind a frozen input no gradient. Trainable weights random."""
     from megatron_p2t.config import load_config
     from megatron_p2t.models import llama_moe
-    from megatron_p2t.models.build import build
+    from megatron_p2t.parts.assemble import build
     from megatron_p2t.models.lora import apply_lora
     cfg = load_config(None, ["model.encoder=none", "model.connector=none", "instruct.template=plain",
                              f"model.decoder={decoder}", "model.moe.capacity_factor=1.0", *overrides])

@@ -47,7 +47,7 @@ def test_esm2_public_sizes():
 @pytest.mark.parametrize("decoder", ["llama", "llama_moe"])
 def test_model_attention_kernel_reaches_every_decoder_layer(single, decoder):
     from megatron_p2t.config import load_config
-    from megatron_p2t.models.build import build
+    from megatron_p2t.parts.assemble import build
     from megatron_p2t.transformer.attention import SegmentAttention
     hf = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
@@ -61,7 +61,7 @@ def test_a_packed_forward_works_out_the_varlen_bookkeeping_once(single, monkeypa
     """Both decoder layers run packed rows through a varlen kernel (a reference one, on CPU) from one
     bookkeeping, and give what SDPA per sample gives."""
     from megatron_p2t.config import load_config
-    from megatron_p2t.models.build import build
+    from megatron_p2t.parts.assemble import build
     from tests.transformer.test_attention import spy_varlen
     hf = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)

@@ -24,13 +24,13 @@ def main():
                       a.overrides + [f"parallel.tensor={a.tp}", f"align.use_text_cache={str(a.cache).lower()}"]
                       + (["model.esm_lora.r=4", "model.esm_lora.dropout=0.0", "model.recompute.encoder=true"]
                          if a.lora else []))
-    from megatron_p2t.training.run_align import use_cache_if_asked
+    from megatron_p2t.training.stages.align_hscale import use_cache_if_asked
     cfg = use_cache_if_asked(cfg)
     layout = state.initialize(cfg.parallel)
 
     from megatron_p2t.checkpoint.slicing import span as _span
     from megatron_p2t.training.align import align_loss
-    from megatron_p2t.training.run_align import build
+    from megatron_p2t.training.stages.align_hscale import build
     model = build(cfg, layout)
     if a.lora:  # B starts at zero, which would leave A without gradient: move it off zero, equally on every rank
         from megatron_p2t.models.lora import lora_layers
@@ -75,7 +75,7 @@ def main():
             dist.all_reduce(g, group=layout.dp_group)
             g /= dp
         res = {"loss_diff": abs(float(total) / dp - float(ref_loss)),
-               "grad_diff": max(float((got[k] - ref[k]).abs().max()) for k in got if k.startswith("projector.")),
+               "grad_diff": max(float((got[k] - ref[k]).abs().max()) for k in got if k.startswith("connector.")),
                "loss": float(ref_loss)}
         saved = os.path.join(a.work, f"tp1_{variant}.pt")
         if tp == 1 and not a.cache and not a.lora and dist.get_rank() == 0:
@@ -88,10 +88,10 @@ def main():
             res["lora_grad_rel_diff"] = max(float((got[k] - ref[k]).abs().max() / ref[k].abs().max()) for k in lora)
         elif tp > 1 or a.cache:  # against the TP=1 run without cache, sliced like this rank's shards
             t1 = torch.load(saved)
-            t1 = {k.replace("projector.", ""): v for k, v in t1["grads"].items()}
+            t1 = {k.replace("connector.", ""): v for k, v in t1["grads"].items()}
             want = {"fc1.weight": t1["fc1.weight"][i0:i1], "fc1.bias": t1["fc1.bias"][i0:i1],
                     "fc2.weight": t1["fc2.weight"][:, i0:i1], "fc2.bias": t1["fc2.bias"]}
-            want = {"projector." + k: v for k, v in want.items()}
+            want = {"connector." + k: v for k, v in want.items()}
             res["vs_tp1_loss"] = abs(float(total) / dp - torch.load(saved)["loss"])
             res["vs_tp1_grad"] = max(float((got[k] - want[k]).abs().max()) for k in want)
         out[variant] = res

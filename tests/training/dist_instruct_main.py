@@ -14,17 +14,17 @@ def main():
     ap.add_argument("--work")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
-    from megatron_p2t.checkpoint import llama_hf, projector_hf, resampler_hf
+    from megatron_p2t.checkpoint import llama_hf
     from megatron_p2t.checkpoint.hf_dir import TensorSource
     from megatron_p2t.config import load_config
     from megatron_p2t.data.loader import ProteinTextLoader
     from megatron_p2t.models.lora import lora_layers
     from megatron_p2t.parallel import state
-    from megatron_p2t.training import run_instruct
+    from megatron_p2t.training import joined
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "instruct_tiny_cpu.yaml"),
                       a.overrides + [f"parallel.tensor={a.tp}", "model.llm_lora.dropout=0.0"])
     layout = state.initialize(cfg.parallel)
-    model, llama_cfg, _, pcfg = run_instruct.build(cfg, layout)
+    model, llama_cfg, _, _ = joined.build(cfg, layout)
     with torch.no_grad():  # B starts at zero; move it off zero, identically at every layout, so A has gradients
         g = torch.Generator().manual_seed(5)
         for name, m in sorted(lora_layers(model.llm).items()):
@@ -33,14 +33,14 @@ def main():
             if m.kind == "column":  # this rank's rows, in megatron's layout, from one layout-free draw
                 full = _column_rows(name, full, llama_cfg, layout.tp_rank, a.tp)
             m.lora_B.copy_(full)
-    ld = run_instruct.make_loader(cfg, layout)
+    ld = joined.make_loader(cfg, layout)
     raw = next(iter(ProteinTextLoader(cfg.data, dp_rank=0, dp_size=1)))
     res = {}
     for pack in (False, True):
         ld.cfg.pack = pack
         batch = ld.convert(raw)
         model.zero_grad(set_to_none=True)
-        loss, n = run_instruct.forward_loss(model, batch)
+        loss, n = joined.forward_loss(model, batch)
         loss.backward()
         res[pack] = {"loss": float(loss), "rows": int(batch["input_ids"].shape[0]), "tokens": int(n),
                      "grads": {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}}
@@ -56,8 +56,7 @@ def main():
             if k in grads:
                 p.copy_(grads[k])
     tpr = layout.tp_rank
-    conn = projector_hf.hf_slices(model.projector, pcfg, tpr, a.tp) if cfg.model.connector == "mlp" else \
-        resampler_hf.hf_slices(model.connector, tpr, a.tp)
+    conn = model.connector_spec.adapter.slices(model.connector, tpr, a.tp)   # in the connector's HF names
     # (HF name, split dim, start, stop, tensor); one HF tensor may come in several slices (the resampler's to_kv)
     slices = list(llama_hf.lora_hf_slices(model.llm, llama_cfg, tpr, a.tp)) + [("proj." + n, *r) for n, *r in conn]
     ref_path = os.path.join(a.work, "tp1_grads.pt")

@@ -25,7 +25,7 @@ def main():
     from megatron_p2t.models.lora import lora_layers
     from megatron_p2t.parallel import state
     from megatron_p2t.parallel.layout import ParallelConfig
-    from megatron_p2t.training import run_instruct
+    from megatron_p2t.training import joined
     from tests.training.dist_instruct_main import _column_rows
     ref = {}
     for tp in (1, 2):
@@ -33,7 +33,7 @@ def main():
                           a.overrides + [f"parallel.tensor={tp}", "model.llm_lora.dropout=0.0"])
         ps.destroy_model_parallel()
         layout = state.initialize(ParallelConfig(tensor=tp))
-        model, llama_cfg, _, _ = run_instruct.build(cfg, layout)
+        model, llama_cfg, _, _ = joined.build(cfg, layout)
         with torch.no_grad():  # B starts at zero; move it off zero, identically at every layout, so A has gradients
             g = torch.Generator().manual_seed(5)
             for name, m in sorted(lora_layers(model.llm).items()):
@@ -41,13 +41,13 @@ def main():
                                    generator=g) * 0.05
                 m.lora_B.copy_(_column_rows(name, full, llama_cfg, layout.tp_rank, tp) if m.kind == "column"
                                else full)
-        ld = run_instruct.make_loader(cfg, layout, documents=True)
+        ld = joined.make_loader(cfg, layout, documents=True)
         # the same raw batch on every rank (the run's own loader splits by data-parallel rank)
-        raw = next(iter(ProteinTextLoader(run_instruct.stage_data(cfg, True), dp_rank=0, dp_size=1)))
+        raw = next(iter(ProteinTextLoader(joined.stage_data(cfg, True), dp_rank=0, dp_size=1)))
         ld.pack = True
         batch = ld.convert(raw)
         model.zero_grad(set_to_none=True)
-        loss, n = run_instruct.forward_loss(model, batch)
+        loss, n = joined.forward_loss(model, batch)
         loss.backward()
         trainable = sorted({k.split(".")[1] if "lora_" not in k else "lora"
                             for k, p in model.named_parameters() if p.requires_grad})
@@ -60,7 +60,7 @@ def main():
             for i in range(one["input_ids"].shape[0]):
                 b = {k: (v[i:i + 1] if torch.is_tensor(v) and v.shape[0] == one["input_ids"].shape[0] else v)
                      for k, v in one.items()}
-                li, ni = run_instruct.forward_loss(model, b)
+                li, ni = joined.forward_loss(model, b)
                 alone.append((float(li), float(ni)))
         alone_loss = sum(l * k for l, k in alone) / sum(k for _, k in alone)
         out = {"tp": tp, "loss": float(loss), "tokens": int(n), "rows": int(batch["input_ids"].shape[0]),

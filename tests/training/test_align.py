@@ -59,7 +59,7 @@ def test_resume_refuses_another_model_shape_or_world_size_before_training(stage1
     r = subprocess.run(torchrun + cmd + ["model.projector.intermediate_dim=32"], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode != 0
-    assert "holds a different model: parameter projector.fc1.weight is [64, " in r.stderr, r.stderr[-3000:]
+    assert "holds a different model: parameter connector.fc1.weight is [64, " in r.stderr, r.stderr[-3000:]
     r = subprocess.run([sys.executable] + cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:"), r.stderr[-3000:]
     assert "was written by 2 processes, this run has 1" in r.stderr, r.stderr[-3000:]

@@ -17,7 +17,8 @@ def test_dp2_tp2_and_text_cache_equal_one_process(tmp_path, built_sample, tiny_t
     make_projector(str(tmp_path / "proj"), esm_hidden=48, inter=64, out=64)  # identical weights at every layout
     out, _ = built_sample
     ov = [f"data.manifest={out}/manifest.json", f"data.text_tokenizer={tiny_tokenizer}", "data.batch_size=8",
-          f"model.esm={tmp_path}/tiny/esm", f"model.llama={tmp_path}/tiny/llama", f"model.projector_weights={tmp_path}/proj"]
+          f"model.encoder_path={tmp_path}/tiny/esm", f"model.llama={tmp_path}/tiny/llama",
+          f"model.connector_weights={tmp_path}/proj"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     run = lambda *args: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                         "--nproc_per_node=2", *args], env=env, cwd=ROOT, capture_output=True,

@@ -23,8 +23,8 @@ def setup(tmp_path_factory, built_sample, tiny_tokenizer):
     out, _ = built_sample
     overrides = ["--config", os.path.join(ROOT, "configs", "instruct_tiny_cpu.yaml"),
                  f"data.manifest={out}/manifest.json", f"data.text_tokenizer={tiny_tokenizer}",
-                 f"model.esm={root}/tiny/esm", f"model.llama={root}/tiny/llama", "instruct.init_from=",
-                 f"model.projector_weights={root}/proj", "data.batch_size=4", "data.max_protein_residues=120",
+                 f"model.encoder_path={root}/tiny/esm", f"model.llama={root}/tiny/llama", "instruct.init_from=",
+                 f"model.connector_weights={root}/proj", "data.batch_size=4", "data.max_protein_residues=120",
                  "model.decoder=llama_moe", "model.llm_lora.dropout=0.0", "train.clip_grad=0.1",
                  "train.log_every=1"]
     return root, overrides
@@ -112,7 +112,7 @@ def test_expert_parallel_training_equals_ep1_resumes_exactly_and_exports(setup, 
     assert info["decoder"] == "llama_moe"
     fasta = tmp_path / "p.fasta"
     fasta.write_text(">sp|P1|A_HUMAN x\nMKTAYIAKQRQISFVKSHFSRQ\n>sp|P2|B_HUMAN y\nMSSILPFTPPIVKRLLGW\n")
-    from megatron_p2t import generate
+    from megatron_p2t.inference import generate
     rep = generate.run(str(tmp_path / "hf"), str(fasta), str(tmp_path / "preds.jsonl"), max_new_tokens=4)
     rows = [json.loads(l) for l in open(tmp_path / "preds.jsonl")]
     assert rep["generated"] == 2 and sorted(r["accession"] for r in rows) == ["P1", "P2"], rep
@@ -128,7 +128,7 @@ def test_refusals_before_any_work(setup, tmp_path):
     """Experts not divisible by parallel.expert, top-k above the expert count, parallel.expert beyond the
     data-parallel size, and an MoE checkpoint named as a dense config's decoder: refused with the fix."""
     from megatron_p2t.checkpoint.hf_dir import CheckpointError
-    from megatron_p2t.checkpoint.load import hf_configs
+    from megatron_p2t.parts.assemble import hf_configs
     from megatron_p2t.config import ConfigError, load_config
     from tests.synthetic import make_llama_moe
     root, ov = setup
@@ -146,7 +146,7 @@ def test_refusals_before_any_work(setup, tmp_path):
     moe_dir = make_llama_moe(str(tmp_path / "moe"), vocab=1024)
     dense = load_config(cfg_path, [*base, "model.decoder=llama", f"model.llama={moe_dir}"])
     with pytest.raises(CheckpointError, match="is a mixture of 4 experts .* set model.decoder=llama_moe"):
-        hf_configs(dense)
+        hf_configs(dense.model)
     other = load_config(cfg_path, [*base, f"model.llama={moe_dir}", "model.moe.experts=8"])
     with pytest.raises(CheckpointError, match="a mixture of 4 experts, top-1; this run has model.moe.experts=8"):
-        hf_configs(other)
+        hf_configs(other.model)

@@ -115,7 +115,8 @@ def test_pretrain_tune_generate_by_family_and_classify_held_out_members(families
          "test", "--tasks", "generate_by_superfamily", "--num-samples", "4", "--temperature", "0.5",
          "--max-new-tokens", "100", "--out", str(gen))
     # the rest in this process (each CLI start imports the whole stack)
-    from megatron_p2t import evaluate_proteins, generate_protein
+    from megatron_p2t.evaluation import proteins as evaluate_proteins
+    from megatron_p2t.inference import generate_protein
     rows = gen.read_text().splitlines()
     gen.write_text("\n".join(rows[:10]) + "\n" + rows[10][:25])                  # cut mid-row
     again = generate_protein.run(f"{tmp_path}/hf", str(gen), input_path=f"{families}/tasks/manifest.json",

@@ -26,7 +26,8 @@ def test_resampler_recipe_learns_function_text_and_answers_from_the_sequence(tin
     0.02 (models/tiny.make_esm) so that its layer -2 states are not drowned by the resampler's position row."""
     from data_tools.build import BuildOptions, build
     from data_tools.split import SplitOptions
-    from megatron_p2t import evaluation, generate
+    from megatron_p2t.evaluation import text as evaluation
+    from megatron_p2t.inference import generate
     from megatron_p2t.data.text_tokenizer import load_text_tokenizer
     from megatron_p2t.models import tiny
     from tests.synthetic import write_families, write_family_qa
@@ -46,7 +47,7 @@ def test_resampler_recipe_learns_function_text_and_answers_from_the_sequence(tin
                                     capture_output=True, text=True, timeout=900)
     common = ["--config", os.path.join(ROOT, "configs", "protein2text_tiny_cpu.yaml"),
               f"data.manifest={tmp_path}/data/manifest.json", f"data.text_tokenizer={tiny_tokenizer}",
-              f"model.esm={tmp_path}/esm", f"model.llama={tmp_path}/llama"]
+              f"model.encoder_path={tmp_path}/esm", f"model.llama={tmp_path}/llama"]
     # stage 1: LLaVA's feature alignment, the decoder frozen without adapters, the connector alone trained
     r = run("align", *common, "train.lr=0.005", "train.steps=40", "train.save_every=40",
             f"train.save_dir={tmp_path}/align")
@@ -57,7 +58,7 @@ def test_resampler_recipe_learns_function_text_and_answers_from_the_sequence(tin
     assert sum(last) < 0.9 * sum(first), (first, last)                  # the connector alone lowered the loss
     # stage 2: from stage 1's connector, QA conversations drawn beside the function text
     r = run("instruct", *common, f"instruct.init_from={tmp_path}/align", "train.lr=0.01",
-            "instruct.projector_lr=0.002", "train.steps=400", "train.save_every=400",
+            "instruct.connector_lr=0.002", "train.steps=400", "train.save_every=400",
             f"instruct.mix=[{{manifest: {tmp_path}/qa/manifest.json, weight: 1.0}}]", "model.llm_lora.r=16",
             "model.llm_lora.dropout=0.0", f"train.save_dir={tmp_path}/run")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -31,7 +31,7 @@ def test_structure_encoder_learns_what_only_the_fold_tells(tiny_tokenizer, tmp_p
     from data_tools.build import BuildOptions, build
     from data_tools.clean import CleanOptions
     from data_tools.split import SplitOptions
-    from megatron_p2t import generate
+    from megatron_p2t.inference import generate
     from megatron_p2t.data.text_tokenizer import load_text_tokenizer
     from megatron_p2t.models import tiny
     from tests.synthetic import write_folds
@@ -51,11 +51,11 @@ def test_structure_encoder_learns_what_only_the_fold_tells(tiny_tokenizer, tmp_p
     d = tmp_path / "esm2_structure"
     common = ["--config", os.path.join(ROOT, "configs", "sepit_tiny_cpu.yaml"), "model.encoder=esm2_structure",
               f"data.manifest={tmp_path}/data/manifest.json", f"data.text_tokenizer={tiny_tokenizer}",
-              f"model.esm={tmp_path}/esm", f"model.llama={tmp_path}/llama", "train.lr=0.01"]
+              f"model.encoder_path={tmp_path}/esm", f"model.llama={tmp_path}/llama", "train.lr=0.01"]
     r = run("align", *common, "train.steps=150", "train.save_every=150", "data.batch_size=16",
             f"train.save_dir={d}/align")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run("instruct", *common, f"instruct.init_from={d}/align", "instruct.projector_lr=0.002",
+    r = run("instruct", *common, f"instruct.init_from={d}/align", "instruct.connector_lr=0.002",
             "train.steps=200", "train.save_every=200", "model.llm_lora.r=16", "model.llm_lora.dropout=0.0",
             f"train.save_dir={d}/run")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -90,7 +90,8 @@ def test_structure_encoder_learns_what_only_the_fold_tells(tiny_tokenizer, tmp_p
     # the same encoder under Protein2Text's resampler (ESM layer -2): feature alignment, stage 2, export
     common = ["--config", os.path.join(ROOT, "configs", "protein2text_tiny_cpu.yaml"), "model.encoder=esm2_structure",
               f"data.manifest={tmp_path}/data/manifest.json", f"data.text_tokenizer={tiny_tokenizer}",
-              f"model.esm={tmp_path}/esm", f"model.llama={tmp_path}/llama", "train.steps=5", "train.save_every=5"]
+              f"model.encoder_path={tmp_path}/esm", f"model.llama={tmp_path}/llama", "train.steps=5",
+              "train.save_every=5"]
     for args in (["align", f"train.save_dir={tmp_path}/p2t_align"],
                  ["instruct", f"instruct.init_from={tmp_path}/p2t_align", f"train.save_dir={tmp_path}/p2t_run"]):
         r = run(args[0], *common, *args[1:])
@@ -125,7 +126,8 @@ def test_a_resumed_structure_run_leaves_out_the_same_structures(tiny_tokenizer, 
     tiny.make_esm(str(tmp_path / "esm"))
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     common = ["--config", os.path.join(ROOT, "configs", "sepit_tiny_cpu.yaml"), f"data.text_tokenizer={tiny_tokenizer}",
-              f"data.manifest={tmp_path}/data/manifest.json", f"model.esm={tmp_path}/esm", "instruct.init_from=",
+              f"data.manifest={tmp_path}/data/manifest.json", f"model.encoder_path={tmp_path}/esm",
+              "instruct.init_from=",
               f"model.llama={tmp_path}/llama", "model.structure.dropout=0.5", "data.max_protein_residues=24",
               "train.steps=6", "train.save_every=3", "train.keep_last=3", "train.tensorboard=false"]
     run = lambda *a: subprocess.run([sys.executable, "-m", "megatron_p2t", "instruct", *common, *a], env=env,

@@ -61,7 +61,7 @@ def test_warmup_learns_its_three_losses_and_stage1_starts_from_it(tiny_tokenizer
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     common = ["--config", os.path.join(ROOT, "configs", "sepit_tiny_cpu.yaml"),
               f"data.manifest={tmp_path}/data/manifest.json", f"data.text_tokenizer={tiny_tokenizer}",
-              f"model.esm={tmp_path}/esm", f"model.llama={tmp_path}/llama", "train.tensorboard=false",
+              f"model.encoder_path={tmp_path}/esm", f"model.llama={tmp_path}/llama", "train.tensorboard=false",
               # as configs/sepit.yaml: stage 2's experts over 4 data-parallel ranks, which these stages (no experts;
               # DP 2 and 1) do not need
               "model.decoder=llama_moe", "parallel.expert=4"]

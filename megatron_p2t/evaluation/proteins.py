@@ -28,8 +28,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from megatron_p2t.evaluation import blast_best_hits, mmseqs_best_hits, split_records
-from megatron_p2t.generate_protein import STANDARD, label_in, valid_protein
+from megatron_p2t.evaluation.text import blast_best_hits, mmseqs_best_hits, split_records
+from megatron_p2t.inference.generate_protein import STANDARD, label_in, valid_protein
 
 _WHOLE_SEQ = re.compile(r"Seq=<[^>]*>")
 

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from megatron_p2t import evaluate_proteins as ep
-from megatron_p2t.generate_protein import read_sequence, tasks, valid_protein
+from megatron_p2t.evaluation import proteins as ep
+from megatron_p2t.inference.generate_protein import read_sequence, tasks, valid_protein
 
 
 def test_the_sequence_is_read_from_the_output_or_continues_the_prompt_and_bad_letters_are_counted():

@@ -11,37 +11,35 @@ starts from the run with model.structure_init=RUN.
 from __future__ import annotations
 
 import dataclasses
-import os
 import zlib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megatron_p2t.checkpoint import load
-from megatron_p2t.config import ConfigError, check_same_recipe
+from megatron_p2t import parts
+from megatron_p2t.config import ConfigError
 from megatron_p2t.data import esm_alphabet
 from megatron_p2t.data.loader import ProteinTextLoader
-from megatron_p2t.models.build import dtype_of
 from megatron_p2t.models.esm import ESMConfig
 from megatron_p2t.models.esm_structure import StructureESMEncoder
 from megatron_p2t.models.warmup import WarmupModel
-from megatron_p2t.parallel import state
 from megatron_p2t.parallel.layout import Layout
-from megatron_p2t.training import run_instruct
+from megatron_p2t.parts import assemble
 from megatron_p2t.training.align import _single_group
+from megatron_p2t.training.batches import to_device, training_data
+from megatron_p2t.training.driver import Stage
 from megatron_p2t.training.loss import info_nce
-from megatron_p2t.training.run_instruct import _to_device
-from megatron_p2t.training.trainer import Trainer, resume_dir, with_grad_accum
 
 
 SPECIAL = (esm_alphabet.CLS, esm_alphabet.PAD, esm_alphabet.EOS, esm_alphabet.UNK, esm_alphabet.MASK)
 
 
 def check(cfg) -> None:
-    if cfg.model.encoder != "esm2_structure":
-        raise ConfigError(f"warmup-structure trains the structure-aware encoder: set model.encoder=esm2_structure "
-                         f"(not {cfg.model.encoder})")
+    if not parts.encoder(cfg.model.encoder).structure:
+        which = " or ".join(n for n, e in parts.ENCODERS.items() if e.structure)
+        raise ConfigError(f"warmup-structure trains the structure-aware encoder: set model.encoder={which} "
+                          f"(not {cfg.model.encoder})")
     if not cfg.warmup.text_encoder:
         raise ConfigError("warmup.text_encoder: name a BERT-family HF directory (AutoModel + AutoTokenizer), the "
                          "frozen text side of the contrastive loss")
@@ -71,17 +69,18 @@ def text_data(cfg):
 
 def build(cfg, layout: Layout) -> WarmupModel:
     from transformers import AutoModel
-    _, esm_cfg, _ = load.hf_configs(cfg)
+    _, esm_cfg, _ = assemble.hf_configs(cfg.model)
     torch.manual_seed(cfg.train.seed)
     enc = StructureESMEncoder(ESMConfig.from_hf(esm_cfg), cfg.model.structure, output_layer=-1,
-                              params_dtype=dtype_of(cfg), layout=layout, recompute=cfg.model.recompute.encoder,
+                              params_dtype=assemble.dtype_of(cfg.model), layout=layout,
+                              recompute=cfg.model.recompute.encoder,
                               attention_kernel=cfg.model.attention_kernel)
-    load.load_esm(enc, cfg, layout)
-    text = AutoModel.from_pretrained(cfg.warmup.text_encoder, dtype=dtype_of(cfg)).eval()
+    assemble.load_esm(enc, cfg.model, layout)
+    text = AutoModel.from_pretrained(cfg.warmup.text_encoder, dtype=assemble.dtype_of(cfg.model)).eval()
     for p in text.parameters():
         p.requires_grad_(False)
-    model = WarmupModel(enc, text, text.config.hidden_size, cfg.warmup.dim, dtype_of(cfg))
-    load.load_lm_head(model.lm_head, cfg)
+    model = WarmupModel(enc, text, text.config.hidden_size, cfg.warmup.dim, assemble.dtype_of(cfg.model))
+    assemble.load_lm_head(model.lm_head, cfg.model)
     for p in enc.parameters():
         p.requires_grad_(not cfg.model.freeze.esm)
     for p in enc.structure.parameters():
@@ -135,22 +134,22 @@ def warmup_loss(engine, batch, cfg, dp_group=None):
     return loss, {"contrastive": contrastive.detach(), "mlm": mlm.detach(), "denoise": denoise.detach()}
 
 
-def run(cfg, resume=None) -> dict:
-    check(cfg)
-    if resume:
-        check_same_recipe(resume_dir(cfg, resume), cfg, "--resume")
-    data, tok = text_data(cfg)
-    cfg = dataclasses.replace(cfg, data=data, parallel=cfg.parallel.without_experts())
-    start_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
-    layout = state.initialize(cfg.parallel)
-    cfg = with_grad_accum(cfg, cfg.data.batch_size, layout.dp)
-    model = build(cfg, layout)
-    loader = ProteinTextLoader(run_instruct.training_data(cfg, cfg.data), layout.dp_rank, layout.dp)
+class WarmupStructure(Stage):
+    name = "warmup-structure"
 
-    def step_fn(engine, batch):
-        return warmup_loss(engine, _to_device(corrupt(batch, cfg, start_id)), cfg, layout.dp_group)
+    def prepare(self, cfg):
+        check(cfg)
+        data, tok = text_data(cfg)
+        self.start_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        return dataclasses.replace(cfg, data=data, parallel=cfg.parallel.without_experts())
 
-    os.makedirs(cfg.train.save_dir, exist_ok=True)
-    from megatron_p2t.checkpoint import sharded
-    sharded.write_run_info(cfg.train.save_dir, cfg, "warmup-structure")
-    return Trainer(model, cfg, loader, step_fn, layout, None, micro_batch=cfg.data.batch_size).run(resume)
+    def build(self, cfg, layout: Layout):
+        return build(cfg, layout)
+
+    def loader(self, cfg, layout: Layout):
+        return ProteinTextLoader(training_data(cfg, cfg.data), layout.dp_rank, layout.dp)
+
+    def step(self, cfg, layout: Layout):
+        start_id = self.start_id
+        return lambda engine, batch: warmup_loss(engine, to_device(corrupt(batch, cfg, start_id)), cfg,
+                                                 layout.dp_group)

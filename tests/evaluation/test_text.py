@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from megatron_p2t import evaluation
+from megatron_p2t.evaluation import text as evaluation
 
 
 def test_scores_perfect_partial_and_exact_match_normalisation():
@@ -110,7 +110,7 @@ def test_bertscore_with_a_local_encoder(tmp_path):
 
 
 def test_qa_answers_are_scored_per_question_with_yes_no_accuracy_beside_the_descriptions(tmp_path):
-    from megatron_p2t.generate import questions
+    from megatron_p2t.inference.generate import questions
     conv = [{"from": "human", "value": "<protein>\nIs it an enzyme?"}, {"from": "gpt", "value": "Yes, a kinase."},
             {"from": "human", "value": "Where is it found?"}, {"from": "gpt", "value": "In the nucleus."}]
     items = questions("P9", "MKV", {"conversations": conv})

@@ -1,6 +1,7 @@
-"""The exported connector of a Protein2Text-style model, in plain torch: what `export` writes to connector/ and
-`hf_model` reads back, under the released module names (`mm_resampler`: Flamingo's PerceiverResampler,
-`mm_projector`: LLaVA's mlp2x_gelu), so the tensors also drop into the released code.
+"""The exported connectors in plain torch, what `export` writes and `hf_model` reads back: Prot2Text-V2's projector
+(projector/: fc1/fc2 + config.json), and a Protein2Text-style connector (connector/) under the released module
+names (`mm_resampler`: Flamingo's PerceiverResampler, `mm_projector`: LLaVA's mlp2x_gelu), so the tensors also
+drop into the released code.
 
 Unlike the released code, which runs the resampler on one protein at a time, a batch of proteins of different
 lengths runs at once: padded positions are masked out of the attention keys.
@@ -17,6 +18,30 @@ from torch import nn
 
 from megatron_p2t.checkpoint.resampler_hf import CONFIG_TYPE
 from megatron_p2t.models.parts_config import ResamplerConfig
+
+_ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+
+
+class Projector(nn.Module):
+    """Prot2Text-V2's projector: fc1 -> act -> dropout -> fc2 -> act -> dropout -> per-token L2 normalisation."""
+
+    def __init__(self, input_dim: int, intermediate_dim: int, output_dim: int, activation: str = "gelu",
+                 dropout: float = 0.0, l2_normalize: bool = True, **_):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(input_dim, intermediate_dim), nn.Linear(intermediate_dim, output_dim)
+        self.act, self.dropout, self.l2 = _ACTS[activation], nn.Dropout(dropout), l2_normalize
+
+    def forward(self, x):
+        y = self.dropout(self.act(self.fc2(self.dropout(self.act(self.fc1(x))))))
+        return F.normalize(y, p=2, dim=-1) if self.l2 else y
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "Projector":
+        """An export's projector/ (config.json + model.safetensors)."""
+        cfg = json.load(open(os.path.join(path, "config.json")))
+        m = cls(**{k: v for k, v in cfg.items() if k != "model_type"})
+        m.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+        return m
 
 
 class _Attention(nn.Module):
@@ -61,17 +86,19 @@ class PerceiverResampler(nn.Module):
 
 
 class Connector(nn.Module):
-    """ESM states [b, L+2, esm] and their mask -> (prompt vectors [b, n, llm], mask [b, n]: the real ones)."""
+    """ESM states [b, L+2, esm] and their mask -> (prompt vectors [b, n, llm], mask [b, n]: the real ones).
+    With `resampler` settings, Protein2Text's resampler then mlp2x_gelu; without, LLaVA's mlp2x_gelu alone. `kind`
+    is the connector's name (config.json's `connector`), kept for what reads it."""
 
     def __init__(self, kind: str, esm_dim: int, llm_dim: int, resampler: ResamplerConfig | None = None):
         super().__init__()
         self.kind = kind
-        if kind == "resampler":
+        if resampler is not None:
             self.mm_resampler = PerceiverResampler(esm_dim, resampler, llm_dim)
         self.mm_projector = nn.Sequential(nn.Linear(esm_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor):
-        if self.kind != "resampler":                         # mlp2x_gelu: one vector per ESM token
+        if not hasattr(self, "mm_resampler"):                # mlp2x_gelu: one vector per ESM token
             return self.mm_projector(states), mask.bool()
         residues = mask.clone().bool()                       # without <cls> and <eos>, as Protein2Text reads them
         residues[:, 0] = False
@@ -84,7 +111,7 @@ class Connector(nn.Module):
         cfg = json.load(open(os.path.join(path, "config.json")))
         if cfg.get("model_type") != CONFIG_TYPE:
             raise ValueError(f"{path}/config.json: model_type {cfg.get('model_type')!r}, expected {CONFIG_TYPE!r}")
-        res = ResamplerConfig(**cfg["resampler"]) if cfg["connector"] == "resampler" else None
+        res = ResamplerConfig(**cfg["resampler"]) if "resampler" in cfg else None
         m = cls(cfg["connector"], cfg["esm_dim"], cfg["llm_dim"], res)
         sd = {k[len("model."):]: v for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
         missing, unexpected = m.load_state_dict(sd, strict=False)

@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Dict, List, Optional
 
 from data_tools.records import AMINO_ACIDS
-from megatron_p2t.generate import done_ids
+from megatron_p2t.inference.generate import done_ids
 
 STANDARD = frozenset("ACDEFGHIKLMNPQRSTVWY")
 _SEQ = re.compile(r"Seq=<([^>]*)(>?)")
@@ -68,7 +68,7 @@ def tasks(input_path: Optional[str], prompt: Optional[str], num_samples: int = 1
     if prompt is not None:
         rows = [{"id": "prompt", "instruction": prompt, "input": ""}]
     elif input_path.endswith("manifest.json"):
-        from megatron_p2t.evaluation import split_records
+        from megatron_p2t.evaluation.text import split_records
         rows = [{"id": k, "instruction": m.get("instruction", ""), "input": m.get("input", ""), "reference": t,
                  "task": m.get("task", "")} for k, _, t, m in split_records(input_path, split)]
         if not rows:

@@ -26,7 +26,7 @@ def inputs(path: str, split: str = "test") -> List[Tuple[str, str, str, dict]]:
     """(id, sequence, reference or None, meta) from a FASTA file or a shards manifest.json; a QA sample gives
     one item per question."""
     if path.endswith(".json"):
-        from megatron_p2t.evaluation import split_records
+        from megatron_p2t.evaluation.text import split_records
         rows = split_records(path, split)
         if not rows:
             raise ValueError(f"{path}: split {split!r} is empty")
@@ -92,7 +92,7 @@ def run(model_dir: str, input_path: str, out_path: str, split: str = "test", bat
     import torch
     from tqdm import tqdm
 
-    from megatron_p2t.hf_model import Prot2TextForGeneration
+    from megatron_p2t.inference.model import Prot2TextForGeneration
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     items = inputs(input_path, split)
     done = done_ids(out_path)
