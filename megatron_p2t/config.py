@@ -150,6 +150,106 @@ def _renamed(dotted: str, have=()) -> str:
     return new
 
 
+_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+_PLURAL = {int: "whole numbers", float: "numbers", bool: "trues or falses", str: "strings"}
+
+
+def _describe(t) -> str:
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_describe(a) for a in inner) + (" or null" if len(inner) < len(args) else "")
+    if origin in (list, List):
+        return f"a list of {_PLURAL.get(args[0], 'values') if args else 'values'}"
+    return _TYPE_WORDS.get(t, getattr(t, "__name__", str(t)))
+
+
+def typed(value, t, key: str):
+    """`value` (from YAML or a section.key=value override) as the field's type, or a ConfigError naming the key,
+    the value and the type. YAML 1.1 reads `1e-4` as a string: a number field takes it as the number it
+    spells; a whole-number field takes neither 2.5 nor `ten` nor true, a string field no mapping."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    bad = ConfigError(f"{key}={value!r}: expected {_describe(t)}")
+    if t is Any or t is typing.Any:
+        return value
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return typed(value, a, key)
+            except ConfigError:
+                pass
+        raise bad
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise bad
+        return [typed(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin in (dict, typing.Dict) or t is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value        # an int stays one: what a run writes from it (JSON, PEFT's lora_alpha) is unchanged
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad
+    if t is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return value if isinstance(value, str) else str(value)
+        raise bad
+    return value
+
+
+# the values a key can take beyond its type: (lowest, highest) inclusive, None for no bound; checked when the config
+# loads, so a run never starts with them (a negative step count, ZeRO stage 7, a batch of 0)
+RANGES = {
+    "train.steps": (1, None), "train.grad_accum": (1, None), "train.global_batch": (1, None),
+    "train.save_every": (1, None), "train.keep_last": (1, None), "train.eval_every": (0, None),
+    "train.log_every": (1, None), "train.max_nonfinite_in_a_row": (1, None), "train.zero_stage": (0, 3),
+    "train.lr": (0, None), "train.min_lr_ratio": (0, 1), "train.warmup_fraction": (0, 1),
+    "train.weight_decay": (0, None), "train.clip_grad": (0, None), "train.adam_eps": (0, None),
+    "data.batch_size": (1, None), "data.max_tokens": (1, None), "data.max_protein_residues": (1, None),
+    "data.max_text_tokens": (1, None), "data.shuffle_block": (1, None), "data.chunk": (1, None),
+    "data.num_workers": (0, None), "data.prefetch_factor": (1, None), "data.epochs": (1, None),
+    "data.structure_dropout": (0, 1),
+    "parallel.tensor": (1, None), "parallel.pipeline": (1, None), "parallel.expert": (1, None),
+    "parallel.timeout_minutes": (0, None),
+    "instruct.pack_length": (1, None), "instruct.drop_name": (0, 1), "instruct.drop_taxon": (0, 1),
+    "instruct.main_weight": (0, None), "instruct.connector_lr": (0, None),
+    "model.esm_lora.r": (0, None), "model.llm_lora.r": (0, None), "model.esm_lora.dropout": (0, 1),
+    "model.llm_lora.dropout": (0, 1), "model.projector.dropout": (0, 1),
+    "align.text_layer": (1, None), "align.temperature": (0, None),
+    "warmup.dim": (1, None), "warmup.temperature": (0, None),
+}
+
+
+def check_ranges(cfg) -> None:
+    for key, (low, high) in RANGES.items():
+        section, _, name = key.rpartition(".")
+        obj = cfg
+        for p in section.split("."):
+            obj = getattr(obj, p)
+        v = getattr(obj, name)
+        if v is None:
+            continue
+        if (low is not None and v < low) or (high is not None and v > high):
+            what = (f"from {low} to {high}" if low is not None and high is not None else f"at least {low}")
+            raise ConfigError(f"{key}={v}: {what}")
+
+
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
@@ -162,7 +262,8 @@ def _build(cls, values: dict, where: str):
     kwargs = {}
     for name, value in values.items():
         t = hints[name]
-        kwargs[name] = _build(t, value, f"{where}{name}.") if dataclasses.is_dataclass(t) else value
+        kwargs[name] = _build(t, value, f"{where}{name}.") if dataclasses.is_dataclass(t) else \
+            typed(value, t, where + name)
     return cls(**kwargs)
 
 
@@ -180,6 +281,8 @@ def _set(obj, dotted: str, raw: str) -> None:
     current = getattr(obj, last)
     if dataclasses.is_dataclass(current):       # a whole section (model.resampler={latents: 64, ...}): its keys
         value = _build(type(current), value, f"{dotted}.")   # checked, the rest at their defaults, as in YAML
+    else:
+        value = typed(value, typing.get_type_hints(type(obj))[last], dotted)
     setattr(obj, last, value)
 
 
@@ -199,6 +302,7 @@ def config_from_dict(values: dict, overrides: List[str] = ()) -> Config:
         if not eq:
             raise ConfigError(f"override {o!r}: expected section.key=value")
         _set(cfg, key.lstrip("-"), raw)
+    check_ranges(cfg)
     try:
         parts.import_parts(cfg.imports)
         parts.check(cfg.model, cfg.parallel)

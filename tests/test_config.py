@@ -87,7 +87,7 @@ def test_incompatible_parts_are_refused_when_the_config_loads():
     with pytest.raises(ConfigError, match=r"model.p2tv2=.*Prot2Text-V2 release.*model.connector=mlp"):
         load_config(f"{ROOT}/configs/protein2text.yaml", ["model.p2tv2=/models/Prot2Text-V2"])
     for bad in ("0", "-2", "2.5", "true"):
-        with pytest.raises(ConfigError, match=r"model.resampler.latents=.*positive whole number"):
+        with pytest.raises(ConfigError, match=r"model.resampler.latents=.*whole number"):
             load_config(f"{ROOT}/configs/protein2text.yaml", [f"model.resampler.latents={bad}"])
 
 
@@ -212,3 +212,35 @@ def test_keys_renamed_for_neutral_part_names_still_load_and_say_the_new_name(tmp
     assert config_mod.config_from_dict(saved) == new
     with pytest.raises(ConfigError, match=r"model.esm and model.encoder_path both given"):
         config_mod.config_from_dict({"model": {"esm": "/a", "encoder_path": "/b"}})
+
+
+def test_every_value_is_its_fields_type_or_refused_naming_key_value_and_type():
+    """YAML 1.1 reads `1e-4` as a string: launch/slurm/instruct.sbatch's train.lr=1e-4 crashed after the model
+    was built. Every YAML value and override is converted to its field's type, or refused when the config loads."""
+    cfg = load_config(f"{ROOT}/configs/prot2text_v2.yaml", ["train.lr=1e-4", "model.llm_lora.alpha=32"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float) and cfg.model.llm_lora.alpha == 32
+    for override, words in (("train.steps=ten", r"train.steps='ten': expected a whole number"),
+                            ("data.batch_size=2.5", r"data.batch_size=2.5: expected a whole number or null"),
+                            ("train.lr=fast", r"train.lr='fast': expected a number"),
+                            ("instruct.pack=yes please", r"instruct.pack='yes please': expected true or false"),
+                            ("train.adam_betas=[0.9, x]", r"train.adam_betas\[1\]='x': expected a number"),
+                            ("model.llm_lora.targets=linear_qkv", r"model.llm_lora.targets='linear_qkv': expected a list of strings")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(f"{ROOT}/configs/prot2text_v2.yaml", [override])
+    bad_yaml = {"train": {"steps": "ten"}}
+    with pytest.raises(ConfigError, match=r"train.steps='ten'"):
+        from megatron_p2t.config import config_from_dict
+        config_from_dict(bad_yaml)
+
+
+def test_values_outside_their_range_are_refused_when_the_config_loads():
+    for override, words in (("train.steps=0", r"train.steps=0: at least 1"),
+                            ("train.steps=-1", r"train.steps=-1: at least 1"),
+                            ("train.save_every=0", r"train.save_every=0: at least 1"),
+                            ("train.zero_stage=7", r"train.zero_stage=7: from 0 to 3"),
+                            ("data.batch_size=-1", r"data.batch_size=-1: at least 1"),
+                            ("parallel.tensor=0", r"parallel.tensor=0: at least 1"),
+                            ("instruct.drop_name=1.5", r"instruct.drop_name=1.5: from 0 to 1")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(f"{ROOT}/configs/prot2text_v2.yaml", [override])
+    assert load_config(f"{ROOT}/configs/prot2text_v2.yaml", ["data.batch_size=", "data.max_tokens=16384"])
