@@ -108,6 +108,9 @@ class TrainConfig:
     eval_every: int = 0                      # 0: only at the end
     log_every: int = 10
     max_nonfinite_in_a_row: int = 10
+    # save_dir is held by one job at a time (checkpoint/run_dir.RunLock); a lock whose heartbeat stopped this long
+    # ago (a job killed on another host) is taken over
+    lock_stale_minutes: float = 5.0
     seed: int = 1234
     tensorboard: bool = True
 
@@ -220,7 +223,8 @@ RANGES = {
     "train.save_every": (1, None), "train.keep_last": (1, None), "train.eval_every": (0, None),
     "train.log_every": (1, None), "train.max_nonfinite_in_a_row": (1, None), "train.zero_stage": (0, 3),
     "train.lr": (0, None), "train.min_lr_ratio": (0, 1), "train.warmup_fraction": (0, 1),
-    "train.weight_decay": (0, None), "train.clip_grad": (0, None), "train.adam_eps": (0, None),
+    "train.weight_decay": (0, None), "train.lock_stale_minutes": (0.1, None), "train.clip_grad": (0, None),
+    "train.adam_eps": (0, None),
     "data.batch_size": (1, None), "data.max_tokens": (1, None), "data.max_protein_residues": (1, None),
     "data.max_text_tokens": (1, None), "data.shuffle_block": (1, None), "data.chunk": (1, None),
     "data.num_workers": (0, None), "data.prefetch_factor": (1, None), "data.epochs": (1, None),

@@ -118,6 +118,29 @@ def resolve_grad_accum(tc, micro_batch: Optional[int], dp: int) -> int:
     return accum
 
 
+def trim_log(log: str, step: int) -> None:
+    """The train log as far as `step`, for a run that resumes there. A torn last line (a full disk or a kill while
+    it was written) is dropped and said; a damaged line before it is an error naming the file and line."""
+    if not os.path.exists(log):
+        return
+    lines = open(log, encoding="utf-8", errors="replace").read().splitlines(keepends=True)
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines) - 1:
+                print(f"{log}: line {i + 1} is torn ({len(line)} bytes, written when the run stopped); dropped",
+                      file=sys.stderr, flush=True)
+                continue
+            raise CheckpointError(f"{log}: line {i + 1} is not a log record ({line[:60]!r}); the file is damaged "
+                                  f"before its end: move it aside to resume (the checkpoints hold the state)")
+    with open(log + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(log + ".tmp", log)
+
+
 def resume_dir(cfg, spec: str) -> str:
     """The directory a --resume spec reads: train.save_dir for `auto` or a bare tag, else the path given."""
     return cfg.train.save_dir if spec == "auto" or os.sep not in spec.rstrip(os.sep) else spec
@@ -336,7 +359,7 @@ class Trainer:
             return False
         d = self.tc.save_dir
         if spec == "auto":
-            tag = RunDir(d).latest()
+            tag = RunDir(d).resume_tag()
             if tag is None:
                 return False
         else:
@@ -355,12 +378,7 @@ class Trainer:
         self.step, self.nonfinite = client["step"], extra["nonfinite"]
         self.nonfinite_total = client["nonfinite_total"]
         if self.rank == 0:  # the log continues from the checkpoint: drop what came after it
-            log = RunDir(self.tc.save_dir).log
-            if os.path.exists(log):
-                keep = [l for l in open(log) if json.loads(l)["step"] <= self.step]
-                with open(log + ".tmp", "w") as f:
-                    f.writelines(keep)
-                os.replace(log + ".tmp", log)
+            trim_log(RunDir(self.tc.save_dir).log, self.step)
         return True
 
     def run(self, resume: Optional[str] = None) -> Dict:
