@@ -148,3 +148,19 @@ def test_a_command_sets_up_its_process_group_without_a_compiler_and_leaves_it(tm
     assert not dist.is_initialized()
     assert os.path.exists(next((data / "text_cache").iterdir()) / "cache.json")
     assert not os.path.exists(tmp_path / "torch_extensions")
+
+
+def test_overrides_before_and_after_an_option_all_count(monkeypatch):
+    """`align --config C a=b --resume auto c=d` (an sbatch script's defaults, then the user's words after its own
+    options) was refused as unrecognized arguments."""
+    import dataclasses
+
+    from megatron_p2t import cli
+    from megatron_p2t.cli.table import COMMANDS
+    seen = {}
+    monkeypatch.setitem(COMMANDS, "align", dataclasses.replace(COMMANDS["align"],
+                                                               handler=lambda a: seen.update(vars(a)) or 1))
+    assert cli.main(["align", "--config", "c.yaml", "train.lr=1e-4", "--resume", "auto", "train.steps=3"]) == 1
+    assert seen["overrides"] == ["train.lr=1e-4", "train.steps=3"] and seen["resume"] == "auto"
+    with pytest.raises(SystemExit):
+        cli.main(["align", "--config", "c.yaml", "--resume", "auto", "--bogus"])

@@ -20,10 +20,13 @@ ORDER = ("quickstart", "data-check", "make-tokenizer", "import-hf", "export-hf",
 def main(argv=None) -> int:
     p = parser([COMMANDS[n] for n in ORDER] + [c for n, c in COMMANDS.items() if n not in ORDER], __doc__)
     args, extra = p.parse_known_args(argv)
-    # argparse stops filling a positional list once an option follows it (`import-p2tv2 DIR --out O a=b`):
-    # trailing section.key=value words still belong to it
-    if extra and hasattr(args, "inputs") and all("=" in e and not e.startswith("-") for e in extra):
+    # argparse stops filling a positional list once an option follows it (`import-p2tv2 DIR --out O a=b`,
+    # `align --config C a=b --resume auto c=d`): trailing section.key=value words still belong to it
+    words = bool(extra) and all("=" in e and not e.startswith("-") for e in extra)
+    if words and hasattr(args, "inputs"):
         args.inputs += extra
+    elif words and hasattr(args, "overrides"):
+        args.overrides = [*(args.overrides or []), *extra]
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     from data_tools.records import DataError
