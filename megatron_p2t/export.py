@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 from megatron_p2t import parts
 from megatron_p2t.checkpoint import export_hf, llama_hf, p2t_hf, p2tv2, sharded
 from megatron_p2t.checkpoint.hf_dir import CheckpointError
-from megatron_p2t.checkpoint.run_dir import RunDir
+from megatron_p2t.checkpoint.run_dir import RunDir, load_file, verify_checksums
 from megatron_p2t.config import ConfigError, check_same_recipe, config_from_dict
 from megatron_p2t.data.text_tokenizer import load_text_tokenizer
 from megatron_p2t.inference.model import Prot2TextForGeneration
@@ -116,8 +117,18 @@ def main(checkpoint: str, out: str, fmt: str = "megatron_p2t", verify_logits: bo
     if verify_logits:
         report["max_abs_logit_diff"], report["max_abs_logit"] = verify(res["model"], cfg, out, layout,
                                                                        documents=documents)
+        degenerate(report["max_abs_logit"], out)
     state.destroy()
     return report
+
+
+def degenerate(max_abs_logit: float, out: str) -> None:
+    """--verify compares the export with the megatron model; both can agree on nothing useful. Logits that are
+    all zero (or not finite) mean weights that are zero or lost, which agreement does not reveal."""
+    if not math.isfinite(max_abs_logit) or max_abs_logit == 0.0:
+        raise CheckpointError(f"{out}: the exported model's logits on the validation prompts are all "
+                              f"{max_abs_logit} (the largest |logit|): its weights are zero or lost; the checkpoint "
+                              f"or its export is broken, so it was not verified")
 
 
 def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t", documents: bool = False) -> dict:
@@ -132,8 +143,9 @@ def export(cfg, step: str, out: str, layout: Layout, fmt: str = "megatron_p2t", 
     esm_lora = model.pre_process and model.reads_protein and cfg.model.esm_lora.r > 0 and _has_esm_lora(step)
     if esm_lora:
         apply_lora(model.esm, cfg.model.esm_lora, "esm")
-    state_dict = torch.load(RunDir.model_file(step, layout.mp_rank), map_location="cpu",
-                            weights_only=False)["module"]   # DeepSpeed names the files by model-parallel rank
+    mine = RunDir.model_file(step, layout.mp_rank)       # DeepSpeed names the files by model-parallel rank
+    verify_checksums(step, [os.path.basename(mine)])
+    state_dict = load_file(mine)["module"]
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     moe = moe_of(cfg.model)
     # checkpoints hold only the trained tensors; under expert parallelism the experts are in their own files
@@ -220,7 +232,7 @@ def export_imported(checkpoint: str, out: str, overrides=()) -> dict:
 
 
 def _has_esm_lora(step: str) -> bool:
-    sd = torch.load(RunDir.model_files(step)[0], map_location="cpu", weights_only=False)["module"]
+    sd = load_file(RunDir.model_files(step)[0])["module"]
     return any(k.startswith("esm.") and ".lora_" in k for k in sd)
 
 

@@ -7,7 +7,8 @@ way). Trainer, export, `instruct.init_from`, `model.structure_init` and the reci
       latest                     the tag of the newest complete step, replaced atomically
       .lock                      the running job's host, pid and SLURM job id, its mtime a heartbeat (RunLock)
       stepNNNNNNNN/              one checkpoint: DeepSpeed's files (mp_rank_XX_model_states.pt, its optimizer
-        COMPLETE                 shards ...), extra_rankNNNNN.pt per rank (loader position, RNG, shapes);
+        checksums.json           shards ...), extra_rankNNNNN.pt per rank (loader position, RNG, shapes);
+        COMPLETE                 checksums.json (sha256 of each, checked where a file is read);
                                  COMPLETE is written last, before the rename from stepNNNNNNNN.tmp/; a step
                                  saved again is renamed to stepNNNNNNNN.replaced/ until the new one is in place
 
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -34,9 +37,57 @@ import torch
 from megatron_p2t.checkpoint.hf_dir import CheckpointError
 
 INFO, LOG, SUMMARY, LATEST, COMPLETE = "megatron_p2t.json", "train_log.jsonl", "summary.json", "latest", "COMPLETE"
+CHECKSUMS = "checksums.json"            # sha256 of every file of a step, written before COMPLETE
 LOCK, REPLACED = ".lock", ".replaced"
 STEP = re.compile(r"^step(\d+)$")
 IMPORT_MARK = "metadata.json"           # megatron-core's dist_checkpointing writes it
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(step: str) -> None:
+    """Rank 0, once every rank's files of a step are written: their sha256, beside them."""
+    files = sorted(os.path.relpath(os.path.join(d, f), step) for d, _, fs in os.walk(step) for f in fs
+                   if f not in (CHECKSUMS, COMPLETE))
+    with open(os.path.join(step, CHECKSUMS + ".tmp"), "w") as f:
+        json.dump({name: _sha256(os.path.join(step, name)) for name in files}, f, indent=0)
+    os.replace(os.path.join(step, CHECKSUMS + ".tmp"), os.path.join(step, CHECKSUMS))
+
+
+def verify_checksums(step: str, names: Optional[List[str]] = None) -> None:
+    """The step's files (or `names` of them) against the sha256 written when it was saved; a step saved before
+    checksums existed is read as it is. A mismatch names the file and the way on."""
+    path = os.path.join(step, CHECKSUMS)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        want = json.load(f)
+    for name in names if names is not None else sorted(want):
+        full = os.path.join(step, name)
+        if name not in want:
+            continue
+        if not os.path.exists(full):
+            raise CheckpointError(f"{full}: missing from the checkpoint (checksums.json lists it); resume from "
+                                  f"another step of the run (--resume RUN/stepN) or copy the step again")
+        if _sha256(full) != want[name]:
+            raise CheckpointError(f"{full}: its bytes changed after the checkpoint was written (sha256 differs "
+                                  f"from checksums.json: a disk or copy fault); resume from another step of the run "
+                                  f"(--resume RUN/stepN) or copy the step again from where it was written")
+
+
+def load_file(path: str):
+    """torch.load of a checkpoint file, a damaged one (truncated, not a torch file) named with the fix."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, OSError, EOFError, ValueError, UnicodeDecodeError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:120]}); the file is truncated "
+                              f"or damaged: resume from another step of the run (--resume RUN/stepN)") from None
 
 
 def tag_of(step: int) -> str:
@@ -90,6 +141,7 @@ class RunDir:
         signal during a periodic save saves that step once more) replaces the complete one atomically: the old
         one is renamed aside first and removed only after the new one is in place, so a kill at any point leaves
         a complete checkpoint of that step (newest_complete renames it back)."""
+        write_checksums(self.staging(tag))
         open(os.path.join(self.staging(tag), COMPLETE), "w").close()
         final = self.join(tag)
         aside = final + REPLACED
@@ -212,12 +264,14 @@ class RunDir:
 
     @classmethod
     def module_states(cls, step: str) -> List[dict]:
-        """The module state dicts of a step, one per model-parallel rank (the trained tensors only)."""
+        """The module state dicts of a step, one per model-parallel rank (the trained tensors only), each file
+        checked against the step's checksums first."""
         files = cls.model_files(step)
         if not files:
             raise CheckpointError(f"{step}: no mp_rank_*_model_states.pt files (a DeepSpeed checkpoint of a "
                                   f"training run?)")
-        return [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+        verify_checksums(step, [os.path.basename(f) for f in files])
+        return [load_file(f)["module"] for f in files]
 
     @staticmethod
     def extra_files(step: str) -> List[str]:

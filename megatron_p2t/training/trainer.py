@@ -40,7 +40,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_p2t.checkpoint.hf_dir import CheckpointError
-from megatron_p2t.checkpoint.run_dir import RunDir, tag_of
+from megatron_p2t.checkpoint.run_dir import RunDir, load_file, tag_of, verify_checksums
 from megatron_p2t.config import ConfigError
 from megatron_p2t.models.llama_moe import is_expert_param, take_router_stats
 from megatron_p2t.models.p2t import current_name
@@ -340,7 +340,7 @@ class Trainer:
             raise CheckpointError(f"{ckpt} was written by {len(ranks)} processes, this run has {world}: ZeRO "
                                   f"optimizer shards and data positions are per rank, so resume with the same number "
                                   f"of processes and parallel.tensor/pipeline (or start a fresh run from its weights)")
-        extra = torch.load(RunDir.extra_file(ckpt, self.rank), weights_only=False)
+        extra = load_file(RunDir.extra_file(ckpt, self.rank))
         saved, now = extra.get("shapes"), self._shapes()
         if saved is not None:                # written before the connector's rename: `projector.*`
             saved = {current_name(k): v for k, v in saved.items()}
@@ -352,6 +352,19 @@ class Trainer:
                                           f"config (model.*, LoRA r, connector dims) or parallel.tensor differs from "
                                           f"the run that wrote it")
         return extra
+
+    def _verify(self, ckpt: str) -> None:
+        """Collective: rank 0 checks every file of the checkpoint against its checksums, every rank learns the
+        answer (DeepSpeed would load a flipped byte silently)."""
+        said = [None]
+        if self.rank == 0:
+            try:
+                verify_checksums(ckpt)
+            except CheckpointError as e:
+                said = [str(e)]
+        dist.broadcast_object_list(said, src=0)
+        if said[0] is not None:
+            raise CheckpointError(said[0])
 
     def resume(self, spec: Optional[str]) -> bool:
         """spec: None (fresh), "auto" (newest complete checkpoint if any), or a tag/directory."""
@@ -368,6 +381,7 @@ class Trainer:
         if not RunDir.is_complete(os.path.join(d, tag)):
             raise FileNotFoundError(f"{os.path.join(d, tag)}: no complete checkpoint there (interrupted while "
                                     f"saving?); pass another tag or --resume auto")
+        self._verify(os.path.join(d, tag))
         extra = self._check_compatible(os.path.join(d, tag))
         _, client = self.engine.load_checkpoint(d, tag=tag, load_module_strict=False)  # frozen ones: see save()
         if self.experts:      # after the engine, whose module file holds the first data-parallel rank's experts

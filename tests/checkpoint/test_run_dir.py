@@ -35,12 +35,12 @@ def test_a_step_saved_again_replaces_the_old_one_atomically(tmp_path, monkeypatc
     real = os.replace
     calls = []
 
-    def killed_after_the_first_rename(a, b):
+    def killed_after_moving_the_old_step_aside(a, b):
         calls.append((a, b))
         real(a, b)
-        if len(calls) == 1:
+        if a == run.join("step00000010"):
             raise KeyboardInterrupt("SIGKILL")
-    monkeypatch.setattr(os, "replace", killed_after_the_first_rename)
+    monkeypatch.setattr(os, "replace", killed_after_moving_the_old_step_aside)
     with pytest.raises(KeyboardInterrupt):
         run.complete("step00000010", keep_last=3)
     monkeypatch.setattr(os, "replace", real)
@@ -143,3 +143,39 @@ def test_a_torn_last_log_line_is_dropped_and_a_damaged_earlier_one_named(tmp_pat
     log.write_text('{"step": 1, "loss": 2.0}\nxx\n{"step": 3, "loss": 1.8}\n')
     with pytest.raises(CheckpointError, match=r"train_log.jsonl: line 2 is not a log record"):
         trim_log(str(log), 3)
+
+
+def test_every_file_of_a_step_is_checked_against_the_checksums_written_with_it(tmp_path):
+    """A flipped byte in a model or optimizer file trained on silently before (DeepSpeed loads what it finds); a
+    truncated one failed with OSError 22 or UnicodeDecodeError naming no file."""
+    import torch
+
+    from megatron_p2t.checkpoint.run_dir import load_file, verify_checksums
+    run = RunDir(str(tmp_path))
+    os.makedirs(run.staging("step00000010"))
+    path = os.path.join(run.staging("step00000010"), "mp_rank_00_model_states.pt")
+    torch.save({"module": {"connector.fc1.weight": torch.arange(1000.0)}}, path)
+    run.complete("step00000010", keep_last=3)
+    step = run.join("step00000010")
+    assert set(json.load(open(os.path.join(step, "checksums.json")))) == {"mp_rank_00_model_states.pt"}
+    verify_checksums(step)
+    assert torch.equal(RunDir.module_states(step)[0]["connector.fc1.weight"], torch.arange(1000.0))
+    data = bytearray(open(os.path.join(step, "mp_rank_00_model_states.pt"), "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(os.path.join(step, "mp_rank_00_model_states.pt"), "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt: its bytes changed after the checkpoint "
+                                              r"was written .*--resume RUN/stepN"):
+        RunDir.module_states(step)
+    open(os.path.join(step, "mp_rank_00_model_states.pt"), "wb").write(bytes(data[:100]))
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt: cannot be read .*truncated or damaged"):
+        load_file(os.path.join(step, "mp_rank_00_model_states.pt"))
+    os.remove(os.path.join(step, "checksums.json"))       # a step written before checksums: read as it is
+    verify_checksums(step)
+
+
+def test_export_verify_refuses_all_zero_logits():
+    from megatron_p2t.export import degenerate
+    degenerate(3.5, "/out")
+    for bad in (0.0, float("nan"), float("inf")):
+        with pytest.raises(CheckpointError, match=r"/out: the exported model's logits .* are all"):
+            degenerate(bad, "/out")

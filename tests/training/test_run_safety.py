@@ -59,3 +59,14 @@ def test_a_run_directory_is_held_by_one_job_and_never_clobbered(built_sample, ti
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from the newest complete checkpoint, {latest}" in again.stderr
     assert (run_dir / "latest").read_text() == f"step{step + 2:08d}"
+    # a flipped byte in the newest checkpoint's module file: the resume refuses, naming the file and the way on
+    newest = run_dir / (run_dir / "latest").read_text()
+    module = newest / "mp_rank_00_model_states.pt"
+    data = bytearray(module.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    module.write_bytes(bytes(data))
+    flipped = subprocess.run(cmd + [f"train.steps={step + 4}", "--resume", "auto"], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert flipped.returncode == 2, flipped.stderr[-3000:]
+    assert f"{module}: its bytes changed after the checkpoint was written" in flipped.stderr
+    assert "--resume RUN/stepN" in flipped.stderr
