@@ -61,7 +61,7 @@ class ModelConfig:
 @dataclasses.dataclass
 class AlignConfig:
     """Stage 1. objective: auto (H-SCALE for model.connector=mlp, feature alignment for the others), hscale or
-    feature (parts_config.ALIGN_OBJECTIVES); the other keys are H-SCALE's."""
+    feature (parts.ALIGN_OBJECTIVES); the other keys are H-SCALE's."""
     objective: str = "auto"
     text_layer: int = 16               # LLaMA layer whose states are pooled (16 of 32 in Prot2Text-V2)
     variant: str = "paper"             # paper: 0.7 mean + 0.3 std InfoNCE; concat: released code

@@ -1,13 +1,13 @@
 """The joined model: ESM-2 encoder -> connector -> LLaMA decoder, or the decoder alone (`model.encoder=none`, a
 decoder-only recipe such as ProLLaMA, which reads proteins as text).
 
-The connector (`model.connector`, parts_config.CONNECTORS) turns the ESM states into decoder inputs: Prot2Text-V2's
-projector (`mlp`, attribute `projector` as in its checkpoints) and `mlp2x_gelu` one vector per ESM token (<cls>
-and <eos> included), Protein2Text's resampler a fixed number. The prompt carries one placeholder token per
-vector (parts_config.protein_slots); the vectors replace the placeholders' embeddings before the first decoder
-layer. The encoder and connector live
-on the first pipeline stage, next to the token embedding, as megatron-core's LLaVA places its vision tower;
-the decoder layers spread over all stages.
+The parts come as their specs (megatron_p2t.parts): the encoder's builds `esm`, the connector's builds
+`connector` (whatever connector: Prot2Text-V2's projector, LLaVA's mlp2x_gelu and Protein2Text's resampler alike)
+and turns the ESM states into decoder inputs (`run`), one vector per ESM token or a fixed number. The prompt
+carries one placeholder token per vector (parts.slots); the vectors replace the placeholders' embeddings before
+the first decoder layer. The encoder and connector live on the first pipeline stage, next to the token embedding,
+as megatron-core's LLaVA places its vision tower; the decoder layers spread over all stages. The decoder is
+`llm`, not `decoder`: megatron-core's 1F1B schedule takes a model's `decoder` for its TransformerBlock.
 
 Pipeline execution uses megatron-core's own schedules (1F1B via `get_forward_backward_func`) rather than
 DeepSpeed's PipelineModule: GPTModel is already a pipeline stage (pre/post_process, set_input_tensor) and the
