@@ -224,7 +224,8 @@ def test_every_value_is_its_fields_type_or_refused_naming_key_value_and_type():
                             ("train.lr=fast", r"train.lr='fast': expected a number"),
                             ("instruct.pack=yes please", r"instruct.pack='yes please': expected true or false"),
                             ("train.adam_betas=[0.9, x]", r"train.adam_betas\[1\]='x': expected a number"),
-                            ("model.llm_lora.targets=linear_qkv", r"model.llm_lora.targets='linear_qkv': expected a list of strings")):
+                            ("model.llm_lora.targets=linear_qkv",
+                             r"model.llm_lora.targets='linear_qkv': expected a list of strings")):
         with pytest.raises(ConfigError, match=words):
             load_config(f"{ROOT}/configs/prot2text_v2.yaml", [override])
     bad_yaml = {"train": {"steps": "ten"}}

@@ -72,17 +72,17 @@ def test_a_connector_registered_in_a_test_file_trains_exports_and_generates(buil
               "model.connector=meanpool_linear", f"data.manifest={data}/manifest.json",
               f"data.text_tokenizer={tiny_tokenizer}", f"model.encoder_path={tmp_path}/esm",
               f"model.llama={tmp_path}/llama",
-              "data.max_protein_residues=200", "instruct.pack_length=256", "train.save_every=10"]
+              "data.max_protein_residues=200", "instruct.pack_length=256", "train.save_every=2"]
     # without the import, the name is refused with the way to add it
     r = run("instruct", *common[:2], *common[3:], f"train.save_dir={tmp_path}/x")
     assert r.returncode == 2 and "model.connector='meanpool_linear' is not a part" in r.stderr, r.stderr[-2000:]
     assert "imports" in r.stderr
     # stage 1: auto is feature alignment for a connector H-SCALE does not pool
-    r = run("align", *common, "train.steps=10", "train.lr=0.01", f"train.save_dir={tmp_path}/align")
+    r = run("align", *common, "train.steps=4", "train.lr=0.01", f"train.save_dir={tmp_path}/align")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.load(open(tmp_path / "align" / "megatron_p2t.json"))["stage"] == "align-feature"
     # stage 2 from stage 1's connector (read back through the part's own adapter), LoRA on the decoder
-    r = run("instruct", *common, "train.steps=20", f"instruct.init_from={tmp_path}/align",
+    r = run("instruct", *common, "train.steps=6", f"instruct.init_from={tmp_path}/align",
             f"train.save_dir={tmp_path}/run")
     assert r.returncode == 0, r.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "train_log.jsonl")]
@@ -97,6 +97,6 @@ def test_a_connector_registered_in_a_test_file_trains_exports_and_generates(buil
     info = json.load(open(tmp_path / "hf" / "megatron_p2t.json"))
     assert info["connector"] == "meanpool_linear" and info["imports"] == [__name__]
     preds = str(tmp_path / "preds.jsonl")
-    res = generate.run(str(tmp_path / "hf"), f"{data}/manifest.json", preds, split="test", max_new_tokens=8)
+    res = generate.run(str(tmp_path / "hf"), f"{data}/manifest.json", preds, split="test", max_new_tokens=4)
     rows = [json.loads(line) for line in open(preds)]
     assert res["generated"] == len(rows) > 0 and all("prediction" in r for r in rows)
