@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 import pickle
@@ -34,6 +33,7 @@ from typing import List, Optional
 
 import torch
 
+from data_tools.shards import file_sha256   # the one sha256 of a file, as manifests record shards
 from megatron_p2t.checkpoint.hf_dir import CheckpointError
 
 INFO, LOG, SUMMARY, LATEST, COMPLETE = "megatron_p2t.json", "train_log.jsonl", "summary.json", "latest", "COMPLETE"
@@ -43,20 +43,12 @@ STEP = re.compile(r"^step(\d+)$")
 IMPORT_MARK = "metadata.json"           # megatron-core's dist_checkpointing writes it
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_checksums(step: str) -> None:
     """Rank 0, once every rank's files of a step are written: their sha256, beside them."""
     files = sorted(os.path.relpath(os.path.join(d, f), step) for d, _, fs in os.walk(step) for f in fs
                    if f not in (CHECKSUMS, COMPLETE))
     with open(os.path.join(step, CHECKSUMS + ".tmp"), "w") as f:
-        json.dump({name: _sha256(os.path.join(step, name)) for name in files}, f, indent=0)
+        json.dump({name: file_sha256(os.path.join(step, name)) for name in files}, f, indent=0)
     os.replace(os.path.join(step, CHECKSUMS + ".tmp"), os.path.join(step, CHECKSUMS))
 
 
@@ -75,7 +67,7 @@ def verify_checksums(step: str, names: Optional[List[str]] = None) -> None:
         if not os.path.exists(full):
             raise CheckpointError(f"{full}: missing from the checkpoint (checksums.json lists it); resume from "
                                   f"another step of the run (--resume RUN/stepN) or copy the step again")
-        if _sha256(full) != want[name]:
+        if file_sha256(full) != want[name]:
             raise CheckpointError(f"{full}: its bytes changed after the checkpoint was written (sha256 differs "
                                   f"from checksums.json: a disk or copy fault); resume from another step of the run "
                                   f"(--resume RUN/stepN) or copy the step again from where it was written")
