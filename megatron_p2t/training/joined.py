@@ -40,19 +40,18 @@ from megatron_p2t.parallel.state import collective_device
 from megatron_p2t.training.batches import STAGE1, WARMUP, to_device, training_data
 
 
-def esm_lora_shards(path: str) -> list:
-    """The ESM adapters a stage-1 run trained (stage-1 ESM LoRA), one state dict per tensor-parallel rank of it
-    (empty ones when it trained none)."""
-    return [{k[len("esm."):]: v for k, v in m.items() if k.startswith("esm.") and ".lora_" in k}
-            for m in RunDir.module_states(path)]
+def esm_lora_shards(modules: list) -> list:
+    """The ESM adapters a stage-1 run trained (stage-1 ESM LoRA), from its module state dicts
+    (RunDir.module_states), one per tensor-parallel rank of it (empty ones when it trained none)."""
+    return [{k[len("esm."):]: v for k, v in m.items() if k.startswith("esm.") and ".lora_" in k} for m in modules]
 
 
-def connector_shards(path: str, connector: str) -> list:
-    """A run's trained connector, one state dict per tensor-parallel rank of that run: the files of its first
-    pipeline stage, which holds the connector (runs written before the rename hold Prot2Text-V2's as
-    `projector.*`)."""
+def connector_shards(modules: list, path: str, connector: str) -> list:
+    """A run's trained connector, from its module state dicts (RunDir.module_states), one per tensor-parallel rank
+    of that run: the files of its first pipeline stage, which holds the connector (runs written before the rename
+    hold Prot2Text-V2's as `projector.*`)."""
     shards = []
-    for m in RunDir.module_states(path):
+    for m in modules:
         named = {current_name(k): v for k, v in m.items()}
         shards.append({k[len("connector."):]: v for k, v in named.items() if k.startswith("connector.")})
     shards = [s for s in shards if s]
@@ -114,10 +113,11 @@ def build(cfg, layout: Layout):
     tp, tpr = layout.tp, layout.tp_rank
     if cfg.instruct.init_from and not imported(cfg) and model.pre_process:   # the connector: on the first stage
         src = RunDir.step(cfg.instruct.init_from, STAGE1)
+        modules = RunDir.module_states(src)            # read (and checked against its checksums) once
         adapter = model.connector_spec.adapter
-        whole = connector_whole(connector_shards(src, cfg.model.connector), model.connector, adapter)
+        whole = connector_whole(connector_shards(modules, src, cfg.model.connector), model.connector, adapter)
         copy_into(model.connector, adapter.tensors(TensorSource(whole, src), model.connector, tpr, tp), src)
-        esm_lora = esm_lora_shards(src)
+        esm_lora = esm_lora_shards(modules)
         if any(esm_lora):
             if len(esm_lora) != tp:
                 raise CheckpointError(f"{src}: stage 1 trained ESM LoRA at tensor-parallel size {len(esm_lora)}; "
